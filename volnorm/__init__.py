@@ -1,0 +1,34 @@
+"""volnorm: exact dataset-wide intensity statistics and normalization, out of core.
+
+>>> import volnorm as vn
+>>> stack = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])   # lazy
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+try:
+    from volnorm import datasets
+except ImportError:  # TEMP
+    pass
+from volnorm._utils import VolnormWarning
+from volnorm.io.nifti import NiftiError, read_info
+from volnorm.io.readers import open_images, open_nifti, open_zarr
+from volnorm.io.store import IncompleteStoreError
+from volnorm.io.writers import to_nifti, to_zarr
+from volnorm.conversion import convert
+
+__all__ = [
+    "IncompleteStoreError",
+    "NiftiError",
+    "VolnormWarning",
+    "convert",
+    "datasets",
+    "open_images",
+    "open_nifti",
+    "open_zarr",
+    "read_info",
+    "to_nifti",
+    "to_zarr",
+]

@@ -1,0 +1,137 @@
+"""Where work runs: the embedded local ``distributed`` cluster, or another scheduler.
+
+Library functions use whatever dask scheduler is active. Runners (``convert``,
+the CLI) call :func:`executor`, which uses a ``distributed.Client`` that is
+already active, connects to an address, or starts the embedded default: a
+local cluster of one single-threaded worker process per core, bound to
+127.0.0.1 (dask's own default binds to every interface).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import dask
+
+logger = logging.getLogger(__name__)
+
+#: dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker. Setting any
+#: glibc malloc variable turns off glibc's adaptive mmap threshold, so every
+#: large buffer becomes a fresh mmap (page faults on every chunk); measured
+#: 2.7-3.7x slower histogram passes here (DESIGN.md). We keep glibc's defaults.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, dashboard: bool = False) -> Any:
+    """Start the embedded default cluster (loopback only) and return a ``Client``.
+
+    Examples
+    --------
+    >>> client = local_cluster(1)          # doctest: +SKIP
+    >>> client.close(); client.cluster.close()   # doctest: +SKIP
+    """
+    from distributed import Client, LocalCluster
+
+    n = n_workers or os.cpu_count() or 1
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV)}):
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0" if dashboard else None,
+            silence_logs=logging.WARNING,
+        )
+    return Client(cluster, set_as_default=False)
+
+
+class _Sync(cf.Executor):
+    """Runs each task when submitted, in this thread (for debugging and tests)."""
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - delivered through the future
+            fut.set_exception(e)
+        return fut
+
+
+class Executor:
+    """A thin uniform face over a ``distributed.Client`` or a ``concurrent.futures`` pool."""
+
+    def __init__(self, backend: Any, description: str) -> None:
+        self.backend = backend
+        self.description = description
+        self.distributed = not isinstance(backend, cf.Executor)
+
+    def submit(self, fn: Callable, *args: Any, key: str | None = None) -> Any:
+        if self.distributed:
+            return self.backend.submit(fn, *args, key=key, pure=False, retries=0)
+        return self.backend.submit(fn, *args)
+
+    def as_completed(self, futures: Iterable[Any]) -> Iterator[Any]:
+        if self.distributed:
+            from distributed import as_completed
+
+            return iter(as_completed(list(futures)))
+        return cf.as_completed(list(futures))
+
+    def __repr__(self) -> str:
+        return f"<Executor {self.description}>"
+
+
+@contextlib.contextmanager
+def executor(scheduler: Any = None) -> Iterator[Executor]:
+    """Yield an :class:`Executor` for ``scheduler``.
+
+    ``None``: the active ``distributed.Client`` if any, else a new local
+    cluster (closed on exit). ``"local"``: always a new local cluster.
+    ``"threads"``/``"sync"``: a thread pool / this thread. A string with
+    ``://`` is a scheduler address (``tls://`` works with dask's TLS config).
+    A ``distributed.Client`` is used as is.
+    """
+    if scheduler is None:
+        try:
+            from distributed import get_client
+
+            client = get_client()
+            yield Executor(client, f"distributed client {client.scheduler.address}")
+            return
+        except (ImportError, ValueError):
+            scheduler = "local"
+    if isinstance(scheduler, str):
+        if scheduler == "sync":
+            yield Executor(_Sync(), "synchronous (this thread)")
+        elif scheduler == "threads":
+            with cf.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                yield Executor(pool, f"{os.cpu_count()} threads")
+        elif scheduler == "local":
+            client = local_cluster()
+            try:
+                n = len(client.scheduler_info()["workers"])
+                yield Executor(client, f"local cluster, {n} workers on 127.0.0.1")
+            finally:
+                cluster = client.cluster
+                client.close()
+                cluster.close()
+        elif "://" in scheduler:
+            from distributed import Client
+
+            client = Client(scheduler, set_as_default=False)
+            try:
+                yield Executor(client, f"scheduler {scheduler}")
+            finally:
+                client.close()
+        else:
+            raise ValueError(
+                f"`scheduler` must be None, 'local', 'threads', 'sync', an address like "
+                f"'tcp://host:8786', or a distributed.Client; got {scheduler!r}."
+            )
+    else:
+        yield Executor(scheduler, f"client {getattr(scheduler, 'scheduler', scheduler)}")

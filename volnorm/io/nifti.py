@@ -1,0 +1,452 @@
+"""Validate and lazily read NIfTI-1/NIfTI-2 files (.nii, .nii.gz).
+
+Every file is checked before any voxel is read: that it exists and is a
+single-file NIfTI, that its header is sane (dims, datatype, affine, voxel
+sizes, scaling) and that the file holds all the bytes the header promises
+(for .nii.gz, the size recorded in the gzip trailer). nibabel alone accepts
+truncated and corrupt files silently; a corrupt .nii.gz is only caught by its
+CRC, which the conversion checks on its single streaming read.
+
+Voxels are read through nibabel's ``ArrayProxy`` (so scaling is bit-identical
+to nibabel's) behind a small picklable view that reverses the axes: NIfTI's
+Fortran-order (i, j, k, t) becomes C-order (t, z, y, x).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import logging
+import math
+import os
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volnorm._utils import native
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: NIfTI datatype codes volnorm reads: ints, uints and IEEE floats.
+SUPPORTED_DTYPES = {
+    2: "uint8",
+    4: "int16",
+    8: "int32",
+    16: "float32",
+    64: "float64",
+    256: "int8",
+    512: "uint16",
+    768: "uint32",
+    1024: "int64",
+    1280: "uint64",
+}
+_DTYPE_NAMES = {
+    1: "binary (1 bit)",
+    32: "complex64",
+    128: "RGB24",
+    1536: "float128",
+    1792: "complex128",
+    2048: "complex256",
+    2304: "RGBA32",
+}
+#: Largest header+extension block we accept (vox_offset); real files use < 64 KiB.
+_MAX_VOX_OFFSET = 2**26
+
+
+class NiftiError(ValueError):
+    """A NIfTI input is missing, unreadable, corrupt or unsupported.
+
+    The message always starts with the file's path.
+    """
+
+
+def _fail(path: Path | str, problem: str) -> NiftiError:
+    return NiftiError(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class NiftiInfo:
+    """What volnorm knows about one validated NIfTI file (header only).
+
+    ``shape`` is in NIfTI order (i, j, k[, t]); ``raw_dtype`` keeps the
+    file's byte order. ``header_bytes`` are the file's bytes before the voxel
+    data (header, extension flag and extensions), byte for byte.
+    """
+
+    path: Path
+    version: int
+    shape: tuple[int, ...]
+    raw_dtype: np.dtype
+    offset: int
+    slope: float
+    inter: float
+    header_bytes: bytes
+    affine: np.ndarray = field(repr=False)
+    zooms: tuple[float, ...]
+    units: tuple[str, str]
+    compressed: bool
+    file_size: int
+    mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        """File name without ``.nii``/``.nii.gz``."""
+        n = self.path.name
+        for s in (".nii.gz", ".nii"):
+            if n.endswith(s):
+                return n[: -len(s)]
+        return n
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * self.raw_dtype.itemsize
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the header asks for intensity scaling (slope, inter) != (1, 0)."""
+        return (self.slope, self.inter) != (1.0, 0.0)
+
+    @property
+    def scaled_dtype(self) -> np.dtype:
+        """Dtype nibabel gives the scaled data (``np.asarray(img.dataobj)``)."""
+        return scaled_dtype(self.raw_dtype, self.slope, self.inter)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """C-order dim names of the volume: ``("t", "z", "y", "x")`` or a suffix."""
+        return ("t", "z", "y", "x")[4 - len(self.shape) :] if len(self.shape) <= 4 else ()
+
+
+def scaled_dtype(raw_dtype: np.dtype, slope: float, inter: float) -> np.dtype:
+    """The dtype nibabel's ``ArrayProxy`` returns for scaled data (no file access)."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    raw = np.dtype(raw_dtype)
+    proxy = ArrayProxy(io.BytesIO(bytes(raw.itemsize)), ((1,), raw, 0, slope, inter))
+    return native(np.asarray(proxy).dtype)
+
+
+def apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """Scale raw voxels exactly as nibabel's ``ArrayProxy`` does (same dtype, same bits).
+
+    These are the steps of ``ArrayProxy._get_scaled`` with ``dtype=None``.
+    """
+    from nibabel.volumeutils import apply_read_scaling
+
+    if (slope, inter) == (1.0, 0.0):
+        return raw
+    scl_slope = np.asanyarray(slope)
+    scl_inter = np.asanyarray(inter)
+    use_dtype = scl_slope.dtype
+    if np.can_cast(scl_slope, use_dtype):
+        scl_slope = scl_slope.astype(use_dtype)
+    if np.can_cast(scl_inter, use_dtype):
+        scl_inter = scl_inter.astype(use_dtype)
+    return apply_read_scaling(raw, scl_slope, scl_inter)
+
+
+# ---------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------
+
+
+def is_nifti_path(p: str | os.PathLike) -> bool:
+    return str(p).endswith(NIFTI_SUFFIXES)
+
+
+def expand_paths(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    suffixes: Sequence[str] = NIFTI_SUFFIXES,
+    what: str = "NIfTI",
+) -> list[Path]:
+    """Expand globs and directories into an ordered list of files.
+
+    A glob matching nothing, a directory with no matching file or the same
+    file listed twice is an error naming the culprit.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for p in paths:
+        s = os.fspath(p)
+        if glob.has_magic(s):
+            matches = sorted(glob.glob(s))
+            if not matches:
+                raise FileNotFoundError(f"{s}: the pattern matches no file")
+            out.extend(Path(m) for m in matches)
+        elif os.path.isdir(s):
+            matches = sorted(
+                q for q in Path(s).iterdir() if q.is_file() and q.name.endswith(tuple(suffixes))
+            )
+            if not matches:
+                raise FileNotFoundError(f"{s}: the directory holds no {what} file ({', '.join(suffixes)})")
+            out.extend(matches)
+        else:
+            out.append(Path(s))
+    if not out:
+        raise ValueError(f"no {what} input given")
+    seen: dict[Path, Path] = {}
+    for p in out:
+        key = p.resolve()
+        if key in seen:
+            raise ValueError(f"{p}: the same file is given twice (also as {seen[key]})")
+        seen[key] = p
+    return out
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _open_raw(path: Path, compressed: bool):
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+def read_info(path: str | os.PathLike) -> NiftiInfo:
+    """Validate one NIfTI file's header and size, without reading voxels.
+
+    Raises
+    ------
+    FileNotFoundError, PermissionError
+        Missing or unreadable file (message starts with the path).
+    NiftiError
+        Empty, not NIfTI, truncated, corrupt gzip trailer, absurd dims,
+        unsupported datatype, invalid affine or voxel sizes, bad scaling.
+
+    Examples
+    --------
+    >>> from volnorm import datasets
+    >>> info = read_info(datasets.nibabel_files()["anatomical.nii"])
+    >>> info.shape, str(info.raw_dtype)
+    ((33, 41, 25), '>i2')
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise _fail(path, "is a directory, not a NIfTI file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: permission denied (cannot read the file)")
+    st = path.stat()
+    if st.st_size == 0:
+        raise _fail(path, "the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        magic2 = f.read(2)
+    compressed = magic2 == b"\x1f\x8b"
+    if path.name.endswith(".gz") and not compressed:
+        raise _fail(path, "has a .gz name but is not gzip-compressed")
+    try:
+        with _open_raw(path, compressed) as f:
+            head = f.read(540)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise _fail(path, f"cannot decompress the start of the file ({e})") from None
+    if len(head) < 348:
+        raise _fail(path, f"too short to be NIfTI ({len(head)} header bytes, need at least 348)")
+    sizeof = {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]}
+    if 348 in sizeof:
+        klass, version = nib.Nifti1Header, 1
+    elif 540 in sizeof:
+        if len(head) < 540:
+            raise _fail(path, f"NIfTI-2 header is truncated ({len(head)} of 540 bytes)")
+        klass, version = nib.Nifti2Header, 2
+    else:
+        raise _fail(path, "not a NIfTI file (the first 4 bytes are not sizeof_hdr 348 or 540)")
+    hsize = 348 if version == 1 else 540
+    try:
+        hdr = klass.from_fileobj(io.BytesIO(head[:hsize] + b"\0" * 4), check=False)
+    except Exception as e:  # nibabel raises several types for garbage
+        raise _fail(path, f"unreadable NIfTI header ({e})") from None
+    magic = bytes(hdr["magic"].tobytes()).rstrip(b"\0")
+    if magic in (b"ni1", b"ni2"):
+        raise _fail(path, "is the header of a .hdr/.img pair; only single-file NIfTI (.nii, .nii.gz) is supported")
+    if magic not in (b"n+1", b"n+2"):
+        raise _fail(path, f"not a NIfTI file (magic {magic!r}, expected b'n+1' or b'n+2')")
+
+    dim = [int(d) for d in hdr["dim"]]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7:
+        raise _fail(path, f"absurd number of dimensions dim[0]={ndim} (expected 1..7)")
+    shape = dim[1 : 1 + ndim]
+    if any(n <= 0 for n in shape):
+        raise _fail(path, f"absurd dimensions {tuple(shape)} (every size must be >= 1)")
+    # drop trailing singleton dims beyond 3 (e.g. (x, y, z, 1)); keep 2-D/3-D/4-D
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) > 4:
+        raise _fail(path, f"{len(shape)}-D data {tuple(shape)} is not supported (volnorm reads 2-D, 3-D and 4-D NIfTI)")
+    if len(shape) < 3:
+        shape = shape + [1] * (3 - len(shape))
+
+    code = int(hdr["datatype"])
+    if code not in SUPPORTED_DTYPES:
+        name = _DTYPE_NAMES.get(code, f"unknown code {code}")
+        raise _fail(
+            path,
+            f"unsupported datatype {name}; volnorm reads int8..int64, uint8..uint64, float32 and float64",
+        )
+    raw_dtype = np.dtype(SUPPORTED_DTYPES[code]).newbyteorder(hdr.endianness)
+
+    offset = int(hdr["vox_offset"])
+    if offset < hsize or offset > _MAX_VOX_OFFSET:
+        raise _fail(path, f"invalid vox_offset {offset} (must be between {hsize} and {_MAX_VOX_OFFSET})")
+    expected = offset + math.prod(shape) * raw_dtype.itemsize
+
+    # size: .nii against the file size, .nii.gz against the gzip trailer (ISIZE)
+    if compressed:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", f.read(4))[0]
+        if isize != expected % 2**32:
+            raise _fail(
+                path,
+                f"the gzip trailer records {isize} uncompressed bytes but the header needs "
+                f"{expected}: the file is truncated or corrupt",
+            )
+    elif st.st_size < expected:
+        raise _fail(
+            path,
+            f"truncated: the header needs {expected} bytes (data {tuple(shape)} {raw_dtype.name} "
+            f"at offset {offset}) but the file has {st.st_size}",
+        )
+
+    zooms = tuple(float(z) for z in hdr["pixdim"][1 : 1 + len(shape)])
+    spatial = zooms[:3]
+    if not all(math.isfinite(z) and z > 0 for z in spatial):
+        raise _fail(path, f"invalid voxel sizes {spatial} (pixdim must be finite and > 0)")
+    try:
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except Exception as e:
+        raise _fail(path, f"invalid orientation (qform/sform): {e}") from None
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise _fail(path, f"invalid affine (not finite or singular):\n{affine}")
+
+    slope = float(hdr["scl_slope"])
+    inter = float(hdr["scl_inter"])
+    if slope == 0 or not math.isfinite(slope):
+        slope, inter = 1.0, 0.0  # NIfTI: no scaling
+    elif not math.isfinite(inter):
+        raise _fail(path, f"scl_inter is {inter} while scl_slope is {slope}")
+    units = tuple(str(u) for u in hdr.get_xyzt_units())
+
+    # header bytes, byte for byte (extension flag and extensions included)
+    with _open_raw(path, compressed) as f:
+        header_bytes = f.read(offset)
+    if len(header_bytes) != offset:
+        raise _fail(path, f"truncated inside the header ({len(header_bytes)} of {offset} bytes)")
+    return NiftiInfo(
+        path=path,
+        version=version,
+        shape=tuple(shape),
+        raw_dtype=raw_dtype,
+        offset=offset,
+        slope=slope,
+        inter=inter,
+        header_bytes=header_bytes,
+        affine=affine,
+        zooms=zooms,
+        units=units,  # type: ignore[arg-type]
+        compressed=compressed,
+        file_size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
+
+
+def header_from_bytes(header_bytes: bytes):
+    """A nibabel header (Nifti1Header or Nifti2Header) from stored header bytes."""
+    import nibabel as nib
+
+    n1 = {struct.unpack("<i", header_bytes[:4])[0], struct.unpack(">i", header_bytes[:4])[0]}
+    klass = nib.Nifti1Header if 348 in n1 else nib.Nifti2Header
+    hsize = 348 if klass is nib.Nifti1Header else 540
+    data = header_bytes if len(header_bytes) > hsize else header_bytes + b"\0" * 4
+    return klass.from_fileobj(io.BytesIO(data), check=False)
+
+
+# ---------------------------------------------------------------------------
+# lazy reading
+# ---------------------------------------------------------------------------
+
+_GZ_CACHE: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
+_GZ_CACHE_LOCK = threading.Lock()
+_GZ_CACHE_SIZE = 8
+
+
+def _gz_handle(path: str, size: int, mtime_ns: int):
+    """A per-process cached ``IndexedGzipFile``: its seek index grows as slabs are read."""
+    import indexed_gzip
+
+    key = (path, size, mtime_ns)
+    with _GZ_CACHE_LOCK:
+        hit = _GZ_CACHE.get(key)
+        if hit is not None:
+            _GZ_CACHE.move_to_end(key)
+            return hit
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise _fail(path, "the file changed on disk since it was opened")
+        handle = (indexed_gzip.IndexedGzipFile(path, spacing=4 * 2**20), threading.Lock())
+        _GZ_CACHE[key] = handle
+        while len(_GZ_CACHE) > _GZ_CACHE_SIZE:
+            _, (old, _) = _GZ_CACHE.popitem(last=False)
+            old.close()
+        return handle
+
+
+class NiftiArray:
+    """Picklable lazy view of one NIfTI file's voxels in C order (axes reversed).
+
+    Slicing reads only the needed bytes of a .nii; a .nii.gz is read through a
+    per-process ``indexed_gzip`` handle, so slabs read in order cost one
+    decompression pass and memory stays O(slab).
+    """
+
+    def __init__(self, info: NiftiInfo, *, scaled: bool = True, dtype: Any = None) -> None:
+        self.path = str(info.path)
+        self.fshape = info.shape
+        self.raw_dtype = info.raw_dtype
+        self.offset = info.offset
+        self.slope = info.slope if scaled else 1.0
+        self.inter = info.inter if scaled else 0.0
+        self.compressed = info.compressed
+        self.stamp = (info.file_size, info.mtime_ns)
+        self.shape = tuple(reversed(info.shape))
+        self.ndim = len(self.shape)
+        natural = scaled_dtype(self.raw_dtype, self.slope, self.inter)
+        self.dtype = np.dtype(dtype) if dtype is not None else natural
+
+    def __repr__(self) -> str:
+        return f"NiftiArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def _read_raw(self, fkey: tuple) -> np.ndarray:
+        from nibabel.arrayproxy import ArrayProxy
+
+        spec = (self.fshape, self.raw_dtype, self.offset, 1.0, 0.0)
+        if self.compressed:
+            fobj, lock = _gz_handle(self.path, *self.stamp)
+            with lock:
+                return ArrayProxy(fobj, spec)[fkey]
+        with open(self.path, "rb") as fobj:
+            return ArrayProxy(fobj, spec)[fkey]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if any(not isinstance(k, slice) for k in key):
+            raise TypeError("NiftiArray supports basic slices only")
+        raw = self._read_raw(tuple(reversed(key)))
+        out = apply_scaling(raw, self.slope, self.inter)
+        # nibabel returns Fortran order; .T is the C-order view we want
+        return np.asarray(out.T, dtype=self.dtype)

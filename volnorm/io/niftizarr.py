@@ -1,0 +1,345 @@
+"""NIfTI-Zarr groups: one NIfTI volume as an OME-Zarr 0.5 multiscale on Zarr v3.
+
+Follows the neuroscales NIfTI-Zarr specification as implemented by the
+``nifti-zarr`` package (``niizarr``): array ``0`` holds the voxels with axes
+``[t,] z, y, x``; array ``nifti`` holds the binary NIfTI header (here the
+file's bytes up to ``vox_offset``, extensions included) with its JNIfTI JSON
+form as attributes; voxel sizes are the OME scale. Voxels are stored *raw*
+(unscaled, on-disk integer type) so the header's ``scl_slope``/``scl_inter``
+keep their meaning; readers apply them as nibabel does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volnorm._utils import native
+from volnorm.io.nifti import NiftiError, NiftiInfo, header_from_bytes
+from volnorm.io.store import IncompleteStoreError, compressors, verify_array
+
+logger = logging.getLogger(__name__)
+
+_OME_UNITS = {
+    "mm": "millimeter",
+    "meter": "meter",
+    "micron": "micrometer",
+    "sec": "second",
+    "msec": "millisecond",
+    "usec": "microsecond",
+    "unknown": None,
+}
+
+
+def ome_metadata(name: str, dims: Sequence[str], zooms: Sequence[float], units: Sequence[str]) -> dict:
+    """OME-Zarr 0.5 ``ome`` attribute for one level (dims in C order, zooms in NIfTI order)."""
+    space_unit = _OME_UNITS.get(units[0]) or "millimeter"
+    time_unit = _OME_UNITS.get(units[1]) or "second"
+    zoom_of = {"x": zooms[0], "y": zooms[1], "z": zooms[2], "t": zooms[3] if len(zooms) > 3 else 1.0}
+    axes = []
+    for d in dims:
+        if d == "t":
+            axes.append({"name": "t", "type": "time", "unit": time_unit})
+        else:
+            axes.append({"name": d, "type": "space", "unit": space_unit})
+    scale = [float(zoom_of[d]) if zoom_of[d] > 0 else 1.0 for d in dims]
+    ms = {
+        "name": name,
+        "axes": axes,
+        "datasets": [
+            {
+                "path": "0",
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": scale},
+                    {"type": "translation", "translation": [0.0] * len(dims)},
+                ],
+            }
+        ],
+        "type": "none",
+    }
+    return {"version": "0.5", "multiscales": [ms]}
+
+
+def header_json(header_bytes: bytes) -> dict:
+    """JNIfTI JSON form of a header, as ``niizarr.nii2json`` writes it."""
+    from niizarr import nii2json
+
+    hdr = header_from_bytes(header_bytes)
+    return nii2json(hdr)
+
+
+def create_volume_group(
+    root: Any,
+    name: str,
+    *,
+    header_bytes: bytes,
+    shape: Sequence[int],
+    dtype: Any,
+    dims: Sequence[str],
+    chunks: Sequence[int],
+    codec: Any,
+    zooms: Sequence[float],
+    units: Sequence[str],
+    attrs: dict | None = None,
+) -> Any:
+    """Create (or re-create, if incomplete) one NIfTI-Zarr group; returns the group."""
+    if name in root:
+        existing = root[name]
+        if existing.attrs.get("volnorm", {}).get("complete"):
+            raise FileExistsError(f"{name}: the volume is already complete in {root.store}")
+        del root[name]
+    grp = root.create_group(
+        name,
+        attributes={"ome": ome_metadata(name, dims, zooms, units), "volnorm": dict(attrs or {}, complete=False)},
+    )
+    grp.create_array(
+        "0",
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        dtype=native(dtype),
+        compressors=compressors(codec),
+        fill_value=0,
+        dimension_names=list(dims),
+        config={"write_empty_chunks": True},
+    )
+    hb = np.frombuffer(header_bytes, dtype=np.uint8)
+    nif = grp.create_array("nifti", shape=hb.shape, chunks=hb.shape, dtype="uint8", compressors=None, fill_value=0)
+    nif[:] = hb
+    nif.attrs.update(header_json(header_bytes))
+    return grp
+
+
+def finish_volume(grp: Any, name: str, summary: dict) -> None:
+    """Verify every chunk is present, then mark the volume complete."""
+    verify_array(grp["0"], f"{name}/0")
+    v = dict(grp.attrs["volnorm"])
+    v.update(summary)
+    v["complete"] = True
+    grp.attrs["volnorm"] = v
+
+
+# ---------------------------------------------------------------------------
+# streaming ingest: one sequential read per file, CRC checked, digest taken
+# ---------------------------------------------------------------------------
+
+
+class _HashingReader(io.RawIOBase):
+    """File wrapper that hashes every byte read through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+        self.nread = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.f.readinto(b)
+        if n:
+            mv = memoryview(b)[:n]
+            self.h.update(mv)
+            self.nread += n
+        return n
+
+
+def _read_exact(f: Any, buf: memoryview, path: Path) -> None:
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise NiftiError(f"{path}: truncated: the data ended {len(buf) - got} bytes early")
+        got += n
+
+
+def stream_slabs(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Regions, in file order, that each cover whole chunks and contiguous bytes.
+
+    Leading axes with chunk 1 go one index at a time; the first axis with a
+    larger chunk goes a chunk at a time; later axes are whole.
+
+    >>> stream_slabs((2, 4, 3, 3), (1, 2, 3, 3))[:2]
+    [(slice(0, 1, None), slice(0, 2, None)), (slice(0, 1, None), slice(2, 4, None))]
+    """
+    k = 0
+    while k < len(shape) - 1 and chunks[k] == 1:
+        k += 1
+    regions: list[tuple[slice, ...]] = []
+    for lead in np.ndindex(*shape[:k]):
+        for s in range(0, shape[k], chunks[k]):
+            regions.append(tuple(slice(i, i + 1) for i in lead) + (slice(s, min(s + chunks[k], shape[k])),))
+    return regions
+
+
+def _summarize(slab: np.ndarray, acc: dict) -> None:
+    """Running min/max and non-finite counts (floats ignore NaN/Inf for min/max)."""
+    if slab.dtype.kind == "f":
+        finite = np.isfinite(slab)
+        nfin = int(finite.sum())
+        if nfin != slab.size:
+            acc["nan"] += int(np.isnan(slab).sum())
+            acc["posinf"] += int(np.isposinf(slab).sum())
+            acc["neginf"] += int(np.isneginf(slab).sum())
+            vals = slab[finite]
+        else:
+            vals = slab
+        if vals.size:
+            lo, hi = float(vals.min()), float(vals.max())
+        else:
+            return
+    else:
+        lo, hi = int(slab.min()), int(slab.max())
+    acc["min"] = lo if acc["min"] is None else min(acc["min"], lo)
+    acc["max"] = hi if acc["max"] is None else max(acc["max"], hi)
+
+
+def ingest_nifti(
+    info: NiftiInfo,
+    store_path: str,
+    name: str,
+    chunks: Sequence[int],
+    codec: Any,
+) -> dict:
+    """Convert one NIfTI file into a NIfTI-Zarr group inside a staging store.
+
+    Reads the file once, sequentially (a .nii.gz through ISA-L's gzip, which
+    checks the CRC at the end), writes whole chunks as it goes, hashes the
+    file's bytes, and records min/max and NaN/Inf counts. Memory: one slab.
+    Runs on a worker; raises ``NiftiError`` naming the file on bad data.
+    """
+    import zarr
+
+    path = info.path
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (info.file_size, info.mtime_ns):
+        raise NiftiError(f"{path}: the file changed on disk since it was validated")
+    root = zarr.open_group(store_path, mode="r+", zarr_format=3)
+    shape = tuple(reversed(info.shape))
+    grp = create_volume_group(
+        root,
+        name,
+        header_bytes=info.header_bytes,
+        shape=shape,
+        dtype=info.raw_dtype,
+        dims=info.dims,
+        chunks=chunks,
+        codec=codec,
+        zooms=info.zooms,
+        units=info.units,
+        attrs={"source": {"path": str(path), "size": info.file_size, "mtime_ns": info.mtime_ns}},
+    )
+    arr = grp["0"]
+    acc: dict[str, Any] = {"min": None, "max": None, "nan": 0, "posinf": 0, "neginf": 0}
+    raw = info.raw_dtype
+    with open(path, "rb", buffering=0) as f:
+        hashing = _HashingReader(f)
+        if info.compressed:
+            from isal import igzip
+
+            stream: Any = igzip.GzipFile(fileobj=io.BufferedReader(hashing, 4 * 2**20), mode="rb")
+        else:
+            stream = io.BufferedReader(hashing, 4 * 2**20)
+        try:
+            head = stream.read(info.offset)
+            if head != info.header_bytes:
+                raise NiftiError(f"{path}: the header changed on disk since it was validated")
+            buf = None
+            for region in stream_slabs(shape, chunks):
+                sshape = tuple(s.stop - s.start for s in region) + shape[len(region) :]
+                nbytes = math.prod(sshape) * raw.itemsize
+                if buf is None or len(buf) < nbytes:
+                    buf = bytearray(nbytes)
+                mv = memoryview(buf)[:nbytes]
+                _read_exact(stream, mv, path)
+                slab = np.frombuffer(mv, dtype=raw).reshape(sshape)
+                if not raw.isnative:
+                    slab = slab.astype(native(raw))
+                _summarize(slab, acc)
+                arr[region] = slab
+            # drain: verifies the gzip CRC/ISIZE at EOF and hashes the whole file
+            while stream.read(8 * 2**20):
+                pass
+        except NiftiError:
+            raise
+        except (OSError, EOFError, ValueError) as e:
+            # isal/zlib raise OSError subclasses (BadGzipFile, IsalError) on corrupt data
+            raise NiftiError(f"{path}: corrupt compressed data ({e}); the file cannot be trusted") from None
+        finally:
+            stream.close()
+    summary = {
+        "sha256": hashing.h.hexdigest(),
+        "bytes_read": hashing.nread,
+        "stats": {**acc, "dtype": native(raw).name},
+    }
+    if hashing.nread != info.file_size:
+        raise NiftiError(f"{path}: read {hashing.nread} bytes but the file has {info.file_size}")
+    finish_volume(grp, name, summary)
+    return {"name": name, **summary}
+
+
+# ---------------------------------------------------------------------------
+# reading a group back
+# ---------------------------------------------------------------------------
+
+
+def group_header(grp: Any) -> bytes:
+    return np.asarray(grp["nifti"][:], dtype=np.uint8).tobytes()
+
+
+def check_volume(grp: Any, where: str, *, allow_incomplete: bool = False) -> None:
+    v = grp.attrs.get("volnorm", {})
+    if not allow_incomplete and not v.get("complete"):
+        raise IncompleteStoreError(f"{where}: the volume was not completely written")
+    if "0" not in grp or "nifti" not in grp:
+        raise IncompleteStoreError(f"{where}: not a NIfTI-Zarr group (arrays '0' and 'nifti' expected)")
+
+
+# ---------------------------------------------------------------------------
+# writing NIfTI files
+# ---------------------------------------------------------------------------
+
+
+def write_nifti_file(
+    path: Path,
+    header_bytes: bytes,
+    blocks: Any,
+    *,
+    compress: bool,
+) -> None:
+    """Write a NIfTI file: ``header_bytes`` then the raw voxel blocks in file order.
+
+    ``blocks`` yields C-order numpy slabs (already in the header's dtype and
+    byte order) whose concatenation is the whole (t, z, y, x) array. Written to
+    a temporary name then renamed, so a failure leaves no half file.
+    """
+    tmp = path.with_name(f".{path.name}.volnorm-tmp")
+    try:
+        with open(tmp, "wb") as raw:
+            if compress:
+                from isal import igzip
+
+                f: Any = igzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0)
+            else:
+                f = raw
+            f.write(header_bytes)
+            for b in blocks:
+                f.write(np.ascontiguousarray(b).data)
+            if compress:
+                f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,411 @@
+"""Lazy readers: NIfTI files, image stacks and volnorm Zarr stores.
+
+Nothing here reads voxel data: every function validates headers/metadata and
+returns a dask-backed ``xarray.DataArray`` (a stack) or ``xarray.DataTree``
+(a collection of volumes of different shapes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from volnorm._utils import DEFAULT_CHUNK_BYTES, native, normalize_chunks, slab_chunks
+from volnorm.io.nifti import NiftiArray, NiftiInfo, apply_scaling, expand_paths, header_from_bytes, read_info
+from volnorm.io.store import IncompleteStoreError, read_manifest, staging_path
+
+logger = logging.getLogger(__name__)
+
+PathsLike = str | os.PathLike | Iterable[str | os.PathLike]
+ChunksLike = int | str | Mapping[str, int] | Sequence[int] | None
+
+
+class HeaderMap(dict):
+    """``{volume name: NIfTI header bytes}`` kept in ``attrs["nifti_headers"]``.
+
+    A dict with a short repr, so notebooks do not print hundreds of bytes.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} NIfTI header(s)>"
+
+
+def _unique_names(infos: Sequence[NiftiInfo]) -> list[str]:
+    names = [i.name for i in infos]
+    if len(set(names)) == len(names):
+        return names
+    # same file name in different folders: use the path relative to the common folder
+    common = Path(os.path.commonpath([str(i.path.absolute().parent) for i in infos]))
+    names = [
+        str(i.path.absolute().parent.relative_to(common) / i.name).replace(os.sep, "_").lstrip("._")
+        for i in infos
+    ]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cannot give unique names to the inputs {[str(i.path) for i in infos]}")
+    return names
+
+
+def _volume_attrs(infos: Sequence[NiftiInfo], names: Sequence[str], scaled: bool) -> dict:
+    first = infos[0]
+    attrs: dict[str, Any] = {
+        "zooms": tuple(first.zooms),
+        "units": tuple(first.units),
+        "nifti_scaled": bool(scaled),
+        "nifti_headers": HeaderMap({n: i.header_bytes for n, i in zip(names, infos)}),
+    }
+    if all(np.array_equal(i.affine, first.affine) for i in infos):
+        attrs["affine"] = first.affine.tolist()
+    return attrs
+
+
+def open_nifti(
+    paths: PathsLike,
+    *,
+    chunks: ChunksLike = None,
+    scaled: bool = True,
+) -> xr.DataArray | xr.DataTree:
+    """Open NIfTI files lazily as a stack or a collection.
+
+    Every file is validated first (header sanity, byte count, gzip trailer);
+    no voxel is read until the result is computed.
+
+    Parameters
+    ----------
+    paths : str, path, glob or iterable of them
+        ``.nii``/``.nii.gz`` files, glob patterns or directories.
+    chunks : None, "auto", int, mapping or tuple
+        ``None``/"auto": whole-plane slabs of about 64 MiB (a .nii slab is
+        contiguous on disk); an int is a size in MiB; a mapping names dims.
+    scaled : bool
+        Apply ``scl_slope``/``scl_inter`` exactly as nibabel does (default), or
+        return the raw stored integers (``scaled=False``).
+
+    Returns
+    -------
+    xarray.DataArray or xarray.DataTree
+        Lazy; nothing is computed. Files of one shape give a ``DataArray``
+        named ``image`` with dims ``("volume", ["t",] "z", "y", "x")``, the
+        ``volume`` coordinate holding file names (without ``.nii[.gz]``) and
+        ``path`` the source paths. Different shapes give a ``DataTree`` with
+        one node per file holding an ``image`` variable. ``attrs`` carry
+        ``affine`` (when shared), ``zooms``, ``units``, ``nifti_scaled`` and
+        ``nifti_headers`` (the header bytes of each volume).
+
+    Examples
+    --------
+    >>> import volnorm as vn
+    >>> stack = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> stack.dims, stack.dtype.name
+    (('volume', 'z', 'y', 'x'), 'int16')
+    """
+    files = expand_paths(paths)
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as ex:
+        infos = list(ex.map(read_info, files))
+    names = _unique_names(infos)
+    shapes = {i.shape for i in infos}
+    if len(shapes) == 1:
+        return _nifti_stack(infos, names, chunks=chunks, scaled=scaled)
+    nodes: dict[str, xr.Dataset] = {}
+    for info, name in zip(infos, names):
+        arr = _nifti_stack([info], [name], chunks=chunks, scaled=scaled).isel(volume=0, drop=True)
+        nodes[name] = xr.Dataset({"image": arr}, attrs=dict(arr.attrs, path=str(info.path)))
+    return xr.DataTree.from_dict(nodes)
+
+
+def _nifti_stack(infos: Sequence[NiftiInfo], names: Sequence[str], *, chunks: ChunksLike, scaled: bool) -> xr.DataArray:
+    dtypes = [i.scaled_dtype if scaled else native(i.raw_dtype) for i in infos]
+    dtype = np.result_type(*dtypes)
+    dims = infos[0].dims
+    shape = tuple(reversed(infos[0].shape))
+    full_dims = ("volume", *dims)
+    cshape = normalize_chunks(chunks, full_dims, (len(infos), *shape), dtype.itemsize)
+    if cshape[0] != 1:
+        raise ValueError("`chunks` along 'volume' must be 1 for NIfTI inputs (one file per chunk)")
+    arrays = []
+    for info in infos:
+        view = NiftiArray(info, scaled=scaled, dtype=dtype)
+        arrays.append(
+            da.from_array(
+                view,
+                chunks=cshape[1:],
+                meta=np.empty((0,) * len(shape), dtype=dtype),
+                name=f"nifti-{info.name}-{abs(hash((str(info.path), info.mtime_ns, scaled, str(dtype), cshape)))}",
+                fancy=False,
+            )
+        )
+    data = da.stack(arrays) if len(arrays) > 1 else arrays[0][None]
+    coords = {"volume": list(names), "path": ("volume", [str(i.path) for i in infos])}
+    return xr.DataArray(data, dims=full_dims, coords=coords, name="image", attrs=_volume_attrs(infos, names, scaled))
+
+
+# ---------------------------------------------------------------------------
+# image stacks
+# ---------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class _ImageFiles:
+    """Picklable lazy view of many 2-D image files of one shape, stacked."""
+
+    def __init__(self, paths: Sequence[str], shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.paths = list(paths)
+        self.shape = (len(paths), *shape)
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        import imageio.v3 as iio
+
+        key = key + (slice(None),) * (self.ndim - len(key))
+        out = []
+        for p in self.paths[key[0]]:
+            img = np.asarray(iio.imread(p))
+            if img.shape != self.shape[1:] or img.dtype != self.dtype:
+                raise ValueError(f"{p}: shape {img.shape} {img.dtype} differs from the stack's {self.shape[1:]} {self.dtype}")
+            out.append(img[key[1:]])
+        return np.stack(out) if out else np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *key[1:])]
+
+
+class _TiffPages:
+    """Picklable lazy view of a multi-page TIFF, one page per volume."""
+
+    def __init__(self, path: str, n: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path = path
+        self.shape = (n, *shape)
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        import tifffile
+
+        key = key + (slice(None),) * (self.ndim - len(key))
+        idx = range(*key[0].indices(self.shape[0]))
+        with tifffile.TiffFile(self.path) as tf:
+            pages = [tf.pages[i].asarray()[key[1:]] for i in idx]
+        return np.stack(pages) if pages else np.empty((0,) + self.shape[1:], self.dtype)[(slice(None), *key[1:])]
+
+
+def open_images(paths: PathsLike, *, chunks: ChunksLike = None) -> xr.DataArray:
+    """Open a 2-D image stack lazily: a 3-D ``.npy``, a multi-page TIFF, or many image files.
+
+    Parameters
+    ----------
+    paths : str, path, glob or iterable
+        One ``.npy`` file holding a ``(volume, y, x)`` array (memory-mapped),
+        one multi-page TIFF, or a glob/folder/list of PNG/TIFF/JPEG files of one
+        shape and dtype (one image per ``volume``).
+    chunks : None, "auto", int, mapping or tuple
+        Default: whole images, about 64 MiB per chunk.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; nothing is computed. Named ``image``, dims ``("volume", "y", "x")``
+        (plus ``"c"`` for colour images); ``volume`` holds file or page names.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os, volnorm as vn
+    >>> p = os.path.join(tempfile.mkdtemp(), "stack.npy")
+    >>> np.save(p, np.zeros((5, 8, 9), dtype="uint8"))
+    >>> vn.open_images(p).sizes["volume"]
+    5
+    """
+    files = expand_paths(paths, suffixes=IMAGE_SUFFIXES + (".npy",), what="image")
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: no such file")
+        if f.stat().st_size == 0:
+            raise ValueError(f"{f}: the file is empty (0 bytes)")
+    if len(files) == 1 and files[0].suffix == ".npy":
+        try:
+            arr = np.load(files[0], mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{files[0]}: not a readable .npy array ({e})") from None
+        if arr.ndim not in (3, 4):
+            raise ValueError(f"{files[0]}: expected a 3-D (volume, y, x) array, got shape {arr.shape}")
+        names = [f"{files[0].stem}[{i}]" for i in range(arr.shape[0])]
+        source: Any = arr
+        shape, dtype = arr.shape, arr.dtype
+    elif len(files) == 1 and files[0].suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(files[0]) as tf:
+                n = len(tf.pages)
+                page = tf.pages[0]
+                pshape, dtype = tuple(page.shape), np.dtype(page.dtype)
+        except Exception as e:
+            raise ValueError(f"{files[0]}: not a readable TIFF ({e})") from None
+        names = [f"{files[0].stem}[{i}]" for i in range(n)]
+        source = _TiffPages(str(files[0]), n, pshape, dtype)
+        shape = source.shape
+    else:
+        import imageio.v3 as iio
+
+        try:
+            props = iio.improps(files[0])
+        except Exception as e:
+            raise ValueError(f"{files[0]}: not a readable image ({e})") from None
+        pshape, dtype = tuple(props.shape), np.dtype(props.dtype)
+        for f in files[1:]:
+            try:
+                p = iio.improps(f)
+            except Exception as e:
+                raise ValueError(f"{f}: not a readable image ({e})") from None
+            if tuple(p.shape) != pshape or np.dtype(p.dtype) != dtype:
+                raise ValueError(
+                    f"{f}: image shape {tuple(p.shape)} {np.dtype(p.dtype)} differs from "
+                    f"{files[0]}'s {pshape} {dtype}; a stack needs one shape and dtype"
+                )
+        names = [f.stem for f in files]
+        source = _ImageFiles([str(f) for f in files], pshape, dtype)
+        shape = source.shape
+    dims = ("volume", "y", "x", "c")[: len(shape)]
+    if dtype.kind not in "uif" and dtype != np.bool_:
+        raise ValueError(f"{files[0]}: unsupported dtype {dtype}")
+    cshape = normalize_chunks(chunks, dims, shape, dtype.itemsize)
+    data = da.from_array(source, chunks=cshape, meta=np.empty((0,) * len(shape), dtype=dtype), fancy=False)
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    return xr.DataArray(data, dims=dims, coords={"volume": names}, name="image")
+
+
+# ---------------------------------------------------------------------------
+# volnorm stores
+# ---------------------------------------------------------------------------
+
+
+def _scale_block(block: np.ndarray, slope: float, inter: float, dtype: np.dtype) -> np.ndarray:
+    return np.asarray(apply_scaling(block, slope, inter), dtype=dtype)
+
+
+def open_zarr(
+    store: str | os.PathLike,
+    *,
+    scaled: bool = True,
+    allow_incomplete: bool = False,
+) -> xr.DataArray | xr.DataTree:
+    """Open a volnorm Zarr store lazily as a stack or a collection.
+
+    Parameters
+    ----------
+    store : path
+        A store written by :func:`to_zarr` or :func:`convert`.
+    scaled : bool
+        Apply each volume's NIfTI ``scl_slope``/``scl_inter`` as nibabel does
+        (default) or return the stored raw values.
+    allow_incomplete : bool
+        Open a store that lacks the completion marker (for inspection only;
+        unwritten chunks read as zeros).
+
+    Returns
+    -------
+    xarray.DataArray or xarray.DataTree
+        Lazy; nothing is computed. Same shapes and attrs as :func:`open_nifti`.
+
+    Raises
+    ------
+    IncompleteStoreError
+        The store was not completely written (an interrupted run): re-run the
+        command that wrote it to finish it.
+
+    Examples
+    --------
+    >>> import volnorm as vn, tempfile, os
+    >>> out = os.path.join(tempfile.mkdtemp(), "anat.zarr")
+    >>> vn.to_zarr(vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"]), out)
+    >>> vn.open_zarr(out).sizes["z"]
+    25
+    """
+    import zarr
+
+    path = Path(store)
+    if not path.exists():
+        staged = staging_path(path.absolute())
+        hint = (
+            f" An interrupted run is staged at {staged}; re-run the same command to finish it."
+            if staged.exists()
+            else ""
+        )
+        raise FileNotFoundError(f"{path}: no such store.{hint}")
+    m = read_manifest(path)
+    if m is None:
+        raise ValueError(f"{path}: not a volnorm store (no volnorm manifest in its zarr.json)")
+    if not m.get("complete") and not allow_incomplete:
+        raise IncompleteStoreError(
+            f"{path}: the store is incomplete (no completion marker: the run that wrote it was "
+            "interrupted or is still running). Re-run the command to finish it, or pass "
+            "allow_incomplete=True to inspect it."
+        )
+    root = zarr.open_group(path, mode="r", zarr_format=3)
+    if m.get("kind") == "images":
+        ds = xr.open_zarr(path, zarr_format=3, decode_cf=False, mask_and_scale=False, consolidated=False)
+        arr = ds["image"]
+        arr.attrs = {k: v for k, v in arr.attrs.items() if k != "_FillValue"}
+        return arr
+    from volnorm.io.niftizarr import check_volume, group_header
+
+    names = list(m.get("volumes") or [k for k, _ in root.groups()])
+    vols = []
+    for name in names:
+        if name not in root:
+            raise IncompleteStoreError(f"{path}: the manifest lists volume {name!r} but the store lacks it")
+        grp = root[name]
+        check_volume(grp, f"{path}/{name}", allow_incomplete=allow_incomplete)
+        hb = group_header(grp)
+        hdr = header_from_bytes(hb)
+        arr = grp["0"]
+        dims = tuple(arr.metadata.dimension_names)
+        slope, inter = (float(hdr["scl_slope"]), float(hdr["scl_inter"]))
+        if slope == 0 or not np.isfinite(slope):
+            slope, inter = 1.0, 0.0
+        vols.append((name, grp, arr, dims, hb, hdr, slope if scaled else 1.0, inter if scaled else 0.0))
+    if not vols:
+        raise ValueError(f"{path}: the store holds no volume")
+    from volnorm.io.nifti import scaled_dtype
+
+    def lazy(arr: Any, slope: float, inter: float, dtype: np.dtype) -> da.Array:
+        raw = da.from_zarr(arr)
+        if (slope, inter) == (1.0, 0.0) and raw.dtype == dtype:
+            return raw
+        return raw.map_blocks(_scale_block, slope, inter, dtype, dtype=dtype, meta=np.empty((0,) * raw.ndim, dtype))
+
+    def attrs_for(sub: list) -> dict:
+        first_hdr = sub[0][5]
+        affines = [np.asarray(v[5].get_best_affine(), dtype=np.float64) for v in sub]
+        out: dict[str, Any] = {
+            "zooms": tuple(float(z) for z in first_hdr.get_zooms()),
+            "units": tuple(first_hdr.get_xyzt_units()),
+            "nifti_scaled": bool(scaled),
+            "nifti_headers": HeaderMap({v[0]: v[4] for v in sub}),
+            "store": str(path),
+        }
+        if all(np.array_equal(a, affines[0]) for a in affines):
+            out["affine"] = affines[0].tolist()
+        return out
+
+    shapes = {v[2].shape for v in vols}
+    if len(shapes) == 1 and len({v[3] for v in vols}) == 1:
+        dtypes = [scaled_dtype(v[2].dtype, v[6], v[7]) for v in vols]
+        dtype = np.result_type(*dtypes)
+        arrays = [lazy(v[2], v[6], v[7], dtype) for v in vols]
+        data = da.stack(arrays)
+        return xr.DataArray(
+            data, dims=("volume", *vols[0][3]), coords={"volume": names}, name="image", attrs=attrs_for(vols)
+        )
+    nodes = {}
+    for v in vols:
+        dtype = scaled_dtype(v[2].dtype, v[6], v[7])
+        a = xr.DataArray(lazy(v[2], v[6], v[7], dtype), dims=v[3], name="image", attrs=attrs_for([v]))
+        nodes[v[0]] = xr.Dataset({"image": a}, attrs=a.attrs)
+    return xr.DataTree.from_dict(nodes)
