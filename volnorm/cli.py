@@ -1,0 +1,147 @@
+"""The ``volnorm`` command: thin subcommands over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="where to run: 'local' (default: a local dask cluster on 127.0.0.1), 'threads', 'sync', "
+        "or a scheduler address such as tcp://host:8786 or tls://host:8786",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="volnorm",
+        description="Exact dataset-wide intensity statistics and normalization for MRI volumes and image stacks, out of core.",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("convert", help="convert NIfTI files (or an image stack) into a Zarr store")
+    c.add_argument("inputs", nargs="+", help=".nii/.nii.gz files, globs or folders; then the output store")
+    c.add_argument("--chunks", type=int, default=None, metavar="MIB", help="target chunk size in MiB (default 64)")
+    c.add_argument("--codec", default="lz4", choices=["lz4", "zstd", "zarr-default", "none"], help="compression (default lz4)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing volnorm store")
+    c.add_argument("--dry-run", action="store_true", help="validate the inputs and print the plan; write nothing")
+    _add_engine(c)
+
+    i = sub.add_parser("info", help="describe a NIfTI file or a volnorm store")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    e = sub.add_parser("export", help="write the volumes of a store back to NIfTI")
+    e.add_argument("store")
+    e.add_argument("output", help="a .nii/.nii.gz file for one volume, or a folder")
+    e.add_argument("--overwrite", action="store_true")
+
+    d = sub.add_parser("demo", help="convert sample MRI data shipped with nibabel plus a generated cohort")
+    d.add_argument("--out", default="volnorm-demo", help="folder for the sample files and the store (default ./volnorm-demo)")
+    d.add_argument("--subjects", type=int, default=8, help="generated phantom subjects (default 8)")
+    _add_engine(d)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``volnorm`` command line; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.version:
+        import volnorm
+
+        print(f"volnorm {volnorm.__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"convert": _convert, "info": _info, "export": _export, "demo": _demo}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, TypeError) as e:
+        print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    if len(args.inputs) < 2:
+        print("volnorm convert: error: give at least one input and the output store", file=sys.stderr)
+        return 2
+    *inputs, store = args.inputs
+    if args.dry_run:
+        from volnorm.conversion import validate_inputs
+        from volnorm.io.nifti import expand_paths
+
+        infos = validate_inputs(expand_paths(inputs))
+        total = sum(i.data_bytes for i in infos)
+        print(f"{len(infos)} valid inputs, {total / 1e6:.1f} MB of voxels -> {store} (nothing written)")
+        return 0
+    result = vn.convert(
+        inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec,
+        scheduler=args.scheduler, progress=args.progress,
+    )
+    if not args.quiet:
+        print(result)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from volnorm.info import describe
+
+    text, data = describe(Path(args.path))
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    written = vn.to_nifti(vn.open_zarr(args.store), args.output, overwrite=args.overwrite)
+    for w in written:
+        print(w)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    import volnorm as vn
+
+    out = Path(args.out)
+    src = out / "inputs"
+    src.mkdir(parents=True, exist_ok=True)
+    for name, path in vn.datasets.nibabel_files().items():
+        if not (src / name).exists():
+            shutil.copy(path, src / name)
+    cohort = src / "phantoms"
+    if not cohort.exists():
+        vn.datasets.make_cohort(cohort, n_subjects=args.subjects, compressed="mixed", seed=0)
+    store = out / "cohort.zarr"
+    result = vn.convert(
+        [src, cohort], store, overwrite=True, scheduler=args.scheduler, progress=args.progress,
+    )
+    print(result)
+    print(f"\nopen it in Python:  vn.open_zarr({str(store)!r})")
+    print(f"or inspect it:      volnorm info {store}")
+    return 0

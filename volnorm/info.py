@@ -1,0 +1,160 @@
+"""``volnorm info``: describe a NIfTI file or a volnorm store for a person."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volnorm._utils import format_bytes
+
+
+def _affine_lines(affine: Any, indent: str = "    ") -> list[str]:
+    a = np.asarray(affine, dtype=float)
+    return [indent + "  ".join(f"{v:9.3f}" for v in row) for row in a]
+
+
+def _stats_text(s: dict) -> str:
+    if not s:
+        return "not recorded"
+    bad = ", ".join(f"{k} {s[k]}" for k in ("nan", "posinf", "neginf") if s.get(k))
+    return f"min {s.get('min')}  max {s.get('max')}" + (f"  NON-FINITE: {bad}" if bad else "  (all finite)")
+
+
+def describe(path: Path) -> tuple[str, dict]:
+    """Return a text description and the same facts as a dict.
+
+    Examples
+    --------
+    >>> from volnorm import datasets
+    >>> text, facts = describe(datasets.nibabel_files()["standard.nii.gz"])
+    >>> facts["shape"]
+    [4, 5, 7]
+    """
+    path = Path(path)
+    if path.is_dir() or str(path).endswith(".zarr"):
+        return _describe_store(path)
+    return _describe_nifti(path)
+
+
+def _describe_nifti(path: Path) -> tuple[str, dict]:
+    import dask
+
+    from volnorm.io.readers import open_nifti
+    from volnorm.io.nifti import read_info
+
+    info = read_info(path)
+    data = open_nifti(path)
+    x = data.data
+    if x.dtype.kind == "f":
+        finite = dask.array.isfinite(x)
+        lo, hi, nan, pinf, ninf = dask.compute(
+            dask.array.where(finite, x, np.inf).min(), dask.array.where(finite, x, -np.inf).max(),
+            dask.array.isnan(x).sum(), dask.array.isposinf(x).sum(), dask.array.isneginf(x).sum(),
+        )
+        stats = {"min": float(lo), "max": float(hi), "nan": int(nan), "posinf": int(pinf), "neginf": int(ninf)}
+    else:
+        lo, hi = dask.compute(x.min(), x.max())
+        stats = {"min": int(lo), "max": int(hi), "nan": 0, "posinf": 0, "neginf": 0}
+    facts = {
+        "path": str(path),
+        "format": f"NIfTI-{info.version}" + (" (gzip)" if info.compressed else ""),
+        "shape": list(info.shape),
+        "dims (volnorm, C order)": list(info.dims),
+        "dtype on disk": info.raw_dtype.str,
+        "dtype scaled": info.scaled_dtype.name,
+        "scaling": {"slope": info.slope, "inter": info.inter},
+        "voxel size": list(info.zooms),
+        "units": list(info.units),
+        "affine": info.affine.tolist(),
+        "file size": info.file_size,
+        "stats": stats,
+    }
+    lines = [
+        f"{path}",
+        f"  format      {facts['format']}, {format_bytes(info.file_size)} on disk",
+        f"  shape       {tuple(info.shape)} (i, j, k[, t]) -> dims {info.dims}",
+        f"  dtype       {info.raw_dtype.str} on disk; {info.scaled_dtype.name} after scaling"
+        + (f" (slope {info.slope:g}, inter {info.inter:g})" if info.scaled else " (no scaling)"),
+        f"  voxel size  {info.zooms} {info.units[0]}",
+        "  affine",
+        *_affine_lines(info.affine),
+        f"  values      {_stats_text(stats)}",
+    ]
+    return "\n".join(lines), facts
+
+
+def _describe_store(path: Path) -> tuple[str, dict]:
+    import zarr
+
+    from volnorm.io.store import read_manifest, staging_path
+
+    m = read_manifest(path)
+    if m is None:
+        staged = staging_path(path.absolute())
+        if not path.exists() and staged.exists():
+            return _describe_store(staged)
+        raise ValueError(f"{path}: not a volnorm store (no volnorm manifest)")
+    complete = bool(m.get("complete"))
+    root = zarr.open_group(path, mode="r", zarr_format=3)
+    lines = [
+        f"{path}",
+        f"  state       {'complete' if complete else 'INCOMPLETE (interrupted run: re-run the command to finish it)'}",
+        f"  kind        {m.get('kind', '?')}, volnorm format {m.get('format_version')}",
+    ]
+    if m.get("finished"):
+        lines.append(f"  written     {m.get('started')} .. {m.get('finished')} by volnorm {m.get('versions', {}).get('volnorm')}")
+    facts: dict[str, Any] = {"path": str(path), "complete": complete, "manifest": m, "volumes": {}}
+    if m.get("kind") == "images":
+        arr = root["image"]
+        lines.append(f"  image       shape {arr.shape} {arr.dtype}, chunks {arr.chunks}")
+        return "\n".join(lines), facts
+    inputs = {i["name"]: i for i in m.get("inputs", []) if isinstance(i, dict) and "name" in i}
+    names = m.get("volumes") or [k for k, _ in root.groups()]
+    done = 0
+    for name in names:
+        if name not in root:
+            lines.append(f"  {name}: missing")
+            continue
+        grp = root[name]
+        v = grp.attrs.get("volnorm", {})
+        done += bool(v.get("complete"))
+        arr = grp["0"]
+        hdr_json = dict(grp["nifti"].attrs) if "nifti" in grp else {}
+        codecs = [c.get("name") + (f"/{c['configuration'].get('cname')}" if c.get("configuration", {}).get("cname") else "")
+                  for c in arr.metadata.to_dict()["codecs"] if c.get("name") != "bytes"]
+        vf = {
+            "complete": bool(v.get("complete")),
+            "shape": list(arr.shape),
+            "dims": list(arr.metadata.dimension_names or ()),
+            "dtype": str(arr.dtype),
+            "chunks": list(arr.chunks),
+            "codec": codecs,
+            "voxel size": hdr_json.get("VoxelSize"),
+            "affine": hdr_json.get("Affine"),
+            "scaling": {"slope": hdr_json.get("ScaleSlope"), "inter": hdr_json.get("ScaleOffset")},
+            "stats": v.get("stats", {}),
+            "source": inputs.get(name, v.get("source")),
+        }
+        if "nifti" in grp:
+            from volnorm.io.niftizarr import group_header
+            from volnorm.io.nifti import header_from_bytes
+
+            vf["affine"] = header_from_bytes(group_header(grp)).get_best_affine().tolist()
+        facts["volumes"][name] = vf
+        lines += [
+            f"  {name}{'' if vf['complete'] else '  [INCOMPLETE]'}",
+            f"    shape {tuple(arr.shape)} {tuple(vf['dims'])} {arr.dtype}, chunks {arr.chunks}, codec {'+'.join(codecs) or 'none'}",
+            f"    voxel size {vf['voxel size']}, scaling slope {vf['scaling']['slope']} inter {vf['scaling']['inter']}",
+            f"    values {_stats_text(vf['stats'])}",
+        ]
+        src = vf["source"] or {}
+        if src.get("sha256"):
+            lines.append(f"    source {src.get('path')} ({format_bytes(src.get('size', 0))}, sha256 {src['sha256'][:16]}...)")
+        if vf["affine"]:
+            lines += ["    affine", *_affine_lines(vf["affine"], "      ")]
+    lines.insert(3, f"  volumes     {len(names)} ({done} complete)")
+    json.dumps(facts, default=str)
+    return "\n".join(lines), facts
