@@ -8,10 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-try:
-    from volnorm import datasets
-except ImportError:  # TEMP
-    pass
+from volnorm import datasets
 from volnorm._utils import VolnormWarning
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, dashboard: bool = False) -> Any:
+def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1) -> Any:
     """Start the embedded default cluster (loopback only) and return a ``Client``.
 
     Examples
@@ -44,7 +44,8 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
             threads_per_worker=threads_per_worker,
             processes=True,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0" if dashboard else None,
+            # loopback only; a random port so several clusters can coexist
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.WARNING,
         )
     return Client(cluster, set_as_default=False)
@@ -79,7 +80,7 @@ class Executor:
         if self.distributed:
             from distributed import as_completed
 
-            return iter(as_completed(list(futures)))
+            return iter(as_completed(list(futures), loop=self.backend.loop))
         return cf.as_completed(list(futures))
 
     def __repr__(self) -> str:

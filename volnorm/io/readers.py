@@ -126,9 +126,15 @@ def _nifti_stack(infos: Sequence[NiftiInfo], names: Sequence[str], *, chunks: Ch
     dims = infos[0].dims
     shape = tuple(reversed(infos[0].shape))
     full_dims = ("volume", *dims)
-    cshape = normalize_chunks(chunks, full_dims, (len(infos), *shape), dtype.itemsize)
-    if cshape[0] != 1:
-        raise ValueError("`chunks` along 'volume' must be 1 for NIfTI inputs (one file per chunk)")
+    if isinstance(chunks, Mapping) and "volume" in chunks:
+        if chunks["volume"] != 1:
+            raise ValueError(f"`chunks` along 'volume' must be 1 for NIfTI inputs (one file per chunk); got {chunks['volume']!r}")
+        chunks = {k: v for k, v in chunks.items() if k != "volume"}
+    if isinstance(chunks, Sequence) and not isinstance(chunks, str) and len(chunks) == len(full_dims):
+        if chunks[0] != 1:
+            raise ValueError(f"`chunks` along 'volume' must be 1 for NIfTI inputs (one file per chunk); got {chunks[0]!r}")
+        chunks = tuple(chunks[1:])
+    cshape = (1, *normalize_chunks(chunks, dims, shape, dtype.itemsize))
     arrays = []
     for info in infos:
         view = NiftiArray(info, scaled=scaled, dtype=dtype)
@@ -277,7 +283,7 @@ def open_images(paths: PathsLike, *, chunks: ChunksLike = None) -> xr.DataArray:
     data = da.from_array(source, chunks=cshape, meta=np.empty((0,) * len(shape), dtype=dtype), fancy=False)
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
-    return xr.DataArray(data, dims=dims, coords={"volume": names}, name="image")
+    return xr.DataArray(data, dims=dims, coords={"volume": np.array(names, dtype=object)}, name="image")
 
 
 # ---------------------------------------------------------------------------
@@ -332,12 +338,12 @@ def open_zarr(
     path = Path(store)
     if not path.exists():
         staged = staging_path(path.absolute())
-        hint = (
-            f" An interrupted run is staged at {staged}; re-run the same command to finish it."
-            if staged.exists()
-            else ""
-        )
-        raise FileNotFoundError(f"{path}: no such store.{hint}")
+        if staged.exists():
+            raise IncompleteStoreError(
+                f"{path}: the store is incomplete: an interrupted run is staged at {staged}; "
+                "re-run the same command to finish it."
+            )
+        raise FileNotFoundError(f"{path}: no such store")
     m = read_manifest(path)
     if m is None:
         raise ValueError(f"{path}: not a volnorm store (no volnorm manifest in its zarr.json)")

@@ -212,7 +212,7 @@ class Staging:
         import zarr
 
         root = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        m = dict(root.attrs["volnorm"])
+        m = dict(root.attrs.get("volnorm", {}))
         m.update(manifest)
         m.update(
             format=FORMAT,

@@ -1,0 +1,52 @@
+"""The volnorm command, run in-process as a user would."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import nibabel as nib
+
+import volnorm as vn
+from volnorm.cli import main
+
+
+def test_convert_info_export(cohort, tmp_path, capsys):
+    out = tmp_path / "c.zarr"
+    assert main(["convert", *map(str, cohort), str(out), "--scheduler", "sync", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"volnorm store: {out}" in text and "6 volumes" in text
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "state       complete" in text and "sha256" in text and "affine" in text
+    assert main(["info", str(out), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["complete"] is True and len(facts["volumes"]) == 6
+    assert main(["export", str(out), str(tmp_path / "nii")]) == 0
+    first = tmp_path / "nii" / cohort[0].name.replace(".nii.gz", ".nii").replace(".nii", ".nii.gz")
+    np.testing.assert_array_equal(nib.load(first).get_fdata(), nib.load(cohort[0]).get_fdata())
+    # a second run refuses to overwrite, exit code 1 and a message naming the store
+    assert main(["convert", *map(str, cohort), str(out), "--scheduler", "sync"]) == 1
+    assert "already exists; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
+
+
+def test_info_on_a_nifti_file(capsys):
+    f = vn.datasets.nibabel_files()["functional.nii"]
+    assert main(["info", str(f)]) == 0
+    text = capsys.readouterr().out
+    assert "(17, 21, 3, 20)" in text and "float64 after scaling" in text
+
+
+def test_dry_run_writes_nothing(cohort, tmp_path, capsys):
+    out = tmp_path / "c.zarr"
+    assert main(["convert", *map(str, cohort), str(out), "--dry-run"]) == 0
+    assert "6 valid inputs" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_bad_input_exit_code(tmp_path, capsys):
+    bad = tmp_path / "bad.nii"
+    bad.write_text("nope" * 100)
+    assert main(["convert", str(bad), str(tmp_path / "o.zarr"), "--scheduler", "sync"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.nii: not a NIfTI file" in err and "Traceback" not in err

@@ -1,0 +1,46 @@
+"""The same answers on a real process-based dask.distributed cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import volnorm as vn
+
+pytestmark = pytest.mark.slow
+
+
+def test_convert_on_cluster_equals_sync(cohort, nib_paths, cluster_client, tmp_path):
+    res = vn.convert([*cohort, *nib_paths], tmp_path / "d.zarr", scheduler=cluster_client)
+    assert "client" in res.engine
+    vn.convert([*cohort, *nib_paths], tmp_path / "s.zarr", scheduler="sync")
+    d, s = vn.open_zarr(tmp_path / "d.zarr"), vn.open_zarr(tmp_path / "s.zarr")
+    for name in d.children:
+        xr.testing.assert_identical(d[name]["image"].drop_attrs(), s[name]["image"].drop_attrs())
+
+
+def test_lazy_pipeline_on_cluster(cohort, cluster_client, tmp_path):
+    stack = vn.open_nifti(cohort, chunks={"z": 7})
+    expected = stack.astype("float64").mean(("z", "y", "x")).compute(scheduler="sync")
+    got = cluster_client.compute(stack.astype("float64").mean(("z", "y", "x"))).result()
+    xr.testing.assert_allclose(got, expected)
+    with cluster_client.as_current():
+        vn.to_zarr(stack, tmp_path / "w.zarr")
+    np.testing.assert_array_equal(vn.open_zarr(tmp_path / "w.zarr").values, stack.values)
+
+
+def test_embedded_cluster_binds_loopback():
+    from volnorm.engine import local_cluster
+
+    client = local_cluster(1)
+    try:
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+        for w in client.scheduler_info()["workers"]:
+            assert w.startswith("tcp://127.0.0.1:")
+        env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(env.values()) == {None}
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()

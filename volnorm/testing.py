@@ -1,0 +1,42 @@
+"""Public test helpers for code built on volnorm."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import dask
+
+
+class CountingScheduler:
+    """A dask scheduler that counts computes and raises past ``max_computes``.
+
+    This is xarray's test helper (``xarray.tests.CountingScheduler``).
+    """
+
+    def __init__(self, max_computes: int = 0) -> None:
+        self.total_computes = 0
+        self.max_computes = max_computes
+
+    def __call__(self, dsk, keys, **kwargs):  # type: ignore[no-untyped-def]
+        self.total_computes += 1
+        if self.total_computes > self.max_computes:
+            raise RuntimeError(
+                f"Too many computes. Total: {self.total_computes} > max: {self.max_computes}."
+            )
+        return dask.get(dsk, keys, **kwargs)
+
+
+@contextlib.contextmanager
+def raise_if_dask_computes(max_computes: int = 0) -> Iterator[CountingScheduler]:
+    """Fail if dask computes more than ``max_computes`` times inside the block.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> with raise_if_dask_computes():
+    ...     y = da.ones(4, chunks=2) + 1     # building a graph is fine
+    """
+    scheduler = CountingScheduler(max_computes)
+    with dask.config.set(scheduler=scheduler):
+        yield scheduler
