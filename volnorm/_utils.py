@@ -41,7 +41,7 @@ def slab_chunks(
     one chunk holds about ``target_bytes``.
 
     >>> slab_chunks((4, 256, 256, 256), 2, 64 * 2**20)
-    (1, 256, 256, 256)
+    (2, 256, 256, 256)
     >>> slab_chunks((512, 512, 512), 4, 64 * 2**20)
     (64, 512, 512)
     """

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from numpy.typing import DTypeLike
+from numpy.typing import ArrayLike, DTypeLike
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,18 @@ _SKIMAGE_GRAY = {
 }
 
 
-def _skimage_file_is_local(filename: str) -> bool:
+#: Of those, the ones scikit-image downloads (with pooch) when not cached.
+_SKIMAGE_DOWNLOAD = frozenset({"brain"})
+
+
+def _skimage_file_is_local(filename: str) -> bool | None:
     """Whether scikit-image can load ``filename`` without any download.
 
     Mirrors the two local cases of ``skimage.data._fetchers._fetch`` (the
     pooch cache and the distribution directory, hash-checked) without calling
     it: for a missing file ``_fetch`` would try the network, or under pytest
-    call ``pytest.skip`` (a ``BaseException``).
+    call ``pytest.skip`` (a ``BaseException``). None if that private API is
+    not as expected.
     """
     try:
         from skimage.data import _fetchers
@@ -134,9 +139,9 @@ def _skimage_file_is_local(filename: str) -> bool:
             os.path.join(_fetchers._DISTRIBUTION_DIR, filename),
         )
         return any(_fetchers._has_hash(p, expected) for p in places)
-    except Exception as exc:  # private API moved: be conservative
+    except Exception as exc:  # private API moved
         logger.debug("Cannot tell whether skimage file %s is local: %s", filename, exc)
-        return False
+        return None
 
 
 def skimage_images() -> dict[str, np.ndarray]:
@@ -167,7 +172,10 @@ def skimage_images() -> dict[str, np.ndarray]:
         return {}
     out: dict[str, np.ndarray] = {}
     for name, filename in _SKIMAGE_GRAY.items():
-        if not _skimage_file_is_local(filename):
+        local = _skimage_file_is_local(filename)
+        # Unknown (private API changed): try the images that ship in the wheel,
+        # never one that may start a download.
+        if local is False or (local is None and name in _SKIMAGE_DOWNLOAD):
             logger.debug("skimage.data.%s needs a download; skipped.", name)
             continue
         try:
@@ -285,12 +293,14 @@ class _SmoothField:
         normalize: Literal["std", "maxabs"],
     ) -> None:
         bases = []
+        sigmas: list[float] = []
         for c, ext in zip(coords, extent_mm):
             lo = max(float(c.min()), -ext) - spacing_mm
             hi = min(float(c.max()), ext) + spacing_mm
             m = max(2, int(math.ceil((hi - lo) / spacing_mm)) + 1)
             knots = np.linspace(lo, hi, m)
             sigma = 0.75 * (knots[1] - knots[0])
+            sigmas.append(sigma)
             bases.append(
                 np.exp(-0.5 * ((c[:, None] - knots[None, :]) / sigma) ** 2).astype(np.float32)
             )
@@ -299,6 +309,11 @@ class _SmoothField:
         tmp = coef @ w2.T  # (m0, m1, n2)
         self._t = np.matmul(w1[None], tmp)  # (m0, n1, n2)
         self._w0 = w0
+        self._cache_key: object = None
+        self._cache: tuple[np.ndarray, tuple[int, ...]] = (self._t, self._t.shape[1:])
+        #: Approximate distance (mm) per unit of the std-normalized field near
+        #: its zero set: 1 / E|grad f| = sigma / 1.13 for a Gaussian-bump field.
+        self.mm_per_unit = float(np.mean(sigmas)) / 1.13
         i0, i1, i2 = (_coarse_index(len(c)) for c in coords)
         sample = np.einsum("ia,ajk->ijk", w0[i0], self._t[:, i1][:, :, i2])
         if normalize == "std":
@@ -310,10 +325,15 @@ class _SmoothField:
     def box(self, box: Sequence[slice]) -> np.ndarray:
         """The field on ``data[box]`` (three slices with unit steps), float32."""
         b0, b1, b2 = box
-        t = self._t[:, b1, b2]
-        out = self._w0[b0] @ t.reshape(t.shape[0], -1)
+        key = (b1.indices(self._t.shape[1]), b2.indices(self._t.shape[2]))
+        if self._cache_key != key:  # the (y, z) extent rarely changes: cache it
+            t = self._t[:, b1, b2]
+            self._cache = (t.reshape(t.shape[0], -1), t.shape[1:])
+            self._cache_key = key
+        flat, shape12 = self._cache
+        out = self._w0[b0] @ flat
         out *= self._scale
-        return out.reshape(out.shape[0], *t.shape[1:])
+        return out.reshape(out.shape[0], *shape12)
 
 
 def _ramp(d: np.ndarray, width: float) -> np.ndarray:
@@ -475,23 +495,37 @@ class _Anatomy:
         d_brain += np.float32(1.2 * tscale) * f
         w_gm = _ramp(d_brain, width)
         _blend(img, contrast["gm"], w_gm)
-        # WM boundary 2.5..7 mm deep: thick GM where folds > 0 (sulcal fundi)
-        wm_depth = np.clip(f * np.float32(0.4) + np.float32(0.5), 0.0, 1.0)
+        # Sulci: CSF sheets along the zero set of the sulcal field, down to a
+        # depth that varies with the fold field; distance to the sheet from
+        # the field value (|g| / mean |grad g|).
+        s_depth = np.clip(f * np.float32(0.3) + np.float32(0.5), 0.0, 1.0)
+        s_depth *= np.float32(12.0 * tscale)
+        s_depth += np.float32(7.0 * tscale)
+        thick = f * np.float32(0.3 * tscale)  # cortical thickness 2.6 ± 0.3 mm
+        thick += np.float32(2.6 * tscale)
         del f
-        wm_depth *= np.float32(4.5 * tscale)
-        wm_depth += np.float32(2.5 * tscale)
-        # sulci: thin CSF sheets where the sulcal field is near 0, down to
-        # 1 mm above the white matter
-        g = np.abs(self.sulci.box(box))
-        g *= np.float32(-1.0 / 0.12)
-        g += np.float32(1.0)
-        np.clip(g, 0.0, 1.0, out=g)
-        g *= _ramp(wm_depth - np.float32(1.0 * tscale) - d_brain, width)
+        h = np.abs(self.sulci.box(box))
+        h *= np.float32(self.sulci.mm_per_unit)
+        g = _ramp(np.float32(0.6 * tscale) - h, width)
+        g *= _ramp(s_depth - d_brain, width)
         g *= w_gm
         _blend(img, contrast["csf"], g)
-        w_wm = _ramp(d_brain - wm_depth, width)
+        # white matter: farther than the cortical thickness from any CSF (the
+        # brain surface or a sulcus, including below its fundus)
+        below = d_brain - s_depth
+        np.maximum(below, 0.0, out=below)
+        below *= below
+        h *= h
+        below += h
+        del h, s_depth
+        np.sqrt(below, out=below)
+        np.minimum(below, d_brain, out=below)
+        below -= thick
+        below -= np.float32(0.6 * tscale)
+        w_wm = _ramp(below, width)
+        del below, thick
         _blend(img, contrast["wm"], w_wm)
-        del wm_depth, d_brain
+        del d_brain
 
         # deep grey matter and ventricles, in template coordinates, only in
         # their own (smaller) box
@@ -539,7 +573,7 @@ def _phantom(
     bias_strength: float,
     noise: float,
     intensity_scale: float,
-    affine: np.ndarray | None,
+    affine: ArrayLike | None,
     labels: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Brain phantom plus (optionally) its ground-truth label map.
@@ -626,7 +660,7 @@ def _phantom(
         np.random.default_rng(fold_ss), coords, 14.0 * tscale, extent, "std"
     )
     sulci = _SmoothField(
-        np.random.default_rng(fold_ss.spawn(1)[0]), coords, 10.0 * tscale, extent, "std"
+        np.random.default_rng(fold_ss.spawn(1)[0]), coords, 6.5 * tscale, extent, "std"
     )
     bias = _SmoothField(
         np.random.default_rng(bias_ss), coords, 75.0 * tscale, extent, "maxabs"
@@ -667,7 +701,8 @@ def _phantom(
         clip_lo, clip_hi = _float32_clip_bounds(dt)
     elif dt != np.float32:
         info = np.finfo(dt)
-        clip_lo, clip_hi = np.float32(max(info.min, -3e38)), np.float32(min(info.max, 3e38))
+        clip_lo = np.float32(max(float(info.min), -3e38))
+        clip_hi = np.float32(min(float(info.max), 3e38))
 
     anatomy = _Anatomy(
         rot=rot,
@@ -730,7 +765,7 @@ def brain_phantom(
     bias_strength: float = 0.3,
     noise: float = 0.03,
     intensity_scale: float = 1.0,
-    affine: np.ndarray | None = None,
+    affine: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A realistic synthetic T1-weighted head volume.
 
@@ -789,8 +824,9 @@ def brain_phantom(
     -----
     Computed in float32 slabs of about 1 Mi voxels, so the memory used is
     the output array plus a few tens of MiB; a 256^3 volume takes about
-    1-2 s. Smooth random fields are separable sums of Gaussian bumps
-    evaluated per slab, not upsampled full-size arrays.
+    2-3 s on 2 cores (about a third of it for the noise). Only the head's
+    bounding box gets anatomy; smooth random fields are separable sums of
+    Gaussian bumps evaluated per slab, not upsampled full-size arrays.
 
     Examples
     --------

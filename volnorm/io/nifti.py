@@ -281,8 +281,8 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
     shape = dim[1 : 1 + ndim]
     if any(n <= 0 for n in shape):
         raise _fail(path, f"absurd dimensions {tuple(shape)} (every size must be >= 1)")
-    # drop trailing singleton dims beyond 3 (e.g. (x, y, z, 1)); keep 2-D/3-D/4-D
-    while len(shape) > 3 and shape[-1] == 1:
+    # drop trailing singleton dims beyond 4 (e.g. (x, y, z, t, 1)); keep 2-D/3-D/4-D as stored
+    while len(shape) > 4 and shape[-1] == 1:
         shape.pop()
     if len(shape) > 4:
         raise _fail(path, f"{len(shape)}-D data {tuple(shape)} is not supported (volnorm reads 2-D, 3-D and 4-D NIfTI)")

@@ -65,14 +65,17 @@ def _is_nifti_derived(vols: list[tuple[str, xr.DataArray]]) -> bool:
 def _inverse_block(x: np.ndarray, slope: float, inter: float, raw: np.dtype) -> np.ndarray:
     """Recover raw integers from nibabel-scaled values, verifying the round trip bit for bit."""
     with np.errstate(invalid="ignore", over="ignore"):
-        r = np.rint((x.astype(np.float64) - inter) / slope)
-    info = np.iinfo(raw) if raw.kind in "iu" else np.finfo(raw)
-    r = np.clip(np.nan_to_num(r), info.min, info.max).astype(raw)
+        r = (x.astype(np.float64) - inter) / slope
+        if raw.kind in "iu":
+            info = np.iinfo(raw)
+            r = np.clip(np.nan_to_num(np.rint(r)), info.min, info.max)
+        r = r.astype(raw)
     back = apply_scaling(r, slope, inter)
     if not np.array_equal(np.asarray(back, dtype=x.dtype), x, equal_nan=True):
         raise ValueError(
-            "the data no longer equal raw * scl_slope + scl_inter of their NIfTI header; "
-            "they were changed but kept attrs['nifti_scaled']=True: drop that attribute"
+            "the data no longer equal raw * scl_slope + scl_inter of their NIfTI header "
+            "(they were changed but kept attrs['nifti_scaled']=True: drop that attribute; or, for "
+            "float data stored with scaling, export the raw values: open_zarr(..., scaled=False))"
         )
     return r
 

@@ -1,0 +1,964 @@
+#!/usr/bin/env python
+"""Benchmark ``volnorm.convert`` against the I/O limits of this machine.
+
+Measures, in one run and on the same files:
+
+* the I/O limits, each as MB/s of uncompressed voxel data with 2 parallel
+  processes (one per core): raw read of the .nii files, nibabel whole-file
+  reads (.nii and .nii.gz), gzip decompression (zlib ``gzip`` and ISA-L
+  ``isal.igzip``), and the compressed zarr v3 write of in-memory voxels with
+  volnorm's codec and chunking; plus the combined "read + write" limit;
+* a codec table (write MB/s and compression ratio of each ``codec=``);
+* ``volnorm.convert`` of the .nii set and of the .nii.gz set on a local
+  cluster of 2 single-threaded workers (started once, not timed; and once
+  more including start-up), with wall time and peak memory (RSS of the whole
+  process tree, sampled every 50 ms);
+* a peak-memory scaling check with files 2x larger;
+* the effect of dask's worker ``MALLOC_TRIM_THRESHOLD_=65536`` (which volnorm
+  leaves unset) on convert throughput.
+
+Usage (from the repository root)::
+
+    PYTHONPATH=. python benchmarks/bench_convert.py            # ~2.2 GB, < 15 min
+    PYTHONPATH=. python benchmarks/bench_convert.py --quick    # ~0.3 GB smoke run
+    PYTHONPATH=. python benchmarks/bench_convert.py --keep --workdir /data/bench
+
+MB are 10^6 bytes, MiB/GiB are 2^20/2^30 bytes. The page cache is dropped
+(``sync; echo 3 > /proc/sys/vm/drop_caches``) before every measurement when
+that file is writable (root), so reads come from the disk; otherwise the
+freshly written files are likely in the page cache and the read "limits" are
+memory/CPU limits. The output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import gzip
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+MB = 1e6
+MiB = 2**20
+GiB = 2**30
+BLOCK = 8 * MiB
+N_PROCS = 2
+
+#: (x, y, z) NIfTI shape of the main cohort: 384*384*320 int16 = 90 MiB, i.e.
+#: larger than one ~64 MiB chunk (two chunks per file: 227 + 93 z-planes).
+BASE_SHAPE = (384, 384, 320)
+#: Twice the bytes per file, for the peak-memory scaling check.
+BIG_SHAPE = (384, 384, 640)
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+log = logging.getLogger("bench_convert")
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def fmt_mem(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------
+# page cache
+# ---------------------------------------------------------------------------
+
+
+def drop_caches_works() -> bool:
+    try:
+        os.sync()
+        DROP_CACHES.write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+class Cache:
+    """Drops the page cache before each measurement when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def drop(self) -> None:
+        os.sync()  # flush dirty pages (drop_caches only drops clean ones)
+        if self.enabled:
+            DROP_CACHES.write_text("3\n")
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------
+# cohort generation (volnorm.datasets.make_cohort, or a numpy fallback)
+# ---------------------------------------------------------------------------
+
+
+def _fallback_phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random blobs in an ellipsoidal head, with noise (int16)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal(tuple(max(4, s // 16) for s in shape)).astype(np.float32)
+    field = ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)[
+        : shape[0], : shape[1], : shape[2]
+    ]
+    axes = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
+    r2 = axes[0][:, None, None] ** 2 / 0.8**2 + axes[1][None, :, None] ** 2 / 0.9**2
+    r2 = r2 + axes[2][None, None, :] ** 2 / 0.85**2
+    img = np.where(r2 < 1.0, 700.0 + 250.0 * field, 0.0).astype(np.float32)
+    img += rng.standard_normal(shape, dtype=np.float32) * 30.0
+    np.abs(img, out=img)
+    data = np.rint(img).astype(np.int16)
+    affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    return data, affine
+
+
+def _make_one(path: str, shape: tuple[int, int, int], seed: int, use_volnorm: bool) -> tuple[str, str]:
+    """Write one phantom .nii file at ``path`` (atomically); returns (path, generator)."""
+    import nibabel as nib
+
+    path_ = Path(path)
+    tmp = path_.parent / f".tmp-{path_.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if use_volnorm:
+            try:
+                from volnorm.datasets import make_cohort
+
+                (made,) = make_cohort(tmp, 1, shape=shape, compressed=False, dtype="int16", seed=seed)
+                os.replace(made, path_)
+                return path, "volnorm.datasets.make_cohort"
+            except (ImportError, TypeError, AttributeError) as e:
+                log.warning("volnorm.datasets.make_cohort unusable (%s); using the numpy fallback", e)
+        data, affine = _fallback_phantom(shape, seed)
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_data_dtype(np.int16)
+        nib.save(img, tmp / "x.nii")
+        os.replace(tmp / "x.nii", path_)
+        return path, "numpy fallback phantom"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gzip_one(src: str, dst: str) -> str:
+    """Re-save a .nii as .nii.gz with nibabel (its default gzip level)."""
+    import nibabel as nib
+
+    img = nib.load(src, mmap=False)
+    tmp = Path(dst).parent / f".tmp-{Path(dst).name}"
+    nib.save(img, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _set_ok(directory: Path, spec: dict) -> list[Path] | None:
+    marker = directory / "cohort.json"
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if {k: saved.get(k) for k in spec} != spec:
+        return None
+    paths = [directory / name for name, _ in saved["files"]]
+    if all(p.is_file() and p.stat().st_size == size for p, (_, size) in zip(paths, saved["files"])):
+        return paths
+    return None
+
+
+def _write_marker(directory: Path, spec: dict, paths: list[Path], generator: str) -> None:
+    files = [[p.name, p.stat().st_size] for p in paths]
+    (directory / "cohort.json").write_text(json.dumps({**spec, "files": files, "generator": generator}, indent=1))
+
+
+def make_sets(workdir: Path, shape: tuple[int, int, int], n: int, pool: cf.Executor, *, gz: bool) -> tuple[list[Path], list[Path], str]:
+    """Generate (or reuse) ``n`` .nii phantoms of ``shape`` and, if ``gz``, their .nii.gz copies."""
+    use_volnorm = True
+    try:
+        import volnorm.datasets  # noqa: F401
+    except ImportError:
+        use_volnorm = False
+    tag = "x".join(map(str, shape))
+    nii_dir = workdir / f"cohort-{tag}-nii"
+    gz_dir = workdir / f"cohort-{tag}-niigz"
+    spec = {"shape": list(shape), "n": n, "dtype": "int16", "format": "nii"}
+    generator = "reused"
+    nii = _set_ok(nii_dir, spec)
+    if nii is None:
+        shutil.rmtree(nii_dir, ignore_errors=True)
+        nii_dir.mkdir(parents=True)
+        t0 = time.perf_counter()
+        jobs = [pool.submit(_make_one, str(nii_dir / f"sub-{i + 1:03d}.nii"), shape, 1000 + i, use_volnorm) for i in range(n)]
+        gens = {f.result()[1] for f in jobs}
+        generator = ", ".join(sorted(gens))
+        nii = sorted(nii_dir.glob("*.nii"))
+        _write_marker(nii_dir, spec, nii, generator)
+        say(f"  generated {n} x {tag} .nii with {generator} in {time.perf_counter() - t0:.0f} s")
+    else:
+        generator = json.loads((nii_dir / "cohort.json").read_text()).get("generator", "?")
+        say(f"  reusing {n} x {tag} .nii in {nii_dir} ({generator})")
+    gzs: list[Path] = []
+    if gz:
+        gspec = dict(spec, format="nii.gz")
+        got = _set_ok(gz_dir, gspec)
+        if got is None:
+            shutil.rmtree(gz_dir, ignore_errors=True)
+            gz_dir.mkdir(parents=True)
+            t0 = time.perf_counter()
+            jobs = [pool.submit(_gzip_one, str(p), str(gz_dir / (p.name + ".gz"))) for p in nii]
+            for f in jobs:
+                f.result()
+            gzs = sorted(gz_dir.glob("*.nii.gz"))
+            _write_marker(gz_dir, gspec, gzs, "nibabel re-save of the .nii set")
+            say(f"  gzipped them with nibabel (default level) in {time.perf_counter() - t0:.0f} s")
+        else:
+            gzs = got
+            say(f"  reusing {n} x {tag} .nii.gz in {gz_dir}")
+    return nii, gzs, generator
+
+
+def voxel_bytes(path: Path) -> int:
+    import nibabel as nib
+
+    img = nib.load(path)
+    return int(math.prod(img.shape) * img.get_data_dtype().itemsize)
+
+
+# ---------------------------------------------------------------------------
+# I/O limit tasks (run in a pool of 2 spawned processes)
+# ---------------------------------------------------------------------------
+
+
+def _pool_init() -> None:
+    import isal.igzip  # noqa: F401
+    import nibabel  # noqa: F401
+    import zarr  # noqa: F401
+
+    import volnorm.io.store  # noqa: F401
+
+
+def _noop(t: float) -> int:
+    time.sleep(t)
+    return os.getpid()
+
+
+def task_raw_read(path: str) -> int:
+    buf = bytearray(BLOCK)
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                return n
+            n += k
+
+
+def task_sha256(path: str) -> int:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(BLOCK)
+    mv = memoryview(buf)
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                h.hexdigest()
+                return n
+            h.update(mv[:k])
+            n += k
+
+
+def task_nibabel(path: str) -> int:
+    import nibabel as nib
+
+    # mmap=False: with nibabel's default mmap=True, np.asarray of an unscaled
+    # .nii is a lazy memmap and reads nothing.
+    a = np.asarray(nib.load(path, mmap=False).dataobj)
+    return int(a.nbytes)
+
+
+def _gunzip(opener: Callable[[str], Any], path: str) -> int:
+    buf = bytearray(BLOCK)
+    n = 0
+    with opener(path) as f:
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                return n
+            n += k
+
+
+def task_gunzip_zlib(path: str) -> int:
+    return _gunzip(lambda p: gzip.open(p, "rb"), path)
+
+
+def task_gunzip_isal(path: str) -> int:
+    from isal import igzip
+
+    return _gunzip(lambda p: igzip.open(p, "rb"), path)
+
+
+def zarr_array(path: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, codec: str) -> Any:
+    """A zarr v3 array created like volnorm's volume array ``0``."""
+    import zarr
+
+    from volnorm.io.store import compressors
+
+    return zarr.create_array(
+        store=path,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=compressors(codec),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+        zarr_format=3,
+        overwrite=True,
+    )
+
+
+def write_like_volnorm(arr: Any, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """Whole-chunk slabs in file order, one ``arr[region] = slab`` each, as ingest_nifti does."""
+    from volnorm.io.niftizarr import stream_slabs
+
+    for region in stream_slabs(data.shape, chunks):
+        arr[region] = data[region]
+
+
+def load_c_order(path: str) -> np.ndarray:
+    """Voxels of a .nii as volnorm stores them: C-order (z, y, x)."""
+    import nibabel as nib
+
+    return np.asarray(nib.load(path, mmap=False).dataobj).T  # F-order (x,y,z) -> C-order view
+
+
+def task_write_limit(path: str, outdir: str, repeats: int, codec: str, barrier: Any) -> tuple[float, float, int]:
+    """Write one file's in-memory voxels ``repeats`` times; returns (start, end, bytes)."""
+    from volnorm._utils import slab_chunks
+
+    data = load_c_order(path)
+    chunks = slab_chunks(data.shape, data.itemsize)
+    barrier.wait()
+    t0 = time.time()
+    for r in range(repeats):
+        arr = zarr_array(os.path.join(outdir, f"r{r}.zarr"), data.shape, chunks, data.dtype, codec)
+        write_like_volnorm(arr, data, chunks)
+    t1 = time.time()
+    return t0, t1, repeats * int(data.nbytes)
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def task_codec_table(path: str, outdir: str, codecs: list[str], repeats: int) -> list[dict]:
+    """Single process: write one volume with each codec; MB/s, ratio, read-back MB/s."""
+    from volnorm._utils import slab_chunks
+
+    data = load_c_order(path)
+    chunks = slab_chunks(data.shape, data.itemsize)
+    rows = []
+    for codec in codecs:
+        best = math.inf
+        stored = 0
+        for r in range(repeats):
+            p = os.path.join(outdir, f"{codec}-{r}.zarr")
+            shutil.rmtree(p, ignore_errors=True)
+            t0 = time.perf_counter()
+            arr = zarr_array(p, data.shape, chunks, data.dtype, codec)
+            write_like_volnorm(arr, data, chunks)
+            best = min(best, time.perf_counter() - t0)
+            stored = dir_bytes(Path(p) / "c")
+        t0 = time.perf_counter()
+        back = arr[...]
+        t_read = time.perf_counter() - t0
+        assert np.array_equal(back, data)
+        for r in range(repeats):
+            shutil.rmtree(os.path.join(outdir, f"{codec}-{r}.zarr"), ignore_errors=True)
+        rows.append(
+            {
+                "codec": codec,
+                "write_mbps": data.nbytes / best / MB,
+                "ratio": data.nbytes / stored if stored else float("nan"),
+                "read_mbps": data.nbytes / t_read / MB,
+                "stored": stored,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# memory sampling of the process tree
+# ---------------------------------------------------------------------------
+
+
+class TreeSampler(threading.Thread):
+    """Samples RSS of this process and all its descendants every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.05, exclude: set[int] | None = None) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil = psutil
+        self.interval = interval
+        self.exclude = exclude or set()
+        self.stop_event = threading.Event()
+        self.peak = 0
+        self.first: int | None = None
+        self.per_pid: dict[int, int] = defaultdict(int)
+        self.kind: dict[int, str] = {}
+        self.samples = 0
+        self.root = psutil.Process()
+
+    def _kind(self, p: Any) -> str:
+        if p.pid == self.root.pid:
+            return "client"
+        try:
+            cmd = " ".join(p.cmdline())
+        except self.psutil.Error:
+            return "?"
+        if "resource_tracker" in cmd:
+            return "resource_tracker"
+        if "spawn_main" in cmd or "forkserver" in cmd:
+            return "worker"
+        if "py-spy" in cmd:
+            return "py-spy"
+        return "other"
+
+    def sample(self) -> None:
+        ps = self.psutil
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except ps.Error:
+            return
+        total = 0
+        for p in procs:
+            if p.pid in self.exclude:
+                continue
+            try:
+                rss = p.memory_info().rss
+            except ps.Error:
+                continue
+            if p.pid not in self.kind:
+                self.kind[p.pid] = self._kind(p)
+            if self.kind[p.pid] == "py-spy":
+                continue
+            total += rss
+            if rss > self.per_pid[p.pid]:
+                self.per_pid[p.pid] = rss
+        if self.first is None:
+            self.first = total
+        self.peak = max(self.peak, total)
+        self.samples += 1
+
+    def run(self) -> None:
+        while True:
+            self.sample()
+            if self.stop_event.wait(self.interval):
+                break
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+        self.sample()
+
+    def worker_peaks(self, pids: set[int] | None = None) -> list[int]:
+        if pids is None:
+            pids = {p for p, k in self.kind.items() if k == "worker"}
+        return sorted((self.per_pid[p] for p in pids if p in self.per_pid), reverse=True)
+
+
+# ---------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, cache: Cache, workdir: Path) -> None:
+        self.args = args
+        self.cache = cache
+        self.workdir = workdir
+        self.results: dict[str, Any] = {}
+
+    # -- helpers ------------------------------------------------------------
+
+    def pool_rate(self, pool: cf.Executor, fn: Callable, paths: list[Path], nbytes: int, label: str) -> dict:
+        """Aggregate MB/s (``nbytes`` of voxels / wall) of ``fn`` over ``paths`` on the pool; median of repeats."""
+        rates = []
+        for _ in range(self.args.repeat):
+            self.cache.drop()
+            t0 = time.perf_counter()
+            list(pool.map(fn, [str(p) for p in paths]))
+            dt = time.perf_counter() - t0
+            rates.append(nbytes / dt / MB)
+        r = {"mbps": statistics.median(rates), "runs": rates}
+        say(f"  {label:<46} {r['mbps']:8.0f} MB/s   runs: {', '.join(f'{x:.0f}' for x in rates)}")
+        return r
+
+    def write_limit(self, pool: cf.Executor, manager: Any, paths: list[Path], codec: str) -> dict:
+        rates = []
+        repeats = max(1, math.ceil(len(paths) / N_PROCS))
+        for rep in range(self.args.repeat):
+            self.cache.drop()
+            barrier = manager.Barrier(N_PROCS)
+            outs = [self.workdir / "wlimit" / f"rep{rep}-p{k}" for k in range(N_PROCS)]
+            for o in outs:
+                shutil.rmtree(o, ignore_errors=True)
+                o.mkdir(parents=True)
+            futs = [pool.submit(task_write_limit, str(paths[k % len(paths)]), str(outs[k]), repeats, codec, barrier) for k in range(N_PROCS)]
+            res = [f.result() for f in futs]
+            start = min(r[0] for r in res)
+            end = max(r[1] for r in res)
+            rates.append(sum(r[2] for r in res) / (end - start) / MB)
+            shutil.rmtree(self.workdir / "wlimit", ignore_errors=True)
+        r = {"mbps": statistics.median(rates), "runs": rates, "repeats_per_proc": repeats}
+        label = f"d compressed write ({codec}), {N_PROCS} procs x {repeats}"
+        say(f"  {label:<46} {r['mbps']:8.0f} MB/s   runs: {', '.join(f'{x:.0f}' for x in rates)}")
+        return r
+
+    def convert_once(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None) -> dict:
+        import volnorm
+
+        out = self.workdir / "out" / f"{label}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.parent / f".{out.name}.volnorm-partial", ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.cache.drop()
+        sampler = TreeSampler(0.05)
+        sampler.start()
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        res = volnorm.convert([str(p) for p in files], out, codec=self.args.codec, scheduler=scheduler, progress=False)
+        wall = time.perf_counter() - t0
+        sampler.stop()
+        stored = dir_bytes(out)
+        # sanity: every volume present and every chunk written
+        import zarr
+
+        root = zarr.open_group(out, mode="r")
+        missing = []
+        for v in res.volumes:
+            a = root[v["name"]]["0"]
+            if a.nchunks_initialized != a.nchunks:
+                missing.append(v["name"])
+        if len(res.volumes) != len(files) or missing:
+            raise RuntimeError(f"{label}: incomplete output ({len(res.volumes)} volumes, missing chunks in {missing})")
+        shutil.rmtree(out, ignore_errors=True)
+        wp = sampler.worker_peaks(worker_pids)
+        return {
+            "mbps": res.bytes_in / wall / MB,
+            "wall": wall,
+            "result_seconds": res.seconds,
+            "bytes_in": res.bytes_in,
+            "stored": stored,
+            "peak": sampler.peak,
+            "baseline": sampler.first,
+            "client_peak": sampler.per_pid.get(os.getpid(), 0),
+            "worker_peaks": wp,
+            "samples": sampler.samples,
+            "engine": res.engine,
+        }
+
+    def convert(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None, repeat: int | None = None) -> dict:
+        runs = [self.convert_once(files, label, scheduler, worker_pids) for _ in range(repeat or self.args.repeat)]
+        r = {
+            "mbps": statistics.median(x["mbps"] for x in runs),
+            "runs": [x["mbps"] for x in runs],
+            "peak": max(x["peak"] for x in runs),
+            "baseline": min(x["baseline"] or 0 for x in runs),
+            "client_peak": max(x["client_peak"] for x in runs),
+            "worker_peak": max((max(x["worker_peaks"], default=0) for x in runs), default=0),
+            "worker_peaks": runs[-1]["worker_peaks"],
+            "ratio_stored": runs[-1]["bytes_in"] / runs[-1]["stored"],
+            "engine": runs[-1]["engine"],
+            "wall": statistics.median(x["wall"] for x in runs),
+        }
+        say(
+            f"  {label:<46} {r['mbps']:8.0f} MB/s   runs: {', '.join(f'{x:.0f}' for x in r['runs'])}; "
+            f"peak tree {fmt_mem(r['peak'])} (idle {fmt_mem(r['baseline'])}), workers "
+            f"{', '.join(fmt_mem(w) for w in r['worker_peaks'])}; stored ratio {r['ratio_stored']:.2f}"
+        )
+        return r
+
+    # -- profiling ----------------------------------------------------------
+
+    def profile(self, files: list[Path], label: str, client: Any) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            say("  py-spy not found; skipping --profile")
+            return
+        pids = list(client.run(os.getpid).values())
+        outs = []
+        procs = []
+        for pid in pids:
+            o = self.workdir / f"pyspy-{label}-{pid}.txt"
+            outs.append(o)
+            procs.append(
+                subprocess.Popen(
+                    [exe, "record", "--pid", str(pid), "--rate", "200", "--native", "--format", "raw", "--output", str(o), "--nonblocking"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        time.sleep(1.0)
+        self.convert_once(files, f"profile-{label}", client, set(pids))
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                _, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                err = b""
+            if p.returncode not in (0, -2, 130) and err:
+                say(f"  py-spy: {err.decode(errors='replace').strip()[-300:]}")
+        leaf: Counter = Counter()
+        incl: Counter = Counter()
+        total = 0
+        for o in outs:
+            if not o.exists():
+                continue
+            for line in o.read_text().splitlines():
+                stack, _, n = line.rpartition(" ")
+                if not n.isdigit():
+                    continue
+                k = int(n)
+                frames = stack.split(";")
+                if any("ingest_nifti" in f for f in frames):
+                    total += k
+                    leaf[_short(frames[-1])] += k
+                    for f in set(map(_short, frames)):
+                        incl[f] += k
+            if not self.args.keep:
+                o.unlink()
+        if not total:
+            say(f"  py-spy {label}: no samples inside ingest_nifti")
+            return
+        say(f"  py-spy {label}: {total} samples inside ingest_nifti (both workers)")
+        say("    top leaf frames (self time):")
+        for f, k in leaf.most_common(10):
+            say(f"      {100 * k / total:5.1f}%  {f}")
+        keys = ["_read_exact", "readinto", "_summarize", "__setitem__", "update (hashlib", "encode", "blosc", "isal", "inflate", "compress", "memcpy", "write", "page_fault"]
+        say("    inclusive, by keyword:")
+        for key in keys:
+            k = sum(v for f, v in incl.items() if key.lower() in f.lower())
+            if k:
+                say(f"      {100 * k / total:5.1f}%  *{key}*  (frames overlap, so these do not sum to 100%)")
+        self.results[f"profile_{label}"] = {"leaf": leaf.most_common(25), "total": total}
+
+    # -- main ---------------------------------------------------------------
+
+    def run(self) -> None:
+        import dask
+        import distributed
+
+        import volnorm
+        from volnorm._utils import slab_chunks
+        from volnorm.engine import WORKER_ENV, local_cluster
+
+        args = self.args
+        ctx = mp.get_context("spawn")
+        file_bytes = math.prod(BASE_SHAPE) * 2
+        n = max(N_PROCS, math.ceil(args.size_gb * 1e9 / 2 / file_bytes))
+        n = N_PROCS * math.ceil(n / N_PROCS)  # a multiple of the process count balances the load
+        chunks = slab_chunks(tuple(reversed(BASE_SHAPE)), 2)
+        self.results["setup"] = {"n_files": n, "shape": BASE_SHAPE, "chunks": chunks}
+
+        t_start = time.perf_counter()
+        say("== cohorts")
+        with cf.ProcessPoolExecutor(N_PROCS, mp_context=ctx, initializer=_pool_init) as pool, ctx.Manager() as manager:
+            nii, gzs, generator = make_sets(self.workdir, BASE_SHAPE, n, pool, gz=True)
+            big = []
+            if not args.skip_scaling:
+                big, _, _ = make_sets(self.workdir, BIG_SHAPE, n, pool, gz=False)
+            nbytes = sum(voxel_bytes(p) for p in nii)
+            gz_size = sum(p.stat().st_size for p in gzs)
+            self.results["setup"].update(
+                generator=generator,
+                nii_voxel_bytes=nbytes,
+                gz_file_bytes=gz_size,
+                big_voxel_bytes=sum(voxel_bytes(p) for p in big),
+            )
+            say(
+                f"  .nii set: {n} files x {fmt_mem(file_bytes)} = {nbytes / 1e9:.2f} GB of voxels; "
+                f".nii.gz set: same voxels, {gz_size / 1e9:.2f} GB on disk (gzip ratio {nbytes / gz_size:.2f}); "
+                f"chunks (z,y,x) {chunks}"
+            )
+            list(pool.map(_noop, [0.5] * N_PROCS))  # both processes up and imported
+            say(f"== I/O limits ({N_PROCS} processes over files; MB/s of uncompressed voxels; median of {args.repeat})")
+            L = {}
+            L["raw_read"] = self.pool_rate(pool, task_raw_read, nii, nbytes, "a raw read .nii (8 MiB blocks)")
+            L["nib_nii"] = self.pool_rate(pool, task_nibabel, nii, nbytes, "b nibabel whole file .nii (mmap=False)")
+            L["nib_gz"] = self.pool_rate(pool, task_nibabel, gzs, nbytes, "b nibabel whole file .nii.gz")
+            L["zlib"] = self.pool_rate(pool, task_gunzip_zlib, gzs, nbytes, "c gzip (zlib) decompress .nii.gz")
+            L["isal"] = self.pool_rate(pool, task_gunzip_isal, gzs, nbytes, "c isal.igzip decompress .nii.gz")
+            L["sha256"] = self.pool_rate(pool, task_sha256, nii, nbytes, "  (info) read + sha256 .nii")
+            L["write"] = self.write_limit(pool, manager, nii, args.codec)
+            self.results["limits"] = L
+            say("== codec table (one volume in memory, 1 process, volnorm's chunking, best of 2)")
+            cdir = self.workdir / "codecs"
+            cdir.mkdir(exist_ok=True)
+            self.results["codecs"] = pool.submit(task_codec_table, str(nii[0]), str(cdir), ["lz4", "zstd", "zarr-default", "none"], 2).result()
+            shutil.rmtree(cdir, ignore_errors=True)
+            for row in self.results["codecs"]:
+                say(f"  {row['codec']:<13} write {row['write_mbps']:6.0f} MB/s  ratio {row['ratio']:5.2f}  read-back {row['read_mbps']:6.0f} MB/s")
+        say(f"  (limits took {time.perf_counter() - t_start:.0f} s so far)")
+
+        say(f"== convert (codec={args.codec}; median of {args.repeat}; peak = max RSS sum of the process tree)")
+        C = {}
+        # including cluster start-up: scheduler=None with no default client starts (and closes) a local cluster
+        C["nii_startup"] = self.convert(nii, "convert .nii incl. cluster start-up", None, None, repeat=1)
+        client = local_cluster(N_PROCS)
+        try:
+            pids = set(client.run(os.getpid).values())
+            env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+            self.results["worker_env_volnorm"] = sorted(set(map(str, env.values())))
+            client.run(lambda: 0)
+            C["nii"] = self.convert(nii, "convert .nii", client, pids)
+            C["gz"] = self.convert(gzs, "convert .nii.gz", client, pids)
+            if big:
+                C["big"] = self.convert(big, f"convert .nii, files 2x larger {BIG_SHAPE}", client, pids)
+            if args.profile:
+                say("== py-spy profiles of the workers (extra untimed runs)")
+                self.profile(nii, "nii", client)
+                self.profile(gzs, "niigz", client)
+        finally:
+            client.close()
+            client.cluster.close()
+        if not args.skip_malloc:
+            from distributed import Client, LocalCluster
+
+            env_trim = dict(WORKER_ENV, MALLOC_TRIM_THRESHOLD_="65536")
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": env_trim}):
+                cluster = LocalCluster(
+                    n_workers=N_PROCS, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address=None, silence_logs=logging.WARNING,
+                )
+            client = Client(cluster, set_as_default=False)
+            try:
+                pids = set(client.run(os.getpid).values())
+                env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+                self.results["worker_env_trim"] = sorted(set(map(str, env.values())))
+                C["nii_trim"] = self.convert(nii, "convert .nii, MALLOC_TRIM_THRESHOLD_=65536", client, pids)
+                C["gz_trim"] = self.convert(gzs, "convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", client, pids)
+            finally:
+                client.close()
+                cluster.close()
+        self.results["convert"] = C
+        self.results["total_seconds"] = time.perf_counter() - t_start
+        self.report(volnorm, dask, distributed)
+
+    # -- report -------------------------------------------------------------
+
+    def report(self, volnorm: Any, dask: Any, distributed: Any) -> None:
+        import isal
+        import nibabel
+        import numcodecs
+        import psutil
+        import zarr
+
+        from volnorm.io.store import DEFAULT_CODEC, compressors
+
+        R = self.results
+        L, C, S = R["limits"], R["convert"], R["setup"]
+        read, write = L["raw_read"]["mbps"], L["write"]["mbps"]
+        combined = 1 / (1 / read + 1 / write)
+        combined_hash = 1 / (1 / read + 1 / write + 1 / L["sha256"]["mbps"])
+        isal_write = 1 / (1 / L["isal"]["mbps"] + 1 / write)
+        R["limits"]["combined"] = combined
+        R["limits"]["isal_plus_write"] = isal_write
+
+        cpu = platform.processor() or "?"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        say()
+        say("=" * 118)
+        say("volnorm convert benchmark")
+        say(
+            f"machine   : {os.cpu_count()} cores ({cpu}), RAM {psutil.virtual_memory().total / GiB:.1f} GiB, "
+            f"Linux {platform.release()}, Python {platform.python_version()}"
+        )
+        say(
+            f"versions  : volnorm {volnorm.__version__}, zarr {zarr.__version__}, dask {dask.__version__}, "
+            f"distributed {distributed.__version__}, numcodecs {numcodecs.__version__}, nibabel {nibabel.__version__}, "
+            f"numpy {np.__version__}, isal {isal.__version__}"
+        )
+        say(f"codec     : {self.args.codec} = {compressors(self.args.codec)} (volnorm default: {DEFAULT_CODEC})")
+        say(
+            f"data      : {S['n_files']} int16 files of {S['shape']} (x,y,z) = {fmt_mem(math.prod(S['shape']) * 2)} each, "
+            f"{S['nii_voxel_bytes'] / 1e9:.2f} GB of voxels per set; chunks (z,y,x) {tuple(S['chunks'])}; "
+            f".nii.gz {S['gz_file_bytes'] / 1e9:.2f} GB on disk; phantoms: {S['generator']}"
+        )
+        if self.cache.enabled:
+            say("page cache: DROPPED before every measurement (sync; echo 3 > /proc/sys/vm/drop_caches): reads come from disk")
+        else:
+            say(
+                "page cache: NOT dropped. The files were just written, so they are most likely in the page cache:\n"
+                "            read limits measure memory/CPU speed, not the disk (run as root or pass --drop-caches)."
+            )
+        say(
+            f"workers   : {N_PROCS} processes (limits: ProcessPoolExecutor over files; convert: local cluster of "
+            f"{N_PROCS} single-threaded workers on 127.0.0.1). MB = 1e6 bytes of uncompressed voxels."
+        )
+        say(f"            worker MALLOC_TRIM_THRESHOLD_: volnorm cluster {R.get('worker_env_volnorm')}, "
+            f"dask-default cluster {R.get('worker_env_trim', '-')}")
+        say("-" * 118)
+        head = f"{'operation':<50} {'MB/s':>7}  {'vs':<30} {'ratio':>6} {'target':>7}  {'peak tree':>10} {'peak/worker':>11}"
+        say(head)
+        say("-" * 118)
+
+        def row(op: str, mbps: float, vs: str = "", ratio: float | None = None, target: str = "", peak: Any = None, wpeak: Any = None) -> None:
+            ok = ""
+            if ratio is not None and target:
+                ok = " ok" if ratio >= float(target.lstrip(">=")) else " MISS"
+            say(
+                f"{op:<50} {mbps:7.0f}  {vs:<30} {'' if ratio is None else f'{ratio:6.2f}':>6} {target + ok:>7}  "
+                f"{fmt_mem(peak) if peak else '':>10} {fmt_mem(wpeak) if wpeak else '':>11}"
+            )
+
+        row("a raw read .nii (8 MiB blocks)", read)
+        row("b nibabel whole-file read .nii (mmap=False)", L["nib_nii"]["mbps"], "raw read", L["nib_nii"]["mbps"] / read)
+        row("b nibabel whole-file read .nii.gz", L["nib_gz"]["mbps"], "isal decompress", L["nib_gz"]["mbps"] / L["isal"]["mbps"])
+        row("c gzip (zlib) decompress .nii.gz", L["zlib"]["mbps"])
+        row("c isal.igzip decompress .nii.gz", L["isal"]["mbps"], "zlib decompress", L["isal"]["mbps"] / L["zlib"]["mbps"])
+        row(f"d compressed write ({self.args.codec}) from memory", write)
+        row("d LIMIT .nii: raw read + compressed write", combined)
+        row("  (info) read + sha256 .nii", L["sha256"]["mbps"])
+        row("  (info) read + sha256 + compressed write", combined_hash)
+        row("  (info) isal decompress + compressed write", isal_write)
+        say("-" * 118)
+        c = C["nii"]
+        row("convert .nii (cluster running)", c["mbps"], "raw read + compressed write", c["mbps"] / combined, ">=0.70", c["peak"], c["worker_peak"])
+        row("", c["mbps"], "read + sha256 + write", c["mbps"] / combined_hash)
+        c0 = C["nii_startup"]
+        row("convert .nii incl. cluster start-up", c0["mbps"], "raw read + compressed write", c0["mbps"] / combined, "", c0["peak"], c0["worker_peak"])
+        g = C["gz"]
+        row("convert .nii.gz (cluster running)", g["mbps"], "isal decompress", g["mbps"] / L["isal"]["mbps"], ">=0.77", g["peak"], g["worker_peak"])
+        row("", g["mbps"], "zlib decompress", g["mbps"] / L["zlib"]["mbps"])
+        row("", g["mbps"], "isal decompress + write", g["mbps"] / isal_write)
+        if "nii_trim" in C:
+            t = C["nii_trim"]
+            row("convert .nii, MALLOC_TRIM_THRESHOLD_=65536", t["mbps"], "convert .nii (unset, volnorm)", t["mbps"] / c["mbps"], "", t["peak"], t["worker_peak"])
+            t = C["gz_trim"]
+            row("convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", t["mbps"], "convert .nii.gz (unset)", t["mbps"] / g["mbps"], "", t["peak"], t["worker_peak"])
+        if "big" in C:
+            b = C["big"]
+            row(f"convert .nii, files 2x larger {BIG_SHAPE}", b["mbps"], "raw read + compressed write", b["mbps"] / combined, "", b["peak"], b["worker_peak"])
+        say("-" * 118)
+        if "big" in C:
+            b = C["big"]
+            say(
+                f"peak memory scaling (same {S['n_files']} files, 2x bytes each): whole tree {fmt_mem(c['peak'])} -> "
+                f"{fmt_mem(b['peak'])} (x{b['peak'] / c['peak']:.2f}); above idle {fmt_mem(c['peak'] - c['baseline'])} -> "
+                f"{fmt_mem(b['peak'] - b['baseline'])} (x{(b['peak'] - b['baseline']) / max(1, c['peak'] - c['baseline']):.2f}); "
+                f"per worker {fmt_mem(c['worker_peak'])} -> {fmt_mem(b['worker_peak'])} (x{b['worker_peak'] / c['worker_peak']:.2f}); "
+                f"client process {fmt_mem(c['client_peak'])} -> {fmt_mem(b['client_peak'])}"
+            )
+        say(f"idle tree before convert (client + scheduler + 2 workers): {fmt_mem(c['baseline'])}; "
+            f"convert output compression ratio .nii {c['ratio_stored']:.2f}")
+        say("codec table (one volume, 1 process; the default codec should be the fastest writer at a useful ratio):")
+        say(f"  {'codec':<13} {'write MB/s':>10} {'ratio':>6} {'read-back MB/s':>15}  zarr codec")
+        for r in R["codecs"]:
+            mark = "  <- default" if r["codec"] == DEFAULT_CODEC else ""
+            say(f"  {r['codec']:<13} {r['write_mbps']:10.0f} {r['ratio']:6.2f} {r['read_mbps']:15.0f}  {compressors(r['codec'])}{mark}")
+        say(f"total benchmark time {R['total_seconds']:.0f} s (excluding cohort generation reuse)")
+        say("=" * 118)
+
+
+def _short(frame: str) -> str:
+    # py-spy raw frames look like "func (file.py:123)"; drop the line number
+    f = frame.strip()
+    if f.endswith(")") and ":" in f:
+        f = f[: f.rfind(":")] + ")"
+    return f
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=2.2, help="voxel data of the .nii + .nii.gz sets together, GB (default 2.2)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/volnorm-bench"), help="where cohorts and outputs go (default /tmp/volnorm-bench)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated cohorts (reused by the next run) and profiles")
+    ap.add_argument("--quick", action="store_true", help="~0.3 GB smoke run, 1 repeat")
+    ap.add_argument(
+        "--drop-caches", action=argparse.BooleanOptionalAction, default=None,
+        help="sync and write 3 to /proc/sys/vm/drop_caches before each measurement (default: if writable)",
+    )
+    ap.add_argument("--repeat", type=int, default=None, help="repeats per measurement, median reported (default 3; 1 with --quick)")
+    ap.add_argument("--codec", default="lz4", choices=["lz4", "zstd", "zarr-default", "none"])
+    ap.add_argument("--profile", action="store_true", help="py-spy the workers in extra untimed convert runs")
+    ap.add_argument("--skip-scaling", action="store_true", help="skip the 2x-larger-files memory check")
+    ap.add_argument("--skip-malloc", action="store_true", help="skip the MALLOC_TRIM_THRESHOLD_ comparison")
+    ap.add_argument("--json", type=Path, help="also write all results as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size_gb = 0.3
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    can_drop = drop_caches_works()
+    if args.drop_caches and not can_drop:
+        ap.error(f"--drop-caches: cannot write {DROP_CACHES} (need root)")
+    cache = Cache(can_drop if args.drop_caches is None else args.drop_caches)
+    if not cache.enabled:
+        say(
+            "NOTE: the page cache is not dropped: files just written are likely in the page cache, "
+            "so read limits are memory/CPU limits, not disk limits."
+        )
+    workdir = args.workdir.absolute()
+    created_workdir = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, cache, workdir)
+    try:
+        bench.run()
+        if args.json:
+            args.json.write_text(json.dumps(bench.results, indent=1, default=str))
+    finally:
+        for sub in ("out", "wlimit", "codecs"):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+        if not args.keep:
+            for d in workdir.glob("cohort-*"):
+                shutil.rmtree(d, ignore_errors=True)
+            if created_workdir:
+                try:
+                    workdir.rmdir()
+                except OSError:
+                    pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
