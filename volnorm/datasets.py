@@ -42,7 +42,7 @@ __all__ = [
 def nibabel_files() -> dict[str, Path]:
     """NIfTI files shipped in nibabel's test data.
 
-    Every ``*.nii`` / ``*.nii.gz`` file in :data:`nibabel.testing.data_path`
+    Every ``*.nii`` / ``*.nii.gz`` file in nibabel's test data (``nibabel/tests/data``)
     that nibabel loads as a 3-D or 4-D ``Nifti1Image`` or ``Nifti2Image``.
     Other images stored with a ``.nii`` suffix (such as the CIFTI-2 file
     ``row_major.dconn.nii``) are left out. Only headers are read.
@@ -63,12 +63,8 @@ def nibabel_files() -> dict[str, Path]:
     """
     import nibabel as nib
 
-    try:
-        from nibabel.testing import data_path
-    except ImportError:  # pragma: no cover - nibabel always ships it today
-        logger.warning("nibabel.testing is not available; no nibabel sample files.")
-        return {}
-    root = Path(data_path)
+    # nibabel.testing.data_path is this folder, but importing nibabel.testing needs pytest
+    root = Path(nib.__file__).parent / "tests" / "data"
     if not root.is_dir():  # pragma: no cover
         logger.warning("nibabel test data directory %s does not exist.", root)
         return {}
