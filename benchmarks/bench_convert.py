@@ -650,7 +650,7 @@ class Bench:
             outs.append(o)
             procs.append(
                 subprocess.Popen(
-                    [exe, "record", "--pid", str(pid), "--rate", "200", "--native", "--format", "raw", "--output", str(o), "--nonblocking"],
+                    [exe, "record", "--pid", str(pid), "--rate", "100", "--native", "--format", "raw", "--output", str(o)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                 )

@@ -194,7 +194,7 @@ def test_phantom_other_integer_dtypes(dtype: str) -> None:
     assert data.max() >= info.max * 0.999  # saturated at the top, no wrap
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, database=None)
 @given(
     shape=st.tuples(*[st.integers(1, 20)] * 3),
     dtype=st.sampled_from(["uint8", "int16", "float32"]),

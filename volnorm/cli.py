@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # dask.distributed logs every worker start/stop at INFO; show that only with -vv
+    logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose >= 2 else max(level, logging.WARNING))
     if args.version:
         import volnorm
 

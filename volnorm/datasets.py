@@ -253,14 +253,16 @@ def _check_dtype(dtype: DTypeLike) -> np.dtype:
     return dt
 
 
-def _float32_clip_bounds(dt: np.dtype) -> tuple[np.float32, np.float32]:
-    """float32 bounds inside the range of integer ``dt`` (so a cast cannot wrap)."""
+def _float32_clip_bounds(
+    dt: np.dtype, ftype: type[np.floating] = np.float32
+) -> tuple[np.floating, np.floating]:
+    """Float bounds inside the range of integer ``dt`` (so a cast cannot wrap)."""
     info = np.iinfo(dt)
-    lo, hi = np.float32(info.min), np.float32(info.max)
-    if int(hi) > info.max:  # float32 rounded int32/int64 max up: step back
-        hi = np.nextafter(hi, np.float32(0))
+    lo, hi = ftype(info.min), ftype(info.max)
+    if int(hi) > info.max:  # the float rounded int32/int64 max up: step back
+        hi = np.nextafter(hi, ftype(0))
     if int(lo) < info.min:  # pragma: no cover - powers of two are exact
-        lo = np.nextafter(lo, np.float32(0))
+        lo = np.nextafter(lo, ftype(0))
     return lo, hi
 
 
@@ -873,6 +875,7 @@ def _scale_to_int(
         vmax = vmin + 1.0
     slope = float(np.float32((vmax - vmin) / (t1 - t0)))
     inter = float(np.float32(vmin - t0 * slope))
+    lo, hi = _float32_clip_bounds(dt, np.float64)
     raw = np.empty(data.shape, dtype=dt)
     step = max(1, _SLAB_VOXELS // max(1, math.prod(data.shape[1:])))
     for i0 in range(0, data.shape[0], step):
@@ -880,7 +883,7 @@ def _scale_to_int(
         sl -= inter
         sl /= slope
         np.rint(sl, out=sl)
-        np.clip(sl, info.min, info.max, out=sl)
+        np.clip(sl, lo, hi, out=sl)
         raw[i0 : i0 + step] = sl
     return raw, slope, inter
 
@@ -948,8 +951,8 @@ def make_cohort(
     -----
     Headers: RAS affine as both qform and sform with code 1 (scanner),
     units mm and s, ``descrip`` ``"volnorm brain phantom seed=N ..."`` with
-    the subject's seed ``N`` (``brain_phantom(seed=N)`` reproduces the
-    unscaled data for the default, unvaried shape).
+    the subject's seed ``N``: ``brain_phantom(shape, seed=N, dtype=dtype)``
+    reproduces an unscaled subject of a cohort without ``vary_shape``.
 
     Examples
     --------
