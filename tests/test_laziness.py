@@ -50,3 +50,25 @@ def test_counting_scheduler_catches_computes():
     with pytest.raises(RuntimeError, match="compute"):
         with raise_if_dask_computes():
             x.sum().compute()
+
+
+def test_graph_names_are_deterministic_across_processes(cohort, tmp_path):
+    """A re-run in a new process must build the same graph (resume depends on it)."""
+    import subprocess
+    import sys
+
+    import volnorm as vn
+
+    np.save(tmp_path / "s.npy", np.zeros((3, 4, 5), np.uint8))
+    code = (
+        "import volnorm as vn, sys; "
+        f"print(vn.open_nifti({[str(c) for c in cohort]!r}).data.name); "
+        f"print(vn.open_images({str(tmp_path / 's.npy')!r}).data.name)"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0].split()[0] == vn.open_nifti(cohort).data.name

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+from dask.base import tokenize
 import numpy as np
 import xarray as xr
 
@@ -143,7 +144,8 @@ def _nifti_stack(infos: Sequence[NiftiInfo], names: Sequence[str], *, chunks: Ch
                 view,
                 chunks=cshape[1:],
                 meta=np.empty((0,) * len(shape), dtype=dtype),
-                name=f"nifti-{info.name}-{abs(hash((str(info.path), info.mtime_ns, scaled, str(dtype), cshape)))}",
+                # deterministic across processes, so a re-run resumes the same plan
+                name=f"nifti-{info.name}-{tokenize(str(info.path.absolute()), info.file_size, info.mtime_ns, scaled, str(dtype), cshape)}",
                 fancy=False,
             )
         )
@@ -168,6 +170,9 @@ class _ImageFiles:
         self.dtype = dtype
         self.ndim = len(self.shape)
 
+    def __dask_tokenize__(self) -> tuple:
+        return ("volnorm-images", [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.paths])
+
     def __getitem__(self, key: tuple) -> np.ndarray:
         import imageio.v3 as iio
 
@@ -189,6 +194,10 @@ class _TiffPages:
         self.shape = (n, *shape)
         self.dtype = dtype
         self.ndim = len(self.shape)
+
+    def __dask_tokenize__(self) -> tuple:
+        st = os.stat(self.path)
+        return ("volnorm-tiff", self.path, st.st_size, st.st_mtime_ns)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         import tifffile
