@@ -534,52 +534,40 @@ class Bench:
         self.cache = cache
         self.workdir = workdir
         self.results: dict[str, Any] = {}
+        self.runs: dict[str, list] = defaultdict(list)
 
     # -- helpers ------------------------------------------------------------
 
-    def pool_rate(self, pool: cf.Executor, fn: Callable, paths: list[Path], nbytes: int, label: str) -> dict:
-        """Aggregate MB/s (``nbytes`` of voxels / wall) of ``fn`` over ``paths`` on the pool; median of repeats."""
-        rates = []
-        for _ in range(self.args.repeat):
-            self.cache.drop()
-            t0 = time.perf_counter()
-            list(pool.map(fn, [str(p) for p in paths]))
-            dt = time.perf_counter() - t0
-            rates.append(nbytes / dt / MB)
-        r = {"mbps": statistics.median(rates), "runs": rates}
-        say(f"  {label:<46} {r['mbps']:8.0f} MB/s   runs: {', '.join(f'{x:.0f}' for x in rates)}")
-        return r
+    def limit_once(self, pool: cf.Executor, fn: Callable, paths: list[Path], nbytes: int) -> float:
+        """Aggregate MB/s (``nbytes`` of voxels / wall) of ``fn`` mapped over ``paths`` on the pool."""
+        self.cache.drop()
+        t0 = time.perf_counter()
+        list(pool.map(fn, [str(p) for p in paths]))
+        return nbytes / (time.perf_counter() - t0) / MB
 
-    def write_limit(self, pool: cf.Executor, manager: Any, paths: list[Path], codec: str) -> dict:
-        rates = []
-        repeats = max(1, math.ceil(len(paths) / N_PROCS))
-        for rep in range(self.args.repeat):
-            self.cache.drop()
-            barrier = manager.Barrier(N_PROCS)
-            outs = [self.workdir / "wlimit" / f"rep{rep}-p{k}" for k in range(N_PROCS)]
-            for o in outs:
-                shutil.rmtree(o, ignore_errors=True)
-                o.mkdir(parents=True)
-            futs = [pool.submit(task_write_limit, str(paths[k % len(paths)]), str(outs[k]), repeats, codec, barrier) for k in range(N_PROCS)]
-            res = [f.result() for f in futs]
-            start = min(r[0] for r in res)
-            end = max(r[1] for r in res)
-            rates.append(sum(r[2] for r in res) / (end - start) / MB)
-            shutil.rmtree(self.workdir / "wlimit", ignore_errors=True)
-        r = {"mbps": statistics.median(rates), "runs": rates, "repeats_per_proc": repeats}
-        label = f"d compressed write ({codec}), {N_PROCS} procs x {repeats}"
-        say(f"  {label:<46} {r['mbps']:8.0f} MB/s   runs: {', '.join(f'{x:.0f}' for x in rates)}")
-        return r
+    def write_limit_once(self, pool: cf.Executor, manager: Any, paths: list[Path], codec: str, repeats: int) -> float:
+        """Each process writes one file's in-memory voxels ``repeats`` times; aggregate MB/s."""
+        self.cache.drop()
+        barrier = manager.Barrier(N_PROCS)
+        outs = [self.workdir / "wlimit" / f"p{k}" for k in range(N_PROCS)]
+        for o in outs:
+            shutil.rmtree(o, ignore_errors=True)
+            o.mkdir(parents=True)
+        futs = [pool.submit(task_write_limit, str(paths[k % len(paths)]), str(outs[k]), repeats, codec, barrier) for k in range(N_PROCS)]
+        res = [f.result() for f in futs]
+        shutil.rmtree(self.workdir / "wlimit", ignore_errors=True)
+        return sum(r[2] for r in res) / (max(r[1] for r in res) - min(r[0] for r in res)) / MB
 
-    def convert_once(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None) -> dict:
+    def convert_once(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None, exclude: set[int] | None = None) -> dict:
         import volnorm
+        import zarr
 
-        out = self.workdir / "out" / f"{label}.zarr"
+        out = self.workdir / "out" / f"{label.replace(' ', '_').replace('/', '_')}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.parent / f".{out.name}.volnorm-partial", ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         self.cache.drop()
-        sampler = TreeSampler(0.05)
+        sampler = TreeSampler(0.05, exclude=exclude)
         sampler.start()
         time.sleep(0.1)
         t0 = time.perf_counter()
@@ -588,52 +576,57 @@ class Bench:
         sampler.stop()
         stored = dir_bytes(out)
         # sanity: every volume present and every chunk written
-        import zarr
-
         root = zarr.open_group(out, mode="r")
-        missing = []
-        for v in res.volumes:
-            a = root[v["name"]]["0"]
-            if a.nchunks_initialized != a.nchunks:
-                missing.append(v["name"])
+        missing = [v["name"] for v in res.volumes if v["name"] not in root or root[v["name"]]["0"].nchunks_initialized != root[v["name"]]["0"].nchunks]
         if len(res.volumes) != len(files) or missing:
-            raise RuntimeError(f"{label}: incomplete output ({len(res.volumes)} volumes, missing chunks in {missing})")
+            raise RuntimeError(f"{label}: incomplete output ({len(res.volumes)} volumes; missing/incomplete: {missing})")
         shutil.rmtree(out, ignore_errors=True)
         wp = sampler.worker_peaks(worker_pids)
-        return {
+        r = {
             "mbps": res.bytes_in / wall / MB,
             "wall": wall,
             "result_seconds": res.seconds,
             "bytes_in": res.bytes_in,
-            "stored": stored,
+            "stored_ratio": res.bytes_in / stored,
             "peak": sampler.peak,
-            "baseline": sampler.first,
+            "baseline": sampler.first or 0,
             "client_peak": sampler.per_pid.get(os.getpid(), 0),
             "worker_peaks": wp,
+            "worker_peak": max(wp, default=0),
             "samples": sampler.samples,
             "engine": res.engine,
         }
+        say(
+            f"  {label:<46} {r['mbps']:7.0f} MB/s  peak tree {fmt_mem(r['peak'])} (idle {fmt_mem(r['baseline'])}), "
+            f"workers {', '.join(fmt_mem(w) for w in wp)}; stored ratio {r['stored_ratio']:.2f}"
+        )
+        return r
 
-    def convert(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None, repeat: int | None = None) -> dict:
-        runs = [self.convert_once(files, label, scheduler, worker_pids) for _ in range(repeat or self.args.repeat)]
-        r = {
+    def record(self, key: str, value: Any) -> Any:
+        self.runs[key].append(value)
+        return value
+
+    def med(self, key: str) -> float:
+        vals = [v["mbps"] if isinstance(v, dict) else v for v in self.runs[key]]
+        return statistics.median(vals)
+
+    def agg(self, key: str) -> dict:
+        """Median MB/s and max peaks over the rounds of one convert measurement."""
+        runs = self.runs[key]
+        return {
             "mbps": statistics.median(x["mbps"] for x in runs),
             "runs": [x["mbps"] for x in runs],
             "peak": max(x["peak"] for x in runs),
-            "baseline": min(x["baseline"] or 0 for x in runs),
+            "baseline": min(x["baseline"] for x in runs),
             "client_peak": max(x["client_peak"] for x in runs),
-            "worker_peak": max((max(x["worker_peaks"], default=0) for x in runs), default=0),
-            "worker_peaks": runs[-1]["worker_peaks"],
-            "ratio_stored": runs[-1]["bytes_in"] / runs[-1]["stored"],
-            "engine": runs[-1]["engine"],
-            "wall": statistics.median(x["wall"] for x in runs),
+            "worker_peak": max(x["worker_peak"] for x in runs),
+            "stored_ratio": runs[-1]["stored_ratio"],
         }
-        say(
-            f"  {label:<46} {r['mbps']:8.0f} MB/s   runs: {', '.join(f'{x:.0f}' for x in r['runs'])}; "
-            f"peak tree {fmt_mem(r['peak'])} (idle {fmt_mem(r['baseline'])}), workers "
-            f"{', '.join(fmt_mem(w) for w in r['worker_peaks'])}; stored ratio {r['ratio_stored']:.2f}"
-        )
-        return r
+
+    def round_ratio(self, keys: list[str], fn: Callable[[int], float]) -> float:
+        """Median over rounds of fn(i), a ratio of measurements of the same round (robust to machine drift)."""
+        n = min(len(self.runs[k]) for k in keys)
+        return statistics.median(fn(i) for i in range(n))
 
     # -- profiling ----------------------------------------------------------
 
@@ -702,17 +695,22 @@ class Bench:
             "arr[region] = slab (waits for encode+store)": ("__setitem__",),
             "create/finish group, attrs, metadata": ("create_volume_group", "finish_volume", "update_attributes", "open_group"),
         }
-        say("    wall-time share of the ingest_nifti thread:")
-        seen = 0
-        for what, subs in parts.items():
-            k = sum(n for f, n in main if has(f, subs))
-            seen += k
-            say(f"      {100 * k / total:5.1f}%  {what}")
-        say(f"      {100 * (total - seen) / total:5.1f}%  other (bytearray/np.frombuffer, buffered copies, ...); overlaps possible")
+        say("    wall-time share of the ingest_nifti thread (each sample goes to the innermost matching frame):")
+        share: Counter = Counter()
+        for f, n in main:
+            what = "other (bytearray/np.frombuffer/copies, python)"
+            for frame in reversed(f):
+                hit = next((w for w, subs in parts.items() if any(sub in frame for sub in subs)), None)
+                if hit:
+                    what = hit
+                    break
+            share[what] += n
+        for what in [*parts, "other (bytearray/np.frombuffer/copies, python)"]:
+            say(f"      {100 * share[what] / total:5.1f}%  {what}")
+        self.results[f"profile_{label}"] = {k: v / total for k, v in share.items()}
         say("    top leaf frames (ingest thread + codec threads; unsymbolized addresses grouped by library):")
         for f, k in leaf.most_common(10):
             say(f"      {100 * k / total:5.1f}%  {f}")
-        self.results[f"profile_{label}"] = {"leaf": leaf.most_common(25), "total": total}
 
     # -- main ---------------------------------------------------------------
 
@@ -731,38 +729,28 @@ class Bench:
         n = N_PROCS * math.ceil(n / N_PROCS)  # a multiple of the process count balances the load
         chunks = slab_chunks(tuple(reversed(BASE_SHAPE)), 2)
         self.results["setup"] = {"n_files": n, "shape": BASE_SHAPE, "chunks": chunks}
-
         t_start = time.perf_counter()
-        say("== cohorts")
+        clients: list[Any] = []
         with cf.ProcessPoolExecutor(N_PROCS, mp_context=ctx, initializer=_pool_init) as pool, ctx.Manager() as manager:
+            say("== cohorts")
             nii, gzs, generator = make_sets(self.workdir, BASE_SHAPE, n, pool, gz=True)
-            big = []
+            big: list[Path] = []
             if not args.skip_scaling:
                 big, _, _ = make_sets(self.workdir, BIG_SHAPE, n, pool, gz=False)
             nbytes = sum(voxel_bytes(p) for p in nii)
+            big_bytes = sum(voxel_bytes(p) for p in big)
             gz_size = sum(p.stat().st_size for p in gzs)
-            self.results["setup"].update(
-                generator=generator,
-                nii_voxel_bytes=nbytes,
-                gz_file_bytes=gz_size,
-                big_voxel_bytes=sum(voxel_bytes(p) for p in big),
-            )
+            self.results["setup"].update(generator=generator, nii_voxel_bytes=nbytes, gz_file_bytes=gz_size, big_voxel_bytes=big_bytes)
             say(
                 f"  .nii set: {n} files x {fmt_mem(file_bytes)} = {nbytes / 1e9:.2f} GB of voxels; "
                 f".nii.gz set: same voxels, {gz_size / 1e9:.2f} GB on disk (gzip ratio {nbytes / gz_size:.2f}); "
                 f"chunks (z,y,x) {chunks}"
             )
+            t_gen = time.perf_counter()
             list(pool.map(_noop, [0.5] * N_PROCS))  # both processes up and imported
-            say(f"== I/O limits ({N_PROCS} processes over files; MB/s of uncompressed voxels; median of {args.repeat})")
-            L = {}
-            L["raw_read"] = self.pool_rate(pool, task_raw_read, nii, nbytes, "a raw read .nii (8 MiB blocks)")
-            L["nib_nii"] = self.pool_rate(pool, task_nibabel, nii, nbytes, "b nibabel whole file .nii (mmap=False)")
-            L["nib_gz"] = self.pool_rate(pool, task_nibabel, gzs, nbytes, "b nibabel whole file .nii.gz")
-            L["zlib"] = self.pool_rate(pool, task_gunzip_zlib, gzs, nbytes, "c gzip (zlib) decompress .nii.gz")
-            L["isal"] = self.pool_rate(pool, task_gunzip_isal, gzs, nbytes, "c isal.igzip decompress .nii.gz")
-            L["sha256"] = self.pool_rate(pool, task_sha256, nii, nbytes, "  (info) read + sha256 .nii")
-            L["write"] = self.write_limit(pool, manager, nii, args.codec)
-            self.results["limits"] = L
+            pool_pids = set(pool._processes)  # type: ignore[attr-defined]
+            helpers = pool_pids | {manager._process.pid}  # type: ignore[attr-defined]
+
             say("== codec table (one volume in memory, 1 process, volnorm's chunking, best of 2)")
             cdir = self.workdir / "codecs"
             cdir.mkdir(exist_ok=True)
@@ -770,49 +758,68 @@ class Bench:
             shutil.rmtree(cdir, ignore_errors=True)
             for row in self.results["codecs"]:
                 say(f"  {row['codec']:<13} write {row['write_mbps']:6.0f} MB/s  ratio {row['ratio']:5.2f}  read-back {row['read_mbps']:6.0f} MB/s")
-        say(f"  (limits took {time.perf_counter() - t_start:.0f} s so far)")
 
-        say(f"== convert (codec={args.codec}; median of {args.repeat}; peak = max RSS sum of the process tree)")
-        C = {}
-        # including cluster start-up: scheduler=None with no default client starts (and closes) a local cluster
-        C["nii_startup"] = self.convert(nii, "convert .nii incl. cluster start-up", None, None, repeat=1)
-        client = local_cluster(N_PROCS)
-        try:
-            pids = set(client.run(_warm_worker).values())
-            env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-            self.results["worker_env_volnorm"] = sorted(set(map(str, env.values())))
-            C["nii"] = self.convert(nii, "convert .nii", client, pids)
-            C["gz"] = self.convert(gzs, "convert .nii.gz", client, pids)
-            if big:
-                C["big"] = self.convert(big, f"convert .nii, files 2x larger {BIG_SHAPE}", client, pids)
-            if args.profile:
-                say("== py-spy profiles of the workers (extra untimed runs)")
-                self.profile(nii, "nii", client)
-                self.profile(gzs, "niigz", client)
-        finally:
-            client.close()
-            client.cluster.close()
-        if not args.skip_malloc:
-            from distributed import Client, LocalCluster
+            say("== convert including cluster start-up (scheduler=None: volnorm starts and closes its local cluster)")
+            self.results["nii_startup"] = self.convert_once(nii, "convert .nii incl. cluster start-up", None, None, exclude=helpers)
 
-            env_trim = dict(WORKER_ENV, MALLOC_TRIM_THRESHOLD_="65536")
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": env_trim}):
-                cluster = LocalCluster(
-                    n_workers=N_PROCS, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=None, silence_logs=logging.WARNING,
-                )
-            client = Client(cluster, set_as_default=False)
             try:
+                client = local_cluster(N_PROCS)
+                clients.append(client)
                 pids = set(client.run(_warm_worker).values())
                 env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-                self.results["worker_env_trim"] = sorted(set(map(str, env.values())))
-                C["nii_trim"] = self.convert(nii, "convert .nii, MALLOC_TRIM_THRESHOLD_=65536", client, pids)
-                C["gz_trim"] = self.convert(gzs, "convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", client, pids)
+                self.results["worker_env_volnorm"] = sorted(set(map(str, env.values())))
+                tclient, tpids = None, set()
+                if not args.skip_malloc:
+                    from distributed import Client, LocalCluster
+
+                    env_trim = dict(WORKER_ENV, MALLOC_TRIM_THRESHOLD_="65536")
+                    with dask.config.set({"distributed.nanny.pre-spawn-environ": env_trim}):
+                        cluster = LocalCluster(
+                            n_workers=N_PROCS, threads_per_worker=1, processes=True, host="127.0.0.1",
+                            dashboard_address=None, silence_logs=logging.WARNING,
+                        )
+                    tclient = Client(cluster, set_as_default=False)
+                    clients.append(tclient)
+                    tpids = set(tclient.run(_warm_worker).values())
+                    env = tclient.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+                    self.results["worker_env_trim"] = sorted(set(map(str, env.values())))
+                limits = [
+                    ("raw_read", task_raw_read, nii, "a raw read .nii (8 MiB blocks)"),
+                    ("nib_nii", task_nibabel, nii, "b nibabel whole file .nii (mmap=False)"),
+                    ("nib_gz", task_nibabel, gzs, "b nibabel whole file .nii.gz"),
+                    ("zlib", task_gunzip_zlib, gzs, "c gzip (zlib) decompress .nii.gz"),
+                    ("isal", task_gunzip_isal, gzs, "c isal.igzip decompress .nii.gz"),
+                    ("sha256", task_sha256, nii, "  (info) read + sha256 .nii"),
+                ]
+                wrep = max(1, math.ceil(len(nii) / N_PROCS))
+                for rnd in range(args.repeat):
+                    say(f"== round {rnd + 1}/{args.repeat}: I/O limits ({N_PROCS} processes over files, MB/s of voxels), then convert")
+                    for key, fn, paths, label in limits:
+                        v = self.record(key, self.limit_once(pool, fn, paths, nbytes))
+                        say(f"  {label:<46} {v:7.0f} MB/s")
+                    v = self.record("write", self.write_limit_once(pool, manager, nii, args.codec, wrep))
+                    say(f"  {f'd compressed write ({args.codec}), {N_PROCS} procs x {wrep}':<46} {v:7.0f} MB/s")
+                    ex = helpers | tpids
+                    self.record("c_nii", self.convert_once(nii, "convert .nii", client, pids, ex))
+                    if big:
+                        self.record("c_big", self.convert_once(big, f"convert .nii, 2x larger files", client, pids, ex))
+                    self.record("c_gz", self.convert_once(gzs, "convert .nii.gz", client, pids, ex))
+                    if tclient is not None:
+                        ex = helpers | pids
+                        self.record("t_nii", self.convert_once(nii, "convert .nii, MALLOC_TRIM_THRESHOLD_=65536", tclient, tpids, ex))
+                        self.record("t_gz", self.convert_once(gzs, "convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", tclient, tpids, ex))
+                if args.profile:
+                    say("== py-spy profiles of the workers (extra untimed runs)")
+                    self.profile(nii, "nii", client)
+                    self.profile(gzs, "niigz", client)
             finally:
-                client.close()
-                cluster.close()
-        self.results["convert"] = C
-        self.results["total_seconds"] = time.perf_counter() - t_start
+                for c in clients:
+                    cluster = c.cluster
+                    c.close()
+                    cluster.close()
+        self.results["runs"] = dict(self.runs)
+        self.results["seconds_measuring"] = time.perf_counter() - t_gen
+        self.results["seconds_total"] = time.perf_counter() - t_start
         self.report(volnorm, dask, distributed)
 
     # -- report -------------------------------------------------------------
@@ -826,14 +833,23 @@ class Bench:
 
         from volnorm.io.store import DEFAULT_CODEC
 
-        R = self.results
-        L, C, S = R["limits"], R["convert"], R["setup"]
-        read, write = L["raw_read"]["mbps"], L["write"]["mbps"]
-        combined = 1 / (1 / read + 1 / write)
-        combined_hash = 1 / (1 / read + 1 / write + 1 / L["sha256"]["mbps"])
-        isal_write = 1 / (1 / L["isal"]["mbps"] + 1 / write)
+        R, S, runs = self.results, self.results["setup"], self.runs
+        med = self.med
+
+        def comb(*rates: float) -> float:
+            return 1 / sum(1 / r for r in rates)
+
+        def rr(keys: list[str], fn: Callable[[int], float]) -> float:
+            return self.round_ratio(keys, fn)
+
+        def m(key: str, i: int) -> float:
+            v = runs[key][i]
+            return v["mbps"] if isinstance(v, dict) else v
+
+        read, write = med("raw_read"), med("write")
+        combined = comb(read, write)
+        R["limits"] = {k: med(k) for k in ("raw_read", "nib_nii", "nib_gz", "zlib", "isal", "sha256", "write")}
         R["limits"]["combined"] = combined
-        R["limits"]["isal_plus_write"] = isal_write
 
         cpu = platform.processor() or "?"
         try:
@@ -843,8 +859,9 @@ class Bench:
                     break
         except OSError:
             pass
+        W = 120
         say()
-        say("=" * 118)
+        say("=" * W)
         say("volnorm convert benchmark")
         say(
             f"machine   : {os.cpu_count()} cores ({cpu}), RAM {psutil.virtual_memory().total / GiB:.1f} GiB, "
@@ -869,63 +886,69 @@ class Bench:
                 "            read limits measure memory/CPU speed, not the disk (run as root or pass --drop-caches)."
             )
         say(
-            f"workers   : {N_PROCS} processes (limits: ProcessPoolExecutor over files; convert: local cluster of "
-            f"{N_PROCS} single-threaded workers on 127.0.0.1). MB = 1e6 bytes of uncompressed voxels."
+            f"method    : {N_PROCS} processes (limits: ProcessPoolExecutor over files; convert: local cluster of {N_PROCS} "
+            f"single-threaded workers, started before timing). MB = 1e6 bytes of uncompressed voxels.\n"
+            f"            {self.args.repeat} rounds, each measuring every limit and every convert once; MB/s = median over rounds;\n"
+            f"            ratio = median over rounds of the same-round ratio. Peak = max over rounds of the RSS sum of\n"
+            f"            this process (client, scheduler, nannies) + its worker processes, sampled every 50 ms.\n"
+            f"            worker MALLOC_TRIM_THRESHOLD_: volnorm cluster {R.get('worker_env_volnorm')}, "
+            f"dask-default cluster {R.get('worker_env_trim', '-')}"
         )
-        say(f"            worker MALLOC_TRIM_THRESHOLD_: volnorm cluster {R.get('worker_env_volnorm')}, "
-            f"dask-default cluster {R.get('worker_env_trim', '-')}")
-        say("-" * 118)
-        head = f"{'operation':<50} {'MB/s':>7}  {'vs':<30} {'ratio':>6} {'target':>7}  {'peak tree':>10} {'peak/worker':>11}"
-        say(head)
-        say("-" * 118)
+        say("-" * W)
+        say(f"{'operation':<50} {'MB/s':>7}  {'vs':<30} {'ratio':>6} {'target':>9}  {'peak tree':>10} {'peak/worker':>11}")
+        say("-" * W)
 
-        def row(op: str, mbps: float, vs: str = "", ratio: float | None = None, target: str = "", peak: Any = None, wpeak: Any = None) -> None:
+        def row(op: str, mbps: float | None, vs: str = "", ratio: float | None = None, target: str = "", peak: Any = None, wpeak: Any = None) -> None:
             ok = ""
             if ratio is not None and target:
                 ok = " ok" if ratio >= float(target.lstrip(">=")) else " MISS"
             say(
-                f"{op:<50} {mbps:7.0f}  {vs:<30} {'' if ratio is None else f'{ratio:6.2f}':>6} {target + ok:>7}  "
-                f"{fmt_mem(peak) if peak else '':>10} {fmt_mem(wpeak) if wpeak else '':>11}"
+                f"{op:<50} {'' if mbps is None else f'{mbps:7.0f}':>7}  {vs:<30} {'' if ratio is None else f'{ratio:6.2f}':>6} "
+                f"{target + ok:>9}  {fmt_mem(peak) if peak else '':>10} {fmt_mem(wpeak) if wpeak else '':>11}"
             )
 
         row("a raw read .nii (8 MiB blocks)", read)
-        row("b nibabel whole-file read .nii (mmap=False)", L["nib_nii"]["mbps"], "raw read", L["nib_nii"]["mbps"] / read)
-        row("b nibabel whole-file read .nii.gz", L["nib_gz"]["mbps"], "isal decompress", L["nib_gz"]["mbps"] / L["isal"]["mbps"])
-        row("c gzip (zlib) decompress .nii.gz", L["zlib"]["mbps"])
-        row("c isal.igzip decompress .nii.gz", L["isal"]["mbps"], "zlib decompress", L["isal"]["mbps"] / L["zlib"]["mbps"])
+        row("b nibabel whole-file read .nii (mmap=False)", med("nib_nii"), "raw read", rr(["nib_nii", "raw_read"], lambda i: m("nib_nii", i) / m("raw_read", i)))
+        row("b nibabel whole-file read .nii.gz", med("nib_gz"), "isal decompress", rr(["nib_gz", "isal"], lambda i: m("nib_gz", i) / m("isal", i)))
+        row("c gzip (zlib) decompress .nii.gz", med("zlib"))
+        row("c isal.igzip decompress .nii.gz", med("isal"), "zlib decompress", rr(["isal", "zlib"], lambda i: m("isal", i) / m("zlib", i)))
         row(f"d compressed write ({self.args.codec}) from memory", write)
         row("d LIMIT .nii: raw read + compressed write", combined)
-        row("  (info) read + sha256 .nii", L["sha256"]["mbps"])
-        row("  (info) read + sha256 + compressed write", combined_hash)
-        row("  (info) isal decompress + compressed write", isal_write)
-        say("-" * 118)
-        c = C["nii"]
-        row("convert .nii (cluster running)", c["mbps"], "raw read + compressed write", c["mbps"] / combined, ">=0.70", c["peak"], c["worker_peak"])
-        row("", c["mbps"], "read + sha256 + write", c["mbps"] / combined_hash)
-        c0 = C["nii_startup"]
-        row("convert .nii incl. cluster start-up", c0["mbps"], "raw read + compressed write", c0["mbps"] / combined, "", c0["peak"], c0["worker_peak"])
-        g = C["gz"]
-        row("convert .nii.gz (cluster running)", g["mbps"], "isal decompress", g["mbps"] / L["isal"]["mbps"], ">=0.77", g["peak"], g["worker_peak"])
-        row("", g["mbps"], "zlib decompress", g["mbps"] / L["zlib"]["mbps"])
-        row("", g["mbps"], "isal decompress + write", g["mbps"] / isal_write)
-        if "nii_trim" in C:
-            t = C["nii_trim"]
-            row("convert .nii, MALLOC_TRIM_THRESHOLD_=65536", t["mbps"], "convert .nii (unset, volnorm)", t["mbps"] / c["mbps"], "", t["peak"], t["worker_peak"])
-            t = C["gz_trim"]
-            row("convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", t["mbps"], "convert .nii.gz (unset)", t["mbps"] / g["mbps"], "", t["peak"], t["worker_peak"])
-        if "big" in C:
-            b = C["big"]
-            row(f"convert .nii, files 2x larger {BIG_SHAPE}", b["mbps"], "raw read + compressed write", b["mbps"] / combined, "", b["peak"], b["worker_peak"])
-        say("-" * 118)
-        if "big" in C:
-            b = C["big"]
+        row("  (info) read + sha256 .nii", med("sha256"))
+        row("  (info) (read + sha256) + compressed write", comb(med("sha256"), write))
+        row("  (info) isal decompress + compressed write", comb(med("isal"), write), "isal decompress",
+            rr(["isal", "write"], lambda i: comb(m("isal", i), m("write", i)) / m("isal", i)))
+        say("-" * W)
+        c = self.agg("c_nii")
+        row("convert .nii (cluster running)", c["mbps"], "raw read + compressed write",
+            rr(["c_nii", "raw_read", "write"], lambda i: m("c_nii", i) / comb(m("raw_read", i), m("write", i))), ">=0.70", c["peak"], c["worker_peak"])
+        row("", None, "(read + sha256) + write", rr(["c_nii", "sha256", "write"], lambda i: m("c_nii", i) / comb(m("sha256", i), m("write", i))))
+        c0 = R["nii_startup"]
+        row("convert .nii incl. cluster start-up (1 run)", c0["mbps"], "raw read + compressed write", c0["mbps"] / combined, "", c0["peak"], c0["worker_peak"])
+        g = self.agg("c_gz")
+        row("convert .nii.gz (cluster running)", g["mbps"], "isal decompress", rr(["c_gz", "isal"], lambda i: m("c_gz", i) / m("isal", i)), ">=0.77", g["peak"], g["worker_peak"])
+        row("", None, "zlib decompress", rr(["c_gz", "zlib"], lambda i: m("c_gz", i) / m("zlib", i)))
+        row("", None, "isal decompress + write", rr(["c_gz", "isal", "write"], lambda i: m("c_gz", i) / comb(m("isal", i), m("write", i))))
+        if runs.get("t_nii"):
+            t = self.agg("t_nii")
+            row("convert .nii, MALLOC_TRIM_THRESHOLD_=65536", t["mbps"], "convert .nii (unset: volnorm)", rr(["t_nii", "c_nii"], lambda i: m("t_nii", i) / m("c_nii", i)), "", t["peak"], t["worker_peak"])
+            t = self.agg("t_gz")
+            row("convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", t["mbps"], "convert .nii.gz (unset)", rr(["t_gz", "c_gz"], lambda i: m("t_gz", i) / m("c_gz", i)), "", t["peak"], t["worker_peak"])
+        if runs.get("c_big"):
+            b = self.agg("c_big")
+            row(f"convert .nii, files 2x larger {BIG_SHAPE}", b["mbps"], "raw read + compressed write",
+                rr(["c_big", "raw_read", "write"], lambda i: m("c_big", i) / comb(m("raw_read", i), m("write", i))), "", b["peak"], b["worker_peak"])
+        say("-" * W)
+        if runs.get("c_big"):
+            b = self.agg("c_big")
             say(
                 f"peak memory scaling (same {S['n_files']} files, 2x bytes each): whole tree {fmt_mem(c['peak'])} -> "
-                f"{fmt_mem(b['peak'])} (x{b['peak'] / c['peak']:.2f}); per worker {fmt_mem(c['worker_peak'])} -> {fmt_mem(b['worker_peak'])} (x{b['worker_peak'] / c['worker_peak']:.2f}); "
-                f"client process {fmt_mem(c['client_peak'])} -> {fmt_mem(b['client_peak'])}"
+                f"{fmt_mem(b['peak'])} (x{b['peak'] / c['peak']:.2f}); per worker {fmt_mem(c['worker_peak'])} -> "
+                f"{fmt_mem(b['worker_peak'])} (x{b['worker_peak'] / c['worker_peak']:.2f}); client process "
+                f"{fmt_mem(c['client_peak'])} -> {fmt_mem(b['client_peak'])}"
             )
         say(f"idle tree before convert (client + scheduler + 2 workers): {fmt_mem(c['baseline'])}; "
-            f"convert output compression ratio .nii {c['ratio_stored']:.2f}")
+            f"compression ratio of the converted .nii store {c['stored_ratio']:.2f}")
         say("codec table (one volume, 1 process; the default codec should be the fastest writer at a useful ratio):")
         say(f"  {'codec':<13} {'write MB/s':>10} {'ratio':>6} {'read-back MB/s':>15}  zarr codec")
         for r in R["codecs"]:
@@ -933,8 +956,8 @@ class Bench:
             say(f"  {r['codec']:<13} {r['write_mbps']:10.0f} {r['ratio']:6.2f} {r['read_mbps']:15.0f}  {codec_name(r['codec'])}{mark}")
         say("  ratio = voxel bytes / stored chunk bytes; zarr stores the partial last z-chunk padded to a full chunk,")
         say("  so 'none' stores more than the voxels (ratio < 1) and the compressors get the zero padding almost free.")
-        say(f"total benchmark time {R['total_seconds']:.0f} s (excluding cohort generation reuse)")
-        say("=" * 118)
+        say(f"time: {R['seconds_total']:.0f} s in all, {R['seconds_measuring']:.0f} s measuring (the rest: generating or checking the cohorts)")
+        say("=" * W)
 
 
 def _short(frame: str) -> str:

@@ -18,7 +18,7 @@ def test_convert_info_export(cohort, tmp_path, capsys):
     assert f"volnorm store: {out}" in text and "6 volumes" in text
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "state       complete" in text and "sha256" in text and "affine" in text
+    assert "state       complete" in text and "blake3" in text and "affine" in text
     assert main(["info", str(out), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["complete"] is True and len(facts["volumes"]) == 6

@@ -44,6 +44,8 @@ def slab_chunks(
     (2, 256, 256, 256)
     >>> slab_chunks((512, 512, 512), 4, 64 * 2**20)
     (64, 512, 512)
+    >>> slab_chunks((320, 384, 384), 2, 64 * 2**20)     # balanced, not (227, ...)
+    (160, 384, 384)
     """
     chunks = list(shape)
     size = itemsize * math.prod(shape)
@@ -55,7 +57,10 @@ def slab_chunks(
             chunks[axis] = 1
             size = inner
         else:
-            chunks[axis] = max(1, target_bytes // max(inner, 1))
+            c = max(1, target_bytes // max(inner, 1))
+            # balance: 320 slices in chunks of 227 would leave a 93-slice chunk
+            # that zarr pads to 227; two chunks of 160 store the same data
+            chunks[axis] = -(-shape[axis] // -(-shape[axis] // c))
             break
     return tuple(int(c) for c in chunks)
 

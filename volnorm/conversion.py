@@ -14,6 +14,7 @@ from typing import Any
 from volnorm._utils import format_bytes, normalize_chunks
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
 from volnorm.io.readers import _unique_names
+from volnorm.io.niftizarr import header_json
 from volnorm.io.store import DEFAULT_CODEC, Staging
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def convert(
             v = root[name].attrs.get("volnorm", {})
             src = v.get("source", {})
             if v.get("complete") and src.get("size") == info.file_size and src.get("mtime_ns") == info.mtime_ns:
-                done[name] = {"name": name, **{k: v[k] for k in ("sha256", "bytes_read", "stats") if k in v}}
+                done[name] = {"name": name, **{k: v[k] for k in ("blake3", "bytes_read", "stats") if k in v}}
     todo = [(i, n) for i, n in zip(infos, names) if n not in done]
     todo.sort(key=lambda x: -x[0].data_bytes)  # biggest first balances the workers
     total = sum(i.data_bytes for i, _ in todo)
@@ -184,7 +185,10 @@ def convert(
         logger.info("converting %d files (%s) on %s", len(todo), format_bytes(total), ex.description)
         futures = {}
         for info, name in todo:
-            fut = ex.submit(_ingest, info, str(staging.path), name, plan_chunks[name], codec, key=f"ingest-{name}-{staging.plan_digest[:8]}")
+            fut = ex.submit(
+                _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes),
+                key=f"ingest-{name}-{staging.plan_digest[:8]}",
+            )
             futures[fut] = (info, name)
         bar = None
         if progress and todo:
@@ -218,7 +222,7 @@ def convert(
                 "path": str(info.path.absolute()),
                 "size": info.file_size,
                 "mtime_ns": info.mtime_ns,
-                "sha256": r.get("sha256"),
+                "blake3": r.get("blake3"),
             }
         )
     staging.commit(
@@ -241,7 +245,7 @@ def convert(
     )
 
 
-def _ingest(info: NiftiInfo, store_path: str, name: str, chunks: Sequence[int], codec: Any) -> dict:
+def _ingest(info: NiftiInfo, store_path: str, name: str, chunks: Sequence[int], codec: Any, hdr: dict) -> dict:
     from volnorm.io.niftizarr import ingest_nifti
 
-    return ingest_nifti(info, store_path, name, chunks, codec)
+    return ingest_nifti(info, store_path, name, chunks, codec, hdr)

@@ -151,8 +151,8 @@ def _describe_store(path: Path) -> tuple[str, dict]:
             f"    values {_stats_text(vf['stats'])}",
         ]
         src = vf["source"] or {}
-        if src.get("sha256"):
-            lines.append(f"    source {src.get('path')} ({format_bytes(src.get('size', 0))}, sha256 {src['sha256'][:16]}...)")
+        if src.get("blake3"):
+            lines.append(f"    source {src.get('path')} ({format_bytes(src.get('size', 0))}, blake3 {src['blake3'][:16]}...)")
         if vf["affine"]:
             lines += ["    affine", *_affine_lines(vf["affine"], "      ")]
     lines.insert(3, f"  volumes     {len(names)} ({done} complete)")

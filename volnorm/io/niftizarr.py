@@ -11,8 +11,9 @@ keep their meaning; readers apply them as nibabel does.
 
 from __future__ import annotations
 
-import hashlib
 import io
+import queue
+import threading
 import logging
 import math
 import os
@@ -82,6 +83,7 @@ def create_volume_group(
     name: str,
     *,
     header_bytes: bytes,
+    header_attrs: dict | None = None,
     shape: Sequence[int],
     dtype: Any,
     dims: Sequence[str],
@@ -114,7 +116,7 @@ def create_volume_group(
     hb = np.frombuffer(header_bytes, dtype=np.uint8)
     nif = grp.create_array("nifti", shape=hb.shape, chunks=hb.shape, dtype="uint8", compressors=None, fill_value=0)
     nif[:] = hb
-    nif.attrs.update(header_json(header_bytes))
+    nif.attrs.update(header_attrs if header_attrs is not None else header_json(header_bytes))
     return grp
 
 
@@ -137,7 +139,10 @@ class _HashingReader(io.RawIOBase):
 
     def __init__(self, f: Any) -> None:
         self.f = f
-        self.h = hashlib.sha256()
+        from blake3 import blake3
+
+        # BLAKE3: a cryptographic digest at ~3.4 GB/s on one core here, vs 1.1 for SHA-256
+        self.h = blake3()
         self.nread = 0
 
     def readable(self) -> bool:
@@ -202,18 +207,68 @@ def _summarize(slab: np.ndarray, acc: dict) -> None:
     acc["max"] = hi if acc["max"] is None else max(acc["max"], hi)
 
 
+def _open_stream(f: Any, compressed: bool) -> Any:
+    if compressed:
+        from isal import igzip
+
+        return igzip.GzipFile(fileobj=io.BufferedReader(f, 4 * 2**20), mode="rb")
+    return io.BufferedReader(f, 4 * 2**20)
+
+
+def _produce_slabs(
+    info: NiftiInfo,
+    stream: Any,
+    regions: list[tuple[slice, ...]],
+    shape: tuple[int, ...],
+    out: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """Reader thread: read (decompress, hash) slabs in file order into ``out``.
+
+    Puts ``(region, array)`` items, then ``None`` at a clean end, or the
+    exception that stopped it. hashlib/blake3, ISA-L and file reads release the
+    GIL, so this overlaps with compression and writing in the caller's thread.
+    """
+    path, raw = info.path, info.raw_dtype
+    try:
+        head = stream.read(info.offset)
+        if head != info.header_bytes:
+            raise NiftiError(f"{path}: the header changed on disk since it was validated")
+        for region in regions:
+            if stop.is_set():
+                return
+            sshape = tuple(s.stop - s.start for s in region) + shape[len(region) :]
+            slab = np.empty(sshape, dtype=raw)
+            _read_exact(stream, memoryview(slab.reshape(-1).view(np.uint8)), path)
+            out.put((region, slab))
+        # drain: verifies the gzip CRC/ISIZE at EOF and hashes the whole file
+        while stream.read(8 * 2**20):
+            pass
+        out.put(None)
+    except NiftiError as e:
+        out.put(e)
+    except (OSError, EOFError, ValueError) as e:
+        # isal/zlib raise OSError subclasses (BadGzipFile, IsalError) on corrupt data
+        out.put(NiftiError(f"{path}: corrupt compressed data ({e}); the file cannot be trusted"))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        out.put(e)
+
+
 def ingest_nifti(
     info: NiftiInfo,
     store_path: str,
     name: str,
     chunks: Sequence[int],
     codec: Any,
+    header_attrs: dict | None = None,
 ) -> dict:
     """Convert one NIfTI file into a NIfTI-Zarr group inside a staging store.
 
     Reads the file once, sequentially (a .nii.gz through ISA-L's gzip, which
-    checks the CRC at the end), writes whole chunks as it goes, hashes the
-    file's bytes, and records min/max and NaN/Inf counts. Memory: one slab.
+    checks the CRC at the end), writes whole chunks as they fill, takes the
+    file's BLAKE3 digest (``b3sum`` computes the same), and records min/max
+    and NaN/Inf counts. A reader thread prefetches the next slab while this
+    thread compresses and writes the current one; memory: about three slabs.
     Runs on a worker; raises ``NiftiError`` naming the file on bad data.
     """
     import zarr
@@ -228,6 +283,7 @@ def ingest_nifti(
         root,
         name,
         header_bytes=info.header_bytes,
+        header_attrs=header_attrs,
         shape=shape,
         dtype=info.raw_dtype,
         dims=info.dims,
@@ -242,41 +298,36 @@ def ingest_nifti(
     raw = info.raw_dtype
     with open(path, "rb", buffering=0) as f:
         hashing = _HashingReader(f)
-        if info.compressed:
-            from isal import igzip
-
-            stream: Any = igzip.GzipFile(fileobj=io.BufferedReader(hashing, 4 * 2**20), mode="rb")
-        else:
-            stream = io.BufferedReader(hashing, 4 * 2**20)
+        stream = _open_stream(hashing, info.compressed)
+        slabs: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=_produce_slabs,
+            args=(info, stream, stream_slabs(shape, chunks), shape, slabs, stop),
+            name=f"volnorm-read-{name}",
+            daemon=True,
+        )
+        reader.start()
         try:
-            head = stream.read(info.offset)
-            if head != info.header_bytes:
-                raise NiftiError(f"{path}: the header changed on disk since it was validated")
-            buf = None
-            for region in stream_slabs(shape, chunks):
-                sshape = tuple(s.stop - s.start for s in region) + shape[len(region) :]
-                nbytes = math.prod(sshape) * raw.itemsize
-                if buf is None or len(buf) < nbytes:
-                    buf = bytearray(nbytes)
-                mv = memoryview(buf)[:nbytes]
-                _read_exact(stream, mv, path)
-                slab = np.frombuffer(mv, dtype=raw).reshape(sshape)
+            while (item := slabs.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                region, slab = item
                 if not raw.isnative:
-                    slab = slab.astype(native(raw))
+                    slab = slab.byteswap(inplace=True).view(native(raw))
                 _summarize(slab, acc)
                 arr[region] = slab
-            # drain: verifies the gzip CRC/ISIZE at EOF and hashes the whole file
-            while stream.read(8 * 2**20):
-                pass
-        except NiftiError:
-            raise
-        except (OSError, EOFError, ValueError) as e:
-            # isal/zlib raise OSError subclasses (BadGzipFile, IsalError) on corrupt data
-            raise NiftiError(f"{path}: corrupt compressed data ({e}); the file cannot be trusted") from None
         finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    slabs.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            reader.join()
             stream.close()
     summary = {
-        "sha256": hashing.h.hexdigest(),
+        "blake3": hashing.h.hexdigest(),
         "bytes_read": hashing.nread,
         "stats": {**acc, "dtype": native(raw).name},
     }
