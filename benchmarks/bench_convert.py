@@ -60,11 +60,14 @@ GiB = 2**30
 BLOCK = 8 * MiB
 N_PROCS = 2
 
-#: (x, y, z) NIfTI shape of the main cohort: 384*384*320 int16 = 90 MiB, i.e.
-#: larger than one ~64 MiB chunk (two chunks per file: 227 + 93 z-planes).
-BASE_SHAPE = (384, 384, 320)
+#: (x, y, z) NIfTI shape of the main cohort: 384*384*384 int16 = 108 MiB per
+#: file, more than one ~64 MiB chunk. z=384 and 768 get the same chunk shape
+#: (192 whole planes, 54 MiB) under volnorm's balanced slab rule (and 227 planes
+#: under a plain floor(64 MiB / plane) rule), so the scaling check changes only
+#: the file size, not the chunk size.
+BASE_SHAPE = (384, 384, 384)
 #: Twice the bytes per file, for the peak-memory scaling check.
-BIG_SHAPE = (384, 384, 640)
+BIG_SHAPE = (384, 384, 768)
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 log = logging.getLogger("bench_convert")
@@ -299,21 +302,43 @@ def task_raw_read(path: str) -> int:
             n += k
 
 
-def task_sha256(path: str) -> int:
-    import hashlib
+def digest_name() -> str:
+    """The digest volnorm's reader takes (its ``_HashingReader``), e.g. 'blake3' or 'sha256'."""
+    import io
 
-    h = hashlib.sha256()
+    try:
+        from volnorm.io.niftizarr import _HashingReader
+
+        h = _HashingReader(io.BytesIO(b"")).h
+        return str(getattr(h, "name", type(h).__name__))
+    except Exception:  # noqa: BLE001 - private API moved
+        return "sha256"
+
+
+def task_digest(path: str) -> int:
+    """Read a file through volnorm's own hashing reader (8 MiB blocks): read + digest limit."""
+    try:
+        from volnorm.io.niftizarr import _HashingReader
+    except ImportError:
+        _HashingReader = None
     buf = bytearray(BLOCK)
-    mv = memoryview(buf)
     n = 0
     with open(path, "rb", buffering=0) as f:
-        while True:
-            k = f.readinto(buf)
-            if not k:
-                h.hexdigest()
-                return n
+        if _HashingReader is not None:
+            r = _HashingReader(f)
+            while k := r.readinto(buf):
+                n += k
+            r.h.hexdigest()
+            return n
+        import hashlib
+
+        h = hashlib.sha256()
+        mv = memoryview(buf)
+        while k := f.readinto(buf):
             h.update(mv[:k])
             n += k
+        h.hexdigest()
+        return n
 
 
 def task_nibabel(path: str) -> int:
@@ -630,7 +655,7 @@ class Bench:
 
     # -- profiling ----------------------------------------------------------
 
-    def profile(self, files: list[Path], label: str, client: Any) -> None:
+    def profile(self, files: list[Path], label: str, client: Any, exclude: set[int] | None = None) -> None:
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(exe).exists():
             say("  py-spy not found; skipping --profile")
@@ -649,7 +674,7 @@ class Bench:
                 )
             )
         time.sleep(1.0)
-        self.convert_once(files, f"profile-{label}", client, set(pids))
+        self.convert_once(files, f"profile-{label} (py-spy attached)", client, set(pids), exclude)
         for p in procs:
             p.send_signal(signal.SIGINT)
         for p in procs:
@@ -674,43 +699,50 @@ class Bench:
         def has(frames: list[str], subs: tuple[str, ...]) -> bool:
             return any(sub in f for f in frames for sub in subs)
 
-        # --native samples idle threads too: keep the thread running ingest_nifti (wall-clock
-        # breakdown of the task) and zarr/numcodecs codec threads (where blosc runs).
-        main = [(f, n) for f, n in stacks if has(f, ("ingest_nifti",))]
-        codec = [(f, n) for f, n in stacks if not has(f, ("ingest_nifti",)) and has(f, ("numcodecs", "blosc", "lz4", "zstd"))]
-        total = sum(n for _, n in main)
-        if not total:
-            say(f"  py-spy {label}: no samples in ingest_nifti")
-            return
-        leaf: Counter = Counter()
-        for f, n in main + codec:
-            leaf[f[-1]] += n
-        say(f"  py-spy {label}: {total} samples (100 Hz, both workers) of the thread running ingest_nifti;")
-        say(f"    + {sum(n for _, n in codec)} samples of blosc/codec work in zarr's threads")
+        # --native samples idle (blocked) threads too, which gives a wall-clock breakdown per
+        # thread: volnorm's task thread (ingest_nifti), its prefetching reader thread (if any),
+        # and zarr/numcodecs codec threads (where blosc runs when zarr offloads it).
+        groups = {
+            "task thread (ingest_nifti)": lambda f: has(f, ("ingest_nifti",)),
+            "reader thread (_produce_slabs)": lambda f: has(f, ("_produce_slabs",)) and not has(f, ("ingest_nifti",)),
+            "zarr codec threads (busy samples)": lambda f: not has(f, ("ingest_nifti", "_produce_slabs")) and has(f, ("numcodecs", "blosc", "lz4", "zstd")),
+        }
         parts = {
             "file read (libc read)": ("read (libc", "readinto' of '_io.FileIO"),
             "isal inflate": ("isal_zlib",),
-            "sha256 (libcrypto)": ("libcrypto", "update' of '_hashlib"),
+            "digest (blake3 / sha256)": ("blake3", "libcrypto", "_hashlib"),
             "_summarize (min/max)": ("_summarize",),
-            "arr[region] = slab (waits for encode+store)": ("__setitem__",),
+            "waiting on the other thread (queue get/put)": ("Queue.get (queue", "Queue.put (queue"),
+            "arr[region] = slab (encode + store; waits)": ("__setitem__",),
+            "blosc / lz4 / zstd compress": ("blosc", "lz4", "zstd", "numcodecs"),
             "create/finish group, attrs, metadata": ("create_volume_group", "finish_volume", "update_attributes", "open_group"),
         }
-        say("    wall-time share of the ingest_nifti thread (each sample goes to the innermost matching frame):")
-        share: Counter = Counter()
-        for f, n in main:
-            what = "other (bytearray/np.frombuffer/copies, python)"
-            for frame in reversed(f):
-                hit = next((w for w, subs in parts.items() if any(sub in frame for sub in subs)), None)
-                if hit:
-                    what = hit
-                    break
-            share[what] += n
-        for what in [*parts, "other (bytearray/np.frombuffer/copies, python)"]:
-            say(f"      {100 * share[what] / total:5.1f}%  {what}")
-        self.results[f"profile_{label}"] = {k: v / total for k, v in share.items()}
-        say("    top leaf frames (ingest thread + codec threads; unsymbolized addresses grouped by library):")
-        for f, k in leaf.most_common(10):
-            say(f"      {100 * k / total:5.1f}%  {f}")
+        other = "other (np.empty, copies, python)"
+        if not any(groups["task thread (ingest_nifti)"](f) for f, _ in stacks):
+            say(f"  py-spy {label}: no samples in ingest_nifti")
+            return
+        say(f"  py-spy {label} (100 Hz, both workers; wall-time share per thread; a sample goes to its innermost matching frame):")
+        out: dict[str, dict] = {}
+        for gname, pred in groups.items():
+            sel = [(f, n) for f, n in stacks if pred(f)]
+            total = sum(n for _, n in sel)
+            if not total:
+                continue
+            share: Counter = Counter()
+            for f, n in sel:
+                what = other
+                for frame in reversed(f):
+                    hit = next((w for w, subs in parts.items() if any(sub in frame for sub in subs)), None)
+                    if hit:
+                        what = hit
+                        break
+                share[what] += n
+            say(f"    {gname}: {total} samples")
+            for what, k in share.most_common():
+                if k / total >= 0.01:
+                    say(f"      {100 * k / total:5.1f}%  {what}")
+            out[gname] = {"samples": total, **{k: v / total for k, v in share.items()}}
+        self.results[f"profile_{label}"] = out
 
     # -- main ---------------------------------------------------------------
 
@@ -728,7 +760,8 @@ class Bench:
         n = max(N_PROCS, math.ceil(args.size_gb * 1e9 / 2 / file_bytes))
         n = N_PROCS * math.ceil(n / N_PROCS)  # a multiple of the process count balances the load
         chunks = slab_chunks(tuple(reversed(BASE_SHAPE)), 2)
-        self.results["setup"] = {"n_files": n, "shape": BASE_SHAPE, "chunks": chunks}
+        big_chunks = slab_chunks(tuple(reversed(BIG_SHAPE)), 2)
+        self.results["setup"] = {"n_files": n, "shape": BASE_SHAPE, "chunks": chunks, "big_chunks": big_chunks}
         t_start = time.perf_counter()
         clients: list[Any] = []
         with cf.ProcessPoolExecutor(N_PROCS, mp_context=ctx, initializer=_pool_init) as pool, ctx.Manager() as manager:
@@ -789,7 +822,7 @@ class Bench:
                     ("nib_gz", task_nibabel, gzs, "b nibabel whole file .nii.gz"),
                     ("zlib", task_gunzip_zlib, gzs, "c gzip (zlib) decompress .nii.gz"),
                     ("isal", task_gunzip_isal, gzs, "c isal.igzip decompress .nii.gz"),
-                    ("sha256", task_sha256, nii, "  (info) read + sha256 .nii"),
+                    ("digest", task_digest, nii, f"  (info) read + {digest_name()} digest .nii"),
                 ]
                 wrep = max(1, math.ceil(len(nii) / N_PROCS))
                 for rnd in range(args.repeat):
@@ -810,8 +843,8 @@ class Bench:
                         self.record("t_gz", self.convert_once(gzs, "convert .nii.gz, MALLOC_TRIM_THRESHOLD_=65536", tclient, tpids, ex))
                 if args.profile:
                     say("== py-spy profiles of the workers (extra untimed runs)")
-                    self.profile(nii, "nii", client)
-                    self.profile(gzs, "niigz", client)
+                    self.profile(nii, "nii", client, helpers | tpids)
+                    self.profile(gzs, "niigz", client, helpers | tpids)
             finally:
                 for c in clients:
                     cluster = c.cluster
@@ -848,7 +881,7 @@ class Bench:
 
         read, write = med("raw_read"), med("write")
         combined = comb(read, write)
-        R["limits"] = {k: med(k) for k in ("raw_read", "nib_nii", "nib_gz", "zlib", "isal", "sha256", "write")}
+        R["limits"] = {k: med(k) for k in ("raw_read", "nib_nii", "nib_gz", "zlib", "isal", "digest", "write")}
         R["limits"]["combined"] = combined
 
         cpu = platform.processor() or "?"
@@ -914,15 +947,16 @@ class Bench:
         row("c isal.igzip decompress .nii.gz", med("isal"), "zlib decompress", rr(["isal", "zlib"], lambda i: m("isal", i) / m("zlib", i)))
         row(f"d compressed write ({self.args.codec}) from memory", write)
         row("d LIMIT .nii: raw read + compressed write", combined)
-        row("  (info) read + sha256 .nii", med("sha256"))
-        row("  (info) (read + sha256) + compressed write", comb(med("sha256"), write))
+        dn = digest_name()
+        row(f"  (info) read + {dn} (volnorm's reader) .nii", med("digest"))
+        row(f"  (info) (read + {dn}) + compressed write", comb(med("digest"), write))
         row("  (info) isal decompress + compressed write", comb(med("isal"), write), "isal decompress",
             rr(["isal", "write"], lambda i: comb(m("isal", i), m("write", i)) / m("isal", i)))
         say("-" * W)
         c = self.agg("c_nii")
         row("convert .nii (cluster running)", c["mbps"], "raw read + compressed write",
             rr(["c_nii", "raw_read", "write"], lambda i: m("c_nii", i) / comb(m("raw_read", i), m("write", i))), ">=0.70", c["peak"], c["worker_peak"])
-        row("", None, "(read + sha256) + write", rr(["c_nii", "sha256", "write"], lambda i: m("c_nii", i) / comb(m("sha256", i), m("write", i))))
+        row("", None, f"(read + {dn}) + write", rr(["c_nii", "digest", "write"], lambda i: m("c_nii", i) / comb(m("digest", i), m("write", i))))
         c0 = R["nii_startup"]
         row("convert .nii incl. cluster start-up (1 run)", c0["mbps"], "raw read + compressed write", c0["mbps"] / combined, "", c0["peak"], c0["worker_peak"])
         g = self.agg("c_gz")
@@ -947,6 +981,10 @@ class Bench:
                 f"{fmt_mem(b['worker_peak'])} (x{b['worker_peak'] / c['worker_peak']:.2f}); client process "
                 f"{fmt_mem(c['client_peak'])} -> {fmt_mem(b['client_peak'])}"
             )
+            if tuple(S["big_chunks"]) != tuple(S["chunks"]):
+                say(f"  WARNING: the chunk shapes differ ({tuple(S['chunks'])} vs {tuple(S['big_chunks'])}): memory follows the chunk size")
+            else:
+                say(f"  (both cohorts get chunks {tuple(S['chunks'])}: only the file size differs)")
         say(f"idle tree before convert (client + scheduler + 2 workers): {fmt_mem(c['baseline'])}; "
             f"compression ratio of the converted .nii store {c['stored_ratio']:.2f}")
         say("codec table (one volume, 1 process; the default codec should be the fastest writer at a useful ratio):")
@@ -954,8 +992,10 @@ class Bench:
         for r in R["codecs"]:
             mark = "  <- default" if r["codec"] == DEFAULT_CODEC else ""
             say(f"  {r['codec']:<13} {r['write_mbps']:10.0f} {r['ratio']:6.2f} {r['read_mbps']:15.0f}  {codec_name(r['codec'])}{mark}")
-        say("  ratio = voxel bytes / stored chunk bytes; zarr stores the partial last z-chunk padded to a full chunk,")
-        say("  so 'none' stores more than the voxels (ratio < 1) and the compressors get the zero padding almost free.")
+        say("  ratio = voxel bytes / stored chunk bytes.")
+        if BASE_SHAPE[2] % S["chunks"][0]:
+            say("  zarr stores the partial last z-chunk padded to a full chunk, so 'none' stores more than the voxels")
+            say("  (ratio < 1) and the compressors get the zero padding almost free.")
         say(f"time: {R['seconds_total']:.0f} s in all, {R['seconds_measuring']:.0f} s measuring (the rest: generating or checking the cohorts)")
         say("=" * W)
 

@@ -66,6 +66,7 @@ def _describe_nifti(path: Path) -> tuple[str, dict]:
         "dtype on disk": info.raw_dtype.str,
         "dtype scaled": info.scaled_dtype.name,
         "scaling": {"slope": info.slope, "inter": info.inter},
+        "chunks": list(data.data.chunksize[1:]),
         "voxel size": list(info.zooms),
         "units": list(info.units),
         "affine": info.affine.tolist(),
@@ -78,6 +79,7 @@ def _describe_nifti(path: Path) -> tuple[str, dict]:
         f"  shape       {tuple(info.shape)} (i, j, k[, t]) -> dims {info.dims}",
         f"  dtype       {info.raw_dtype.str} on disk; {info.scaled_dtype.name} after scaling"
         + (f" (slope {info.slope:g}, inter {info.inter:g})" if info.scaled else " (no scaling)"),
+        f"  chunks      {tuple(data.data.chunksize[1:])} by default (whole-plane slabs, ~64 MiB)",
         f"  voxel size  {info.zooms} {info.units[0]}",
         "  affine",
         *_affine_lines(info.affine),
