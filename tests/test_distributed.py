@@ -44,3 +44,15 @@ def test_embedded_cluster_binds_loopback():
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+def test_two_converts_of_the_same_files_on_one_cluster(cohort, cluster_client, tmp_path):
+    """Each output gets its own tasks: concurrent runs must not share work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    outs = [tmp_path / "A.zarr", tmp_path / "B.zarr"]
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda o: vn.convert(cohort, o, scheduler=cluster_client), outs))
+    a, b = (vn.open_zarr(o) for o in outs)
+    xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
+    np.testing.assert_array_equal(a.values, vn.open_nifti(cohort).values)

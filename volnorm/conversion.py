@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from volnorm._utils import format_bytes, normalize_chunks
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
 from volnorm.io.readers import _unique_names
 from volnorm.io.niftizarr import header_json
-from volnorm.io.store import DEFAULT_CODEC, Staging
+from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ def convert(
         for info, name in todo:
             fut = ex.submit(
                 _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes),
-                key=f"ingest-{name}-{staging.plan_digest[:8]}",
+                # unique per output and run: two converts of the same files must not share tasks
+                key=f"ingest-{name}-{uuid.uuid4().hex[:12]}",
             )
             futures[fut] = (info, name)
         bar = None
@@ -210,6 +212,14 @@ def convert(
         raise NiftiError(
             f"{len(failures)} of {len(infos)} inputs failed; the output {store} was not created "
             f"(finished volumes are kept in {staging.path}; re-run to resume):\n{msg}"
+        )
+    # trust nothing the workers said: every volume must be complete in the staging store
+    root = zarr.open_group(staging.path, mode="r", zarr_format=3)
+    missing = [n for n in names if n not in root or not root[n].attrs.get("volnorm", {}).get("complete")]
+    if missing:
+        raise IncompleteStoreError(
+            f"{staging.path}: volumes {missing} are not complete after the run; nothing was committed. "
+            "Another process may be writing the same output; re-run to finish."
         )
     volumes = []
     inputs_meta = []

@@ -114,9 +114,12 @@ def create_volume_group(
         config={"write_empty_chunks": True},
     )
     hb = np.frombuffer(header_bytes, dtype=np.uint8)
-    nif = grp.create_array("nifti", shape=hb.shape, chunks=hb.shape, dtype="uint8", compressors=None, fill_value=0)
+    # attributes at creation: one metadata write (attrs.update writes once per key)
+    nif = grp.create_array(
+        "nifti", shape=hb.shape, chunks=hb.shape, dtype="uint8", compressors=None, fill_value=0,
+        attributes=header_attrs if header_attrs is not None else header_json(header_bytes),
+    )
     nif[:] = hb
-    nif.attrs.update(header_attrs if header_attrs is not None else header_json(header_bytes))
     return grp
 
 
@@ -268,7 +271,9 @@ def ingest_nifti(
     checks the CRC at the end), writes whole chunks as they fill, takes the
     file's BLAKE3 digest (``b3sum`` computes the same), and records min/max
     and NaN/Inf counts. A reader thread prefetches the next slab while this
-    thread compresses and writes the current one; memory: about three slabs.
+    thread compresses and writes the current one; memory: about four chunks
+    (one being read, one queued, one being written and its compressed copy),
+    whatever the file size.
     Runs on a worker; raises ``NiftiError`` naming the file on bad data.
     """
     import zarr
@@ -299,7 +304,7 @@ def ingest_nifti(
     with open(path, "rb", buffering=0) as f:
         hashing = _HashingReader(f)
         stream = _open_stream(hashing, info.compressed)
-        slabs: queue.Queue = queue.Queue(maxsize=2)
+        slabs: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         reader = threading.Thread(
             target=_produce_slabs,
