@@ -238,3 +238,20 @@ def test_file_changed_between_validation_and_read(good, tmp_path):
     staging = vn.io.store.Staging(tmp_path / "x.zarr", {"p": 1}).prepare()
     with pytest.raises(NiftiError, match="changed on disk"):
         ingest_nifti(info, str(staging.path), "good", (25, 41, 33), "lz4")
+
+
+def test_multi_member_gzip_is_valid(good, tmp_path):
+    """bgzip-style files hold several gzip members; the trailer only knows the last one."""
+    raw = good.read_bytes()
+    p = tmp_path / "multi.nii.gz"
+    with open(p, "wb") as f:
+        for part in (raw[:20000], raw[20000:50000], raw[50000:]):
+            f.write(gzip.compress(part, mtime=0))
+    out = tmp_path / "m.zarr"
+    vn.convert([p], out, scheduler="sync")
+    np.testing.assert_array_equal(vn.open_zarr(out).values[0], nib.load(good).get_fdata().T)
+    np.testing.assert_array_equal(vn.open_nifti(p).values[0], nib.load(good).get_fdata().T)
+    # truncating it inside the last member is still caught before anything is written
+    cut = tmp_path / "multicut.nii.gz"
+    cut.write_bytes(p.read_bytes()[:-5000])
+    _assert_refused([cut], r"multicut\.nii\.gz: .*truncated or corrupt", tmp_path)

@@ -309,11 +309,15 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
             f.seek(-4, os.SEEK_END)
             isize = struct.unpack("<I", f.read(4))[0]
         if isize != expected % 2**32:
-            raise _fail(
-                path,
-                f"the gzip trailer records {isize} uncompressed bytes but the header needs "
-                f"{expected}: the file is truncated or corrupt",
-            )
+            # a multi-member gzip (bgzip, concatenated streams) records only its last
+            # member's size: decompress once to tell it from a truncated or corrupt file
+            total = _decompressed_size(path)
+            if total != expected:
+                raise _fail(
+                    path,
+                    f"the gzip data hold {total} uncompressed bytes but the header needs "
+                    f"{expected}: the file is truncated or corrupt",
+                )
     elif st.st_size < expected:
         raise _fail(
             path,
@@ -361,6 +365,22 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
         file_size=st.st_size,
         mtime_ns=st.st_mtime_ns,
     )
+
+
+def _decompressed_size(path: Path) -> int | str:
+    """Decompressed byte count of a gzip file, or a description of why it fails."""
+    from volnorm.io.niftizarr import _Inflater
+
+    total = 0
+    buf = bytearray(16 * 2**20)
+    try:
+        with open(path, "rb") as f:
+            inflater = _Inflater(f)
+            while n := inflater.readinto(buf):
+                total += n
+    except (OSError, EOFError) as e:
+        return f"{total} (then: {e})"
+    return total
 
 
 def header_from_bytes(header_bytes: bytes):
