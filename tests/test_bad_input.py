@@ -255,3 +255,26 @@ def test_multi_member_gzip_is_valid(good, tmp_path):
     cut = tmp_path / "multicut.nii.gz"
     cut.write_bytes(p.read_bytes()[:-5000])
     _assert_refused([cut], r"multicut\.nii\.gz: .*truncated or corrupt", tmp_path)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(cohort, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "c.zarr"
+    lock = tmp_path / ".c.zarr.volnorm-lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "started": "now"}))
+        with pytest.raises(FileExistsError, match=f"another volnorm run \\(pid {sleeper.pid}"):
+            vn.convert(cohort[:1], out, scheduler="sync")
+        assert lock.exists() and not out.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the holder is gone (killed): its lock is stale and taken over
+    vn.convert(cohort[:1], out, scheduler="sync")
+    assert not lock.exists()
+    assert vn.open_zarr(out).sizes["volume"] == 1

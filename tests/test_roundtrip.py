@@ -167,3 +167,41 @@ def test_big_endian_multi_slab_convert(tmp_path):
     a = zarr.open_array(tmp_path / "be.zarr" / "be" / "0", mode="r")
     assert a.chunks == (1, 3, 18, 20)
     np.testing.assert_array_equal(a[:], data.T)
+
+
+@pytest.mark.parametrize("how", ["convert", "to_zarr"])
+def test_all_zero_chunks_are_written_and_verified(tmp_path, how):
+    """Zero slices (padding, masked scans) make all-zero chunks; they must still be stored."""
+    data = np.zeros((10, 12, 8), np.int16)
+    data[:, :, 3] = 7
+    p = tmp_path / "zeros.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), p)
+    out = tmp_path / "z.zarr"
+    if how == "convert":
+        vn.convert(p, out, chunks={"z": 1}, scheduler="sync")
+    else:
+        vn.to_zarr(vn.open_nifti(p, chunks={"z": 1}), out)
+    import zarr
+
+    a = zarr.open_array(out / "zeros" / "0", mode="r")
+    assert a.nchunks == 8 and a.nchunks_initialized == 8
+    np.testing.assert_array_equal(a[:], data.T)
+
+
+def test_a_task_run_twice_rewrites_the_same_group(cohort, tmp_path):
+    from volnorm.io.nifti import read_info
+    from volnorm.io.niftizarr import ingest_nifti
+    from volnorm.io.store import Staging
+
+    info = read_info(cohort[0])
+    staging = Staging(tmp_path / "x.zarr", {"p": 1}).prepare()
+    import zarr
+
+    root = zarr.open_group(staging.path, mode="r+")
+    chunks = (20, 48, 40)
+    first = ingest_nifti(info, str(staging.path), "s", chunks, "lz4")
+    # pretend the first copy had not marked the volume yet, then run it again
+    v = dict(root["s"].attrs["volnorm"]); v["complete"] = False; root["s"].attrs["volnorm"] = v
+    second = ingest_nifti(info, str(staging.path), "s", chunks, "lz4")
+    assert first == second
+    staging.release()

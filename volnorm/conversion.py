@@ -167,6 +167,28 @@ def convert(
         "codec": str(codec),
     }
     staging = Staging(Path(store), plan, overwrite=overwrite, inputs=files).prepare()
+    try:
+        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0)
+    finally:
+        staging.release()
+
+
+def _run(
+    infos: list[NiftiInfo],
+    names: list[str],
+    plan_chunks: dict,
+    staging: Staging,
+    store: Any,
+    codec: Any,
+    scheduler: Any,
+    progress: bool,
+    steps: list | None,
+    t0: float,
+) -> ConvertResult:
+    import sys
+
+    from volnorm.engine import executor
+
     import zarr
 
     root = zarr.open_group(staging.path, mode="r", zarr_format=3)

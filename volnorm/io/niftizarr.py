@@ -93,11 +93,31 @@ def create_volume_group(
     units: Sequence[str],
     attrs: dict | None = None,
 ) -> Any:
-    """Create (or re-create, if incomplete) one NIfTI-Zarr group; returns the group."""
+    """Create one NIfTI-Zarr group; returns the group.
+
+    An incomplete group with the same layout and source is reused rather than
+    deleted, so a task that runs twice (``distributed`` may re-run a task whose
+    worker it lost) rewrites the same bytes instead of pulling the group from
+    under the other copy. Any other incomplete group is re-created.
+    """
     if name in root:
         existing = root[name]
-        if existing.attrs.get("volnorm", {}).get("complete"):
+        v = existing.attrs.get("volnorm", {})
+        if v.get("complete"):
             raise FileExistsError(f"{name}: the volume is already complete in {root.store}")
+        try:
+            a = existing["0"]
+            same = (
+                v.get("source") == (attrs or {}).get("source")
+                and a.shape == tuple(shape)
+                and a.chunks == tuple(chunks)
+                and a.dtype == native(dtype)
+                and group_header(existing) == header_bytes
+            )
+        except (KeyError, ValueError):
+            same = False
+        if same:
+            return existing
         del root[name]
     grp = root.create_group(
         name,
@@ -121,6 +141,16 @@ def create_volume_group(
     )
     nif[:] = hb
     return grp
+
+
+def data_array(grp: Any) -> Any:
+    """The group's voxel array, opened for writing every chunk (even all-zero ones).
+
+    ``write_empty_chunks`` is a runtime setting that zarr forgets when an array
+    is reopened; without it an all-zero chunk is not stored and the
+    completeness check could not tell it from a chunk never written.
+    """
+    return grp["0"].with_config({"write_empty_chunks": True})
 
 
 def finish_volume(grp: Any, name: str, summary: dict) -> None:
@@ -355,7 +385,7 @@ def ingest_nifti(
         units=info.units,
         attrs={"source": {"path": str(path), "size": info.file_size, "mtime_ns": info.mtime_ns}},
     )
-    arr = grp["0"]
+    arr = data_array(grp)
     acc: dict[str, Any] = {"min": None, "max": None, "nan": 0, "posinf": 0, "neginf": 0}
     raw = info.raw_dtype
     with open(path, "rb", buffering=0) as f:

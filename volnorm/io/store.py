@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,11 +176,58 @@ class Staging:
         if not final.parent.is_dir():
             raise FileNotFoundError(f"{final.parent}: the output's parent directory does not exist")
 
+    @property
+    def lock_path(self) -> Path:
+        return self.final.parent / f".{self.final.name}.volnorm-lock"
+
+    def _acquire(self) -> None:
+        """Take the output's lock file; a lock left by a dead process on this host is taken over."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.lock_path.read_text())
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _pid_alive(other.get("pid")):
+                    logger.info("taking over the lock of a run that ended without releasing it: %s", other)
+                    self.lock_path.unlink(missing_ok=True)
+                    continue
+                raise FileExistsError(
+                    f"{self.final}: another volnorm run (pid {other.get('pid')} on {other.get('host')}, "
+                    f"started {other.get('started')}) is writing this output; wait for it to finish, "
+                    f"or delete {self.lock_path} if that run is dead."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._locked = True
+            return
+        raise FileExistsError(f"{self.lock_path}: could not take the lock")
+
+    def release(self) -> None:
+        """Give the output's lock back (after commit, or when the run fails)."""
+        if getattr(self, "_locked", False):
+            self.lock_path.unlink(missing_ok=True)
+            self._locked = False
+
     def prepare(self, root_attrs: dict | None = None) -> "Staging":
-        """Create or resume the staging group; returns self."""
+        """Take the output's lock, then create or resume the staging group; returns self.
+
+        Call :meth:`commit` or :meth:`release` afterwards.
+        """
+        self.check_output()
+        self._acquire()
+        try:
+            return self._prepare(root_attrs)
+        except BaseException:
+            self.release()
+            raise
+
+    def _prepare(self, root_attrs: dict | None) -> "Staging":
         import zarr
 
-        self.check_output()
         if self.path.exists():
             m = read_manifest(self.path)
             if m is None:
@@ -235,7 +283,20 @@ class Staging:
         os.replace(self.path, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.release()
         logger.info("committed %s", self.final)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def verify_array(arr: Any, where: str) -> None:

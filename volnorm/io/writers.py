@@ -225,16 +225,32 @@ def to_zarr(
     >>> vn.open_zarr(out).dims
     ('volume', 't', 'z', 'y', 'x')
     """
-    import zarr
-
-    from volnorm.io.niftizarr import create_volume_group, finish_volume
-
     vols = _volumes(data)
     final = Path(store)
     token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec))
     nifti = _is_nifti_derived(vols)
     plan = {"kind": "cohort" if nifti else "images", "token": token}
     staging = Staging(final, plan, overwrite=overwrite).prepare()
+    try:
+        _write_staged(data, vols, staging, final, nifti, codec, steps, progress)
+    finally:
+        staging.release()
+
+
+def _write_staged(
+    data: xr.DataArray | xr.DataTree,
+    vols: list[tuple[str, xr.DataArray]],
+    staging: Staging,
+    final: Path,
+    nifti: bool,
+    codec: Any,
+    steps: list | None,
+    progress: bool,
+) -> None:
+    import zarr
+
+    from volnorm.io.niftizarr import create_volume_group, data_array, finish_volume
+
     sources: list[dict] = []
     if nifti or isinstance(data, xr.DataTree) or data.ndim >= 4 or "volume" not in getattr(data, "dims", ()):
         root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
@@ -260,7 +276,7 @@ def to_zarr(
                 attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
             )
             arrays.append(raw)
-            targets.append(grp["0"])
+            targets.append(data_array(grp))
         if arrays:
             stored = da.store(arrays, targets, lock=False, compute=False)
             _compute([stored], progress, "write")
