@@ -64,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    # dask.distributed logs every worker start/stop at INFO; show that only with -vv
-    logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose >= 2 else max(level, logging.WARNING))
+    _quiet_distributed(logging.DEBUG if args.verbose >= 2 else max(level, logging.WARNING))
     if args.version:
         import volnorm
 
@@ -79,9 +78,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `volnorm info ... | head`
+        sys.stderr.close()
+        return 0
     except (OSError, ValueError, TypeError) as e:
         print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _quiet_distributed(level: int) -> None:
+    """dask.distributed logs every worker start and stop at INFO; show that only with -vv.
+
+    Its loggers carry their own levels (from dask's config), so each is set.
+    """
+    try:
+        import distributed  # noqa: F401 - creates its loggers
+    except ImportError:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(level)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1) 
     from distributed import Client, LocalCluster
 
     n = n_workers or os.cpu_count() or 1
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV)}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV)}), _workers_ignore_sigint():
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=threads_per_worker,
@@ -49,6 +49,27 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1) 
             silence_logs=logging.WARNING,
         )
     return Client(cluster, set_as_default=False)
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Spawn worker processes with SIGINT ignored (the disposition survives exec).
+
+    Ctrl-C in a terminal goes to the whole process group: the workers would
+    each print a traceback. Only the main process should handle it (the CLI
+    says how to resume) and then close the cluster.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Sync(cf.Executor):

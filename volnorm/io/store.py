@@ -250,7 +250,10 @@ class Staging:
             "complete": False,
             "plan_digest": self.plan_digest,
             "started": now(),
+            "kind": self.plan.get("kind"),
         }
+        if isinstance(self.plan.get("names"), list):
+            manifest["volumes"] = list(self.plan["names"])
         attrs = dict(root_attrs or {})
         attrs["volnorm"] = manifest
         zarr.open_group(self.path, mode="w-", zarr_format=3, attributes=attrs)
