@@ -205,3 +205,15 @@ def test_a_task_run_twice_rewrites_the_same_group(cohort, tmp_path):
     second = ingest_nifti(info, str(staging.path), "s", chunks, "lz4")
     assert first == second
     staging.release()
+
+
+def test_collection_to_zarr_and_back(nib_paths, tmp_path):
+    tree = vn.open_nifti(nib_paths)
+    vn.to_zarr(tree, tmp_path / "t.zarr")
+    back = vn.open_zarr(tmp_path / "t.zarr")
+    assert set(back.children) == set(tree.children)
+    for name in tree.children:
+        a, b = tree[name]["image"], back[name]["image"]
+        assert a.dims == b.dims and a.dtype == b.dtype
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.attrs["affine"], b.attrs["affine"])

@@ -151,7 +151,8 @@ def convert(
 
         data = open_images(files, chunks=chunks)
         to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress)
-        return ConvertResult(Path(store), [], int(data.nbytes), time.perf_counter() - t0, 0, "active dask scheduler")
+        vol = {"name": "image", "shape": list(data.shape), "stats": {"dtype": data.dtype.name}}
+        return ConvertResult(Path(store), [vol], int(data.nbytes), time.perf_counter() - t0, 0, "the active dask scheduler")
 
     infos = validate_inputs(files)
     names = _unique_names(infos)
