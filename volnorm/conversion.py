@@ -41,7 +41,7 @@ class ConvertResult:
             + (f"; {self.resumed} already done by an interrupted run" if self.resumed else ""),
         ]
         width = max(len(v["name"]) for v in self.volumes) if self.volumes else 4
-        lines.append(f"  {'volume':<{width}}  {'shape':<22} {'dtype':<8} {'min':>10} {'max':>10}  non-finite")
+        lines.append(f"  {'volume':<{width}}  {'shape':<22} {'dtype':<8} {'min (raw)':>10} {'max (raw)':>10}  non-finite")
         for v in self.volumes[:20]:
             s = v.get("stats", {})
             bad = s.get("nan", 0) + s.get("posinf", 0) + s.get("neginf", 0)
