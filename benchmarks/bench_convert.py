@@ -835,7 +835,7 @@ class Bench:
                     ex = helpers | tpids
                     self.record("c_nii", self.convert_once(nii, "convert .nii", client, pids, ex))
                     if big:
-                        self.record("c_big", self.convert_once(big, f"convert .nii, 2x larger files", client, pids, ex))
+                        self.record("c_big", self.convert_once(big, "convert .nii, 2x larger files", client, pids, ex))
                     self.record("c_gz", self.convert_once(gzs, "convert .nii.gz", client, pids, ex))
                     if tclient is not None:
                         ex = helpers | pids

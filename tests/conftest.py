@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ def cohort(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def cluster_client():
     """A real process-based distributed cluster (2 workers), as on a laptop."""
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")
     from volnorm.engine import local_cluster
 
     client = local_cluster(2)

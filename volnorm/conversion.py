@@ -137,7 +137,6 @@ def convert(
     """
     import sys
 
-    from volnorm.engine import executor
 
     t0 = time.perf_counter()
     files = expand_paths(inputs, suffixes=(".nii", ".nii.gz", ".png", ".tif", ".tiff", ".npy", ".jpg"), what="input")

@@ -15,7 +15,6 @@ import io
 import queue
 import threading
 import logging
-import math
 import os
 import shutil
 from collections.abc import Sequence

@@ -19,7 +19,7 @@ from dask.base import tokenize
 import numpy as np
 import xarray as xr
 
-from volnorm._utils import DEFAULT_CHUNK_BYTES, native, normalize_chunks, slab_chunks
+from volnorm._utils import native, normalize_chunks
 from volnorm.io.nifti import NiftiArray, NiftiInfo, apply_scaling, expand_paths, header_from_bytes, read_info
 from volnorm.io.store import IncompleteStoreError, read_manifest, staging_path
 

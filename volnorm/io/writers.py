@@ -17,7 +17,7 @@ import xarray as xr
 
 from volnorm._utils import native, slab_chunks
 from volnorm.io.nifti import SUPPORTED_DTYPES, apply_scaling, header_from_bytes, scaled_dtype
-from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, compressors, read_manifest, verify_array
+from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, compressors, verify_array
 
 logger = logging.getLogger(__name__)
 
