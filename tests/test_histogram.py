@@ -98,3 +98,44 @@ def test_bad_arguments(images):
         histogram(xr.DataArray(np.full((2, 3), np.nan)))
     with pytest.raises(ValueError, match="has 5 along 'y'"):
         histogram(images, mask=xr.DataArray(np.ones((5, 300), bool), dims=("y", "x")))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+    cz=st.integers(1, 9),
+    nan_frac=st.floats(0, 0.3),
+    use_mask=st.booleans(),
+)
+def test_properties_counts_and_chunk_invariance(seed, shape, cz, nan_frac, use_mask):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(0, 10, shape)
+    v[rng.random(shape) < nan_frac] = np.nan
+    x = xr.DataArray(v, dims=("volume", "y", "x"))
+    mask = xr.DataArray(rng.random(shape[1:]) > 0.3, dims=("y", "x")) if use_mask else None
+    one = histogram(x, bins=17, range=(-15, 15), mask=mask).compute()
+    chunked = histogram(x.chunk({"volume": 1, "y": cz}), bins=17, range=(-15, 15), mask=mask).compute()
+    xr.testing.assert_identical(one, chunked)
+    # every voxel lands in exactly one counter
+    extras = sum(int(one[f"n_{k}"]) for k in ("nan", "posinf", "neginf", "below", "above", "masked_out"))
+    assert int(one.sum()) + extras == v.size
+    # merge: the per-volume histograms add up to the whole
+    per = histogram(x, bins=17, range=(-15, 15), dim=("y", "x"), mask=mask).compute()
+    np.testing.assert_array_equal(per.sum("volume").values, one.values)
+
+
+@pytest.mark.slow
+def test_same_histogram_on_a_distributed_cluster(images, cluster_client):
+    x = images.chunk({"volume": 1, "y": 100})
+    local = histogram(x, dim=("y", "x")).compute(scheduler="threads")
+    remote = cluster_client.compute(histogram(x, dim=("y", "x"))).result()
+    xr.testing.assert_identical(local, remote)
+    f = (images.astype("float32") / 3).chunk({"volume": 1})
+    xr.testing.assert_identical(
+        histogram(f, bins=100).compute(scheduler="sync"),
+        cluster_client.compute(histogram(f, bins=100)).result(),
+    )
