@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from volnorm import datasets
 from volnorm._utils import VolnormWarning
 from volnorm.histogram import histogram
+from volnorm.stats import quantile
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -24,6 +25,7 @@ __all__ = [
     "convert",
     "datasets",
     "histogram",
+    "quantile",
     "open_images",
     "open_nifti",
     "open_zarr",

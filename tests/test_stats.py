@@ -1,0 +1,69 @@
+"""Quantiles equal numpy's on real data: exact for integers, exact after refinement for floats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings, strategies as st
+from skimage import data as skdata
+
+import volnorm as vn
+
+QS = [0.0, 0.02, 0.25, 0.5, 0.731, 0.98, 1.0]
+
+
+@pytest.fixture(scope="module")
+def images() -> xr.DataArray:
+    ims = [im[:300, :300] for im in (skdata.camera(), skdata.moon(), skdata.coins())]
+    return xr.DataArray(np.stack(ims), dims=("volume", "y", "x"))
+
+
+@pytest.mark.parametrize("chunks", [None, {"volume": 1, "y": 64}])
+def test_integer_quantiles_exact_every_dim(images, chunks):
+    x = images if chunks is None else images.chunk(chunks)
+    np.testing.assert_array_equal(vn.quantile(x, QS).values, np.quantile(images.values, QS))
+    per = vn.quantile(x, QS, dim=("y", "x")).values
+    for i in range(3):
+        np.testing.assert_array_equal(per[i], np.quantile(images.values[i], QS))
+
+
+def test_nifti_scaled_float_quantiles_exact_with_mask():
+    f = vn.datasets.nibabel_files()["functional.nii"]
+    x = vn.open_nifti(f, chunks={"t": 3})
+    v = x.values
+    mask = xr.DataArray(v[0, 0] > 2000, dims=("z", "y", "x"))
+    got = vn.quantile(x, QS, mask=mask)
+    ref = np.quantile(v[0][:, mask.values], QS)
+    np.testing.assert_array_equal(got.values, ref)
+    assert got.attrs["max_error"] == 0.0
+
+
+def test_float_per_volume_reports_its_error_bound(images):
+    f = images.astype("float32") / 3.3
+    got = vn.quantile(f, QS, dim=("y", "x"))
+    assert got.attrs["max_error"] > 0
+    for i in range(3):
+        ref = np.quantile(f.values[i].astype(np.float64), QS)
+        assert np.all(np.abs(got.values[i] - ref) <= got.attrs["max_error"])
+
+
+@settings(deadline=None, max_examples=40)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 400), nan=st.booleans(), q=st.lists(st.floats(0, 1), min_size=1, max_size=5))
+def test_float_quantiles_exact_and_chunk_invariant(seed, n, nan, q):
+    rng = np.random.default_rng(seed)
+    v = rng.standard_cauchy(n)  # long tails
+    if nan and n > 1:
+        v[rng.integers(0, n)] = np.nan
+    x = xr.DataArray(v, dims="x")
+    ref = np.nanquantile(v, q)
+    np.testing.assert_array_equal(vn.quantile(x, q).values, ref)
+    np.testing.assert_array_equal(vn.quantile(x.chunk({"x": 7}), q).values, ref)
+
+
+def test_bad_q_and_empty(images):
+    with pytest.raises(ValueError, match=r"`q` must be in \[0, 1\]"):
+        vn.quantile(images, 50)
+    empty = xr.DataArray(np.zeros((300, 300), bool), dims=("y", "x"))
+    with pytest.raises(ValueError, match="no valid voxel"):
+        vn.quantile(images, 0.5, mask=empty)
