@@ -67,3 +67,36 @@ def test_bad_q_and_empty(images):
     empty = xr.DataArray(np.zeros((300, 300), bool), dims=("y", "x"))
     with pytest.raises(ValueError, match="no valid voxel"):
         vn.quantile(images, 0.5, mask=empty)
+
+
+@pytest.mark.parametrize("chunks", [None, {"volume": 1, "y": 50}])
+def test_summarize_equals_numpy(images, chunks):
+    f = images.astype("float32").values.copy()
+    f[0, 0, 0] = np.nan
+    f[1, 1, 1] = np.inf
+    x = xr.DataArray(f, dims=images.dims)
+    x = x if chunks is None else x.chunk(chunks)
+    s = vn.summarize(x, quantiles=[0.5])
+    fin = f[np.isfinite(f)].astype(np.float64)
+    assert int(s["count"]) == fin.size and int(s["n_nan"]) == 1 and int(s["n_posinf"]) == 1
+    np.testing.assert_allclose(float(s["mean"]), fin.mean(), rtol=1e-12)
+    np.testing.assert_allclose(float(s["var"]), fin.var(), rtol=1e-10)
+    assert float(s["min"]) == fin.min() and float(s["max"]) == fin.max()
+    assert float(s["q0.5"]) == np.median(fin)
+    assert "mean" in repr(s) and "statistic" in repr(s)
+    per = vn.summarize(x, dim=("y", "x"), quantiles=())
+    for i in range(3):
+        v = f[i][np.isfinite(f[i])].astype(np.float64)
+        np.testing.assert_allclose(per["std"].values[i], v.std(), rtol=1e-10)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 300), k=st.integers(1, 50), offset=st.sampled_from([0.0, 1e6, -3e8]))
+def test_moments_merge_is_exact_and_chunk_invariant(seed, n, k, offset):
+    v = np.random.default_rng(seed).normal(offset, 1.0, n)
+    x = xr.DataArray(v, dims="x")
+    a = vn.summarize(x, quantiles=())
+    b = vn.summarize(x.chunk({"x": k}), quantiles=())
+    np.testing.assert_allclose(float(b["mean"]), v.mean(), rtol=1e-13, atol=1e-9)
+    np.testing.assert_allclose(float(b["var"]), v.var(), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(float(a["var"]), float(b["var"]), rtol=1e-7, atol=1e-9)

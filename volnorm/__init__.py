@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from volnorm import datasets
 from volnorm._utils import VolnormWarning
 from volnorm.histogram import histogram
-from volnorm.stats import quantile
+from volnorm.stats import Summary, quantile, summarize
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -26,6 +26,8 @@ __all__ = [
     "datasets",
     "histogram",
     "quantile",
+    "summarize",
+    "Summary",
     "open_images",
     "open_nifti",
     "open_zarr",

@@ -92,3 +92,54 @@ def minmax_float(x, out):  # pragma: no cover - compiled
                 hi = v
     out[0] = lo
     out[1] = hi
+
+
+#: Columns of :func:`moments`' output.
+MOMENTS = ("count", "mean", "m2", "min", "max", "nan", "posinf", "neginf", "masked_out")
+
+
+@numba.njit(nogil=True, cache=True)
+def moments(x, out, m=None):  # pragma: no cover - compiled
+    """Per row of ``x`` (rows, n): count, mean, M2 (Welford, float64), min, max of the finite
+    unmasked values, and the NaN/+Inf/-Inf/masked-out counts, into ``out`` (rows, 9)."""
+    for r in range(x.shape[0]):
+        xr = x[r]
+        n = 0.0
+        mean = 0.0
+        m2 = 0.0
+        lo = np.inf
+        hi = -np.inf
+        nan = 0
+        pinf = 0
+        ninf = 0
+        masked = 0
+        for i in range(xr.shape[0]):
+            if m is not None and not m[r, i]:
+                masked += 1
+                continue
+            v = np.float64(xr[i])
+            if v != v:
+                nan += 1
+            elif v == np.inf:
+                pinf += 1
+            elif v == -np.inf:
+                ninf += 1
+            else:
+                n += 1.0
+                d = v - mean
+                mean += d / n
+                m2 += d * (v - mean)
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
+        o = out[r]
+        o[0] = n
+        o[1] = mean
+        o[2] = m2
+        o[3] = lo
+        o[4] = hi
+        o[5] = nan
+        o[6] = pinf
+        o[7] = ninf
+        o[8] = masked

@@ -90,6 +90,48 @@ def value_range(data: xr.DataArray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def prepare(
+    data: xr.DataArray, kept: tuple, reduced: tuple, mask: xr.DataArray | None
+) -> tuple[xr.DataArray, list[da.Array]]:
+    """Transpose to (kept..., reduced...), check and align the mask; dask arrays with unified chunks."""
+    x = data.transpose(*kept, *reduced)
+    xa = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=-1)
+    if mask is None:
+        return x, [xa]
+    if not isinstance(mask, xr.DataArray):
+        raise TypeError(f"`mask` must be a boolean xarray.DataArray; got {type(mask).__name__}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"`mask` must be boolean; got dtype {mask.dtype}")
+    extra = [d for d in mask.dims if d not in data.dims]
+    if extra:
+        raise ValueError(f"`mask` has dims {extra!r} that the data do not have (data dims {data.dims!r})")
+    for d in mask.dims:
+        if mask.sizes[d] != data.sizes[d]:
+            raise ValueError(f"`mask` has {mask.sizes[d]} along {d!r} but the data have {data.sizes[d]}")
+    m = mask.broadcast_like(x).transpose(*x.dims)
+    ma = m.data if isinstance(m.data, da.Array) else da.from_array(np.asarray(m.data))
+    _, (xa, ma) = da.core.unify_chunks(xa, tuple(range(xa.ndim)), ma, tuple(range(ma.ndim)))
+    return x, [xa, ma]
+
+
+def per_block(func: Any, args: list[da.Array], nkept: int, width: int, dtype: Any, token: Any) -> da.Array:
+    """Map ``func(x_block[, mask_block])`` over the chunks; each result keeps the kept axes,
+    shrinks every reduced axis to 1 and adds a last axis of ``width`` (one GIL-free call per chunk)."""
+    ndim = args[0].ndim
+    ind = tuple(range(ndim))
+    pairs: list[Any] = []
+    for a in args:
+        pairs += [a, ind]
+    return da.blockwise(
+        func, ind + (ndim,), *pairs,
+        new_axes={ndim: width},
+        adjust_chunks={i: 1 for i in ind[nkept:]},
+        dtype=dtype,
+        meta=np.empty((0,) * (ndim + 1), dtype=dtype),
+        name=f"{getattr(func, '__name__', 'block')}-{dask.base.tokenize(*args, nkept, width, token)}",
+    )
+
+
 def histogram(
     data: xr.DataArray,
     *,
@@ -178,46 +220,15 @@ def histogram(
         lower, upper = edges[:-1], edges[1:]
         centers = (lower + upper) / 2
 
-    # arrange dims: kept first, then reduced; align the mask
-    x = data.transpose(*kept, *reduced)
-    m = None
-    if mask is not None:
-        if not isinstance(mask, xr.DataArray):
-            raise TypeError(f"`mask` must be a boolean xarray.DataArray; got {type(mask).__name__}")
-        if mask.dtype != np.bool_:
-            raise TypeError(f"`mask` must be boolean; got dtype {mask.dtype}")
-        extra = [d for d in mask.dims if d not in data.dims]
-        if extra:
-            raise ValueError(f"`mask` has dims {extra!r} that the data do not have (data dims {data.dims!r})")
-        for d in mask.dims:
-            if mask.sizes[d] != data.sizes[d]:
-                raise ValueError(f"`mask` has {mask.sizes[d]} along {d!r} but the data have {data.sizes[d]}")
-        m = mask.broadcast_like(x).transpose(*x.dims)
-    xa = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=-1)
-    args: list[Any] = [xa]
-    if m is not None:
-        ma = m.data if isinstance(m.data, da.Array) else da.from_array(np.asarray(m.data))
-        xa, ma = da.core.unify_chunks(xa, tuple(_range(xa.ndim)), ma, tuple(_range(ma.ndim)))[1]
-        args = [xa, ma]
-    ind = tuple(_range(xa.ndim))
+    x, args = prepare(data, kept, reduced, mask)
     nk = len(kept)
-    width = nbins + _kernels.NEXTRA
 
     def block(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
         return _block_hist(xb, mb, nkept=nk, kind=kind, lo=lo, edges=edges, nbins=nbins)
 
-    blockwise_args: list[Any] = []
-    for a in args:
-        blockwise_args += [a, ind]
-    parts = da.blockwise(
-        block, ind + (xa.ndim,), *blockwise_args,
-        new_axes={xa.ndim: width},
-        adjust_chunks={i: 1 for i in ind[nk:]},
-        dtype=np.int64,
-        meta=np.empty((0,) * (xa.ndim + 1), dtype=np.int64),
-        name=f"histogram-{dask.base.tokenize(*args, kind, lo, edges, nbins, nk)}",
-    )
-    total = parts.sum(axis=tuple(_range(nk, xa.ndim)), dtype=np.int64)
+    parts = per_block(block, args, nk, nbins + _kernels.NEXTRA, np.int64, token=(kind, lo, edges, nbins))
+    xa = args[0]
+    total = parts.sum(axis=tuple(_range(nk, xa.ndim)), dtype=np.int64)  # the tree reduction
     counts = total[..., :nbins]
     coords: dict[Hashable, Any] = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
     coords.update(

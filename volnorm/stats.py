@@ -140,3 +140,119 @@ def _refine(data, mask, h, counts, nlo, b_lo, b_hi, r_lo, r_hi):
         return out
 
     return at(b_lo, r_lo), at(b_hi, r_hi)
+
+
+# ---------------------------------------------------------------------------
+# moments: one pass, merged exactly (Chan et al.) across chunks
+# ---------------------------------------------------------------------------
+
+
+def _block_moments(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int) -> np.ndarray:
+    from volnorm import _kernels
+
+    kshape = xb.shape[:nkept]
+    rows = math.prod(kshape)
+    x2 = np.ascontiguousarray(xb).reshape(rows, -1)
+    m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
+    out = np.zeros((rows, len(_kernels.MOMENTS)), dtype=np.float64)
+    _kernels.moments(x2, out, m2)
+    return out.reshape(kshape + (1,) * (xb.ndim - nkept) + (len(_kernels.MOMENTS),))
+
+
+def _merge(parts: np.ndarray) -> np.ndarray:
+    """Merge moment rows along axis 0 (Chan's parallel update; float64)."""
+    acc = parts[0].copy()
+    for p in parts[1:]:
+        na, nb = acc[..., 0], p[..., 0]
+        n = na + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = p[..., 1] - acc[..., 1]
+            w = np.where(n > 0, nb / n, 0.0)
+            acc[..., 1] = acc[..., 1] + delta * w
+            acc[..., 2] = acc[..., 2] + p[..., 2] + np.where(n > 0, delta * delta * na * w, 0.0)
+        acc[..., 0] = n
+        acc[..., 3] = np.minimum(acc[..., 3], p[..., 3])
+        acc[..., 4] = np.maximum(acc[..., 4], p[..., 4])
+        acc[..., 5:] += p[..., 5:]
+    return acc
+
+
+class Summary(xr.Dataset):
+    """Statistics of :func:`summarize`: an ``xarray.Dataset`` that prints as a table."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        if any(self[v].ndim for v in self.data_vars):
+            return xr.Dataset.__repr__(self)
+        width = max(len(str(v)) for v in self.data_vars)
+        lines = [f"{'statistic':<{width}}  value"]
+        for v in self.data_vars:
+            val = self[v].item()
+            lines.append(f"{v!s:<{width}}  {val:.6g}" if isinstance(val, float) else f"{v!s:<{width}}  {val}")
+        return "\n".join(lines)
+
+
+def summarize(
+    data: xr.DataArray,
+    *,
+    dim: Hashable | Sequence[Hashable] | None = None,
+    mask: xr.DataArray | None = None,
+    quantiles: Sequence[float] = (0.02, 0.25, 0.5, 0.75, 0.98),
+) -> Summary:
+    """Count, min, max, mean, variance, std and quantiles over ``dim`` in one object.
+
+    Moments come from one GIL-free pass merged exactly across chunks (Welford
+    within a chunk, Chan's update between chunks, float64); quantiles come
+    from :func:`quantile`. NaN, ±Inf and masked-out voxels are excluded and
+    counted. Computes: one pass for the moments plus the quantile passes
+    (pass ``quantiles=()`` to skip them).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> s = vn.summarize(xr.DataArray(np.array([1.0, 2.0, 3.0, np.nan]), dims="x"), quantiles=[0.5])
+    >>> float(s["mean"]), int(s["count"]), int(s["n_nan"]), float(s["q0.5"])
+    (2.0, 3, 1, 2.0)
+    """
+    from volnorm import _kernels
+    from volnorm.histogram import _dims, per_block, prepare
+
+    if not isinstance(data, xr.DataArray):
+        raise TypeError(f"`data` must be an xarray.DataArray; got {type(data).__name__}")
+    kept, reduced = _dims(data, dim)
+    x, args = prepare(data, kept, reduced, mask)
+    nk = len(kept)
+
+    def block(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
+        return _block_moments(xb, mb, nkept=nk)
+
+    parts = per_block(block, args, nk, len(_kernels.MOMENTS), np.float64, token="moments")
+    arr = np.asarray(parts.compute())
+    red_axes = tuple(range(nk, arr.ndim - 1))
+    flat = np.moveaxis(arr, red_axes, tuple(range(len(red_axes)))).reshape(-1, *arr.shape[:nk], arr.shape[-1])
+    m = _merge(flat)
+    count = m[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.where(count > 0, m[..., 2] / count, np.nan)
+    nanify = count == 0
+    coords = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
+    out = {
+        "count": (kept, count.astype(np.int64)),
+        "min": (kept, np.where(nanify, np.nan, m[..., 3])),
+        "max": (kept, np.where(nanify, np.nan, m[..., 4])),
+        "mean": (kept, np.where(nanify, np.nan, m[..., 1])),
+        "var": (kept, var),
+        "std": (kept, np.sqrt(var)),
+        "n_nan": (kept, m[..., 5].astype(np.int64)),
+        "n_posinf": (kept, m[..., 6].astype(np.int64)),
+        "n_neginf": (kept, m[..., 7].astype(np.int64)),
+        "n_masked_out": (kept, m[..., 8].astype(np.int64)),
+    }
+    if len(quantiles) and not np.all(count > 0):
+        raise ValueError("no valid voxel (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
+    if len(quantiles):
+        qv = quantile(data, list(quantiles), dim=dim, mask=mask)
+        for i, qq in enumerate(quantiles):
+            out[f"q{qq:g}"] = (kept, qv.isel(quantile=i).values)
+    return Summary(out, coords=coords)
