@@ -12,6 +12,7 @@ from volnorm import datasets
 from volnorm._utils import VolnormWarning
 from volnorm.histogram import histogram
 from volnorm.stats import Summary, quantile, summarize
+from volnorm.threshold import threshold
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -27,6 +28,7 @@ __all__ = [
     "histogram",
     "quantile",
     "summarize",
+    "threshold",
     "Summary",
     "open_images",
     "open_nifti",

@@ -1,0 +1,161 @@
+"""Thresholds as functions of a histogram, so they are dataset-wide (or per ``dim``) for free."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Hashable, Sequence
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+
+from volnorm.histogram import histogram
+
+Method = Literal["otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile"]
+METHODS: tuple[str, ...] = ("otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile")
+
+
+def _triangle(counts: np.ndarray, centers: np.ndarray) -> float:
+    """scikit-image's ``threshold_triangle`` on a histogram (same steps)."""
+    nz = np.flatnonzero(counts)
+    counts, centers = counts[nz[0] : nz[-1] + 1], centers[nz[0] : nz[-1] + 1]
+    hist = counts.astype(np.float64)
+    nbins = len(hist)
+    arg_peak = int(np.argmax(hist))
+    peak = hist[arg_peak]
+    lo_arg, hi_arg = np.flatnonzero(hist)[[0, -1]]
+    if lo_arg == hi_arg:
+        return float(centers[0])
+    flip = arg_peak - lo_arg < hi_arg - arg_peak
+    if flip:
+        hist = hist[::-1]
+        lo_arg = nbins - hi_arg - 1
+        arg_peak = nbins - arg_peak - 1
+    width = arg_peak - lo_arg
+    x1 = np.arange(width)
+    y1 = hist[x1 + lo_arg]
+    norm = np.sqrt(peak**2 + width**2)
+    length = (peak / norm) * x1 - (width / norm) * y1
+    arg_level = int(np.argmax(length)) + lo_arg
+    if flip:
+        arg_level = nbins - arg_level - 1
+    return float(centers[arg_level])
+
+
+def _li(counts: np.ndarray, centers: np.ndarray) -> float:
+    """Li's minimum cross entropy, iterated on the histogram as scikit-image does for integers."""
+    nz = np.flatnonzero(counts)
+    counts, centers = counts[nz[0] : nz[-1] + 1].astype(np.float32), centers[nz[0] : nz[-1] + 1]
+    if len(centers) == 1:
+        return float(centers[0])
+    lo = centers[0]
+    c = centers - lo
+    tolerance = float(np.min(np.diff(c))) / 2
+    t_next = float(np.sum(counts * c) / np.sum(counts))
+    t_curr = -2 * tolerance
+    while abs(t_next - t_curr) > tolerance:
+        t_curr = t_next
+        fg = c > t_curr
+        mean_fore = np.average(c[fg], weights=counts[fg])
+        mean_back = np.average(c[~fg], weights=counts[~fg])
+        if mean_back == 0:
+            break
+        t_next = (mean_back - mean_fore) / (np.log(mean_back) - np.log(mean_fore))
+    return float(t_next + lo)
+
+
+def _one(method: str, counts: np.ndarray, centers: np.ndarray, classes: int) -> np.ndarray:
+    from skimage import filters
+
+    # scikit-image histograms an image over its own min..max: drop empty end bins the same way
+    nz = np.flatnonzero(counts)
+    counts, centers = counts[nz[0] : nz[-1] + 1], centers[nz[0] : nz[-1] + 1]
+    hist = (counts, centers)
+    if method == "otsu":
+        return np.atleast_1d(filters.threshold_otsu(hist=hist))
+    if method == "multiotsu":
+        return np.asarray(filters.threshold_multiotsu(classes=classes, hist=hist), dtype=np.float64)
+    if method == "yen":
+        return np.atleast_1d(filters.threshold_yen(hist=hist))
+    if method == "isodata":
+        return np.atleast_1d(filters.threshold_isodata(hist=hist))
+    if method == "minimum":
+        return np.atleast_1d(filters.threshold_minimum(hist=hist))
+    if method == "triangle":
+        return np.atleast_1d(_triangle(counts, centers))
+    if method == "li":
+        return np.atleast_1d(_li(counts, centers))
+    raise AssertionError(method)
+
+
+def threshold(
+    data: xr.DataArray,
+    method: Method = "otsu",
+    *,
+    dim: Hashable | Sequence[Hashable] | None = None,
+    mask: xr.DataArray | None = None,
+    bins: int | None = None,
+    classes: int = 3,
+    q: float = 0.5,
+) -> xr.DataArray:
+    """A threshold over ``dim``, computed from the histogram of ``data``.
+
+    ``otsu``, ``multiotsu``, ``yen``, ``isodata`` and ``minimum`` call
+    scikit-image's functions with ``hist=`` our exact histogram, so the values
+    are scikit-image's for the same histogram; ``triangle`` and ``li`` run
+    scikit-image's steps on the histogram; ``mean`` is the mean of the valid
+    voxels; ``percentile`` is :func:`volnorm.quantile` at ``q``.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+    method : str
+        One of ``METHODS``.
+    dim, mask
+        As in :func:`volnorm.histogram`.
+    bins : int, optional
+        Histogram bins (default: one per integer value, 256 for floats).
+    classes : int
+        For ``multiotsu``.
+    q : float
+        For ``percentile``, in [0, 1].
+
+    Returns
+    -------
+    xarray.DataArray
+        float64 over the kept dims (plus ``threshold`` for ``multiotsu``).
+        Computes: a range pass (floats) and a histogram pass.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([10] * 50 + [200] * 50, dtype="uint8"), dims="x")
+    >>> 10 < float(vn.threshold(x, "otsu")) < 200
+    True
+    """
+    if method not in METHODS:
+        hint = difflib.get_close_matches(str(method), METHODS, n=1)
+        raise ValueError(
+            f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}."
+            + (f" Did you mean {hint[0]!r}?" if hint else "")
+        )
+    if method == "percentile":
+        from volnorm.stats import quantile
+
+        return quantile(data, q, dim=dim, mask=mask).rename("threshold")
+    if method == "mean":
+        from volnorm.stats import summarize
+
+        return summarize(data, dim=dim, mask=mask, quantiles=())["mean"].rename("threshold")
+    h = histogram(data, bins=bins, dim=dim, mask=mask).compute()
+    kept = h.dims[:-1]
+    centers = h["bin"].values
+    counts = h.values.reshape(-1, h.sizes["bin"])
+    if np.any(counts.sum(axis=1) == 0):
+        raise ValueError("no valid voxel to threshold (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
+    vals = np.stack([_one(method, c, centers, classes) for c in counts])
+    shape = tuple(h.sizes[d] for d in kept)
+    coords = {k: v for k, v in h.coords.items() if set(v.dims) <= set(kept) and not str(k).startswith("n_")}
+    if method == "multiotsu":
+        return xr.DataArray(vals.reshape(shape + (vals.shape[-1],)), dims=(*kept, "threshold"), coords=coords, name="threshold")
+    return xr.DataArray(vals.reshape(shape), dims=kept, coords=coords, name="threshold")
