@@ -50,3 +50,26 @@ def test_bad_input_exit_code(tmp_path, capsys):
     assert main(["convert", str(bad), str(tmp_path / "o.zarr"), "--scheduler", "sync"]) == 1
     err = capsys.readouterr().err
     assert "bad.nii: not a NIfTI file" in err and "Traceback" not in err
+
+
+def test_stats_and_threshold_commands(cohort, tmp_path, capsys):
+    import numpy as np
+    from skimage.filters import threshold_otsu
+
+    assert main(["stats", *map(str, cohort[:3]), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    data = np.stack([nib.load(p).get_fdata() for p in cohort[:3]])
+    assert facts["data_vars"]["count"]["data"] == data.size
+    assert facts["data_vars"]["q0.5"]["data"] == np.median(data)
+    assert main(["stats", *map(str, cohort[:3]), "--per", "volume"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:2] == ["volume", "count"] and len(out.splitlines()) == 4
+    assert main(["threshold", str(cohort[0]), "--method", "otsu"]) == 0
+    want = threshold_otsu(nib.load(cohort[0]).dataobj.get_unscaled())
+    assert capsys.readouterr().out.strip() == f"otsu threshold: {float(want):.6g}"
+    assert main(["threshold", str(cohort[0]), "--method", "ostu"]) == 1
+    assert "Did you mean 'otsu'" in capsys.readouterr().err
+    store = tmp_path / "c.zarr"
+    vn.convert(cohort[:2], store, scheduler="sync")
+    assert main(["stats", str(store), "--per", "slice"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 2 * nib.load(cohort[0]).shape[2]

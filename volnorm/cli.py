@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("output", help="a .nii/.nii.gz file for one volume, or a folder")
     e.add_argument("--overwrite", action="store_true")
 
+    st = sub.add_parser("stats", help="exact statistics: count, min, max, mean, std, quantiles")
+    st.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
+    st.add_argument("--per", choices=["volume", "slice"], default=None, help="one row per volume or per slice (default: the whole dataset)")
+    st.add_argument("--mask", default=None, help="a NIfTI mask on the same grid (non-zero = inside)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    th = sub.add_parser("threshold", help="a threshold computed from the exact histogram")
+    th.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
+    th.add_argument("--method", default="otsu", help="otsu, multiotsu, li, yen, triangle, isodata, mean, minimum, percentile")
+    th.add_argument("--per", choices=["volume", "slice"], default=None)
+    th.add_argument("--mask", default=None)
+    th.add_argument("--classes", type=int, default=3, help="for multiotsu")
+    th.add_argument("--q", type=float, default=0.5, help="for percentile, in [0, 1]")
+    th.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="convert sample MRI data shipped with nibabel plus a generated cohort")
     d.add_argument("--out", default="volnorm-demo", help="folder for the sample files and the store (default ./volnorm-demo)")
     d.add_argument("--subjects", type=int, default=8, help="generated phantom subjects (default 8)")
@@ -74,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"convert": _convert, "info": _info, "export": _export, "demo": _demo}[args.command](args)
+        commands = {"convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -138,6 +154,75 @@ def _export(args: argparse.Namespace) -> int:
     written = vn.to_nifti(vn.open_zarr(args.store), args.output, overwrite=args.overwrite)
     for w in written:
         print(w)
+    return 0
+
+
+def _open_for_stats(paths: list[str], mask_path: str | None, per: str | None):
+    """(data, mask, dim) for the stats/threshold commands; collections need --per volume."""
+    import xarray as xr
+
+    import volnorm as vn
+
+    if len(paths) == 1 and (Path(paths[0]) / "zarr.json").exists():
+        data = vn.open_zarr(paths[0])
+    else:
+        data = vn.open_nifti(paths)
+    if isinstance(data, xr.DataTree):
+        raise ValueError(
+            "the volumes have different shapes (a collection): dataset-wide statistics over a collection "
+            "are not available from the command line yet; use --per volume on each file"
+        )
+    mask = None
+    if mask_path is not None:
+        m = vn.open_nifti(mask_path, scaled=False).isel(volume=0, drop=True)
+        mask = (m != 0).compute()
+        mask = mask.drop_vars([c for c in mask.coords if c not in mask.dims])
+    spatial = tuple(d for d in data.dims if d != "volume")
+    dim = {None: None, "volume": spatial, "slice": ("y", "x")}[per]
+    return data, mask, dim
+
+
+def _table(ds, kept) -> str:
+    """A plain text table: one row per index of the kept dims, one column per statistic."""
+    import numpy as np
+
+    cols = list(ds.data_vars)
+    df = ds.to_dataframe()[cols] if kept else None
+    if df is None:
+        return repr(ds)
+    head = "  ".join([f"{'/'.join(map(str, kept)):>16}"] + [f"{c:>11}" for c in cols])
+    lines = [head]
+    for idx, row in df.iterrows():
+        label = "/".join(map(str, idx if isinstance(idx, tuple) else (idx,)))
+        vals = [f"{v:>11.5g}" if isinstance(v, (float, np.floating)) else f"{v:>11}" for v in row.values]
+        lines.append("  ".join([f"{label:>16}"] + vals))
+    return "\n".join(lines)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    data, mask, dim = _open_for_stats(args.path, args.mask, args.per)
+    s = vn.summarize(data, dim=dim, mask=mask)
+    kept = [d for d in s.dims]
+    if args.json:
+        print(json.dumps(s.to_dict(data="list"), indent=2, default=str))
+    else:
+        print(_table(s, kept) if kept else repr(s))
+    return 0
+
+
+def _threshold(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    data, mask, dim = _open_for_stats(args.path, args.mask, args.per)
+    t = vn.threshold(data, args.method, dim=dim, mask=mask, classes=args.classes, q=args.q)
+    if args.json:
+        print(json.dumps(t.to_dict(data="list"), indent=2, default=str))
+    elif t.ndim == 0:
+        print(f"{args.method} threshold: {float(t):.6g}")
+    else:
+        print(_table(t.to_dataset(name=args.method) if "threshold" not in t.dims else t.to_dataset(dim="threshold"), list(d for d in t.dims if d != "threshold")))
     return 0
 
 
