@@ -1,0 +1,438 @@
+#!/usr/bin/env python
+"""Benchmark volnorm's statistics passes (histogram, moments, exact quantiles)
+against a plain read of the same zarr v3 stores and against dask.array's own
+``histogram`` / ``percentile``.
+
+Two stores of shape (N, 256, 256, 256), chunked 32 MiB, Blosc lz4 clevel 5
+byte-shuffle (zarr v3), written volume by volume:
+
+* ``u16``: uint16 MRI-like phantoms (smooth blobs + noise, mostly < 4096,
+  a few bright spots above it), one 256^3 volume per chunk;
+* ``f32``: the same values * 0.25 + Gaussian noise, float32, a few NaNs per
+  volume, chunks (1, 128, 256, 256); same volume shape, half as many volumes
+  (the first ones of ``u16``), so that both stores hold the same bytes.
+
+Each store holds >= ``--size-gb`` GB (10^9 bytes) of uncompressed voxels.
+
+For each store, with the threaded scheduler and then on a local cluster of 2
+single-threaded worker processes (``volnorm.engine.local_cluster``, started
+before timing), it times:
+
+a. the read pass: every chunk read and decompressed, ~nothing else;
+b. ``volnorm.histogram(x)`` (incl. its range pass), and with ``range=`` given;
+   the range pass alone (``value_range``);
+c. ``dask.array.histogram`` with the same bins and range (the peer);
+d. ``volnorm.summarize(x, quantiles=())`` (moments pass);
+e. ``volnorm.quantile(x, [.02, .5, .98])`` (exact) vs ``dask.array.percentile``
+   of the raveled data (NaNs dropped first for float data: with them dask's
+   answer is NaN), with dask's absolute error.
+
+GB/s = uncompressed GB / wall. ``x read`` = wall / read-pass wall of the same
+store and scheduler. Peak RSS is the sum over this process and all its
+children (the workers), sampled every 50 ms during the measurement.
+
+Targets (marked ok/MISS):
+* integer histogram, one pass (``range=`` given) <= 1.2 x read;
+* float histogram, default (range pass + histogram) <= 2.2 x read;
+* volnorm histogram >= 3 x faster than dask.array.histogram (like for like:
+  both with the range given for uint16; for float32 volnorm's default incl.
+  its range pass against dask with the range known - conservative).
+
+Usage (from the repository root)::
+
+    PYTHONPATH=. python benchmarks/bench_histogram.py            # 2 GB uint16 + 4 GB float32
+    PYTHONPATH=. python benchmarks/bench_histogram.py --quick    # ~0.3 GB smoke run
+    PYTHONPATH=. python benchmarks/bench_histogram.py --keep --workdir /data/bench-hist
+
+The page cache is not dropped: the stores were just written (or are reused)
+and fit in RAM, so these are decompression/CPU-bound numbers, not disk numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+GB = 1e9
+MiB = 2**20
+SHAPE3 = (256, 256, 256)
+QS = (0.02, 0.5, 0.98)
+CHUNKS = {"uint16": (1, 256, 256, 256), "float32": (1, 128, 256, 256)}
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# peak RSS of the process tree
+# ---------------------------------------------------------------------------
+
+
+class RSSSampler:
+    """Samples RSS(this process + all children) every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        try:
+            procs = [self.proc] + self.proc.children(recursive=True)
+        except psutil.Error:
+            return 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = self._sample()
+            if v > self.peak:
+                self.peak = v
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+
+
+def _gauss(n: int, c: float, s: float) -> np.ndarray:
+    t = (np.arange(n, dtype=np.float32) + 0.5) / n
+    return np.exp(-0.5 * ((t - c) / s) ** 2).astype(np.float32)
+
+
+def make_volume(i: int, seed: int = 1234) -> np.ndarray:
+    """A smooth MRI-like uint16 volume: a head-sized blob, tissue blobs, a few bright spots, noise."""
+    rng = np.random.default_rng(seed + i)
+    nz, ny, nx = SHAPE3
+    v = np.zeros(SHAPE3, dtype=np.float32)
+    # (amplitude, sigma) of the blobs: head, white/grey matter, ventricles-ish, small bright spots
+    specs = [(900.0, 0.22), (700.0, 0.12), (1200.0, 0.06), (1500.0, 0.035), (4200.0, 0.012)]
+    for amp, s in specs:
+        c = rng.uniform(0.35, 0.65, 3) if s > 0.1 else rng.uniform(0.2, 0.8, 3)
+        ss = s * rng.uniform(0.8, 1.25, 3)
+        a = np.float32(amp * rng.uniform(0.85, 1.15))
+        gz, gy, gx = _gauss(nz, c[0], ss[0]), _gauss(ny, c[1], ss[1]) * a, _gauss(nx, c[2], ss[2])
+        v += gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+    noise = rng.standard_normal(SHAPE3, dtype=np.float32)
+    noise *= np.float32(25.0)
+    v += noise
+    np.abs(v, out=v)  # magnitude images: Rician-like background
+    np.clip(v, 0, 65535, out=v)
+    return np.rint(v).astype(np.uint16)
+
+
+def to_float(u: np.ndarray, i: int, seed: int = 4321) -> np.ndarray:
+    rng = np.random.default_rng(seed + i)
+    f = u.astype(np.float32)
+    f *= np.float32(0.25)
+    f += rng.standard_normal(u.shape, dtype=np.float32) * np.float32(0.5)
+    flat = f.reshape(-1)
+    flat[rng.integers(0, flat.size, 50)] = np.nan
+    return f
+
+
+def make_stores(workdir: Path, nvols: dict[str, int], keep_existing: bool) -> dict[str, Path]:
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    paths = {"uint16": workdir / "u16.zarr", "float32": workdir / "f32.zarr"}
+    marker = workdir / "stores.json"
+    want = {"nvol": nvols, "shape": SHAPE3, "chunks": {k: list(v) for k, v in CHUNKS.items()}, "version": 1}
+    if keep_existing and marker.exists():
+        try:
+            if json.loads(marker.read_text()) == json.loads(json.dumps(want)) and all(p.exists() for p in paths.values()):
+                say(f"reusing stores in {workdir}")
+                return paths
+        except ValueError:
+            pass
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    codec = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    nvol = max(nvols.values())
+    for dt, p in paths.items():
+        shape = (nvols[dt], *SHAPE3)
+        shutil.rmtree(p, ignore_errors=True)
+        tmpl = xr.Dataset({"image": (("volume", "z", "y", "x"), da.zeros(shape, dtype=dt, chunks=CHUNKS[dt]))})
+        tmpl.to_zarr(p, zarr_format=3, compute=False, consolidated=False,
+                     encoding={"image": {"chunks": CHUNKS[dt], "compressors": codec}})
+
+    def write(i: int) -> None:
+        u = make_volume(i)
+        todo = [("uint16", u)] if i < nvols["uint16"] else []
+        if i < nvols["float32"]:
+            todo.append(("float32", to_float(u, i)))
+        for dt, arr in todo:
+            ds = xr.Dataset({"image": (("volume", "z", "y", "x"), arr[None])})
+            ds.to_zarr(paths[dt], region={"volume": slice(i, i + 1)}, consolidated=False)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(2) as pool:
+        for k, fut in enumerate(cf.as_completed([pool.submit(write, i) for i in range(nvol)])):
+            fut.result()
+            if (k + 1) % 10 == 0 or k + 1 == nvol:
+                say(f"  wrote {k + 1}/{nvol} volumes ({time.perf_counter() - t0:.0f} s)")
+    marker.write_text(json.dumps(want))
+    return paths
+
+
+def du(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------
+
+
+def read_pass(a: Any) -> Any:
+    """Reads and decompresses every chunk; returns one number (touches one voxel per chunk)."""
+
+    def first(b: np.ndarray) -> np.ndarray:
+        return np.full((1,) * b.ndim, float(b.flat[0]) if b.size else 0.0)
+
+    return a.map_blocks(first, chunks=tuple((1,) * len(c) for c in a.chunks), dtype=np.float64).sum()
+
+
+class Bench:
+    def __init__(self, sampler: RSSSampler, repeat: int) -> None:
+        self.sampler = sampler
+        self.repeat = repeat
+        self.rows: list[dict] = []
+
+    def time(self, fn: Callable[[], Any]) -> tuple[float, int, Any]:
+        best, peak, out = math.inf, 0, None
+        for _ in range(self.repeat):
+            self.sampler.reset()
+            t0 = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t0
+            time.sleep(0.06)
+            best = min(best, dt)
+            peak = max(peak, self.sampler.peak)
+        return best, peak, out
+
+
+def run_store(b: Bench, sched: str, dt: str, path: Path, notes: list[str]) -> None:
+    import dask
+    import dask.array as da
+    import xarray as xr
+
+    import volnorm
+
+    vr = sys.modules["volnorm.histogram"].value_range
+    x = xr.open_zarr(path, consolidated=False)["image"]
+    a = x.data
+    nbytes = x.nbytes
+    tag = f"{sched:<7} {dt:<7}"
+
+    def row(name: str, wall: float, peak: int, check: str = "", ratio: bool = True) -> None:
+        r = {"sched": sched, "dtype": dt, "name": name, "wall": wall, "gbs": nbytes / GB / wall,
+             "peak": peak, "check": check}
+        r["xread"] = wall / b_read if ratio and b_read else None
+        b.rows.append(r)
+        xr_s = f"{r['xread']:5.2f}x" if r["xread"] else "      "
+        say(f"  {tag} {name:<34} {wall:7.2f} s {r['gbs']:6.2f} GB/s {xr_s} {peak / 2**30:6.2f} GiB  {check}")
+
+    # warm-up (untimed): numba load/compile in every process, zarr metadata
+    x0 = x.isel(volume=slice(0, 1))
+    volnorm.histogram(x0).compute()
+    volnorm.histogram(x0, bins=16).compute() if dt == "float32" else None
+    volnorm.summarize(x0, quantiles=())
+
+    b_read = None
+    w, pk, _ = b.time(lambda: read_pass(a).compute())
+    b_read = w
+    row("a. read pass", w, pk, ratio=False)
+
+    w_rng, pk, (lo, hi) = b.time(lambda: vr(x))
+    row("   value_range (range pass)", w_rng, pk)
+
+    w_def, pk, h_def = b.time(lambda: volnorm.histogram(x).compute())
+    if dt == "uint16":
+        row("b. volnorm.histogram (incl. range)", w_def, pk)
+        w_rg, pk, h_rg = b.time(lambda: volnorm.histogram(x, range=(lo, hi)).compute())
+        ok = w_rg / b_read <= 1.2
+        row("b. volnorm.histogram range= given", w_rg, pk, f"target <=1.2x read: {'ok' if ok else 'MISS'}")
+        nb = int(hi - lo + 1)
+        drange = (lo - 0.5, hi + 0.5)
+        mine, mine_w = h_rg, w_rg
+    else:
+        ok = w_def / b_read <= 2.2
+        row("b. volnorm.histogram (range+hist)", w_def, pk, f"target <=2.2x read: {'ok' if ok else 'MISS'}")
+        nb = 256
+        drange = (lo, hi)
+        mine, mine_w = h_def, w_def
+
+    w_dh, pk, dcounts = b.time(lambda: da.histogram(a, bins=nb, range=drange)[0].compute())
+    same = np.array_equal(np.asarray(dcounts), mine.values)
+    sp = w_dh / mine_w
+    row(f"c. dask.array.histogram ({nb} bins)", w_dh, pk,
+        f"volnorm {sp:.1f}x faster, target >=3x: {'ok' if sp >= 3 else 'MISS'}; counts equal: {same}")
+    if not same:
+        diff = np.asarray(dcounts) - mine.values
+        notes.append(f"{sched}/{dt}: dask vs volnorm histogram counts differ in {np.count_nonzero(diff)} bins "
+                     f"(sum diff {int(diff.sum())})")
+
+    w, pk, s = b.time(lambda: volnorm.summarize(x, quantiles=()))
+    row("d. volnorm.summarize(quantiles=())", w, pk, f"mean={float(s['mean']):.4g} n_nan={int(s['n_nan'])}")
+
+    w_q, pk, qv = b.time(lambda: volnorm.quantile(x, list(QS)))
+    ours = np.asarray(qv.values, dtype=np.float64)
+    row("e. volnorm.quantile (exact)", w_q, pk, "q=" + ", ".join(f"{v:.6g}" for v in ours))
+
+    flat = a.ravel()
+    if dt == "float32":
+        flat = flat[~da.isnan(flat)]
+    w_p, pk, dq = b.time(lambda: np.asarray(da.percentile(flat, [100 * q for q in QS]).compute(), dtype=np.float64))
+    err = np.abs(dq - ours)
+    row("e. dask.array.percentile" + (" (NaN dropped)" if dt == "float32" else ""), w_p, pk,
+        "abs err vs exact: " + ", ".join(f"{e:.3g}" for e in err) + f"; volnorm {w_p / w_q:.1f}x faster")
+
+    if dt == "uint16" and sched == "threads":  # sanity check, not timed
+        v0 = x.isel(volume=0).values
+        ref = np.quantile(v0, QS)
+        got = volnorm.quantile(x.isel(volume=slice(0, 1)), list(QS)).values
+        ok = np.array_equal(ref, got)
+        notes.append(f"sanity: volnorm.quantile(volume 0) == np.quantile: {ok} (ours {got.tolist()}, numpy {ref.tolist()})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=2.0, help="uncompressed GB (1e9) per store, at least (default 2.0)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/volnorm-bench-hist"))
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the stores")
+    ap.add_argument("--quick", action="store_true", help="~0.3 GB per store smoke run")
+    ap.add_argument("--repeat", type=int, default=1, help="time each measurement N times, report the best (default 1)")
+    ap.add_argument("--skip-distributed", action="store_true")
+    ap.add_argument("--skip-threads", action="store_true")
+    ap.add_argument("--json", type=Path, help="save the rows as JSON")
+    args = ap.parse_args()
+    size = 0.3 if args.quick else args.size_gb
+    nvols = {dt: max(1, math.ceil(size * GB / (math.prod(SHAPE3) * np.dtype(dt).itemsize))) for dt in CHUNKS}
+
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # dask/numpy all-NaN-slice noise
+    import dask
+    import numba
+    import psutil
+    import xarray as xr
+    import zarr
+
+    import volnorm
+    from volnorm.engine import local_cluster
+
+    sampler = RSSSampler()
+    b = Bench(sampler, args.repeat)
+    notes: list[str] = []
+    if not hasattr(volnorm.histogram, "value_range"):
+        notes.append("API: `volnorm.histogram.value_range` is not reachable: `volnorm.histogram` is the function "
+                     "(the package re-exports it over the submodule); used volnorm.histogram module via sys.modules.")
+
+    say(f"making stores: {nvols} volumes of {SHAPE3} in {args.workdir}")
+    t0 = time.perf_counter()
+    paths = make_stores(args.workdir, nvols, keep_existing=args.keep)
+    t_make = time.perf_counter() - t0
+    sizes = {dt: (nvols[dt] * math.prod(SHAPE3) * np.dtype(dt).itemsize, du(p)) for dt, p in paths.items()}
+
+    env = [
+        f"host: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, python {platform.python_version()}",
+        f"volnorm {volnorm.__version__}, dask {dask.__version__}, distributed "
+        f"{__import__('distributed').__version__}, xarray {xr.__version__}, zarr {zarr.__version__}, "
+        f"numba {numba.__version__}, numpy {np.__version__}",
+        "codec: zarr v3 BloscCodec(cname=lz4, clevel=5, shuffle=shuffle)",
+    ]
+    for dt, (raw, disk) in sizes.items():
+        env.append(f"store {dt}: shape ({nvols[dt]}, {', '.join(map(str, SHAPE3))}), chunks {CHUNKS[dt]} "
+                   f"({math.prod(CHUNKS[dt]) * np.dtype(dt).itemsize / MiB:.0f} MiB), {raw / GB:.2f} GB raw, "
+                   f"{disk / GB:.2f} GB on disk (ratio {raw / disk:.2f})")
+    env.append(f"stores made/reused in {t_make:.0f} s; page cache not dropped (stores fit in RAM); "
+               f"best of {args.repeat} run(s) per measurement")
+    for line in env:
+        say(line)
+
+    t_all = time.perf_counter()
+    try:
+        if not args.skip_threads:
+            say("\n[threaded scheduler]")
+            with dask.config.set(scheduler="threads"):
+                for dt, p in paths.items():
+                    run_store(b, "threads", dt, p, notes)
+        if not args.skip_distributed:
+            say("\n[local cluster: 2 workers x 1 thread]")
+            t0 = time.perf_counter()
+            client = local_cluster(2)
+            notes.append(f"local cluster start-up (not timed in rows): {time.perf_counter() - t0:.1f} s")
+            try:
+                with dask.config.set(scheduler=client):
+                    for dt, p in paths.items():
+                        run_store(b, "dist", dt, p, notes)
+            finally:
+                client.close()
+                client.cluster.close()
+    finally:
+        sampler.stop()
+        if not args.keep:
+            for p in paths.values():
+                shutil.rmtree(p, ignore_errors=True)
+            (args.workdir / "stores.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                args.workdir.rmdir()
+
+    # ---- the table
+    say("\n" + "=" * 130)
+    say("volnorm statistics benchmark")
+    for line in env:
+        say("  " + line)
+    say("-" * 130)
+    say(f"{'sched':<7} {'dtype':<7} {'measurement':<36} {'wall s':>7} {'GB/s':>6} {'x read':>7} {'peak RSS':>9}  check")
+    for r in b.rows:
+        xr_s = f"{r['xread']:6.2f}x" if r["xread"] else ""
+        say(f"{r['sched']:<7} {r['dtype']:<7} {r['name']:<36} {r['wall']:7.2f} {r['gbs']:6.2f} {xr_s:>7} "
+            f"{r['peak'] / 2**30:7.2f}Gi  {r['check']}")
+    say("-" * 130)
+    for n in notes:
+        say("note: " + n)
+    say(f"measurements took {time.perf_counter() - t_all:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "rows": b.rows, "notes": notes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
