@@ -40,24 +40,20 @@ def describe(path: Path) -> tuple[str, dict]:
 
 
 def _describe_nifti(path: Path) -> tuple[str, dict]:
-    import dask
 
     from volnorm.io.readers import open_nifti
     from volnorm.io.nifti import read_info
 
     info = read_info(path)
     data = open_nifti(path)
-    x = data.data
-    if x.dtype.kind == "f":
-        finite = dask.array.isfinite(x)
-        lo, hi, nan, pinf, ninf = dask.compute(
-            dask.array.where(finite, x, np.inf).min(), dask.array.where(finite, x, -np.inf).max(),
-            dask.array.isnan(x).sum(), dask.array.isposinf(x).sum(), dask.array.isneginf(x).sum(),
-        )
-        stats = {"min": float(lo), "max": float(hi), "nan": int(nan), "posinf": int(pinf), "neginf": int(ninf)}
-    else:
-        lo, hi = dask.compute(x.min(), x.max())
-        stats = {"min": int(lo), "max": int(hi), "nan": 0, "posinf": 0, "neginf": 0}
+    from volnorm.stats import summarize
+
+    s = summarize(data, quantiles=())  # one GIL-free pass: min/max of finite voxels, NaN/±Inf counts
+    cast = int if data.dtype.kind in "iub" else float
+    stats = {
+        "min": cast(s["min"]), "max": cast(s["max"]),
+        **{k: int(s[f"n_{k}"]) for k in ("nan", "posinf", "neginf")},
+    }
     facts = {
         "path": str(path),
         "format": f"NIfTI-{info.version}" + (" (gzip)" if info.compressed else ""),
