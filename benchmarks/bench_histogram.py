@@ -256,7 +256,7 @@ def run_store(b: Bench, sched: str, dt: str, path: Path, notes: list[str]) -> No
 
     import volnorm
 
-    vr = sys.modules["volnorm.histogram"].value_range
+    vr = sys.modules["volnorm._histogram"].value_range
     x = xr.open_zarr(path, consolidated=False)["image"]
     a = x.data
     nbytes = x.nbytes

@@ -8,7 +8,7 @@ import xarray as xr
 from skimage import data as skdata
 
 import volnorm as vn
-from volnorm.histogram import histogram
+from volnorm._histogram import histogram
 from volnorm.testing import raise_if_dask_computes
 
 

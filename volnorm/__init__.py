@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 
 from volnorm import datasets
 from volnorm._utils import VolnormWarning
-from volnorm.histogram import histogram
+from volnorm._histogram import histogram, merge_histograms
 from volnorm.stats import Summary, quantile, summarize
-from volnorm.threshold import threshold
+from volnorm._threshold import threshold
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -26,6 +26,7 @@ __all__ = [
     "convert",
     "datasets",
     "histogram",
+    "merge_histograms",
     "quantile",
     "summarize",
     "threshold",

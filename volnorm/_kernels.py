@@ -20,8 +20,9 @@ NEXTRA = len(EXTRA)
 
 
 @numba.njit(nogil=True, cache=True)
-def hist_int(x, lo, nbins, out, m=None):  # pragma: no cover - compiled
-    """One bin per integer in ``[lo, lo + nbins)``; ``x`` is ``(rows, n)``; ``m`` masks voxels out."""
+def hist_int(x, lo, nbins, out, m=None, w=None):  # pragma: no cover - compiled
+    """One bin per integer in ``[lo, lo + nbins)``; ``x`` is ``(rows, n)``; ``m`` masks voxels out;
+    ``w`` (float64, like ``x``) weights the bins (the extra counters still count voxels)."""
     for r in range(x.shape[0]):
         row = out[r]
         xr = x[r]
@@ -34,15 +35,18 @@ def hist_int(x, lo, nbins, out, m=None):  # pragma: no cover - compiled
                 row[nbins + 3] += 1
             elif k >= nbins:
                 row[nbins + 4] += 1
-            else:
+            elif w is None:
                 row[k] += 1
+            else:
+                row[k] += w[r, i]
 
 
 @numba.njit(nogil=True, cache=True)
-def hist_float(x, edges, out, m=None):  # pragma: no cover - compiled
+def hist_float(x, edges, out, m=None, w=None):  # pragma: no cover - compiled
     """Equal bins, ``edges = np.linspace(lo, hi, nbins + 1)``, last bin closed: np.histogram's bins.
 
-    ``m`` (bool, same shape as ``x``) excludes voxels; they are counted as ``masked_out``.
+    ``m`` (bool, same shape as ``x``) excludes voxels; they are counted as ``masked_out``;
+    ``w`` weights the bins as in :func:`hist_int`.
     Written as one loop: a helper function per voxel ran 10x slower here.
     """
     nbins = edges.shape[0] - 1
@@ -66,7 +70,10 @@ def hist_float(x, edges, out, m=None):  # pragma: no cover - compiled
                     k -= 1
                 elif k != nbins - 1 and v >= edges[k + 1]:
                     k += 1
-                row[k] += 1
+                if w is None:
+                    row[k] += 1
+                else:
+                    row[k] += w[r, i]
             elif v != v:
                 row[nbins] += 1
             elif v == np.inf:
@@ -80,11 +87,15 @@ def hist_float(x, edges, out, m=None):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def minmax_float(x, out):  # pragma: no cover - compiled
-    """NaN/Inf-ignoring (min, max) of a flat float array into ``out`` (inf, -inf if none)."""
-    lo = np.inf
-    hi = -np.inf
-    for v in x:
+def minmax(x, out, m=None):  # pragma: no cover - compiled
+    """NaN/Inf-ignoring (min, max) of a flat array, merged into ``out`` (start it at inf, -inf for
+    floats, at the dtype's (max, min) for integers); ``m`` (bool, like ``x``) keeps the voxels inside."""
+    lo = out[0]
+    hi = out[1]
+    for i in range(x.shape[0]):
+        if m is not None and not m[i]:
+            continue
+        v = x[i]
         if v == v and v != np.inf and v != -np.inf:
             if v < lo:
                 lo = v
@@ -143,3 +154,38 @@ def moments(x, out, m=None):  # pragma: no cover - compiled
         o[6] = pinf
         o[7] = ninf
         o[8] = masked
+
+
+@numba.njit(nogil=True, cache=True)
+def pick_bins(x, edges, want, m=None):  # pragma: no cover - compiled
+    """The values of flat ``x`` that fall in the bins flagged by ``want`` (bool, one per bin of
+    ``edges``, binned exactly as :func:`hist_float`), with their bin index; two passes, no copy of
+    ``x``. Used to refine quantiles inside the few bins that hold the requested ranks."""
+    nbins = edges.shape[0] - 1
+    lo = edges[0]
+    hi = edges[nbins]
+    scale = nbins / (hi - lo)
+    n = 0
+    for step in range(2):
+        if step == 1:
+            vals = np.empty(n, dtype=np.float64)
+            bins = np.empty(n, dtype=np.int64)
+            n = 0
+        for i in range(x.shape[0]):
+            if m is not None and not m[i]:
+                continue
+            v = np.float64(x[i])
+            if v >= lo and v <= hi:
+                k = np.int64((v - lo) * scale)
+                if k >= nbins:
+                    k = nbins - 1
+                if v < edges[k]:
+                    k -= 1
+                elif k != nbins - 1 and v >= edges[k + 1]:
+                    k += 1
+                if want[k]:
+                    if step == 1:
+                        vals[n] = v
+                        bins[n] = k
+                    n += 1
+    return vals, bins

@@ -9,7 +9,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from volnorm.histogram import histogram
+from volnorm._histogram import histogram, over_collection, parts_of, prepare
 
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
@@ -25,11 +25,11 @@ def _groups(counts: np.ndarray, ninf_lo: np.ndarray, ninf_hi: np.ndarray, ranks:
 
 
 def quantile(
-    data: xr.DataArray,
+    data: xr.DataArray | xr.DataTree,
     q: float | Sequence[float],
     *,
     dim: Hashable | Sequence[Hashable] | None = None,
-    mask: xr.DataArray | None = None,
+    mask: xr.DataArray | xr.DataTree | None = None,
 ) -> xr.DataArray:
     """Quantiles over ``dim``, equal to ``numpy.nanquantile`` (linear interpolation).
 
@@ -61,9 +61,15 @@ def quantile(
     2.5
     """
     qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
-    if qs.ndim != 1 or np.any(~np.isfinite(qs)) or np.any((qs < 0) | (qs > 1)):
+    if qs.ndim != 1 or qs.size == 0 or np.any(~np.isfinite(qs)) or np.any((qs < 0) | (qs > 1)):
         raise ValueError(f"`q` must be in [0, 1]; got {q!r}. (Percentiles 0-100? divide by 100.)")
-    is_int = data.dtype.kind in "iub"
+    if isinstance(data, xr.DataTree):
+        if dim is not None:
+            return over_collection(quantile, data, dim, mask, q=q)
+        dtype = np.result_type(*(p[1].dtype for p in parts_of(data, mask)))
+    else:
+        dtype = data.dtype
+    is_int = dtype.kind in "iub"
     h = histogram(data, bins=None if is_int else FLOAT_BINS, dim=dim, mask=mask)
     kept = h.dims[:-1]
     h = h.compute()
@@ -110,23 +116,35 @@ def quantile(
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
 
 
+def _block_pick(xb: np.ndarray, mb: np.ndarray | None = None, *, edges: np.ndarray, want: np.ndarray) -> np.ndarray:
+    from volnorm import _kernels
+
+    if xb.dtype == np.float16:
+        xb = xb.astype(np.float32)
+    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
+    vals, bins = _kernels.pick_bins(np.ascontiguousarray(xb).reshape(-1), edges, want, m)
+    return np.stack([vals, bins.astype(np.float64)])
+
+
 def _refine(data, mask, h, counts, nlo, b_lo, b_hi, r_lo, r_hi):
-    """Exact float values at the ranks: read only the voxels inside the bins that hold them."""
-    lower = h["bin_lower"].values
-    upper = h["bin_upper"].values
+    """Exact float values at the ranks: one GIL-free pass keeps only the voxels inside the
+    (few) bins that hold them, then sorts those."""
+    edges = np.concatenate([h["bin_lower"].values, h["bin_upper"].values[-1:]])
     nb = len(counts)
     cum_before = np.concatenate([[nlo], nlo + np.cumsum(counts)])  # voxels before bin i
     wanted = sorted({int(b) for b in np.concatenate([b_lo, b_hi]) if 1 <= b <= nb})
-    x = data if mask is None else data.where(mask.broadcast_like(data))
-    xa = x.data if hasattr(x.data, "dask") else dask.array.from_array(np.asarray(x.data))
+    want = np.zeros(nb, dtype=np.bool_)
+    want[[b - 1 for b in wanted]] = True
     picks = []
-    for b in wanted:
-        i = b - 1
-        last = i == nb - 1
-        sel = (xa >= lower[i]) & ((xa <= upper[i]) if last else (xa < upper[i]))
-        picks.append(xa[sel])
-    vals = dask.compute(*picks) if picks else []
-    sorted_vals = {b: np.sort(np.asarray(v, dtype=np.float64)) for b, v in zip(wanted, vals)}
+    for _, img, m in parts_of(data, mask):
+        _, args = prepare(img, (), tuple(img.dims), m)
+        keys = [a.to_delayed().ravel() for a in args]
+        for parts in zip(*keys):
+            picks.append(dask.delayed(_block_pick)(*parts, edges=edges, want=want))
+    found = dask.compute(*picks) if (picks and wanted) else []
+    allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
+    allb = np.concatenate([f[1] for f in found]).astype(np.int64) if found else np.empty(0, np.int64)
+    sorted_vals = {b: np.sort(allv[allb == b - 1]) for b in wanted}
 
     def at(b, r):
         out = np.empty(len(b))
@@ -152,6 +170,8 @@ def _block_moments(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int) 
 
     kshape = xb.shape[:nkept]
     rows = math.prod(kshape)
+    if xb.dtype == np.float16:  # numba has no float16
+        xb = xb.astype(np.float32)
     x2 = np.ascontiguousarray(xb).reshape(rows, -1)
     m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
     out = np.zeros((rows, len(_kernels.MOMENTS)), dtype=np.float64)
@@ -194,10 +214,10 @@ class Summary(xr.Dataset):
 
 
 def summarize(
-    data: xr.DataArray,
+    data: xr.DataArray | xr.DataTree,
     *,
     dim: Hashable | Sequence[Hashable] | None = None,
-    mask: xr.DataArray | None = None,
+    mask: xr.DataArray | xr.DataTree | None = None,
     quantiles: Sequence[float] = (0.02, 0.25, 0.5, 0.75, 0.98),
 ) -> Summary:
     """Count, min, max, mean, variance, std and quantiles over ``dim`` in one object.
@@ -216,27 +236,41 @@ def summarize(
     (2.0, 3, 1, 2.0)
     """
     from volnorm import _kernels
-    from volnorm.histogram import _dims, per_block, prepare
+    from volnorm._histogram import _dims, per_block
 
-    if not isinstance(data, xr.DataArray):
-        raise TypeError(f"`data` must be an xarray.DataArray; got {type(data).__name__}")
-    kept, reduced = _dims(data, dim)
-    x, args = prepare(data, kept, reduced, mask)
+    if isinstance(data, xr.DataTree):
+        if dim is not None:
+            res = over_collection(summarize, data, dim, mask, quantiles=quantiles)
+            return Summary(res.data_vars, coords=res.coords) if isinstance(res, xr.Dataset) else res
+        pieces = [(img, m, (), tuple(img.dims)) for _, img, m in parts_of(data, mask)]
+        coords: dict = {}
+        kept: tuple = ()
+    elif isinstance(data, xr.DataArray):
+        kept, reduced = _dims(data, dim)
+        pieces = [(data, mask, kept, reduced)]
+        coords = None
+    else:
+        raise TypeError(f"`data` must be an xarray.DataArray or DataTree; got {type(data).__name__}")
     nk = len(kept)
 
     def block(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
         return _block_moments(xb, mb, nkept=nk)
 
-    parts = per_block(block, args, nk, len(_kernels.MOMENTS), np.float64, token="moments")
-    arr = np.asarray(parts.compute())
-    red_axes = tuple(range(nk, arr.ndim - 1))
-    flat = np.moveaxis(arr, red_axes, tuple(range(len(red_axes)))).reshape(-1, *arr.shape[:nk], arr.shape[-1])
-    m = _merge(flat)
+    lazy = []
+    for img, m, k, r in pieces:
+        x, args = prepare(img, k, r, m)
+        if coords is None:
+            coords = {c: v for c, v in x.coords.items() if set(v.dims) <= set(kept)}
+        lazy.append(per_block(block, args, nk, len(_kernels.MOMENTS), np.float64, token="moments"))
+    flats = []
+    for arr in dask.compute(*lazy):
+        red_axes = tuple(range(nk, arr.ndim - 1))
+        flats.append(np.moveaxis(arr, red_axes, tuple(range(len(red_axes)))).reshape(-1, *arr.shape[:nk], arr.shape[-1]))
+    m = _merge(np.concatenate(flats))
     count = m[..., 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         var = np.where(count > 0, m[..., 2] / count, np.nan)
     nanify = count == 0
-    coords = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
     out = {
         "count": (kept, count.astype(np.int64)),
         "min": (kept, np.where(nanify, np.nan, m[..., 3])),

@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from volnorm.histogram import histogram
+from volnorm._histogram import histogram
 
 Method = Literal["otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile"]
 METHODS: tuple[str, ...] = ("otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile")
@@ -89,11 +89,11 @@ def _one(method: str, counts: np.ndarray, centers: np.ndarray, classes: int) -> 
 
 
 def threshold(
-    data: xr.DataArray,
+    data: xr.DataArray | xr.DataTree,
     method: Method = "otsu",
     *,
     dim: Hashable | Sequence[Hashable] | None = None,
-    mask: xr.DataArray | None = None,
+    mask: xr.DataArray | xr.DataTree | None = None,
     bins: int | None = None,
     classes: int = 3,
     q: float = 0.5,
@@ -139,6 +139,10 @@ def threshold(
             f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}."
             + (f" Did you mean {hint[0]!r}?" if hint else "")
         )
+    if isinstance(data, xr.DataTree) and dim is not None:
+        from volnorm._histogram import over_collection
+
+        return over_collection(threshold, data, dim, mask, method=method, bins=bins, classes=classes, q=q)
     if method == "percentile":
         from volnorm.stats import quantile
 

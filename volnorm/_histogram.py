@@ -1,0 +1,487 @@
+"""Exact, mergeable histograms over any ``dim`` of a stack (the statistics engine).
+
+One map over the chunks (a GIL-free numba kernel per chunk) followed by a
+dask tree reduction over the reduced dims: the histogram of the whole is the
+sum of the histograms of its parts, whatever the chunking. NaN, ±Inf,
+out-of-range and masked-out voxels are counted apart (coords ``n_nan``,
+``n_posinf``, ``n_neginf``, ``n_below``, ``n_above``, ``n_masked_out``), never
+dropped silently nor folded into the edge bins.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from volnorm import _kernels
+
+logger = logging.getLogger(__name__)
+
+_range = range  # `histogram` takes numpy's `range=` keyword, which hides the builtin
+
+#: Integer data wider than this many distinct values need ``bins=`` (memory of the result).
+MAX_INT_BINS = 2**20
+
+
+def _dims(data: xr.DataArray, dim: Hashable | Sequence[Hashable] | None) -> tuple[tuple, tuple]:
+    if dim is None:
+        reduced = tuple(data.dims)
+    elif isinstance(dim, str) or not isinstance(dim, Sequence):
+        reduced = (dim,)
+    else:
+        reduced = tuple(dim)
+    unknown = [d for d in reduced if d not in data.dims]
+    if unknown:
+        raise ValueError(f"`dim` names {unknown!r}, which the data do not have; its dims are {data.dims!r}.")
+    if not reduced:
+        raise ValueError("`dim` must name at least one dim (or be None for the whole dataset).")
+    kept = tuple(d for d in data.dims if d not in reduced)
+    return kept, reduced
+
+
+def _block_hist(
+    x: np.ndarray, m: np.ndarray | None, w: np.ndarray | None, *, nkept: int, spec: BinSpec
+) -> np.ndarray:
+    kshape = x.shape[:nkept]
+    rows = math.prod(kshape)
+    if x.dtype == np.float16:  # numba has no float16; float32 holds every value exactly
+        x = x.astype(np.float32)
+    x2 = np.ascontiguousarray(x).reshape(rows, -1)
+    m2 = None if m is None else np.ascontiguousarray(m, dtype=np.bool_).reshape(rows, -1)
+    w2 = None if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(rows, -1)
+    nbins = spec.nbins
+    out = np.zeros((rows, nbins + _kernels.NEXTRA), dtype=np.int64 if w is None else np.float64)
+    if spec.kind == "int":
+        _kernels.hist_int(x2, spec.lo, nbins, out, m2, w2)
+    else:
+        _kernels.hist_float(x2, spec.edges, out, m2, w2)
+    return out.reshape(kshape + (1,) * (x.ndim - nkept) + (nbins + _kernels.NEXTRA,))
+
+
+def _block_minmax(x: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    if x.dtype.kind in "iub":
+        info = np.iinfo(np.uint8 if x.dtype == np.bool_ else x.dtype)
+        out = np.array([info.max, info.min], dtype=np.uint8 if x.dtype == np.bool_ else x.dtype)
+        if m is None:
+            if x.size:
+                out[:] = x.min(), x.max()  # numpy's reductions release the GIL
+        else:
+            _kernels.minmax(np.ascontiguousarray(x).reshape(-1), out, np.ascontiguousarray(m).reshape(-1))
+    else:
+        if x.dtype == np.float16:
+            x = x.astype(np.float32)
+        out = np.array([np.inf, -np.inf])
+        m1 = None if m is None else np.ascontiguousarray(m).reshape(-1)
+        _kernels.minmax(np.ascontiguousarray(x).reshape(-1), out, m1)
+    out = out.astype(np.float64 if x.dtype.kind == "f" else np.int64 if x.dtype.kind != "u" else np.uint64)
+    return out.reshape((1,) * x.ndim + (2,))
+
+
+def value_range(
+    data: xr.DataArray | xr.DataTree, mask: xr.DataArray | xr.DataTree | None = None
+) -> tuple[float, float]:
+    """NaN/Inf-ignoring (min, max) of the (masked) voxels of ``data``. Computes: one pass.
+
+    A collection (``DataTree``) gives the range over all its volumes. Raises
+    ``ValueError`` when no voxel is finite (or none is inside the mask).
+
+    >>> import xarray as xr, numpy as np
+    >>> value_range(xr.DataArray(np.array([np.nan, 2.0, -1.0, np.inf])))
+    (-1.0, 2.0)
+    """
+    pieces = []
+    for _, img, m in parts_of(data, mask):
+        _, args = prepare(img, (), tuple(img.dims), m)
+        a0 = args[0]
+        ind = tuple(range(a0.ndim))
+        pairs: list[Any] = []
+        for a in args:
+            pairs += [a, ind]
+        dt = np.float64 if a0.dtype.kind == "f" else np.int64 if a0.dtype.kind != "u" else np.uint64
+        mm = da.blockwise(
+            _block_minmax, ind + (a0.ndim,), *pairs, new_axes={a0.ndim: 2},
+            adjust_chunks={i: 1 for i in ind}, dtype=dt, meta=np.empty((0,) * (a0.ndim + 1), dtype=dt),
+        ).reshape(-1, 2)
+        pieces += [mm[:, 0].min(), mm[:, 1].max()]
+    vals = dask.compute(*pieces)
+    lo, hi = min(vals[0::2]), max(vals[1::2])
+    if lo > hi or not (math.isfinite(lo) and math.isfinite(hi)):
+        what = "inside the mask" if mask is not None else "(all NaN or ±Inf)"
+        raise ValueError(f"the data hold no finite value {what}: there is no range to histogram")
+    if isinstance(lo, (np.integer, int)):
+        return int(lo), int(hi)  # type: ignore[return-value]
+    return float(lo), float(hi)
+
+
+def _check_grid(data: xr.DataArray, other: xr.DataArray, what: str) -> None:
+    a, b = data.attrs.get("affine"), other.attrs.get("affine")
+    if a is not None and b is not None and not np.allclose(np.asarray(a), np.asarray(b), atol=1e-4):
+        raise ValueError(
+            f"`{what}` is on another grid than the data (its affine differs: {np.asarray(b).tolist()} "
+            f"vs {np.asarray(a).tolist()}); resample it onto the data first"
+        )
+
+
+def _align(data: xr.DataArray, x: xr.DataArray, other: Any, what: str) -> da.Array:
+    if not isinstance(other, xr.DataArray):
+        raise TypeError(f"`{what}` must be an xarray.DataArray; got {type(other).__name__}")
+    extra = [d for d in other.dims if d not in data.dims]
+    if extra:
+        raise ValueError(f"`{what}` has dims {extra!r} that the data do not have (data dims {data.dims!r})")
+    for d in other.dims:
+        if other.sizes[d] != data.sizes[d]:
+            raise ValueError(
+                f"`{what}` has {other.sizes[d]} along {d!r} but the data have {data.sizes[d]} "
+                f"(mask shape {dict(other.sizes)}, data shape {dict(data.sizes)})"
+            )
+    _check_grid(data, other, what)
+    o = other.drop_vars(list(other.coords)).broadcast_like(x.drop_vars(list(x.coords))).transpose(*x.dims)
+    return o.data if isinstance(o.data, da.Array) else da.from_array(np.asarray(o.data))
+
+
+def prepare(
+    data: xr.DataArray,
+    kept: tuple,
+    reduced: tuple,
+    mask: xr.DataArray | None,
+    weights: xr.DataArray | None = None,
+) -> tuple[xr.DataArray, list[da.Array]]:
+    """Transpose to (kept..., reduced...), check and align mask (and weights);
+    dask arrays ``[x, mask?, weights?]`` with unified chunks."""
+    x = data.transpose(*kept, *reduced)
+    xa = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=-1)
+    args = [xa]
+    if mask is not None:
+        if isinstance(mask, xr.DataArray) and mask.dtype != np.bool_:
+            raise TypeError(f"`mask` must be boolean; got dtype {mask.dtype} (use `mask != 0`)")
+        args.append(_align(data, x, mask, "mask"))
+    if weights is not None:
+        if isinstance(weights, xr.DataArray) and weights.dtype.kind not in "iuf":
+            raise TypeError(f"`weights` must be numeric; got dtype {weights.dtype}")
+        args.append(_align(data, x, weights, "weights"))
+    if len(args) > 1:
+        pairs: list[Any] = []
+        for a in args:
+            pairs += [a, tuple(range(a.ndim))]
+        _, args = da.core.unify_chunks(*pairs)
+    return x, list(args)
+
+
+def per_block(func: Any, args: list[da.Array], nkept: int, width: int, dtype: Any, token: Any) -> da.Array:
+    """Map ``func(x_block, *other_blocks)`` over the chunks; each result keeps the kept axes,
+    shrinks every reduced axis to 1 and adds a last axis of ``width`` (one GIL-free call per chunk)."""
+    ndim = args[0].ndim
+    ind = tuple(range(ndim))
+    pairs: list[Any] = []
+    for a in args:
+        pairs += [a, ind]
+    return da.blockwise(
+        func, ind + (ndim,), *pairs,
+        new_axes={ndim: width},
+        adjust_chunks={i: 1 for i in ind[nkept:]},
+        dtype=dtype,
+        meta=np.empty((0,) * (ndim + 1), dtype=dtype),
+        name=f"{getattr(func, '__name__', 'block')}-{dask.base.tokenize(*args, nkept, width, token)}",
+    )
+
+
+# ---------------------------------------------------------------------------
+# collections: a DataTree with one node per volume, each holding ``image``
+# ---------------------------------------------------------------------------
+
+
+def parts_of(
+    data: xr.DataArray | xr.DataTree, mask: xr.DataArray | xr.DataTree | None = None
+) -> list[tuple[str | None, xr.DataArray, xr.DataArray | None]]:
+    """``[(node name, image, mask)]``: one entry for a DataArray, one per volume of a collection.
+
+    A collection's mask is a DataTree with the same nodes, each holding one
+    boolean variable (``mask``, or its only variable).
+    """
+    if isinstance(data, xr.DataArray):
+        if isinstance(mask, xr.DataTree):
+            raise TypeError("`mask` is a DataTree (a collection's masks) but the data are one DataArray")
+        return [(None, data, mask)]
+    if not isinstance(data, xr.DataTree):
+        raise TypeError(f"`data` must be an xarray.DataArray or DataTree; got {type(data).__name__}")
+    out: list[tuple[str | None, xr.DataArray, xr.DataArray | None]] = []
+    for node in data.subtree:
+        if "image" not in node.data_vars:
+            continue
+        name = node.relative_to(data) if node is not data else node.name or "/"
+        m = None
+        if mask is not None:
+            if not isinstance(mask, xr.DataTree):
+                raise TypeError(
+                    "a collection's `mask` must be a DataTree with the same nodes (volumes differ in shape)"
+                )
+            try:
+                mnode = mask[name]
+            except KeyError:
+                raise ValueError(f"`mask` has no node {name!r} (the collection's volume)") from None
+            vars_ = list(mnode.data_vars)
+            key = "mask" if "mask" in vars_ else vars_[0] if len(vars_) == 1 else None
+            if key is None:
+                raise ValueError(f"`mask` node {name!r} must hold a `mask` variable; it has {vars_!r}")
+            m = mnode[key]
+        out.append((str(name), node["image"], m))
+    if not out:
+        raise ValueError("the DataTree holds no `image` variable: not a volnorm collection")
+    return out
+
+
+def node_dims(img: xr.DataArray, dim: Hashable | Sequence[Hashable] | None, all_dims: set) -> tuple | None:
+    """The dims of one collection volume that ``dim`` reduces (``None`` = all)."""
+    if dim is None:
+        return None
+    wanted = (dim,) if isinstance(dim, str) or not isinstance(dim, Sequence) else tuple(dim)
+    unknown = [d for d in wanted if d not in all_dims]
+    if unknown:
+        raise ValueError(f"`dim` names {unknown!r}, which no volume of the collection has; dims: {sorted(map(str, all_dims))}")
+    own = tuple(d for d in wanted if d in img.dims)
+    return own if own else None
+
+
+def over_collection(
+    func: Any,
+    data: xr.DataTree,
+    dim: Hashable | Sequence[Hashable] | None,
+    mask: xr.DataTree | None,
+    **kwargs: Any,
+) -> xr.DataArray | xr.Dataset | xr.DataTree:
+    """``func`` on each volume of a collection: stacked along ``volume`` when every volume is
+    reduced whole (per-volume statistics), else a DataTree with one node per volume."""
+    parts = parts_of(data, mask)
+    all_dims = set().union(*(p[1].dims for p in parts))
+    results = {}
+    whole = True
+    for name, img, m in parts:
+        own = node_dims(img, dim, all_dims)
+        whole &= own is None or set(own) == set(img.dims)
+        results[name] = func(img, dim=own, mask=m, **kwargs)
+    if whole:
+        names = list(results)
+        res = [r.drop_vars([c for c in r.coords if c not in r.dims and not str(c).startswith(("n_", "bin"))]) for r in results.values()]
+        return xr.concat(res, dim=xr.DataArray(names, dims="volume", name="volume"), coords="different", compat="equals")
+    return xr.DataTree.from_dict(
+        {n: (r.to_dataset() if isinstance(r, xr.DataArray) else r) for n, r in results.items()}
+    )
+
+
+# ---------------------------------------------------------------------------
+# the histogram
+# ---------------------------------------------------------------------------
+
+
+class BinSpec(NamedTuple):
+    """Bin layout: ``int`` one bin per integer ``lo..lo+nbins-1``; ``float`` equal bins on ``edges``."""
+
+    kind: str
+    lo: int
+    nbins: int
+    edges: np.ndarray  # float64 values of the edges (in the data's float dtype, as numpy makes them)
+    lower: np.ndarray
+    upper: np.ndarray
+    centers: np.ndarray
+
+
+def bin_spec(
+    data: xr.DataArray | xr.DataTree,
+    dtype: np.dtype,
+    bins: int | None,
+    range: tuple[float, float] | None,  # noqa: A002
+    mask: Any = None,
+) -> BinSpec:
+    """Choose the bins (numpy's rules for float data); runs the range pass when needed."""
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins <= 0):
+        raise ValueError(f"`bins` must be a positive int; got {bins!r}.")
+    if range is not None:
+        try:
+            lo_r, hi_r = (float(v) for v in range)
+        except (TypeError, ValueError):
+            raise ValueError(f"`range` must be (lo, hi); got {range!r}.") from None
+        if not (math.isfinite(lo_r) and math.isfinite(hi_r)) or lo_r >= hi_r:
+            raise ValueError(f"`range` must be finite (lo, hi) with lo < hi; got {range!r}.")
+    kind_char = dtype.kind
+    if kind_char not in "iufb":
+        raise TypeError(f"cannot histogram dtype {dtype}")
+    if kind_char in "iub" and bins is None:
+        if range is not None:
+            lo, hi = math.ceil(lo_r), math.floor(hi_r)
+            if lo > hi:
+                raise ValueError(f"`range` {range!r} holds no integer value of the integer data")
+        elif dtype.itemsize == 1 or kind_char == "b":
+            info = np.iinfo(np.uint8 if kind_char == "b" else dtype)
+            lo, hi = int(info.min), int(info.max)
+        else:
+            lo, hi = (int(v) for v in value_range(data, mask))
+        nbins = hi - lo + 1
+        if nbins > MAX_INT_BINS:
+            raise ValueError(
+                f"the integer data span {nbins} values ({lo}..{hi}); pass bins= (and range=) for fewer bins"
+            )
+        centers = np.arange(lo, hi + 1, dtype=np.float64)
+        return BinSpec("int", lo, nbins, np.empty(0), centers - 0.5, centers + 0.5, centers)
+    nbins = int(bins) if bins is not None else 256
+    if range is not None:
+        flo, fhi = lo_r, hi_r
+    else:
+        flo, fhi = value_range(data, mask)
+        if kind_char == "f":  # np.histogram takes a.min(), a.max() as scalars of the data's dtype
+            flo, fhi = dtype.type(flo), dtype.type(fhi)
+        if flo == fhi:  # np.histogram's rule for a constant image
+            flo, fhi = flo - 0.5, fhi + 0.5
+    # numpy's edges: in the data's float dtype (float32 data, float32 edges), so that
+    # voxels next to an edge fall in the same bin as with np.histogram
+    edge_dtype = np.result_type(dtype, np.float16) if kind_char == "f" else np.float64
+    edges = np.linspace(flo, fhi, nbins + 1, dtype=edge_dtype)
+    if np.any(edges[:-1] >= edges[1:]):
+        raise ValueError(f"{nbins} bins over [{flo!r}, {fhi!r}] do not fit in {edge_dtype} (equal edges); use fewer bins")
+    edges = edges.astype(np.float64)
+    lower, upper = edges[:-1], edges[1:]
+    return BinSpec("float", 0, nbins, edges, lower, upper, (lower + upper) / 2)
+
+
+def histogram_with(
+    data: xr.DataArray,
+    spec: BinSpec,
+    dim: Hashable | Sequence[Hashable] | None = None,
+    mask: xr.DataArray | None = None,
+    weights: xr.DataArray | None = None,
+) -> xr.DataArray:
+    """The lazy histogram of one DataArray on given bins (no range pass)."""
+    kept, reduced = _dims(data, dim)
+    x, args = prepare(data, kept, reduced, mask, weights)
+    nk = len(kept)
+    has_m, has_w = mask is not None, weights is not None
+
+    def block(xb: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+        mb = rest[0] if has_m else None
+        wb = rest[-1] if has_w else None
+        return _block_hist(xb, mb, wb, nkept=nk, spec=spec)
+
+    dtype = np.float64 if has_w else np.int64
+    parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, has_m, has_w))
+    total = parts.sum(axis=tuple(_range(nk, args[0].ndim)), dtype=dtype)  # the tree reduction
+    counts = total[..., : spec.nbins]
+    coords: dict[Hashable, Any] = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
+    coords.update(bin=("bin", spec.centers), bin_lower=("bin", spec.lower), bin_upper=("bin", spec.upper))
+    for i, name in enumerate(_kernels.EXTRA):
+        extra = total[..., spec.nbins + i]
+        coords[f"n_{name}"] = (kept, extra.astype(np.int64) if has_w else extra)
+    return xr.DataArray(counts, dims=(*kept, "bin"), coords=coords, name="histogram")
+
+
+def histogram(
+    data: xr.DataArray | xr.DataTree,
+    *,
+    bins: int | None = None,
+    range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name
+    dim: Hashable | Sequence[Hashable] | None = None,
+    mask: xr.DataArray | xr.DataTree | None = None,
+    weights: xr.DataArray | None = None,
+) -> xr.DataArray | xr.DataTree:
+    """Histogram ``data`` over ``dim``, exactly and lazily.
+
+    Parameters
+    ----------
+    data : xarray.DataArray or xarray.DataTree
+        A stack ``("volume", ...)``, any labelled array (numpy or dask backed),
+        or a collection (a DataTree with an ``image`` per volume node).
+    bins : int, optional
+        Number of equal bins. Default: integer data get one bin per integer
+        value (exact); float data get 256 bins.
+    range : (lo, hi), optional
+        Bin range (inclusive). Default: the range of the (masked) voxels, found
+        with one NaN-aware pass (the only eager part; pass ``range=`` to skip
+        it). 8-bit integers default to their whole dtype range without a pass.
+        Float bins follow ``np.histogram`` exactly (edges in the data's dtype).
+    dim : str, sequence of str or None
+        Dims the histogram is computed **over**: ``None`` = the whole dataset;
+        ``("z", "y", "x")`` = one histogram per volume; ``("y", "x")`` = per
+        slice. For a collection, per-volume histograms are stacked along
+        ``volume`` on common bins; finer ones come back as a DataTree.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data`` (same sizes and, when both carry one, the
+        same affine); only ``True`` voxels are counted. For a collection, a
+        DataTree with one mask per volume node.
+    weights : xarray.DataArray, optional
+        Broadcastable to ``data``; each voxel adds its weight instead of 1
+        (float64 counts, as ``np.histogram(weights=)``). The ``n_*`` coords
+        still count voxels.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy int64 counts named ``histogram`` with the kept dims plus ``bin``;
+        coords ``bin`` (centre), ``bin_lower``, ``bin_upper``, and the voxels
+        outside the bins ``n_nan``, ``n_posinf``, ``n_neginf``, ``n_below``,
+        ``n_above``, ``n_masked_out`` over the kept dims. Histograms on the
+        same bins merge by addition (``h1 + h2`` adds the ``n_*`` coords too
+        with :func:`volnorm.merge_histograms`). Computes: at most one range
+        pass (none with ``range=`` or 8-bit data).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([[0, 1, 1], [2, 2, 2]], dtype="uint8"), dims=("volume", "x"))
+    >>> h = vn.histogram(x, dim="x")
+    >>> h.sel(bin=[0, 1, 2]).values.tolist()
+    [[1, 2, 0], [0, 0, 3]]
+    """
+    if isinstance(data, xr.DataTree):
+        if weights is not None:
+            raise NotImplementedError("`weights` with a collection: pass a stack, or weight each volume")
+        parts = parts_of(data, mask)
+        dtype = np.result_type(*(p[1].dtype for p in parts))
+        spec = bin_spec(data, dtype, bins, range, mask)
+        if dim is None:
+            hs = [histogram_with(img, spec, None, m) for _, img, m in parts]
+            return merge_histograms(hs)
+        return over_collection(lambda img, dim, mask: histogram_with(img, spec, dim, mask), data, dim, mask)
+    if not isinstance(data, xr.DataArray):
+        raise TypeError(f"`data` must be an xarray.DataArray or DataTree; got {type(data).__name__}")
+    _dims(data, dim)  # check `dim` before any pass
+    spec = bin_spec(data, data.dtype, bins, range, mask)
+    return histogram_with(data, spec, dim, mask, weights)
+
+
+def merge_histograms(hists: Sequence[xr.DataArray]) -> xr.DataArray:
+    """Add histograms on the same bins (from chunks, volumes, workers or separate runs).
+
+    The counts and the ``n_*`` counters are added; bins must be identical.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> a = xr.DataArray(np.array([1, 2, 2], dtype="uint8"), dims="x")
+    >>> b = xr.DataArray(np.array([2, 3], dtype="uint8"), dims="x")
+    >>> h = vn.merge_histograms([vn.histogram(a), vn.histogram(b)])
+    >>> h.sel(bin=[1, 2, 3]).values.tolist()
+    [1, 3, 1]
+    """
+    if not hists:
+        raise ValueError("no histogram to merge")
+    first = hists[0]
+    for h in hists[1:]:
+        if h.sizes != first.sizes or not (
+            np.array_equal(h["bin_lower"].values, first["bin_lower"].values)
+            and np.array_equal(h["bin_upper"].values, first["bin_upper"].values)
+        ):
+            raise ValueError("histograms on different bins (or shapes) cannot be merged; histogram them with one `range=` and `bins=`")
+    extra = [c for c in first.coords if str(c).startswith("n_")]
+    total = first.drop_vars(extra)
+    sums = {c: first[c].data for c in extra}
+    for h in hists[1:]:
+        total = total + h.drop_vars(extra).data
+        for c in extra:
+            sums[c] = sums[c] + h[c].data
+    total = total.assign_coords({c: (first[c].dims, v) for c, v in sums.items()})
+    return total.rename("histogram")
