@@ -158,34 +158,68 @@ def moments(x, out, m=None):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def pick_bins(x, edges, want, m=None):  # pragma: no cover - compiled
-    """The values of flat ``x`` that fall in the bins flagged by ``want`` (bool, one per bin of
-    ``edges``, binned exactly as :func:`hist_float`), with their bin index; two passes, no copy of
-    ``x``. Used to refine quantiles inside the few bins that hold the requested ranks."""
+    """The values of ``x`` (rows, n) that fall in the bins flagged by ``want`` (bool, rows x bins
+    of ``edges``, binned exactly as :func:`hist_float`), with their bin and row; two passes, no
+    copy of ``x``. Used to refine quantiles inside the few bins that hold the requested ranks."""
     nbins = edges.shape[0] - 1
     lo = edges[0]
     hi = edges[nbins]
     scale = nbins / (hi - lo)
     n = 0
+    vals = np.empty(0, dtype=np.float64)
+    bins = np.empty(0, dtype=np.int64)
+    rows = np.empty(0, dtype=np.int64)
     for step in range(2):
         if step == 1:
             vals = np.empty(n, dtype=np.float64)
             bins = np.empty(n, dtype=np.int64)
+            rows = np.empty(n, dtype=np.int64)
             n = 0
-        for i in range(x.shape[0]):
-            if m is not None and not m[i]:
-                continue
-            v = np.float64(x[i])
-            if v >= lo and v <= hi:
-                k = np.int64((v - lo) * scale)
-                if k >= nbins:
-                    k = nbins - 1
-                if v < edges[k]:
-                    k -= 1
-                elif k != nbins - 1 and v >= edges[k + 1]:
-                    k += 1
-                if want[k]:
-                    if step == 1:
-                        vals[n] = v
-                        bins[n] = k
-                    n += 1
-    return vals, bins
+        for r in range(x.shape[0]):
+            xr = x[r]
+            wr = want[r]
+            for i in range(xr.shape[0]):
+                if m is not None and not m[r, i]:
+                    continue
+                v = np.float64(xr[i])
+                if v >= lo and v <= hi:
+                    k = np.int64((v - lo) * scale)
+                    if k >= nbins:
+                        k = nbins - 1
+                    if v < edges[k]:
+                        k -= 1
+                    elif k != nbins - 1 and v >= edges[k + 1]:
+                        k += 1
+                    if wr[k]:
+                        if step == 1:
+                            vals[n] = v
+                            bins[n] = k
+                            rows[n] = r
+                        n += 1
+    return vals, bins, rows
+
+
+@numba.njit(nogil=True, cache=True)
+def hist_fsl(x, fa, fb, nbins, out, m=None):  # pragma: no cover - compiled
+    """FSL's ``find_histogram``: bin ``(int)(fa * v + fb)`` (C truncation) clamped to
+    ``[0, nbins - 1]``, ``v`` the voxel as a float32 (FSL reads images as float).
+    Non-finite voxels are skipped and counted in ``out[nbins]``; masked-out ones are skipped."""
+    for i in range(x.shape[0]):
+        if m is not None and not m[i]:
+            continue
+        v = np.float64(np.float32(x[i]))
+        if not (v == v and v != np.inf and v != -np.inf):
+            out[nbins] += 1
+            continue
+        t = fa * v + fb
+        if t >= nbins:
+            k = nbins - 1
+        elif t < 0:
+            k = np.int64(t)  # truncation toward zero: (-1, 0) -> 0
+            if k < 0:
+                k = 0
+        else:
+            k = np.int64(t)
+            if k > nbins - 1:
+                k = nbins - 1
+        out[k] += 1

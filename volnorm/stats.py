@@ -30,22 +30,27 @@ def quantile(
     *,
     dim: Hashable | Sequence[Hashable] | None = None,
     mask: xr.DataArray | xr.DataTree | None = None,
+    exact: bool = True,
 ) -> xr.DataArray:
     """Quantiles over ``dim``, equal to ``numpy.nanquantile`` (linear interpolation).
 
     Integer data: exact from one histogram with a bin per value. Float data:
-    exact with ``dim=None`` (a 4096-bin histogram finds the bins holding the
-    ranks, a second pass reads only the values inside them); with other
-    ``dim`` the value is interpolated inside its bin and ``attrs["max_error"]``
-    states the bound (one bin width).
+    a 4096-bin histogram finds, for each requested rank, the bin that holds
+    it; one more pass keeps only the voxels inside those bins (per index of
+    the kept dims) and sorts them, so the result is exact. ``exact=False``
+    skips that pass: each value is then the centre of its bin and
+    ``attrs["max_error"]`` states the bound (one bin width; 0 when exact).
 
     Parameters
     ----------
-    data : xarray.DataArray
+    data : xarray.DataArray or xarray.DataTree
     q : float or sequence of float
         In [0, 1].
     dim, mask
-        As in :func:`volnorm.histogram`. NaN and masked-out voxels are ignored.
+        As in :func:`volnorm.histogram`. NaN and masked-out voxels are ignored;
+        ±Inf are ranked, as numpy does.
+    exact : bool
+        Float data only: run the refinement pass (default).
 
     Returns
     -------
@@ -65,7 +70,7 @@ def quantile(
         raise ValueError(f"`q` must be in [0, 1]; got {q!r}. (Percentiles 0-100? divide by 100.)")
     if isinstance(data, xr.DataTree):
         if dim is not None:
-            return over_collection(quantile, data, dim, mask, q=q)
+            return over_collection(quantile, data, dim, mask, q=q, exact=exact)
         dtype = np.result_type(*(p[1].dtype for p in parts_of(data, mask)))
     else:
         dtype = data.dtype
@@ -98,9 +103,10 @@ def quantile(
     max_error = 0.0
     if is_int:
         v_lo, v_hi = value(b_lo), value(b_hi)
-    elif not kept:
-        v_lo, v_hi = _refine(data, mask, h, counts[0], lo_inf[0], b_lo[0], b_hi[0], r_lo[0], r_hi[0])
-        v_lo, v_hi = v_lo[None], v_hi[None]
+    elif exact:
+        parts = [(img.transpose(*kept, ...), m) for _, img, m in parts_of(data, mask)]
+        both = _refine(parts, h, len(kept), np.concatenate([b_lo, b_hi], axis=1), np.concatenate([r_lo, r_hi], axis=1))
+        v_lo, v_hi = both[:, : len(qs)], both[:, len(qs) :]
     else:
         v_lo, v_hi = value(b_lo), value(b_hi)
         max_error = width
@@ -116,48 +122,61 @@ def quantile(
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
 
 
-def _block_pick(xb: np.ndarray, mb: np.ndarray | None = None, *, edges: np.ndarray, want: np.ndarray) -> np.ndarray:
+def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, edges: np.ndarray, want: np.ndarray):
     from volnorm import _kernels
 
     if xb.dtype == np.float16:
         xb = xb.astype(np.float32)
-    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
-    vals, bins = _kernels.pick_bins(np.ascontiguousarray(xb).reshape(-1), edges, want, m)
-    return np.stack([vals, bins.astype(np.float64)])
+    rows = math.prod(xb.shape[:nkept])
+    x2 = np.ascontiguousarray(xb).reshape(rows, -1)
+    m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
+    return _kernels.pick_bins(x2, edges, want, m2)
 
 
-def _refine(data, mask, h, counts, nlo, b_lo, b_hi, r_lo, r_hi):
-    """Exact float values at the ranks: one GIL-free pass keeps only the voxels inside the
-    (few) bins that hold them, then sorts those."""
+def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Exact float values at 0-based ranks ``r`` (rows, k) that fall in groups ``b`` (see
+    :func:`_groups`): one GIL-free pass keeps only the voxels inside the few bins that hold
+    them (per row), then sorts those. ``parts`` = ``[(image, mask)]`` transposed kept-first."""
     edges = np.concatenate([h["bin_lower"].values, h["bin_upper"].values[-1:]])
-    nb = len(counts)
-    cum_before = np.concatenate([[nlo], nlo + np.cumsum(counts)])  # voxels before bin i
-    wanted = sorted({int(b) for b in np.concatenate([b_lo, b_hi]) if 1 <= b <= nb})
-    want = np.zeros(nb, dtype=np.bool_)
-    want[[b - 1 for b in wanted]] = True
+    counts = h.values.reshape(-1, h.sizes["bin"])
+    nrows, nb = counts.shape
+    nlo = h["n_neginf"].values.reshape(-1)
+    want = np.zeros((nrows, nb), dtype=np.bool_)
+    inside = (b >= 1) & (b <= nb)
+    rows_idx = np.broadcast_to(np.arange(nrows)[:, None], b.shape)
+    want[rows_idx[inside], b[inside] - 1] = True
+    kshape = tuple(h.shape[:nkept])
     picks = []
-    for _, img, m in parts_of(data, mask):
-        _, args = prepare(img, (), tuple(img.dims), m)
-        keys = [a.to_delayed().ravel() for a in args]
-        for parts in zip(*keys):
-            picks.append(dask.delayed(_block_pick)(*parts, edges=edges, want=want))
-    found = dask.compute(*picks) if (picks and wanted) else []
-    allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
-    allb = np.concatenate([f[1] for f in found]).astype(np.int64) if found else np.empty(0, np.int64)
-    sorted_vals = {b: np.sort(allv[allb == b - 1]) for b in wanted}
-
-    def at(b, r):
-        out = np.empty(len(b))
-        for k, (bb, rr) in enumerate(zip(b, r)):
-            if bb <= 0:
-                out[k] = -np.inf
-            elif bb >= nb + 1:
-                out[k] = np.inf
-            else:
-                out[k] = sorted_vals[int(bb)][rr - cum_before[bb - 1]]
-        return out
-
-    return at(b_lo, r_lo), at(b_hi, r_hi)
+    for img, m in parts:
+        kept, reduced = img.dims[:nkept], img.dims[nkept:]
+        _, args = prepare(img, kept, reduced, m)
+        xa = args[0]
+        offsets = [np.concatenate([[0], np.cumsum(c)]) for c in xa.chunks[:nkept]]
+        blocks = [a.to_delayed() for a in args]
+        for bi in np.ndindex(*xa.numblocks):
+            ranges = [np.arange(offsets[d][bi[d]], offsets[d][bi[d] + 1]) for d in range(nkept)]
+            grid = np.meshgrid(*ranges, indexing="ij") if nkept else []
+            gl_rows = np.ravel_multi_index(tuple(g.ravel() for g in grid), kshape) if nkept else np.zeros(1, np.int64)
+            sub = want[gl_rows]
+            if not sub.any():
+                continue
+            mb = blocks[1][bi] if len(blocks) > 1 else None
+            picks.append((gl_rows, dask.delayed(_block_pick)(blocks[0][bi], mb, nkept=nkept, edges=edges, want=sub)))
+    found = dask.compute(*[p[1] for p in picks])
+    vals = [f[0] for f in found]
+    bins = [f[1] for f in found]
+    rows = [g[f[2]] for (g, _), f in zip(picks, found)]
+    allv = np.concatenate(vals) if vals else np.empty(0)
+    key = (np.concatenate(rows) * nb + np.concatenate(bins)) if vals else np.empty(0, np.int64)
+    order = np.lexsort((allv, key))
+    allv, key = allv[order], key[order]
+    cum_before = np.concatenate([nlo[:, None], nlo[:, None] + np.cumsum(counts, axis=1)], axis=1)
+    out = np.where(b <= 0, -np.inf, np.inf)
+    for (row, col) in zip(*np.nonzero(inside)):
+        bb = b[row, col]
+        start = np.searchsorted(key, row * nb + bb - 1, side="left")
+        out[row, col] = allv[start + r[row, col] - cum_before[row, bb - 1]]
+    return out
 
 
 # ---------------------------------------------------------------------------
