@@ -11,8 +11,14 @@ import xarray as xr
 
 from volnorm._histogram import histogram
 
-Method = Literal["otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile"]
-METHODS: tuple[str, ...] = ("otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile")
+Method = Literal[
+    "otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile",
+    "robust_range", "robust_range_positive",
+]
+METHODS: tuple[str, ...] = (
+    "otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile",
+    "robust_range", "robust_range_positive",
+)
 
 
 def _triangle(counts: np.ndarray, centers: np.ndarray) -> float:
@@ -104,7 +110,10 @@ def threshold(
     scikit-image's functions with ``hist=`` our exact histogram, so the values
     are scikit-image's for the same histogram; ``triangle`` and ``li`` run
     scikit-image's steps on the histogram; ``mean`` is the mean of the valid
-    voxels; ``percentile`` is :func:`volnorm.quantile` at ``q``.
+    voxels; ``percentile`` is :func:`volnorm.quantile` at ``q``;
+    ``robust_range`` is FSL's ``fslmaths -thrp`` value, ``q`` of the way up
+    FSL's robust range (:func:`volnorm.fsl.thrp_threshold`), and
+    ``robust_range_positive`` its ``-thrP`` (robust range of the voxels > 0).
 
     Parameters
     ----------
@@ -118,7 +127,7 @@ def threshold(
     classes : int
         For ``multiotsu``.
     q : float
-        For ``percentile``, in [0, 1].
+        For ``percentile`` and ``robust_range*``, in [0, 1].
 
     Returns
     -------
@@ -143,6 +152,8 @@ def threshold(
         from volnorm._histogram import over_collection
 
         return over_collection(threshold, data, dim, mask, method=method, bins=bins, classes=classes, q=q)
+    if method in ("robust_range", "robust_range_positive"):
+        return _robust_range(data, dim, mask, q, positive=method == "robust_range_positive")
     if method == "percentile":
         from volnorm.stats import quantile
 
@@ -163,3 +174,23 @@ def threshold(
     if method == "multiotsu":
         return xr.DataArray(vals.reshape(shape + (vals.shape[-1],)), dims=(*kept, "threshold"), coords=coords, name="threshold")
     return xr.DataArray(vals.reshape(shape), dims=kept, coords=coords, name="threshold")
+
+
+def _robust_range(data: xr.DataArray, dim, mask, q: float, *, positive: bool) -> xr.DataArray:
+    """FSL's -thrp/-thrP value per index of the kept dims (each index its own FSL passes)."""
+    from volnorm import fsl
+    from volnorm._histogram import _dims
+
+    if not 0 <= q <= 1:
+        raise ValueError(f"`q` must be in [0, 1] (a fraction of the robust range); got {q!r}")
+    if not isinstance(data, xr.DataArray):
+        raise NotImplementedError("robust_range thresholds of a collection: threshold each volume")
+    kept, _ = _dims(data, dim)
+    shape = tuple(data.sizes[d] for d in kept)
+    out = np.empty(shape)
+    for idx in np.ndindex(*shape):
+        sel = dict(zip(kept, idx))
+        m = None if mask is None else mask.isel({k: v for k, v in sel.items() if k in mask.dims})
+        out[idx] = fsl.thrp_threshold(data.isel(sel), 100 * q, mask=m, positive=positive)
+    coords = {k: v for k, v in data.coords.items() if set(v.dims) <= set(kept)}
+    return xr.DataArray(out, dims=kept, coords=coords, name="threshold")

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--per", choices=["volume", "slice"], default=None, help="one row per volume or per slice (default: the whole dataset)")
     st.add_argument("--mask", default=None, help="a NIfTI mask on the same grid (non-zero = inside)")
     st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument(
+        "--fsl", action="store_true",
+        help="fslstats options follow, with FSL's letters and numbers: -r -R -p N -P N -m -M -s -S -v -V -k MASK "
+        "(e.g. `volnorm stats T1.nii.gz --fsl -k brain.nii.gz -r -p 50`); must come last",
+    )
 
     th = sub.add_parser("threshold", help="a threshold computed from the exact histogram")
     th.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
@@ -76,7 +81,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``volnorm`` command line; returns the exit code."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fsl_ops: list[str] = []
+    if "--fsl" in argv:  # fslstats' own letters follow; argparse must not see them
+        at = argv.index("--fsl")
+        argv, fsl_ops = argv[: at + 1], argv[at + 1 :]
     args = parser.parse_args(argv)
+    args.fsl_ops = fsl_ops
     level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _quiet_distributed(logging.DEBUG if args.verbose >= 2 else max(level, logging.WARNING))
@@ -168,18 +179,26 @@ def _open_for_stats(paths: list[str], mask_path: str | None, per: str | None):
     else:
         data = vn.open_nifti(paths)
     if isinstance(data, xr.DataTree):
-        raise ValueError(
-            "the volumes have different shapes (a collection): dataset-wide statistics over a collection "
-            "are not available from the command line yet; use --per volume on each file"
-        )
-    mask = None
-    if mask_path is not None:
-        m = vn.open_nifti(mask_path, scaled=False).isel(volume=0, drop=True)
-        mask = (m != 0).compute()
-        mask = mask.drop_vars([c for c in mask.coords if c not in mask.dims])
+        if mask_path is not None:
+            raise ValueError("the volumes have different shapes (a collection): one --mask cannot fit them all")
+        if per == "slice":
+            raise ValueError("--per slice over volumes of different shapes: run it on each file")
+        dims = {d for node in data.subtree if "image" in node.data_vars for d in node["image"].dims}
+        return data, None, None if per is None else tuple(sorted(dims))
+    mask = _open_mask(mask_path) if mask_path is not None else None
     spatial = tuple(d for d in data.dims if d != "volume")
     dim = {None: None, "volume": spatial, "slice": ("y", "x")}[per]
     return data, mask, dim
+
+
+def _open_mask(path: str):
+    """A NIfTI mask (non-zero = inside) as an in-memory boolean DataArray with its affine."""
+    import volnorm as vn
+
+    m = vn.open_nifti(path, scaled=False).isel(volume=0, drop=True)
+    mask = (m != 0).compute()
+    mask.attrs["affine"] = m.attrs.get("affine")
+    return mask.drop_vars([c for c in mask.coords if c not in mask.dims])
 
 
 def _table(ds, kept) -> str:
@@ -203,12 +222,43 @@ def _stats(args: argparse.Namespace) -> int:
     import volnorm as vn
 
     data, mask, dim = _open_for_stats(args.path, args.mask, args.per)
+    if args.fsl:
+        return _fsl(args, data, mask)
     s = vn.summarize(data, dim=dim, mask=mask)
     kept = [d for d in s.dims]
     if args.json:
         print(json.dumps(s.to_dict(data="list"), indent=2, default=str))
     else:
         print(_table(s, kept) if kept else repr(s))
+    return 0
+
+
+def _fsl(args: argparse.Namespace, data, mask) -> int:
+    """``--fsl``: fslstats' options, one output line (per volume with ``--per volume``, like ``-t``)."""
+    import xarray as xr
+
+    import volnorm as vn
+
+    if not args.fsl_ops:
+        raise ValueError("--fsl needs fslstats options after it, e.g. --fsl -r -p 50")
+    if mask is not None:
+        args.fsl_ops = ["-k", "--mask"] + args.fsl_ops
+    masks = {"--mask": mask} if mask is not None else {}
+    ops = args.fsl_ops
+    for i, op in enumerate(ops[:-1]):
+        if op == "-k" and ops[i + 1] not in masks:
+            masks[ops[i + 1]] = _open_mask(ops[i + 1])
+    if args.per == "slice":
+        raise ValueError("--fsl works over the whole data or --per volume (fslstats -t)")
+    if isinstance(data, xr.DataTree) or args.per is None or "volume" not in data.dims:
+        rows = [("all", vn.fsl.fslstats(data, ops, masks=masks))]
+    else:
+        rows = [(str(v), vn.fsl.fslstats(data.isel(volume=i), ops, masks=masks)) for i, v in enumerate(data["volume"].values)]
+    if args.json:
+        print(json.dumps({name: vals for name, vals in rows}, indent=2))
+    else:
+        for name, vals in rows:
+            print(("" if len(rows) == 1 else f"{name} ") + " ".join(f"{v:.6g}" for v in vals))
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import dask
 import numpy as np
@@ -120,6 +120,45 @@ def quantile(
     res = xr.DataArray(out, dims=(*kept, "quantile"), coords={**coords, "quantile": qs}, name="quantile")
     res.attrs["max_error"] = max_error
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
+
+
+def order_statistics(
+    data: xr.DataArray | xr.DataTree,
+    ranks: Sequence[int] | Callable[[int], int | Sequence[int]],
+    *,
+    mask: xr.DataArray | xr.DataTree | None = None,
+) -> np.ndarray:
+    """The exact values at 0-based ``ranks`` of the sorted valid voxels (NaN and masked-out
+    left out, ±Inf ranked), over the whole dataset, out of core.
+
+    ``ranks`` may be a function of the number of valid voxels ``n`` (known only
+    after the histogram pass), e.g. ``lambda n: n // 2``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> x = xr.DataArray(np.array([5.5, np.nan, -1.0, 3.25]), dims="x")
+    >>> order_statistics(x, [0, 2]).tolist()
+    [-1.0, 5.5]
+    """
+    dtype = np.result_type(*(p[1].dtype for p in parts_of(data, mask)))
+    is_int = dtype.kind in "iub"
+    h = histogram(data, bins=None if is_int else FLOAT_BINS, mask=mask).compute()
+    counts = h.values.reshape(1, -1)
+    lo_inf, hi_inf = h["n_neginf"].values.reshape(-1), h["n_posinf"].values.reshape(-1)
+    n = int(counts.sum() + lo_inf[0] + hi_inf[0])
+    if n == 0:
+        raise ValueError("no valid voxel (all NaN or masked out)")
+    r = np.atleast_1d(np.asarray(ranks(n) if callable(ranks) else ranks, dtype=np.int64)).reshape(1, -1)
+    if np.any((r < 0) | (r >= n)):
+        raise ValueError(f"ranks must be in [0, {n}); got {r.ravel().tolist()}")
+    b = _groups(counts, lo_inf, hi_inf, r)
+    if is_int:
+        centers = h["bin"].values
+        nb = len(centers)
+        return np.where(b <= 0, -np.inf, np.where(b >= nb + 1, np.inf, centers[np.clip(b - 1, 0, nb - 1)]))[0]
+    parts = [(img, m) for _, img, m in parts_of(data, mask)]
+    return _refine(parts, h, 0, b, r)[0]
 
 
 def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, edges: np.ndarray, want: np.ndarray):
