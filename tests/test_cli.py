@@ -73,3 +73,25 @@ def test_stats_and_threshold_commands(cohort, tmp_path, capsys):
     vn.convert(cohort[:2], store, scheduler="sync")
     assert main(["stats", str(store), "--per", "slice"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1 + 2 * nib.load(cohort[0]).shape[2]
+
+
+def test_hist_writes_a_picture_and_never_overwrites(tmp_path, capsys):
+    src = vn.datasets.nibabel_files()["anatomical.nii"]
+    out = tmp_path / "h.png"
+    assert main(["hist", str(src), "--out", str(out), "--mark", "otsu,li", "--log"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    before = out.read_bytes()
+    assert main(["hist", str(src), "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["hist", str(src), "--out", str(out), "--overwrite", "--mark", "none"]) == 0
+    assert main(["hist", str(src), "--out", str(tmp_path / "h.txt")]) == 1
+
+
+def test_plot_histogram_lines_per_volume():
+    import xarray as xr
+
+    x = xr.DataArray(np.random.default_rng(0).normal(size=(3, 400)), dims=("volume", "x"), coords={"volume": ["a", "b", "c"]})
+    ax = vn.plot.plot_histogram(vn.histogram(x, dim="x", bins=30), thresholds={"otsu": 0.1})
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c", "otsu = 0.1"]
+    heights = [p.get_data().values for p in ax.patches]
+    np.testing.assert_allclose([h.sum() for h in heights], 1.0)  # density: volumes compare

@@ -13,7 +13,7 @@ from volnorm._utils import VolnormWarning
 from volnorm._histogram import histogram, merge_histograms
 from volnorm.stats import Summary, quantile, summarize
 from volnorm._threshold import threshold
-from volnorm import fsl
+from volnorm import fsl, plot
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -27,6 +27,7 @@ __all__ = [
     "convert",
     "datasets",
     "fsl",
+    "plot",
     "histogram",
     "merge_histograms",
     "quantile",
