@@ -61,25 +61,22 @@ def _block_hist(
     if spec.kind == "int":
         _kernels.hist_int(x2, spec.lo, nbins, out, m2, w2)
     else:
-        _kernels.hist_float(x2, spec.edges, out, m2, w2)
+        _kernels.hist_float(x2, spec.edges, out, m2, w2, spec.slack)
     return out.reshape(kshape + (1,) * (x.ndim - nkept) + (nbins + _kernels.NEXTRA,))
 
 
 def _block_minmax(x: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-    if x.dtype.kind in "iub":
-        info = np.iinfo(np.uint8 if x.dtype == np.bool_ else x.dtype)
-        out = np.array([info.max, info.min], dtype=np.uint8 if x.dtype == np.bool_ else x.dtype)
-        if m is None:
-            if x.size:
-                out[:] = x.min(), x.max()  # numpy's reductions release the GIL
-        else:
-            _kernels.minmax(np.ascontiguousarray(x).reshape(-1), out, np.ascontiguousarray(m).reshape(-1))
+    if x.dtype == np.bool_:
+        x = x.view(np.uint8)
+    elif x.dtype == np.float16:
+        x = x.astype(np.float32)
+    if x.dtype.kind == "f":
+        out = np.array([np.inf, -np.inf], dtype=x.dtype)  # the data's dtype: the loop vectorizes
     else:
-        if x.dtype == np.float16:
-            x = x.astype(np.float32)
-        out = np.array([np.inf, -np.inf])
-        m1 = None if m is None else np.ascontiguousarray(m).reshape(-1)
-        _kernels.minmax(np.ascontiguousarray(x).reshape(-1), out, m1)
+        info = np.iinfo(x.dtype)
+        out = np.array([info.max, info.min], dtype=x.dtype)
+    m1 = None if m is None else np.ascontiguousarray(m, dtype=np.bool_).reshape(-1)
+    _kernels.minmax(np.ascontiguousarray(x).reshape(-1), out, m1)
     out = out.astype(np.float64 if x.dtype.kind == "f" else np.int64 if x.dtype.kind != "u" else np.uint64)
     return out.reshape((1,) * x.ndim + (2,))
 
@@ -290,6 +287,7 @@ class BinSpec(NamedTuple):
     lower: np.ndarray
     upper: np.ndarray
     centers: np.ndarray
+    slack: float = 0.5  # see _kernels.edge_slack
 
 
 def bin_spec(
@@ -346,7 +344,8 @@ def bin_spec(
         raise ValueError(f"{nbins} bins over [{flo!r}, {fhi!r}] do not fit in {edge_dtype} (equal edges); use fewer bins")
     edges = edges.astype(np.float64)
     lower, upper = edges[:-1], edges[1:]
-    return BinSpec("float", 0, nbins, edges, lower, upper, (lower + upper) / 2)
+    slack = min(_kernels.edge_slack(edges), 0.5)
+    return BinSpec("float", 0, nbins, edges, lower, upper, (lower + upper) / 2, slack)
 
 
 def histogram_with(
@@ -368,7 +367,7 @@ def histogram_with(
         return _block_hist(xb, mb, wb, nkept=nk, spec=spec)
 
     dtype = np.float64 if has_w else np.int64
-    parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, has_m, has_w))
+    parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack, has_m, has_w))
     total = parts.sum(axis=tuple(_range(nk, args[0].ndim)), dtype=dtype)  # the tree reduction
     counts = total[..., : spec.nbins]
     coords: dict[Hashable, Any] = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}

@@ -22,7 +22,11 @@ NEXTRA = len(EXTRA)
 @numba.njit(nogil=True, cache=True)
 def hist_int(x, lo, nbins, out, m=None, w=None):  # pragma: no cover - compiled
     """One bin per integer in ``[lo, lo + nbins)``; ``x`` is ``(rows, n)``; ``m`` masks voxels out;
-    ``w`` (float64, like ``x``) weights the bins (the extra counters still count voxels)."""
+    ``w`` (float64, like ``x``) weights the bins (the extra counters still count voxels).
+
+    One unsigned comparison decides "in range" (``k < 0`` wraps to a huge unsigned value):
+    measured 2.9 GB/s per thread on uint16 against 2.1 with two signed tests."""
+    nb = np.uint64(nbins)
     for r in range(x.shape[0]):
         row = out[r]
         xr = x[r]
@@ -31,22 +35,34 @@ def hist_int(x, lo, nbins, out, m=None, w=None):  # pragma: no cover - compiled
                 row[nbins + 5] += 1
                 continue
             k = np.int64(xr[i]) - lo
-            if k < 0:
+            if np.uint64(k) < nb:
+                if w is None:
+                    row[k] += 1
+                else:
+                    row[k] += w[r, i]
+            elif k < 0:
                 row[nbins + 3] += 1
-            elif k >= nbins:
-                row[nbins + 4] += 1
-            elif w is None:
-                row[k] += 1
             else:
-                row[k] += w[r, i]
+                row[nbins + 4] += 1
+
+
+def edge_slack(edges: np.ndarray) -> float:
+    """How far (in bins) the actual edges stray from ``lo + k * width``, plus the rounding of
+    the bin position: a voxel whose position is farther than this from an integer is binned
+    without looking at the edges (``hist_float``'s fast path); others are checked against them."""
+    nbins = len(edges) - 1
+    ideal = edges[0] + np.arange(nbins + 1) * ((edges[-1] - edges[0]) / nbins)
+    return float(np.max(np.abs(edges - ideal)) * nbins / (edges[-1] - edges[0])) + 1e-8
 
 
 @numba.njit(nogil=True, cache=True)
-def hist_float(x, edges, out, m=None, w=None):  # pragma: no cover - compiled
-    """Equal bins, ``edges = np.linspace(lo, hi, nbins + 1)``, last bin closed: np.histogram's bins.
+def hist_float(x, edges, out, m=None, w=None, slack=0.5):  # pragma: no cover - compiled
+    """Equal bins on ``edges`` (float64 values of numpy's edges), last bin closed: np.histogram's bins.
 
-    ``m`` (bool, same shape as ``x``) excludes voxels; they are counted as ``masked_out``;
-    ``w`` weights the bins as in :func:`hist_int`.
+    The bin is ``int((v - lo) * nbins / (hi - lo))``; only when that position lies within
+    ``slack`` (see :func:`edge_slack`) of a bin boundary is it corrected against the edges, as
+    numpy does, so every voxel lands where ``np.histogram`` puts it. ``m`` (bool, like ``x``)
+    excludes voxels (counted as ``masked_out``); ``w`` weights the bins as in :func:`hist_int`.
     Written as one loop: a helper function per voxel ran 10x slower here.
     """
     nbins = edges.shape[0] - 1
@@ -61,46 +77,67 @@ def hist_float(x, edges, out, m=None, w=None):  # pragma: no cover - compiled
                 row[nbins + 5] += 1
                 continue
             v = np.float64(xr[i])
-            if v >= lo and v <= hi:  # the common case first
-                k = np.int64((v - lo) * scale)
-                if k >= nbins:  # v == hi lands in the last bin
-                    k = nbins - 1
-                # np.histogram's correction against the linspace edges
+            t = (v - lo) * scale
+            if t >= 0.0 and t < nbins:  # the common case; NaN fails both tests
+                k = np.int64(t)
+                f = t - np.float64(k)
+                if f < slack or f > 1.0 - slack:  # near a boundary: numpy's correction
+                    if v < edges[k]:
+                        k -= 1
+                    elif k != nbins - 1 and v >= edges[k + 1]:
+                        k += 1
+            elif v >= lo and v <= hi:  # v == hi, or rounding put it at nbins: the closed last bin
+                k = nbins - 1
                 if v < edges[k]:
                     k -= 1
-                elif k != nbins - 1 and v >= edges[k + 1]:
-                    k += 1
-                if w is None:
-                    row[k] += 1
-                else:
-                    row[k] += w[r, i]
-            elif v != v:
-                row[nbins] += 1
-            elif v == np.inf:
-                row[nbins + 1] += 1
-            elif v == -np.inf:
-                row[nbins + 2] += 1
-            elif v < lo:
-                row[nbins + 3] += 1
             else:
-                row[nbins + 4] += 1
+                if v != v:
+                    row[nbins] += 1
+                elif v == np.inf:
+                    row[nbins + 1] += 1
+                elif v == -np.inf:
+                    row[nbins + 2] += 1
+                elif v < lo:
+                    row[nbins + 3] += 1
+                else:
+                    row[nbins + 4] += 1
+                continue
+            if w is None:
+                row[k] += 1
+            else:
+                row[k] += w[r, i]
 
 
 @numba.njit(nogil=True, cache=True)
 def minmax(x, out, m=None):  # pragma: no cover - compiled
     """NaN/Inf-ignoring (min, max) of a flat array, merged into ``out`` (start it at inf, -inf for
-    floats, at the dtype's (max, min) for integers); ``m`` (bool, like ``x``) keeps the voxels inside."""
+    floats, at the dtype's (max, min) for integers; same dtype as ``x``); ``m`` keeps the voxels inside.
+
+    Plain comparisons (NaN fails them, so it never becomes the min or max) vectorize: 10 GB/s
+    per thread on float32; only a block whose result is infinite is scanned again, slowly,
+    to leave ±Inf out."""
     lo = out[0]
     hi = out[1]
     for i in range(x.shape[0]):
         if m is not None and not m[i]:
             continue
         v = x[i]
-        if v == v and v != np.inf and v != -np.inf:
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    if lo == -np.inf or hi == np.inf:
+        lo = out[0]
+        hi = out[1]
+        for i in range(x.shape[0]):
+            if m is not None and not m[i]:
+                continue
+            v = x[i]
+            if v != np.inf and v != -np.inf:
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
     out[0] = lo
     out[1] = hi
 
@@ -111,13 +148,16 @@ MOMENTS = ("count", "mean", "m2", "min", "max", "nan", "posinf", "neginf", "mask
 
 @numba.njit(nogil=True, cache=True)
 def moments(x, out, m=None):  # pragma: no cover - compiled
-    """Per row of ``x`` (rows, n): count, mean, M2 (Welford, float64), min, max of the finite
-    unmasked values, and the NaN/+Inf/-Inf/masked-out counts, into ``out`` (rows, 9)."""
+    """Per row of ``x`` (rows, n): count, mean, M2, min, max of the finite unmasked values, and
+    the NaN/+Inf/-Inf/masked-out counts, into ``out`` (rows, 9).
+
+    Two passes over the row in float64 (the mean, then the sum of squared deviations with
+    the usual correction term): as accurate as Welford, without a division per voxel
+    (measured 0.6 GB/s per thread for Welford). Rows merge with Chan's update."""
     for r in range(x.shape[0]):
         xr = x[r]
-        n = 0.0
-        mean = 0.0
-        m2 = 0.0
+        n = 0
+        s = 0.0
         lo = np.inf
         hi = -np.inf
         nan = 0
@@ -129,21 +169,33 @@ def moments(x, out, m=None):  # pragma: no cover - compiled
                 masked += 1
                 continue
             v = np.float64(xr[i])
-            if v != v:
-                nan += 1
-            elif v == np.inf:
-                pinf += 1
-            elif v == -np.inf:
-                ninf += 1
-            else:
-                n += 1.0
-                d = v - mean
-                mean += d / n
-                m2 += d * (v - mean)
+            if v - v == 0.0:  # finite
+                n += 1
+                s += v
                 if v < lo:
                     lo = v
                 if v > hi:
                     hi = v
+            elif v != v:
+                nan += 1
+            elif v > 0:
+                pinf += 1
+            else:
+                ninf += 1
+        mean = s / n if n > 0 else 0.0
+        m2 = 0.0
+        c = 0.0
+        if n > 0:
+            for i in range(xr.shape[0]):
+                if m is not None and not m[r, i]:
+                    continue
+                v = np.float64(xr[i])
+                if v - v == 0.0:
+                    d = v - mean
+                    m2 += d * d
+                    c += d
+            m2 -= c * c / n
+            mean += c / n
         o = out[r]
         o[0] = n
         o[1] = mean
