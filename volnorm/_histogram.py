@@ -400,7 +400,11 @@ def histogram(
     range : (lo, hi), optional
         Bin range (inclusive). Default: the range of the (masked) voxels, found
         with one NaN-aware pass (the only eager part; pass ``range=`` to skip
-        it). 8-bit integers default to their whole dtype range without a pass.
+        it). 8-bit integers default to their whole dtype range without a pass;
+        16-bit integers (when the result is at most 2**23 cells) are
+        histogrammed over their whole dtype range in one pass, which is then
+        trimmed to the occupied values: that one pass is computed, in place
+        of a range pass, and the result comes back in memory.
         Float bins follow ``np.histogram`` exactly (edges in the data's dtype).
     dim : str, sequence of str or None
         Dims the histogram is computed **over**: ``None`` = the whole dataset;
@@ -447,9 +451,33 @@ def histogram(
         return over_collection(lambda img, dim, mask: histogram_with(img, spec, dim, mask), data, dim, mask)
     if not isinstance(data, xr.DataArray):
         raise TypeError(f"`data` must be an xarray.DataArray or DataTree; got {type(data).__name__}")
-    _dims(data, dim)  # check `dim` before any pass
+    kept, _ = _dims(data, dim)  # check `dim` before any pass
+    rows = math.prod(data.sizes[d] for d in kept)
+    if (
+        bins is None and range is None and weights is None and data.dtype.kind in "iu" and data.dtype.itemsize == 2
+        and rows * 2**16 <= ONE_PASS_INT_CELLS
+    ):
+        return _int16_one_pass(data, dim, mask, weights)
     spec = bin_spec(data, data.dtype, bins, range, mask)
     return histogram_with(data, spec, dim, mask, weights)
+
+
+#: 16-bit integer histograms with at most this many cells (rows x 65536) are made in one pass.
+ONE_PASS_INT_CELLS = 2**23
+
+
+def _int16_one_pass(data: xr.DataArray, dim: Any, mask: Any, weights: Any) -> xr.DataArray:
+    """16-bit integers: histogram the whole dtype range in the one pass (the range pass *is* the
+    histogram pass), then keep the occupied range. Computes that pass; the result is in memory."""
+    info = np.iinfo(data.dtype)
+    centers = np.arange(info.min, info.max + 1, dtype=np.float64)
+    full = BinSpec("int", int(info.min), 2**16, np.empty(0), centers - 0.5, centers + 0.5, centers)
+    h = histogram_with(data, full, dim, mask, weights).compute()
+    occupied = np.flatnonzero(h.values.reshape(-1, 2**16).any(axis=0))
+    if not len(occupied):
+        what = "inside the mask" if mask is not None else ""
+        raise ValueError(f"the data hold no voxel {what}: there is no range to histogram")
+    return h.isel(bin=slice(int(occupied[0]), int(occupied[-1]) + 1))
 
 
 def merge_histograms(hists: Sequence[xr.DataArray]) -> xr.DataArray:
