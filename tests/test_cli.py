@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import nibabel as nib
 
 import volnorm as vn
@@ -95,3 +96,12 @@ def test_plot_histogram_lines_per_volume():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c", "otsu = 0.1"]
     heights = [p.get_data().values for p in ax.patches]
     np.testing.assert_allclose([h.sum() for h in heights], 1.0)  # density: volumes compare
+
+
+@pytest.mark.slow
+def test_stats_on_a_local_cluster_equals_threads(capsys):
+    src = str(vn.datasets.nibabel_files()["anatomical.nii"])
+    assert main(["stats", src, "--json", "--scheduler", "sync"]) == 0
+    sync = json.loads(capsys.readouterr().out)
+    assert main(["stats", src, "--json", "--scheduler", "local"]) == 0
+    assert json.loads(capsys.readouterr().out) == sync

@@ -12,12 +12,13 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def _add_engine(p: argparse.ArgumentParser) -> None:
+def _add_engine(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument(
         "--scheduler",
-        default=None,
-        help="where to run: 'local' (default: a local dask cluster on 127.0.0.1), 'threads', 'sync', "
-        "or a scheduler address such as tcp://host:8786 or tls://host:8786",
+        default=default,
+        help="where to run: 'local' (a local dask cluster on 127.0.0.1), 'threads', 'sync', "
+        "or a scheduler address such as tcp://host:8786 or tls://host:8786 "
+        f"(default: {default or 'local'})",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
 
     st = sub.add_parser("stats", help="exact statistics: count, min, max, mean, std, quantiles")
+    _add_engine(st, default="threads")
     st.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
     st.add_argument("--per", choices=["volume", "slice"], default=None, help="one row per volume or per slice (default: the whole dataset)")
     st.add_argument("--mask", default=None, help="a NIfTI mask on the same grid (non-zero = inside)")
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     hi = sub.add_parser("hist", help="plot the exact histogram (volumes overlaid, thresholds marked) to a PNG/SVG/PDF")
+    _add_engine(hi, default="threads")
     hi.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
     hi.add_argument("--out", required=True, help="the picture to write (.png, .svg, .pdf)")
     hi.add_argument("--per", choices=["volume"], default=None, help="one line per volume (default: the whole dataset)")
@@ -73,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     hi.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
     th = sub.add_parser("threshold", help="a threshold computed from the exact histogram")
+    _add_engine(th, default="threads")
     th.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
     th.add_argument("--method", default="otsu", help="otsu, multiotsu, li, yen, triangle, isodata, mean, minimum, percentile")
     th.add_argument("--per", choices=["volume", "slice"], default=None)
@@ -111,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         commands = {"convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold, "hist": _hist}
+        if args.command in ("stats", "threshold", "hist"):
+            from volnorm.engine import dask_scheduler
+
+            show = args.progress if args.progress is not None else sys.stderr.isatty()
+            with dask_scheduler(args.scheduler, progress=show) as where:
+                logger.info("computing on %s", where)
+                return commands[args.command](args)
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

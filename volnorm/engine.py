@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -157,3 +158,41 @@ def executor(scheduler: Any = None) -> Iterator[Executor]:
             )
     else:
         yield Executor(scheduler, f"client {getattr(scheduler, 'scheduler', scheduler)}")
+
+
+@contextlib.contextmanager
+def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Iterator[str]:
+    """Run the dask graphs computed inside the block on ``scheduler``; yields its description.
+
+    ``"threads"`` (default: no start-up cost) or ``"sync"``: dask's local
+    schedulers, with a progress bar on stderr when ``progress``; ``"local"``:
+    a new local cluster (127.0.0.1, closed on exit); an address
+    (``tcp://``/``tls://``) or a ``distributed.Client``: that cluster (its
+    dashboard shows the progress).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> with dask_scheduler("sync") as where:
+    ...     int(da.ones(10, chunks=5).sum().compute()), where
+    (10, 'synchronous (this thread)')
+    """
+    import dask
+
+    if scheduler in (None, "threads", "sync"):
+        name = scheduler or "threads"
+        where = "synchronous (this thread)" if name == "sync" else f"{os.cpu_count()} threads"
+        with dask.config.set(scheduler=name), contextlib.ExitStack() as stack:
+            if progress:
+                from dask.diagnostics import ProgressBar
+
+                stack.enter_context(ProgressBar(minimum=1.0, out=sys.stderr))
+            yield where
+        return
+    with executor(scheduler) as ex:
+        if not ex.distributed:  # pragma: no cover - executor() maps these names above
+            raise ValueError(f"unknown scheduler {scheduler!r}")
+        client = ex.backend
+        link = getattr(client, "dashboard_link", None)
+        with dask.config.set(scheduler=client):
+            yield ex.description + (f" (dashboard {link})" if link else "")
