@@ -209,46 +209,46 @@ def moments(x, out, m=None):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def pick_bins(x, edges, want, m=None):  # pragma: no cover - compiled
-    """The values of ``x`` (rows, n) that fall in the bins flagged by ``want`` (bool, rows x bins
-    of ``edges``, binned exactly as :func:`hist_float`), with their bin and row; two passes, no
-    copy of ``x``. Used to refine quantiles inside the few bins that hold the requested ranks."""
-    nbins = edges.shape[0] - 1
-    lo = edges[0]
-    hi = edges[nbins]
-    scale = nbins / (hi - lo)
+def pick_bins(x, ilo, ihi, m=None):  # pragma: no cover - compiled
+    """The values of ``x`` (rows, n) inside the half-open intervals ``[ilo[r, k], ihi[r, k])`` of
+    their row (empty ones padded with ``ilo = inf``), with the interval index and row; two passes
+    (count, fill), no copy of ``x``. The intervals are the few histogram bins that hold requested
+    ranks (a bin is exactly the values between its edges), so quantiles can be refined."""
+    nk = ilo.shape[1]
     n = 0
     vals = np.empty(0, dtype=np.float64)
-    bins = np.empty(0, dtype=np.int64)
+    which = np.empty(0, dtype=np.int64)
     rows = np.empty(0, dtype=np.int64)
     for step in range(2):
         if step == 1:
             vals = np.empty(n, dtype=np.float64)
-            bins = np.empty(n, dtype=np.int64)
+            which = np.empty(n, dtype=np.int64)
             rows = np.empty(n, dtype=np.int64)
             n = 0
         for r in range(x.shape[0]):
             xr = x[r]
-            wr = want[r]
+            lo = np.inf
+            hi = -np.inf
+            for k in range(nk):
+                if ilo[r, k] < lo:
+                    lo = ilo[r, k]
+                if ihi[r, k] > hi:
+                    hi = ihi[r, k]
             for i in range(xr.shape[0]):
+                v = np.float64(xr[i])
+                if not (v >= lo and v < hi):  # most voxels; NaN too
+                    continue
                 if m is not None and not m[r, i]:
                     continue
-                v = np.float64(xr[i])
-                if v >= lo and v <= hi:
-                    k = np.int64((v - lo) * scale)
-                    if k >= nbins:
-                        k = nbins - 1
-                    if v < edges[k]:
-                        k -= 1
-                    elif k != nbins - 1 and v >= edges[k + 1]:
-                        k += 1
-                    if wr[k]:
+                for k in range(nk):
+                    if v >= ilo[r, k] and v < ihi[r, k]:
                         if step == 1:
                             vals[n] = v
-                            bins[n] = k
+                            which[n] = k
                             rows[n] = r
                         n += 1
-    return vals, bins, rows
+                        break
+    return vals, which, rows
 
 
 @numba.njit(nogil=True, cache=True)

@@ -65,6 +65,12 @@ def quantile(
     >>> float(vn.quantile(x, 0.25))
     2.5
     """
+    return _quantile(data, q, dim=dim, mask=mask, exact=exact)
+
+
+def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | None = None) -> xr.DataArray:
+    """:func:`quantile`; ``known_range`` (the finite min/max of the masked voxels, e.g. from
+    :func:`summarize`'s moments pass) spares the float range pass."""
     qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
     if qs.ndim != 1 or qs.size == 0 or np.any(~np.isfinite(qs)) or np.any((qs < 0) | (qs > 1)):
         raise ValueError(f"`q` must be in [0, 1]; got {q!r}. (Percentiles 0-100? divide by 100.)")
@@ -75,7 +81,8 @@ def quantile(
     else:
         dtype = data.dtype
     is_int = dtype.kind in "iub"
-    h = histogram(data, bins=None if is_int else FLOAT_BINS, dim=dim, mask=mask)
+    rng = None if (is_int or known_range is None or known_range[0] >= known_range[1]) else known_range
+    h = histogram(data, bins=None if is_int else FLOAT_BINS, range=rng, dim=dim, mask=mask)
     kept = h.dims[:-1]
     h = h.compute()
     counts = h.values.reshape(-1, h.sizes["bin"])
@@ -161,7 +168,7 @@ def order_statistics(
     return _refine(parts, h, 0, b, r)[0]
 
 
-def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, edges: np.ndarray, want: np.ndarray):
+def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ilo: np.ndarray, ihi: np.ndarray):
     from volnorm import _kernels
 
     if xb.dtype == np.float16:
@@ -169,21 +176,27 @@ def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, edges: np.
     rows = math.prod(xb.shape[:nkept])
     x2 = np.ascontiguousarray(xb).reshape(rows, -1)
     m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
-    return _kernels.pick_bins(x2, edges, want, m2)
+    return _kernels.pick_bins(x2, ilo, ihi, m2)
 
 
 def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Exact float values at 0-based ranks ``r`` (rows, k) that fall in groups ``b`` (see
     :func:`_groups`): one GIL-free pass keeps only the voxels inside the few bins that hold
     them (per row), then sorts those. ``parts`` = ``[(image, mask)]`` transposed kept-first."""
-    edges = np.concatenate([h["bin_lower"].values, h["bin_upper"].values[-1:]])
+    lower, upper = h["bin_lower"].values, h["bin_upper"].values.copy()
+    upper[-1] = np.nextafter(upper[-1], np.inf)  # the last bin is closed
     counts = h.values.reshape(-1, h.sizes["bin"])
     nrows, nb = counts.shape
     nlo = h["n_neginf"].values.reshape(-1)
-    want = np.zeros((nrows, nb), dtype=np.bool_)
     inside = (b >= 1) & (b <= nb)
-    rows_idx = np.broadcast_to(np.arange(nrows)[:, None], b.shape)
-    want[rows_idx[inside], b[inside] - 1] = True
+    # per row, the distinct wanted bins as intervals, padded with empty ones
+    wanted = [np.unique(b[row][inside[row]]) for row in range(nrows)]
+    width = max(1, max(len(w) for w in wanted))
+    ilo = np.full((nrows, width), np.inf)
+    ihi = np.full((nrows, width), -np.inf)
+    wbin = np.zeros((nrows, width), dtype=np.int64)
+    for row, w in enumerate(wanted):
+        ilo[row, : len(w)], ihi[row, : len(w)], wbin[row, : len(w)] = lower[w - 1], upper[w - 1], w - 1
     kshape = tuple(h.shape[:nkept])
     picks = []
     for img, m in parts:
@@ -196,22 +209,21 @@ def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) ->
             ranges = [np.arange(offsets[d][bi[d]], offsets[d][bi[d] + 1]) for d in range(nkept)]
             grid = np.meshgrid(*ranges, indexing="ij") if nkept else []
             gl_rows = np.ravel_multi_index(tuple(g.ravel() for g in grid), kshape) if nkept else np.zeros(1, np.int64)
-            sub = want[gl_rows]
-            if not sub.any():
+            if not np.isfinite(ilo[gl_rows]).any():
                 continue
             mb = blocks[1][bi] if len(blocks) > 1 else None
-            picks.append((gl_rows, dask.delayed(_block_pick)(blocks[0][bi], mb, nkept=nkept, edges=edges, want=sub)))
+            task = dask.delayed(_block_pick)(blocks[0][bi], mb, nkept=nkept, ilo=ilo[gl_rows], ihi=ihi[gl_rows])
+            picks.append((gl_rows, task))
     found = dask.compute(*[p[1] for p in picks])
-    vals = [f[0] for f in found]
-    bins = [f[1] for f in found]
-    rows = [g[f[2]] for (g, _), f in zip(picks, found)]
-    allv = np.concatenate(vals) if vals else np.empty(0)
-    key = (np.concatenate(rows) * nb + np.concatenate(bins)) if vals else np.empty(0, np.int64)
+    allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
+    rows = np.concatenate([g[f[2]] for (g, _), f in zip(picks, found)]) if found else np.empty(0, np.int64)
+    bins = wbin[rows, np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)]
+    key = rows * nb + bins
     order = np.lexsort((allv, key))
     allv, key = allv[order], key[order]
     cum_before = np.concatenate([nlo[:, None], nlo[:, None] + np.cumsum(counts, axis=1)], axis=1)
     out = np.where(b <= 0, -np.inf, np.inf)
-    for (row, col) in zip(*np.nonzero(inside)):
+    for row, col in zip(*np.nonzero(inside)):
         bb = b[row, col]
         start = np.searchsorted(key, row * nb + bb - 1, side="left")
         out[row, col] = allv[start + r[row, col] - cum_before[row, bb - 1]]
@@ -344,7 +356,8 @@ def summarize(
     if len(quantiles) and not np.all(count > 0):
         raise ValueError("no valid voxel (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
     if len(quantiles):
-        qv = quantile(data, list(quantiles), dim=dim, mask=mask)
+        known = (float(np.min(m[..., 3])), float(np.max(m[..., 4])))  # spares quantile's range pass
+        qv = _quantile(data, list(quantiles), dim=dim, mask=mask, exact=True, known_range=known)
         for i, qq in enumerate(quantiles):
             out[f"q{qq:g}"] = (kept, qv.isel(quantile=i).values)
     return Summary(out, coords=coords)
