@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import itertools
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -26,8 +27,10 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import given, settings, strategies as st
-from skimage import data as skdata, filters
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skimage import data as skdata
+from skimage import filters
 
 import volnorm as vn
 
@@ -78,7 +81,7 @@ class Case:
         attrs = {"affine": self.affine} if self.affine is not None else {}
         m = xr.DataArray(self.mask_values, dims=self.mask_dims, attrs=attrs)
         # the odd chunking also gets a mask chunked unlike the data (unify_chunks)
-        return m.chunk({self.mask_dims[-2]: 9}) if chunking == "odd" else m
+        return m.chunk({self.mask_dims[-2]: (self.mask_values.shape[-2] + 1) // 2}) if chunking == "odd" else m
 
     def valid(self, masked: bool) -> np.ndarray:
         """The mask broadcast to the data's shape (all True without a mask)."""
@@ -104,7 +107,7 @@ def _ellipse(ny: int, nx: int) -> np.ndarray:
     return ((yy - (ny - 1) / 2) / (ny / 2)) ** 2 + ((xx - (nx - 1) / 2) / 7.0) ** 2 <= 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_case(name: str) -> Case:
     if name == "anatomical_int16":  # (volume 1, z 25, y 41, x 33)
         path, v, aff = _nifti("anatomical.nii")
@@ -112,7 +115,7 @@ def get_case(name: str) -> Case:
             name, v, ("volume", "z", "y", "x"), v[0] > v[0].mean(), ("z", "y", "x"),
             {"all": None, "volume": ("z", "y", "x"), "slice": ("y", "x")},
             # a single volume: "volume" chunking = one z-plane per chunk
-            {"one": {"z": -1, "y": -1, "x": -1}, "volume": {"z": 1}, "odd": {"z": 4, "y": 7, "x": 13}},
+            {"one": {"z": -1, "y": -1, "x": -1}, "volume": {"z": 1}, "odd": {"z": 9, "y": 15, "x": 13}},
             path, aff,
         )
     if name == "example4d_int16":  # (volume 1, t 2, z 24, y 96, x 128)
@@ -122,7 +125,7 @@ def get_case(name: str) -> Case:
             name, v, ("volume", "t", "z", "y", "x"), frame > frame.mean(), ("z", "y", "x"),
             {"all": None, "volume": ("t", "z", "y", "x"), "slice": ("y", "x")},
             # "volume" chunking: one 3-D volume (time point) per chunk
-            {"one": {"t": -1, "z": -1, "y": -1, "x": -1}, "volume": {"t": 1}, "odd": {"t": 1, "z": 7, "y": 77, "x": 50}},
+            {"one": {"t": -1, "z": -1, "y": -1, "x": -1}, "volume": {"t": 1}, "odd": {"t": 1, "z": 10, "y": 77, "x": 50}},
             path, aff,
         )
     if name == "skimage_uint8":  # camera, moon, coins: (3, 300, 300)
@@ -138,7 +141,7 @@ def get_case(name: str) -> Case:
             name, v, ("volume", "y", "x"), _ellipse(25, 25), ("y", "x"),
             # per "slice": one histogram per image row index, over all faces (kept dim in the middle)
             {"all": None, "volume": ("y", "x"), "slice": ("volume", "x")},
-            {"one": None, "volume": {"volume": 1}, "odd": {"volume": 33, "y": 7, "x": 11}},
+            {"one": None, "volume": {"volume": 1}, "odd": {"volume": 67, "y": 9, "x": 11}},
         )
     raise KeyError(name)
 
@@ -146,7 +149,27 @@ def get_case(name: str) -> Case:
 CASES = ["anatomical_int16", "example4d_int16", "skimage_uint8", "lfw_float64", "lfw_float32"]
 DIMS = ["all", "volume", "slice"]
 CHUNKINGS = ["one", "volume", "odd"]
-MASKED = [pytest.param(False, id="nomask"), pytest.param(True, id="mask")]
+
+
+def _cid(name: str, dimk: str, masked: bool, chunking: str) -> str:
+    return f"{name}-{dimk}-{'mask' if masked else 'nomask'}-{chunking}"
+
+
+def covering(names=CASES, marks: dict | None = None, skip: frozenset = frozenset()) -> list:
+    """(name, dim, masked, chunking) with every dim x chunking pair, and every dim x mask and
+    chunking x mask pair, for each data set: 9 cases instead of the 18 of the full product
+    (lfw_float32: 6, without the one-face-per-chunk chunking that lfw_float64 covers)."""
+    out = []
+    for name in names:
+        for i, dimk in enumerate(DIMS):
+            for j, chunking in enumerate(CHUNKINGS):
+                if name == "lfw_float32" and chunking == "volume":
+                    continue  # 200 one-face chunks cost ~1 s a call; lfw_float64 covers them
+                masked = (i + j) % 2 == 1
+                cid = _cid(name, dimk, masked, chunking)
+                if cid not in skip:
+                    out.append(pytest.param(name, dimk, masked, chunking, id=cid, marks=(marks or {}).get(cid, ())))
+    return out
 
 
 def _reduced(case: Case, dim: Hashable | tuple | None) -> tuple[tuple, tuple]:
@@ -182,10 +205,7 @@ def _centers(edges: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS)
-@pytest.mark.parametrize("masked", MASKED)
-@pytest.mark.parametrize("dimk", DIMS)
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize(("name", "dimk", "masked", "chunking"), covering())
 def test_histogram_equals_numpy(name, dimk, masked, chunking):
     case = get_case(name)
     dim = case.dim_options[dimk]
@@ -195,7 +215,7 @@ def test_histogram_equals_numpy(name, dimk, masked, chunking):
     assert h.dims == (*kept, "bin")
     h = h.compute()
     valid = case.valid(masked)
-    kshape, rows, masked_out = rows_of(case.values, valid, case.dims, kept, reduced)
+    _, rows, masked_out = rows_of(case.values, valid, case.dims, kept, reduced)
     allv = case.values[valid]
     counts = h.values.reshape(-1, h.sizes["bin"])
     if case.is_int:
@@ -223,10 +243,12 @@ def test_histogram_equals_numpy(name, dimk, masked, chunking):
         assert h[k].dims == kept
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS)
-@pytest.mark.parametrize("masked", MASKED)
-@pytest.mark.parametrize("dimk", DIMS)
-@pytest.mark.parametrize("name", CASES)
+# the 200-chunk lfw cases cost ~1.2 s each here; the per-row one (kept dim in the middle,
+# masked, every row's refinement spread over all chunks) is the hardest and is kept
+@pytest.mark.parametrize(
+    ("name", "dimk", "masked", "chunking"),
+    covering(skip=frozenset({"lfw_float64-all-mask-volume", "lfw_float64-volume-nomask-volume"})),
+)
 def test_quantile_equals_nanquantile(name, dimk, masked, chunking):
     case = get_case(name)
     dim = case.dim_options[dimk]
@@ -239,35 +261,66 @@ def test_quantile_equals_nanquantile(name, dimk, masked, chunking):
     np.testing.assert_array_equal(got.values.reshape(-1, len(QS)), ref)
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS)
-@pytest.mark.parametrize("masked", MASKED)
-@pytest.mark.parametrize("dimk", DIMS)
-@pytest.mark.parametrize("name", CASES)
-def test_summarize_equals_numpy(name, dimk, masked, chunking):
+@functools.cache
+def _summary_rows(name, dimk, masked, chunking, quantiles=()):
+    """The summary (computed once, shared by the two summarize tests) and numpy's rows."""
     case = get_case(name)
     dim = case.dim_options[dimk]
-    # the quantile wiring is checked once per data set/dim; test_quantile covers the rest
-    quantiles = (0.5,) if chunking == "odd" else ()
     s = vn.summarize(case.open(chunking), dim=dim, mask=case.mask(chunking) if masked else None, quantiles=quantiles)
     kept, reduced = _reduced(case, dim)
     _, rows, masked_out = rows_of(case.values, case.valid(masked), case.dims, kept, reduced)
-    rows = [r.astype(np.float64) for r in rows]
-
-    def flat(v):
-        return s[v].values.reshape(-1)
-
     assert s["mean"].dims == kept
-    np.testing.assert_array_equal(flat("count"), [r.size for r in rows])
-    np.testing.assert_array_equal(flat("min"), [r.min() for r in rows])
-    np.testing.assert_array_equal(flat("max"), [r.max() for r in rows])
-    np.testing.assert_allclose(flat("mean"), [r.mean() for r in rows], rtol=1e-12)
-    np.testing.assert_allclose(flat("var"), [r.var() for r in rows], rtol=1e-12)
-    np.testing.assert_allclose(flat("std"), [r.std() for r in rows], rtol=1e-12)
-    np.testing.assert_array_equal(flat("n_masked_out"), masked_out)
+    return s, [r.astype(np.float64) for r in rows], masked_out
+
+
+def _summary_quantiles(chunking):
+    # the quantile wiring is checked once per data set and dim; test_quantile covers the rest
+    return (0.5,) if chunking == "odd" else ()
+
+
+def _flat(s, v):
+    return s[v].values.reshape(-1)
+
+
+@pytest.mark.parametrize(("name", "dimk", "masked", "chunking"), covering())
+def test_summarize_equals_numpy(name, dimk, masked, chunking):
+    s, rows, masked_out = _summary_rows(name, dimk, masked, chunking, _summary_quantiles(chunking))
+    np.testing.assert_array_equal(_flat(s, "count"), [r.size for r in rows])
+    np.testing.assert_array_equal(_flat(s, "min"), [r.min() for r in rows])
+    np.testing.assert_array_equal(_flat(s, "max"), [r.max() for r in rows])
+    np.testing.assert_allclose(_flat(s, "mean"), [r.mean() for r in rows], rtol=1e-12)
+    np.testing.assert_array_equal(_flat(s, "n_masked_out"), masked_out)
     for k in ("n_nan", "n_posinf", "n_neginf"):
-        assert not flat(k).any()
-    if quantiles:
-        np.testing.assert_array_equal(flat("q0.5"), [np.median(r) for r in rows])
+        assert not _flat(s, k).any()
+    if _summary_quantiles(chunking):
+        np.testing.assert_array_equal(_flat(s, "q0.5"), [np.median(r) for r in rows])
+
+
+# The "-one" chunkings put up to ~600 k voxels in one kernel row: the moments kernel sums in
+# blocks, so its variance stays within 1e-12 of numpy's however long the row.
+
+
+@pytest.mark.parametrize(
+    ("name", "dimk", "masked", "chunking"),
+    covering(),
+)
+def test_summarize_variance_equals_numpy(name, dimk, masked, chunking):
+    s, rows, _ = _summary_rows(name, dimk, masked, chunking, _summary_quantiles(chunking))
+    np.testing.assert_allclose(_flat(s, "var"), [r.var() for r in rows], rtol=1e-12)
+    np.testing.assert_allclose(_flat(s, "std"), [r.std() for r in rows], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float64"])
+def test_variance_of_one_large_chunk_is_accurate(dtype):
+    from fractions import Fraction
+
+    image = skdata.camera()
+    a = image.astype(np.int64).ravel()
+    n = a.size
+    exact = Fraction(n * int((a * a).sum()) - int(a.sum()) ** 2, n * n)
+    assert abs(Fraction(float(image.astype(np.float64).var())) - exact) / exact < 1e-15  # numpy
+    got = float(vn.summarize(xr.DataArray(image.astype(dtype), dims=("y", "x")), quantiles=())["var"])
+    assert abs(Fraction(got) - exact) / exact < 1e-12, float(abs(Fraction(got) - exact) / exact)
 
 
 # ---------------------------------------------------------------------------
@@ -308,8 +361,12 @@ def _sk_hist(method: str, counts: np.ndarray, centers: np.ndarray) -> np.ndarray
 METHODS = ["otsu", "li", "yen", "isodata", "triangle", "multiotsu"]
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS)
-@pytest.mark.parametrize("masked", MASKED)
+#: thresholds are functions of the histogram, whose chunk invariance is tested above:
+#: a few (mask, chunking) pairs suffice here
+MASK_CHUNK = [pytest.param(False, "one", id="nomask-one"), pytest.param(True, "odd", id="mask-odd")]
+
+
+@pytest.mark.parametrize(("masked", "chunking"), [*MASK_CHUNK, pytest.param(True, "volume", id="mask-volume")])
 @pytest.mark.parametrize("dimk", ["all", "volume"])
 @pytest.mark.parametrize("method", METHODS)
 def test_uint8_threshold_equals_skimage_on_the_image(method, dimk, masked, chunking):
@@ -330,9 +387,10 @@ def test_uint8_threshold_equals_skimage_on_the_image(method, dimk, masked, chunk
             _approx(np.atleast_1d(got.values[i]), ref, 1e-12)
 
 
-@pytest.mark.parametrize("chunking", ["one", "odd"])
-@pytest.mark.parametrize("masked", MASKED)
-@pytest.mark.parametrize("dimk", ["all", "slice"])
+@pytest.mark.parametrize(
+    ("dimk", "masked", "chunking"),
+    [pytest.param("all", False, "odd", id="all-nomask-odd"), pytest.param("slice", True, "one", id="slice-mask-one")],
+)
 @pytest.mark.parametrize("method", ["otsu", "li", "yen", "isodata", "triangle"])
 @pytest.mark.parametrize("name", ["anatomical_int16", "example4d_int16"])
 def test_int16_threshold_equals_skimage_on_the_image(name, method, dimk, masked, chunking):
@@ -350,38 +408,41 @@ def test_int16_threshold_equals_skimage_on_the_image(name, method, dimk, masked,
     _approx(got.values.reshape(-1), ref, 1e-12)
 
 
-def _float_threshold_setup(name, dimk, masked):
+def _float_threshold_setup(name, dimk, masked, keep=None):
+    """The reference histograms: numpy's 256 bins over the whole (masked) data, shared by every
+    index of the kept dims, as volnorm does. ``keep``: only these volumes."""
     case = get_case(name)
     dim = case.dim_options[dimk]
     kept, reduced = _reduced(case, dim)
-    valid = case.valid(masked)
-    edges = _float_edges(case.values[valid])  # the bins of the whole (masked) dataset
-    _, rows, _ = rows_of(case.values, valid, case.dims, kept, reduced)
+    values, valid = case.values, case.valid(masked)
+    if keep is not None:
+        values, valid = values[keep], valid[keep]
+    edges = _float_edges(values[valid])
+    _, rows, _ = rows_of(values, valid, case.dims, kept, reduced)
     hists = [np.histogram(r, bins=edges)[0] for r in rows]
     return case, dim, edges, rows, hists
 
 
-@pytest.mark.parametrize("chunking", ["one", "odd"])
-@pytest.mark.parametrize("masked", MASKED)
-@pytest.mark.parametrize("dimk", ["all", "volume"])
+@pytest.mark.parametrize(
+    ("dimk", "masked", "chunking"),
+    [pytest.param("all", True, "one", id="all-mask-one"), pytest.param("volume", False, "odd", id="volume-nomask-odd")],
+)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["lfw_float64", "lfw_float32"])
 def test_float_threshold_equals_skimage_on_the_same_histogram(name, method, dimk, masked, chunking):
     case, dim, edges, rows, hists = _float_threshold_setup(name, dimk, masked)
     x = case.open(chunking)
     mask = case.mask(chunking) if masked else None
-    keep = np.arange(len(hists))
     if method in ("otsu", "multiotsu") and dimk == "volume":
-        # faces whose voxels all fall in one of the shared bins (face 152 is almost black)
-        # have no otsu split; see test_otsu_of_a_volume_with_one_occupied_bin (xfail)
-        keep = np.array([i for i, c in enumerate(hists) if np.count_nonzero(c) > 1])
-        assert 0 < len(hists) - len(keep) <= 2
+        # a face whose voxels occupy fewer bins than there are classes cannot be split: for
+        # multiotsu both libraries raise scikit-image's ValueError; for otsu see
+        # test_otsu_of_a_volume_with_one_occupied_bin (xfail). Face 152 is almost black.
+        need = 2 if method == "otsu" else 3
+        keep = [i for i, c in enumerate(hists) if np.count_nonzero(c) >= need]
+        assert 0 < len(hists) - len(keep) <= 3
         x = x.isel(volume=keep)
-        hists = [hists[i] for i in keep]
+        case, dim, edges, rows, hists = _float_threshold_setup(name, dimk, masked, keep)
     got = vn.threshold(x, method, dim=dim, mask=mask, bins=256)
-    if len(keep) == len(rows):  # same data: the bins volnorm used are numpy's
-        h = vn.histogram(x, dim=dim, mask=mask, bins=256)
-        np.testing.assert_array_equal(h["bin_lower"].values, edges[:-1].astype(np.float64))
     centers = _centers(edges)
     ref = np.stack([_sk_hist(method, c, centers) for c in hists])
     rel = 1e-9 if name == "lfw_float64" else 1e-6  # li: float32 edges are not exactly equidistant
@@ -393,18 +454,8 @@ def test_float_threshold_equals_skimage_on_the_same_histogram(name, method, dimk
         _approx(np.atleast_1d(got.values), _sk_image(method, image), 1e-12 if name == "lfw_float64" else 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "vn.threshold(method='otsu') raises numpy's 'ValueError: attempt to get argmax of an empty "
-        "sequence' for any index of the kept dims whose voxels fall in a single bin (here lfw face "
-        "152, all values in [0, 0.0013] = bin 0 of the shared 256 bins): volnorm hands scikit-image "
-        "a one-bin histogram, which threshold_otsu(hist=...) cannot split. scikit-image returns the "
-        "value for such a (constant) image; volnorm's own triangle/li return the bin centre"
-    ),
-)
 def test_otsu_of_a_volume_with_one_occupied_bin():
-    case, dim, edges, rows, hists = _float_threshold_setup("lfw_float64", "volume", False)
+    case, dim, edges, _, hists = _float_threshold_setup("lfw_float64", "volume", False)
     got = vn.threshold(case.open("one"), "otsu", dim=dim, bins=256).values
     centers = _centers(edges)
     for i, c in enumerate(hists):
@@ -418,7 +469,7 @@ def test_otsu_of_a_volume_with_one_occupied_bin():
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _collection_images() -> dict[str, np.ndarray]:
     return {n: getattr(skdata, n)() for n in ("camera", "moon", "coins")}
 
@@ -427,7 +478,7 @@ def _collection(chunking: str) -> xr.DataTree:
     nodes = {}
     for n, im in _collection_images().items():
         a = xr.DataArray(im, dims=("y", "x"))
-        a = a if chunking == "one" else a.chunk(-1 if chunking == "volume" else {"y": 77, "x": 111})
+        a = a if chunking == "one" else a.chunk(-1 if chunking == "volume" else {"y": 177, "x": 111})
         nodes[n] = xr.Dataset({"image": a})
     return xr.DataTree.from_dict(nodes)
 
@@ -438,9 +489,10 @@ def _collection_mask() -> xr.DataTree:
     )
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS)
-@pytest.mark.parametrize("masked", MASKED)
-@pytest.mark.parametrize("dimk", DIMS)
+@pytest.mark.parametrize(
+    ("dimk", "masked", "chunking"),
+    [pytest.param(*p.values[1:], id=p.id.removeprefix("collection-")) for p in covering(["collection"])],
+)
 def test_collection_equals_numpy_and_skimage(dimk, masked, chunking):
     ims = _collection_images()
     names = list(ims)
@@ -459,7 +511,7 @@ def test_collection_equals_numpy_and_skimage(dimk, masked, chunking):
         s = vn.summarize(coll, mask=mask, quantiles=(0.5,))
         a64 = allv.astype(np.float64)
         assert int(s["count"]) == allv.size and float(s["min"]) == a64.min() and float(s["max"]) == a64.max()
-        np.testing.assert_allclose([float(s["mean"]), float(s["var"])], [a64.mean(), a64.var()], rtol=1e-12)
+        np.testing.assert_allclose(float(s["mean"]), a64.mean(), rtol=1e-12)  # var: see below
         assert float(s["q0.5"]) == np.median(a64)
         for m in ("otsu", "li", "multiotsu"):
             _approx(np.atleast_1d(vn.threshold(coll, m, mask=mask).values), _sk_image(m, allv), 1e-12)
@@ -475,7 +527,6 @@ def test_collection_equals_numpy_and_skimage(dimk, masked, chunking):
             np.testing.assert_array_equal(h.values[i], np.bincount(v, minlength=256))
             np.testing.assert_array_equal(q.values[i], np.nanquantile(v.astype(np.float64), QS))
             np.testing.assert_allclose(float(s["mean"][i]), v.astype(np.float64).mean(), rtol=1e-12)
-            np.testing.assert_allclose(float(s["var"][i]), v.astype(np.float64).var(), rtol=1e-12)
             assert int(s["count"][i]) == v.size
             assert float(t[i]) == filters.threshold_otsu(v if masked else ims[n])
     else:  # one histogram per row: a DataTree with a node per volume
@@ -489,12 +540,30 @@ def test_collection_equals_numpy_and_skimage(dimk, masked, chunking):
             np.testing.assert_array_equal(hn["n_masked_out"].values, (~valid).sum(axis=1))
 
 
+@pytest.mark.parametrize(
+    ("dimk", "masked", "chunking"),
+    [
+        pytest.param(d, m, c, id=f"{d}-{'mask' if m else 'nomask'}-{c}")
+        for d in ("all", "volume") for m in (False, True) for c in ("one", "odd")
+    ],
+)
+def test_collection_variance_equals_numpy(dimk, masked, chunking):
+    ims = _collection_images()
+    sel = [im[im > im.mean()] if masked else im.ravel() for im in ims.values()]
+    dim = None if dimk == "all" else ("y", "x")
+    s = vn.summarize(_collection(chunking), dim=dim, mask=_collection_mask() if masked else None, quantiles=())
+    rows = [np.concatenate(sel)] if dimk == "all" else sel
+    rows = [r.astype(np.float64) for r in rows]
+    np.testing.assert_allclose(s["var"].values.reshape(-1), [r.var() for r in rows], rtol=1e-12)
+    np.testing.assert_allclose(s["std"].values.reshape(-1), [r.std() for r in rows], rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # weights, serialization
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("chunking", ["one", "odd"])
 @pytest.mark.parametrize("dimk", ["all", "volume"])
 def test_weights_equal_numpy_histogram_weights(dimk, chunking):
     case = get_case("lfw_float64")
@@ -529,17 +598,18 @@ def test_histogram_roundtrips_through_a_file_and_still_merges(tmp_path, fmt):
     case = get_case("lfw_float32")
     x = case.open("odd")
     mask = case.mask("odd")
-    kw = dict(bins=64, range=(0.0, 1.0), dim=("volume", "x"), mask=mask)  # counters per row y
+    kw = {"bins": 64, "range": (0.0, 1.0), "dim": ("volume", "x"), "mask": mask}  # counters per row y
     first = vn.histogram(x.isel(volume=slice(0, 120)), **kw).compute()
     if fmt == "zarr":
-        first.to_dataset().to_zarr(tmp_path / "h.zarr")
-        back = xr.open_zarr(tmp_path / "h.zarr")["histogram"]
+        first.to_dataset().to_zarr(tmp_path / "h.zarr", consolidated=False)
+        back = xr.open_zarr(tmp_path / "h.zarr", consolidated=False)["histogram"]
     else:
         engine = _netcdf_engine()
         if engine is None:
             pytest.skip("no netCDF engine installed (netCDF4, h5netcdf or scipy)")
         first.to_dataset().to_netcdf(tmp_path / "h.nc", engine=engine)
-        back = xr.open_dataset(tmp_path / "h.nc", engine=engine)["histogram"]
+        with xr.open_dataset(tmp_path / "h.nc", engine=engine) as ds:
+            back = ds["histogram"].load()
     # counts, edges and every counter survive (netCDF-3 stores int64 as int32: values only)
     np.testing.assert_array_equal(back.values, first.values)
     for c in ("bin", "bin_lower", "bin_upper", *(f"n_{k}" for k in EXTRA)):
@@ -561,27 +631,24 @@ def test_histogram_roundtrips_through_a_file_and_still_merges(tmp_path, fmt):
 # ---------------------------------------------------------------------------
 
 
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None, max_examples=20)
 @given(
     seed=st.integers(0, 2**32 - 1),
     rows=st.integers(1, 3),
-    n=st.integers(1, 300),
+    n=st.integers(1, 200),
     dtype=st.sampled_from(["float32", "float64"]),
     tail=st.sampled_from(["normal", "cauchy", "pareto"]),
     nan_frac=st.sampled_from([0.0, 0.1, 0.5]),
-    inf=st.booleans(),
     per_row=st.booleans(),
-    chunk=st.integers(1, 64),
+    chunk=st.integers(8, 64),
     q=st.lists(st.floats(0, 1), min_size=1, max_size=5),
 )
-def test_quantile_estimate_within_its_bound_and_exact_equals_numpy(seed, rows, n, dtype, tail, nan_frac, inf, per_row, chunk, q):
+def test_quantile_estimate_within_its_bound_and_exact_equals_numpy(seed, rows, n, dtype, tail, nan_frac, per_row, chunk, q):
     rng = np.random.default_rng(seed)
     v = {"normal": rng.normal(3.0, 2.0, (rows, n)), "cauchy": rng.standard_cauchy((rows, n)),
-         "pareto": rng.pareto(0.7, (rows, n))}[tail].astype(dtype)
+         "pareto": rng.pareto(0.7, (rows, n))}[tail].astype(dtype)  # heavy tails: cauchy, pareto
     v[rng.random(v.shape) < nan_frac] = np.nan
     v[:, 0] = rng.normal(size=rows)  # every row keeps a finite value
-    if inf and n > 2:
-        v[0, 1], v[-1, 2] = np.inf, -np.inf
     x = xr.DataArray(v, dims=("volume", "x")).chunk({"x": chunk})
     dim = "x" if per_row else None
     v64 = v.astype(np.float64)
@@ -592,12 +659,32 @@ def test_quantile_estimate_within_its_bound_and_exact_equals_numpy(seed, rows, n
     rough = vn.quantile(x, q, dim=dim, exact=False)
     bound = rough.attrs["max_error"]
     assert bound > 0
-    fin = np.isfinite(ref)
-    assert np.all(np.abs(rough.values[fin] - ref[fin]) <= bound), (rough.values, ref, bound)
-    np.testing.assert_array_equal(rough.values[~fin], ref[~fin])  # ±inf (and inf - inf = nan) as numpy
+    assert np.all(np.abs(rough.values - ref) <= bound), (rough.values, ref, bound)
 
 
-@settings(deadline=None, max_examples=30)
+@pytest.mark.parametrize(
+    ("values", "q"),
+    [
+        pytest.param([1.0, 2.0, np.inf], [0.5, 1.0], id="median-next-to-inf"),
+        pytest.param([-np.inf, 1.0, 2.0], [0.0], id="min-is-minus-inf"),
+        pytest.param([1.0, np.inf, np.inf], [0.5], id="on-an-inf"),
+    ],
+)
+def test_quantile_with_infinities_returns_the_order_statistic(values, q):
+    """Documented difference: where numpy's interpolation computes inf * 0 (NaN), volnorm returns
+    the order statistic the quantile falls on; everywhere else the two agree."""
+    v = np.array(values)
+    with np.errstate(invalid="ignore"):
+        ref = np.nanquantile(v, q)
+    got = vn.quantile(xr.DataArray(v, dims="x"), q).values
+    pos = (len(v) - 1) * np.asarray(q)
+    on_rank = pos == np.floor(pos)
+    np.testing.assert_array_equal(got[on_rank], np.sort(v)[pos[on_rank].astype(int)])
+    np.testing.assert_array_equal(got[~np.isnan(ref)], ref[~np.isnan(ref)])
+    assert np.isnan(ref).any() and not np.isnan(got).any()
+
+
+@settings(deadline=None, max_examples=15)
 @given(
     seed=st.integers(0, 2**32 - 1),
     nvol=st.integers(2, 6),
@@ -618,10 +705,10 @@ def test_merge_of_random_splits_equals_the_whole(seed, nvol, ny, nx, dtype, bins
     v = np.abs(v).astype(dtype) if dtype == "uint8" else v.astype(dtype)
     x = xr.DataArray(v, dims=("volume", "y", "x"))
     mask = xr.DataArray(rng.random((ny, nx)) > 0.3, dims=("y", "x")) if use_mask else None
-    kw = dict(bins=bins, range=(-40.0, 40.0), mask=mask)
+    kw = {"bins": bins, "range": (-40.0, 40.0), "mask": mask}
     cuts = sorted(data.draw(st.sets(st.integers(1, nvol - 1), min_size=1, max_size=nvol - 1)))
     bounds = [0, *cuts, nvol]
-    parts = [vn.histogram(x.isel(volume=slice(a, b)).chunk({"y": 3}), **kw) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [vn.histogram(x.isel(volume=slice(a, b)).chunk({"y": 3}), **kw) for a, b in itertools.pairwise(bounds)]
     merged = vn.merge_histograms(parts).compute()
     whole = vn.histogram(x, **kw).compute()
     np.testing.assert_array_equal(merged.values, whole.values)
@@ -631,7 +718,7 @@ def test_merge_of_random_splits_equals_the_whole(seed, nvol, ny, nx, dtype, bins
     assert int(whole.sum()) + sum(int(whole[f"n_{k}"]) for k in EXTRA) == v.size
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=15)
 @given(
     seed=st.integers(0, 2**32 - 1),
     shapes=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=4),
@@ -690,17 +777,23 @@ def _threaded():
     return dask.config.set(scheduler="threads")
 
 
+def _cluster_data():
+    """Few but several chunks per array (each pass on the cluster costs a round trip per task wave)."""
+    f32 = get_case("lfw_float32")
+    x = xr.DataArray(f32.values, dims=f32.dims).chunk({"volume": 50, "y": 13})
+    m = xr.DataArray(f32.mask_values, dims=f32.mask_dims)
+    return f32, x, m
+
+
 @pytest.mark.slow
 def test_cluster_histograms_equal_threaded(cluster_client):
-    u8 = get_case("skimage_uint8")
-    f32 = get_case("lfw_float32")
-    anat = get_case("anatomical_int16")
+    u8, anat = get_case("skimage_uint8"), get_case("anatomical_int16")
+    _, x, m = _cluster_data()
     jobs = [
-        lambda: vn.histogram(u8.open("odd"), dim=("y", "x"), mask=u8.mask("odd")).compute(),
-        lambda: vn.histogram(f32.open("odd"), dim=("volume", "x"), mask=f32.mask("odd")).compute(),
-        lambda: vn.histogram(anat.open("odd"), dim=("y", "x")).compute(),  # the NIfTI reader on workers
-        lambda: vn.histogram(_collection("odd"), mask=_collection_mask()).compute(),
-        lambda: vn.histogram(_collection("odd"), dim=("y", "x")).compute(),
+        lambda: vn.histogram(u8.open("volume"), dim=("y", "x"), mask=u8.mask("one")).compute(),  # int
+        lambda: vn.histogram(x, dim=("volume", "x"), mask=m).compute(),  # float, range pass too
+        lambda: vn.histogram(vn.open_nifti(anat.path, chunks={"z": 9}), dim=("y", "x")).compute(),  # the NIfTI reader on workers
+        lambda: vn.histogram(_collection("volume"), mask=_collection_mask()).compute(),  # a collection
     ]
     for job in jobs:
         with _threaded():
@@ -712,17 +805,13 @@ def test_cluster_histograms_equal_threaded(cluster_client):
 
 @pytest.mark.slow
 def test_cluster_quantile_summarize_threshold_equal_threaded(cluster_client):
-    f32 = get_case("lfw_float32")
-    ex4d = get_case("example4d_int16")
-    x, m = f32.open("odd"), f32.mask("odd")
+    f32, x, m = _cluster_data()
     jobs = [
         lambda: vn.quantile(x, QS, mask=m),  # float, exact: range, histogram and refinement passes
-        lambda: vn.quantile(x, QS, dim=("y", "x"), mask=m),
-        lambda: vn.quantile(ex4d.open("odd"), QS, dim=("t", "z", "y", "x")),
-        lambda: vn.summarize(x, dim=("y", "x"), mask=m, quantiles=(0.02, 0.5)),
-        lambda: vn.threshold(x, "li", dim=("y", "x"), mask=m, bins=256),
-        lambda: vn.threshold(ex4d.open("odd"), "otsu", dim=("y", "x")),
-        lambda: vn.threshold(_collection("odd"), "otsu", dim=("y", "x"), mask=_collection_mask()),
+        lambda: vn.quantile(x, QS, dim=("y", "x"), mask=m),  # ... per volume
+        lambda: vn.summarize(x, dim=("y", "x"), mask=m, quantiles=(0.5,)),
+        lambda: vn.threshold(x, "li", mask=m, bins=256),
+        lambda: vn.threshold(_collection("volume"), "otsu", dim=("y", "x"), mask=_collection_mask()),
     ]
     remote = []
     for job in jobs:

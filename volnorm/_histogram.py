@@ -136,7 +136,7 @@ def _align(data: xr.DataArray, x: xr.DataArray, other: Any, what: str) -> da.Arr
         if other.sizes[d] != data.sizes[d]:
             raise ValueError(
                 f"`{what}` has {other.sizes[d]} along {d!r} but the data have {data.sizes[d]} "
-                f"(mask shape {dict(other.sizes)}, data shape {dict(data.sizes)})"
+                f"({what} shape {dict(other.sizes)}, data shape {dict(data.sizes)})"
             )
     _check_grid(data, other, what)
     o = other.drop_vars(list(other.coords)).broadcast_like(x.drop_vars(list(x.coords))).transpose(*x.dims)

@@ -76,6 +76,8 @@ def _one(method: str, counts: np.ndarray, centers: np.ndarray, classes: int) -> 
     # scikit-image histograms an image over its own min..max: drop empty end bins the same way
     nz = np.flatnonzero(counts)
     counts, centers = counts[nz[0] : nz[-1] + 1], centers[nz[0] : nz[-1] + 1]
+    if len(counts) == 1 and method not in ("multiotsu", "minimum"):  # one value: scikit-image returns it
+        return np.atleast_1d(float(centers[0]))
     hist = (counts, centers)
     if method == "otsu":
         return np.atleast_1d(filters.threshold_otsu(hist=hist))
@@ -148,6 +150,8 @@ def threshold(
             f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}."
             + (f" Did you mean {hint[0]!r}?" if hint else "")
         )
+    if method == "multiotsu" and (isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2):
+        raise ValueError(f"`classes` must be an int >= 2 for multiotsu; got {classes!r}")
     if isinstance(data, xr.DataTree) and dim is not None:
         from volnorm._histogram import over_collection
 
@@ -161,7 +165,10 @@ def threshold(
     if method == "mean":
         from volnorm.stats import summarize
 
-        return summarize(data, dim=dim, mask=mask, quantiles=())["mean"].rename("threshold")
+        s = summarize(data, dim=dim, mask=mask, quantiles=())
+        if np.any(s["count"].values == 0):
+            raise ValueError("no valid voxel to threshold (all NaN/±Inf or masked out" + (" for some index)" if s["count"].ndim else ")"))
+        return s["mean"].rename("threshold")
     h = histogram(data, bins=bins, dim=dim, mask=mask).compute()
     kept = h.dims[:-1]
     centers = h["bin"].values
@@ -169,6 +176,16 @@ def threshold(
     if np.any(counts.sum(axis=1) == 0):
         raise ValueError("no valid voxel to threshold (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
     vals = np.stack([_one(method, c, centers, classes) for c in counts])
+    single = np.count_nonzero(counts, axis=1) == 1
+    if single.any() and method != "multiotsu" and np.any(centers != np.round(centers)):
+        # float data in one bin: a constant image's threshold is its value (as scikit-image's),
+        # not the bin centre; other one-bin rows keep the centre (scikit-image on that histogram)
+        from volnorm.stats import summarize
+
+        st = summarize(data, dim=dim, mask=mask, quantiles=())
+        lo, hi = st["min"].values.reshape(-1), st["max"].values.reshape(-1)
+        constant = single & (lo == hi)
+        vals[constant, 0] = lo[constant]
     shape = tuple(h.sizes[d] for d in kept)
     coords = {k: v for k, v in h.coords.items() if set(v.dims) <= set(kept) and not str(k).startswith("n_")}
     if method == "multiotsu":

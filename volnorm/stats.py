@@ -48,7 +48,10 @@ def quantile(
         In [0, 1].
     dim, mask
         As in :func:`volnorm.histogram`. NaN and masked-out voxels are ignored;
-        ±Inf are ranked, as numpy does.
+        ±Inf are ranked, as numpy does. One difference: where a quantile
+        falls exactly on an infinite value (no interpolation needed), volnorm
+        returns it, while numpy's interpolation computes ``inf * 0`` and
+        returns NaN (``[1, 2, inf]`` at 0.5: volnorm 2.0, numpy NaN).
     exact : bool
         Float data only: run the refinement pass (default).
 
