@@ -13,6 +13,20 @@ from volnorm._utils import VolnormWarning
 from volnorm._histogram import histogram, merge_histograms
 from volnorm.stats import Summary, quantile, summarize
 from volnorm._threshold import threshold
+from volnorm._transforms import (
+    Params,
+    auto_gamma,
+    equalize,
+    fit_equalize,
+    fit_mean_scale,
+    fit_rescale,
+    fit_zscore,
+    gamma,
+    log,
+    mean_scale,
+    rescale,
+    zscore,
+)
 from volnorm import fsl, plot
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
@@ -21,6 +35,18 @@ from volnorm.io.writers import to_nifti, to_zarr
 from volnorm.conversion import convert
 
 __all__ = [
+    "Params",
+    "auto_gamma",
+    "equalize",
+    "fit_equalize",
+    "fit_mean_scale",
+    "fit_rescale",
+    "fit_zscore",
+    "gamma",
+    "log",
+    "mean_scale",
+    "rescale",
+    "zscore",
     "IncompleteStoreError",
     "NiftiError",
     "VolnormWarning",

@@ -230,11 +230,12 @@ def moments(x, out, m=None):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def pick_bins(x, ilo, ihi, m=None):  # pragma: no cover - compiled
+def pick_bins(x, ilo, ihi, at_lo, m=None):  # pragma: no cover - compiled
     """The values of ``x`` (rows, n) inside the half-open intervals ``[ilo[r, k], ihi[r, k])`` of
     their row (empty ones padded with ``ilo = inf``), with the interval index and row; two passes
-    (count, fill), no copy of ``x``. The intervals are the few histogram bins that hold requested
-    ranks (a bin is exactly the values between its edges), so quantiles can be refined."""
+    (count, fill), no copy of ``x``. Values equal to the lower bound are only counted, in
+    ``at_lo[r, k]`` (repeated values - zeros, integral floats - cost no memory). The intervals
+    are the few histogram bins that hold requested ranks, so quantiles can be refined."""
     nk = ilo.shape[1]
     n = 0
     vals = np.empty(0, dtype=np.float64)
@@ -263,11 +264,15 @@ def pick_bins(x, ilo, ihi, m=None):  # pragma: no cover - compiled
                     continue
                 for k in range(nk):
                     if v >= ilo[r, k] and v < ihi[r, k]:
-                        if step == 1:
-                            vals[n] = v
-                            which[n] = k
-                            rows[n] = r
-                        n += 1
+                        if v == ilo[r, k]:
+                            if step == 0:
+                                at_lo[r, k] += 1
+                        else:
+                            if step == 1:
+                                vals[n] = v
+                                which[n] = k
+                                rows[n] = r
+                            n += 1
                         break
     return vals, which, rows
 
@@ -296,3 +301,36 @@ def hist_fsl(x, fa, fb, nbins, out, m=None):  # pragma: no cover - compiled
             if k > nbins - 1:
                 k = nbins - 1
         out[k] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def key_hist(xu, x, shift, out, m=None):  # pragma: no cover - compiled
+    """Histogram of the order-preserving keys of float voxels: ``xu`` is ``x`` viewed as unsigned
+    integers of the same width; the key flips negative values' bits and sets positive values'
+    sign bit, so keys sort as the values do (-0.0 counted as +0.0); bin = key >> shift.
+    ``out[-4:]`` count NaN, +Inf, -Inf and masked-out voxels. No range pass is needed: the bins
+    cover every float, finest near each value's magnitude (relative width 2**(shift - mantissa bits))."""
+    nb = out.shape[0] - 4
+    top = xu.dtype.type(1) << xu.dtype.type(8 * xu.itemsize - 1)
+    for i in range(x.shape[0]):
+        if m is not None and not m[i]:
+            out[nb + 3] += 1
+            continue
+        v = x[i]
+        if v != v:
+            out[nb] += 1
+            continue
+        if v == np.inf:
+            out[nb + 1] += 1
+            continue
+        if v == -np.inf:
+            out[nb + 2] += 1
+            continue
+        u = xu[i]
+        if v == 0:
+            key = top
+        elif u & top:
+            key = ~u
+        else:
+            key = u | top
+        out[np.int64(key >> shift)] += 1

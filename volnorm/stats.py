@@ -9,7 +9,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import histogram, over_collection, parts_of, prepare
+from volnorm._histogram import _dims, histogram, over_collection, parts_of, per_block, prepare
 
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
@@ -84,6 +84,8 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
     else:
         dtype = data.dtype
     is_int = dtype.kind in "iub"
+    if not is_int and exact and (dim is None or (isinstance(data, xr.DataArray) and set(_dims(data, dim)[1]) == set(data.dims))):
+        return _float_quantile_all(data, qs, q, mask)
     rng = None if (is_int or known_range is None or known_range[0] >= known_range[1]) else known_range
     h = histogram(data, bins=None if is_int else FLOAT_BINS, range=rng, dim=dim, mask=mask)
     kept = h.dims[:-1]
@@ -120,15 +122,37 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
     else:
         v_lo, v_hi = value(b_lo), value(b_hi)
         max_error = width
-    with np.errstate(invalid="ignore"):
-        diff = v_hi - v_lo
-        out = np.where(frac >= 0.5, v_hi - diff * (1 - frac), v_lo + diff * frac)
-        out = np.where(frac == 0, v_lo, out)
+    out = _lerp(v_lo, v_hi, frac)
     shape = tuple(h.sizes[d] for d in kept)
     out = out.reshape(shape + (len(qs),))
     coords = {k: v for k, v in h.coords.items() if set(v.dims) <= set(kept) and not k.startswith("n_")}
     res = xr.DataArray(out, dims=(*kept, "quantile"), coords={**coords, "quantile": qs}, name="quantile")
     res.attrs["max_error"] = max_error
+    return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
+
+
+def _lerp(v_lo: np.ndarray, v_hi: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """numpy's linear interpolation (method="linear"), the same floating-point steps."""
+    with np.errstate(invalid="ignore"):
+        diff = v_hi - v_lo
+        out = np.where(frac >= 0.5, v_hi - diff * (1 - frac), v_lo + diff * frac)
+        return np.where(frac == 0, v_lo, out)
+
+
+def _float_quantile_all(data, qs: np.ndarray, q, mask) -> xr.DataArray:
+    """Dataset-wide float quantiles in two passes (key histogram, pick), no range pass."""
+    k = len(qs)
+    frac_holder: list[np.ndarray] = []
+
+    def ranks(n: int) -> np.ndarray:
+        pos = (np.float64(n) - 1) * qs
+        r_lo = np.floor(pos).astype(np.int64)
+        frac_holder.append(pos - r_lo)
+        return np.concatenate([r_lo, np.minimum(r_lo + 1, n - 1)])
+
+    v = _float_order_stats(data, mask, ranks)
+    out = _lerp(v[:k], v[k:], frac_holder[0])
+    res = xr.DataArray(out, dims=("quantile",), coords={"quantile": qs}, name="quantile", attrs={"max_error": 0.0})
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
 
 
@@ -153,7 +177,9 @@ def order_statistics(
     """
     dtype = np.result_type(*(p[1].dtype for p in parts_of(data, mask)))
     is_int = dtype.kind in "iub"
-    h = histogram(data, bins=None if is_int else FLOAT_BINS, mask=mask).compute()
+    if not is_int:
+        return _float_order_stats(data, mask, ranks)
+    h = histogram(data, mask=mask).compute()
     counts = h.values.reshape(1, -1)
     lo_inf, hi_inf = h["n_neginf"].values.reshape(-1), h["n_posinf"].values.reshape(-1)
     n = int(counts.sum() + lo_inf[0] + hi_inf[0])
@@ -163,12 +189,9 @@ def order_statistics(
     if np.any((r < 0) | (r >= n)):
         raise ValueError(f"ranks must be in [0, {n}); got {r.ravel().tolist()}")
     b = _groups(counts, lo_inf, hi_inf, r)
-    if is_int:
-        centers = h["bin"].values
-        nb = len(centers)
-        return np.where(b <= 0, -np.inf, np.where(b >= nb + 1, np.inf, centers[np.clip(b - 1, 0, nb - 1)]))[0]
-    parts = [(img, m) for _, img, m in parts_of(data, mask)]
-    return _refine(parts, h, 0, b, r)[0]
+    centers = h["bin"].values
+    nb = len(centers)
+    return np.where(b <= 0, -np.inf, np.where(b >= nb + 1, np.inf, centers[np.clip(b - 1, 0, nb - 1)]))[0]
 
 
 def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ilo: np.ndarray, ihi: np.ndarray):
@@ -179,28 +202,15 @@ def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ilo: np.nd
     rows = math.prod(xb.shape[:nkept])
     x2 = np.ascontiguousarray(xb).reshape(rows, -1)
     m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
-    return _kernels.pick_bins(x2, ilo, ihi, m2)
+    at_lo = np.zeros(ilo.shape, dtype=np.int64)
+    vals, which, rws = _kernels.pick_bins(x2, ilo, ihi, at_lo, m2)
+    return vals, which, rws, at_lo
 
 
-def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Exact float values at 0-based ranks ``r`` (rows, k) that fall in groups ``b`` (see
-    :func:`_groups`): one GIL-free pass keeps only the voxels inside the few bins that hold
-    them (per row), then sorts those. ``parts`` = ``[(image, mask)]`` transposed kept-first."""
-    lower, upper = h["bin_lower"].values, h["bin_upper"].values.copy()
-    upper[-1] = np.nextafter(upper[-1], np.inf)  # the last bin is closed
-    counts = h.values.reshape(-1, h.sizes["bin"])
-    nrows, nb = counts.shape
-    nlo = h["n_neginf"].values.reshape(-1)
-    inside = (b >= 1) & (b <= nb)
-    # per row, the distinct wanted bins as intervals, padded with empty ones
-    wanted = [np.unique(b[row][inside[row]]) for row in range(nrows)]
-    width = max(1, max(len(w) for w in wanted))
-    ilo = np.full((nrows, width), np.inf)
-    ihi = np.full((nrows, width), -np.inf)
-    wbin = np.zeros((nrows, width), dtype=np.int64)
-    for row, w in enumerate(wanted):
-        ilo[row, : len(w)], ihi[row, : len(w)], wbin[row, : len(w)] = lower[w - 1], upper[w - 1], w - 1
-    kshape = tuple(h.shape[:nkept])
+def _pick(parts, nkept: int, kshape: tuple, ilo: np.ndarray, ihi: np.ndarray):
+    """One pass keeping the voxels inside per-row intervals ``[ilo, ihi)`` (rows, k): returns
+    ``(values sorted by (row, interval, value), their row * k + interval keys, at_lo counts)``."""
+    nrows, width = ilo.shape
     picks = []
     for img, m in parts:
         kept, reduced = img.dims[:nkept], img.dims[nkept:]
@@ -218,18 +228,124 @@ def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) ->
             task = dask.delayed(_block_pick)(blocks[0][bi], mb, nkept=nkept, ilo=ilo[gl_rows], ihi=ihi[gl_rows])
             picks.append((gl_rows, task))
     found = dask.compute(*[p[1] for p in picks])
-    allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
-    rows = np.concatenate([g[f[2]] for (g, _), f in zip(picks, found)]) if found else np.empty(0, np.int64)
-    bins = wbin[rows, np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)]
-    key = rows * nb + bins
+    at_lo = np.zeros((nrows, width), dtype=np.int64)
+    for (g, _), f in zip(picks, found):
+        np.add.at(at_lo, g, f[3])
+    if not found:
+        return np.empty(0), np.empty(0, np.int64), at_lo
+    allv = np.concatenate([f[0] for f in found])
+    rows = np.concatenate([g[f[2]] for (g, _), f in zip(picks, found)])
+    key = rows * width + np.concatenate([f[1] for f in found])
     order = np.lexsort((allv, key))
-    allv, key = allv[order], key[order]
+    return allv[order], key[order], at_lo
+
+
+def _lookup(allv, key, at_lo, ilo, row: int, k: int, offset: int) -> float:
+    """The ``offset``-th smallest voxel of interval ``k`` of ``row`` (its ``at_lo`` copies of the
+    lower bound first)."""
+    n_at = at_lo[row, k]
+    if offset < n_at:
+        return float(ilo[row, k])
+    start = np.searchsorted(key, row * ilo.shape[1] + k, side="left")
+    return float(allv[start + offset - n_at])
+
+
+def _intervals(wanted: list[np.ndarray], lower: np.ndarray, upper: np.ndarray):
+    """Per row, the wanted bins as padded interval arrays ``(ilo, ihi, index of the bin)``."""
+    nrows = len(wanted)
+    width = max(1, max(len(w) for w in wanted))
+    ilo = np.full((nrows, width), np.inf)
+    ihi = np.full((nrows, width), -np.inf)
+    wbin = np.full((nrows, width), -1, dtype=np.int64)
+    for row, w in enumerate(wanted):
+        ilo[row, : len(w)], ihi[row, : len(w)], wbin[row, : len(w)] = lower[w], upper[w], w
+    return ilo, ihi, wbin
+
+
+def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Exact float values at 0-based ranks ``r`` (rows, k) that fall in groups ``b`` (see
+    :func:`_groups`) of the uniform histogram ``h``: one GIL-free pass keeps only the voxels
+    inside the few bins that hold them (per row), then sorts those."""
+    lower, upper = h["bin_lower"].values, h["bin_upper"].values.copy()
+    upper[-1] = np.nextafter(upper[-1], np.inf)  # the last bin is closed
+    counts = h.values.reshape(-1, h.sizes["bin"])
+    nrows, nb = counts.shape
+    nlo = h["n_neginf"].values.reshape(-1)
+    inside = (b >= 1) & (b <= nb)
+    wanted = [np.unique(b[row][inside[row]]) - 1 for row in range(nrows)]
+    ilo, ihi, wbin = _intervals(wanted, lower, upper)
+    allv, key, at_lo = _pick(parts, nkept, tuple(h.shape[:nkept]), ilo, ihi)
     cum_before = np.concatenate([nlo[:, None], nlo[:, None] + np.cumsum(counts, axis=1)], axis=1)
     out = np.where(b <= 0, -np.inf, np.inf)
     for row, col in zip(*np.nonzero(inside)):
-        bb = b[row, col]
-        start = np.searchsorted(key, row * nb + bb - 1, side="left")
-        out[row, col] = allv[start + r[row, col] - cum_before[row, bb - 1]]
+        bb = b[row, col] - 1
+        k = int(np.flatnonzero(wbin[row] == bb)[0])
+        out[row, col] = _lookup(allv, key, at_lo, ilo, row, k, int(r[row, col] - cum_before[row, bb]))
+    return out
+
+
+#: Key bits kept by the range-free float histogram of dataset-wide quantiles: 2**20 bins, each
+#: 2**-11 (float32) or 2**-8 (float64) of its values' magnitude wide.
+KEY_BITS = 20
+
+
+def _block_keys(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
+    from volnorm import _kernels
+
+    if xb.dtype == np.float16:
+        xb = xb.astype(np.float32)
+    x = np.ascontiguousarray(xb).reshape(-1)
+    ut = np.uint32 if x.dtype.itemsize == 4 else np.uint64
+    out = np.zeros(2**KEY_BITS + 4, dtype=np.int64)
+    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
+    _kernels.key_hist(x.view(ut), x, 8 * x.itemsize - KEY_BITS, out, m)
+    return out.reshape((1,) * xb.ndim + (len(out),))
+
+
+def _key_values(keys: np.ndarray, itemsize: int) -> np.ndarray:
+    """The float value whose order-preserving key is ``keys`` (NaN patterns become ∓inf)."""
+    ut, ft = (np.uint32, np.float32) if itemsize == 4 else (np.uint64, np.float64)
+    top = ut(1) << ut(8 * itemsize - 1)
+    k = keys.astype(ut)
+    u = np.where(k & top, k & ~top, ~k).astype(ut)
+    v = u.view(ft).astype(np.float64)
+    return np.where(np.isnan(v), np.where(k & top, np.inf, -np.inf), v)
+
+
+def _float_order_stats(data, mask, ranks) -> np.ndarray:
+    """Exact order statistics of float data over everything: a range-free key histogram (one
+    pass), then one pass picking the voxels of the key bins that hold the ranks."""
+    parts = [(img, m) for _, img, m in parts_of(data, mask)]
+    itemsize = max(4, max(img.dtype.itemsize for img, _ in parts))
+    lazy = []
+    for img, m in parts:
+        _, args = prepare(img, (), tuple(img.dims), m)
+        blocks = per_block(_block_keys, args, 0, 2**KEY_BITS + 4, np.int64, token=("keys", KEY_BITS))
+        lazy.append(blocks.sum(axis=tuple(range(args[0].ndim)), dtype=np.int64))
+    total = np.sum(dask.compute(*lazy), axis=0)
+    counts, pinf, ninf = total[: 2**KEY_BITS], total[-3], total[-2]
+    n = int(counts.sum() + pinf + ninf)
+    if n == 0:
+        raise ValueError("no valid voxel (all NaN or masked out)")
+    r = np.atleast_1d(np.asarray(ranks(n) if callable(ranks) else ranks, dtype=np.int64))
+    if np.any((r < 0) | (r >= n)):
+        raise ValueError(f"ranks must be in [0, {n}); got {r.tolist()}")
+    b = _groups(counts[None], np.array([ninf]), np.array([pinf]), r[None])[0]
+    inside = (b >= 1) & (b <= len(counts))
+    wanted = np.unique(b[inside]) - 1
+    shift = 8 * itemsize - KEY_BITS
+    lower = _key_values(wanted.astype(np.uint64) << np.uint64(shift), itemsize) if len(wanted) else np.empty(0)
+    upper = _key_values((wanted.astype(np.uint64) + np.uint64(1)) << np.uint64(shift), itemsize) if len(wanted) else np.empty(0)
+    if itemsize == 4 and len(wanted):  # the key of the bin after the last 32-bit key wraps
+        upper = np.where(wanted == 2**KEY_BITS - 1, np.inf, upper)
+    ilo, ihi, wbin = _intervals([np.arange(len(wanted))], lower, upper)
+    allv, key, at_lo = _pick(parts, 0, (), ilo, ihi)
+    cum_before = np.concatenate([[ninf], ninf + np.cumsum(counts)])
+    out = np.where(b <= 0, -np.inf, np.inf).astype(np.float64)
+    for col in np.flatnonzero(inside):
+        bin_ = b[col] - 1
+        k = int(np.searchsorted(wanted, bin_))
+        out[col] = _lookup(allv, key, at_lo, ilo, 0, k, int(r[col] - cum_before[bin_]))
     return out
 
 
@@ -309,7 +425,6 @@ def summarize(
     (2.0, 3, 1, 2.0)
     """
     from volnorm import _kernels
-    from volnorm._histogram import _dims, per_block
 
     if isinstance(data, xr.DataTree):
         if dim is not None:

@@ -1,0 +1,572 @@
+"""Intensity transforms: fit on the whole dataset (one statistics pass), apply lazily chunk by chunk.
+
+Every dataset-wide transform is split (DESIGN.md, "Fit, then apply"): ``fit_*``
+runs one explicit pass through the histogram/moments engine and returns
+:class:`Params` (small, JSON-serializable, one value per index of the kept
+dims); the apply step is a blockwise map with no communication between
+chunks. The convenience functions (``rescale``, ``zscore``, ...) fit when
+called (unless given ``params=``) and return a lazy result whose
+``attrs["volnorm_params"]`` records the fitted parameters (JSON), so a store
+written from it carries them in its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from volnorm._histogram import _dims, histogram
+
+Dim = Hashable | Sequence[Hashable] | None
+
+
+@dataclass
+class Params:
+    """Fitted parameters of a transform: per-index values over the kept dims, and options.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([0.0, 5.0, 10.0]), dims="x")
+    >>> p = vn.fit_rescale(x)
+    >>> p.method, float(p.values["in_lo"]), float(p.values["in_hi"])
+    ('rescale', 0.0, 10.0)
+    >>> vn.Params.from_json(p.to_json()) == p
+    True
+    """
+
+    method: str
+    values: xr.Dataset
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "options": self.options, "values": self.values.to_dict(data="list")}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=_jsonable)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Params:
+        return cls(d["method"], xr.Dataset.from_dict(d["values"]), dict(d.get("options", {})))
+
+    @classmethod
+    def from_json(cls, s: str) -> Params:
+        return cls.from_dict(json.loads(s))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Params)
+            and self.method == other.method
+            and json.loads(json.dumps(self.options, default=_jsonable)) == json.loads(json.dumps(other.options, default=_jsonable))
+            and self.values.identical(other.values)
+        )
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{k}={_short(v)}" for k, v in self.values.data_vars.items())
+        return f"Params({self.method}: {vals}; {self.options})"
+
+
+def _short(v: xr.DataArray) -> str:
+    return f"{float(v):.6g}" if v.ndim == 0 else f"<{v.size} values over {v.dims}>"
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.dtype):
+        return o.name
+    if isinstance(o, type) and issubclass(o, np.generic):
+        return np.dtype(o).name
+    raise TypeError(f"not JSON-serializable: {o!r}")
+
+
+def _check(data: Any) -> xr.DataArray:
+    if not isinstance(data, xr.DataArray):
+        raise TypeError(f"`data` must be an xarray.DataArray; got {type(data).__name__}")
+    if data.dtype.kind not in "iufb":
+        raise TypeError(f"cannot transform dtype {data.dtype}")
+    return data
+
+
+def _float_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 for float32/16 and integers up to 16 bits; float64 otherwise (no precision lost)."""
+    if dtype.kind == "f":
+        return np.dtype(np.float64) if dtype.itemsize >= 8 else np.dtype(np.float32)
+    return np.dtype(np.float32) if dtype.itemsize <= 2 else np.dtype(np.float64)
+
+
+def _out_spec(out_range: Any) -> tuple[float, float, np.dtype | None]:
+    """``(lo, hi, integer dtype or None)`` from a float range or an integer dtype."""
+    if isinstance(out_range, (str, np.dtype, type)):
+        dt = np.dtype(out_range)
+        if dt.kind not in "iu":
+            raise ValueError(f"`out_range` as a dtype must be an integer dtype; got {dt}")
+        info = np.iinfo(dt)
+        return float(info.min), float(info.max), dt
+    try:
+        lo, hi = (float(v) for v in out_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"`out_range` must be (lo, hi) or an integer dtype; got {out_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise ValueError(f"`out_range` must be finite with lo < hi; got {out_range!r}")
+    return lo, hi, None
+
+
+def _finish(y: xr.DataArray, lo: float, hi: float, dtype: np.dtype | None, clip: bool) -> xr.DataArray:
+    if clip or dtype is not None:
+        y = y.clip(lo, hi)
+    if dtype is not None:
+        y = np.rint(y).astype(dtype)  # round half to even, as numpy
+    return y
+
+
+def _attach(y: xr.DataArray, data: xr.DataArray, params: Params) -> xr.DataArray:
+    y.attrs = {k: v for k, v in data.attrs.items() if k not in ("volnorm_params",)}
+    history = json.loads(data.attrs.get("volnorm_params", "[]"))
+    y.attrs["volnorm_params"] = json.dumps(history + [params.to_dict()], default=_jsonable)
+    return y.rename(data.name)
+
+
+def _dim_option(data: xr.DataArray, dim: Dim) -> list[str] | None:
+    if dim is None:
+        return None
+    _, reduced = _dims(data, dim)
+    return [str(d) for d in reduced]
+
+
+def _kept_values(ds: xr.Dataset, data: xr.DataArray) -> xr.Dataset:
+    """Drop coords that would clash with the data's when broadcasting the fitted values."""
+    return ds.drop_vars([c for c in ds.coords if c not in ds.dims])
+
+
+# ---------------------------------------------------------------------------
+# rescale
+# ---------------------------------------------------------------------------
+
+
+def fit_rescale(
+    data: xr.DataArray,
+    *,
+    in_range: str | tuple[float, float] = "minmax",
+    percentiles: tuple[float, float] | None = None,
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+) -> Params:
+    """Fit :func:`rescale`'s input window: the (masked) min and max, or two percentiles (0-100),
+    over ``dim``. Computes: one statistics pass (none for an explicit ``in_range``)."""
+    from volnorm.stats import quantile, summarize
+
+    data = _check(data)
+    kept, _ = _dims(data, dim)
+    if percentiles is not None:
+        p_lo, p_hi = (float(p) for p in percentiles)
+        if not (0 <= p_lo < p_hi <= 100):
+            raise ValueError(f"`percentiles` must be (lo, hi) with 0 <= lo < hi <= 100; got {percentiles!r}")
+        q = quantile(data, [p_lo / 100, p_hi / 100], dim=dim, mask=mask)
+        lo, hi = q.isel(quantile=0, drop=True), q.isel(quantile=1, drop=True)
+        how = {"percentiles": [p_lo, p_hi]}
+    elif isinstance(in_range, str):
+        if in_range != "minmax":
+            raise ValueError(f"`in_range` must be 'minmax' or (lo, hi); got {in_range!r}")
+        s = summarize(data, dim=dim, mask=mask, quantiles=())
+        if np.any(s["count"].values == 0):
+            raise ValueError("no valid voxel to take a range from (all NaN or masked out)")
+        lo, hi = s["min"], s["max"]
+        how = {"in_range": "minmax"}
+    else:
+        lo_f, hi_f = (float(v) for v in in_range)
+        if not (math.isfinite(lo_f) and math.isfinite(hi_f)) or lo_f > hi_f:
+            raise ValueError(f"`in_range` must be finite (lo, hi) with lo <= hi; got {in_range!r}")
+        lo, hi = xr.DataArray(lo_f), xr.DataArray(hi_f)
+        how = {"in_range": [lo_f, hi_f]}
+    values = xr.Dataset({"in_lo": lo.astype(np.float64), "in_hi": hi.astype(np.float64)})
+    return Params("rescale", values, {**how, "dim": _dim_option(data, dim)})
+
+
+def rescale(
+    data: xr.DataArray,
+    in_range: str | tuple[float, float] = "minmax",
+    *,
+    percentiles: tuple[float, float] | None = None,
+    out_range: tuple[float, float] | str | np.dtype | type = (0.0, 1.0),
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    clip: bool = True,
+    params: Params | None = None,
+) -> xr.DataArray:
+    """Linear rescaling of an input window to ``out_range`` (auto-level, robust window, explicit).
+
+    ``y = (x - in_lo) * (out_hi - out_lo) / (in_hi - in_lo) + out_lo``, with
+    the window fitted over ``dim`` on the (masked) voxels: ``"minmax"``, two
+    ``percentiles`` (TorchIO's ``RescaleIntensity(percentiles=)``, FSL-style
+    robust windows), or an explicit ``in_range``. A constant input (``in_hi
+    == in_lo``) maps to ``out_lo`` - no division by zero. ``out_range`` is a
+    float range or an integer dtype (then the result is rounded half to even
+    and clipped to the dtype's range).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+    in_range : "minmax" or (lo, hi)
+    percentiles : (lo, hi), optional
+        In 0-100; overrides ``in_range``.
+    out_range : (lo, hi) or integer dtype
+    dim, mask
+        What the window is computed over, and which voxels count (the map is
+        applied to every voxel).
+    clip : bool
+        Clip the result to ``out_range`` (always for integer output).
+    params : Params, optional
+        From :func:`fit_rescale` (e.g. on a training cohort): no fit pass.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for 8/16-bit integer and float32 input, float64 for
+        wider types; the fitted window in ``attrs["volnorm_params"]``.
+        Computes: the fit pass only.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([10, 20, 30, 40], dtype="uint16"), dims="x")
+    >>> vn.rescale(x).values.tolist()
+    [0.0, 0.3333333432674408, 0.6666666865348816, 1.0]
+    >>> vn.rescale(x, out_range="uint8").values.tolist()
+    [0, 85, 170, 255]
+    """
+    data = _check(data)
+    out_lo, out_hi, out_dtype = _out_spec(out_range)
+    if params is None:
+        params = fit_rescale(data, in_range=in_range, percentiles=percentiles, dim=dim, mask=mask)
+    elif params.method != "rescale":
+        raise ValueError(f"`params` were fitted by {params.method!r}, not rescale")
+    v = _kept_values(params.values, data)
+    ft = _float_dtype(data.dtype)
+    span = v["in_hi"] - v["in_lo"]
+    scale = xr.where(span > 0, (out_hi - out_lo) / span.where(span > 0, 1.0), 0.0)
+    y = (data.astype(ft) - v["in_lo"].astype(ft)) * scale.astype(ft) + ft.type(out_lo)
+    y = _finish(y.astype(ft), out_lo, out_hi, out_dtype, clip)
+    params = Params("rescale", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name, "clip": clip})
+    return _attach(y, data, params)
+
+
+# ---------------------------------------------------------------------------
+# z-score and FSL's mean scaling
+# ---------------------------------------------------------------------------
+
+
+def fit_zscore(data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None) -> Params:
+    """Fit :func:`zscore`: the exact float64 mean and (population) std over ``dim``. Computes: one pass."""
+    from volnorm.stats import summarize
+
+    data = _check(data)
+    s = summarize(data, dim=dim, mask=mask, quantiles=())
+    if np.any(s["count"].values == 0):
+        raise ValueError("no valid voxel to take a mean from (all NaN or masked out)")
+    return Params("zscore", xr.Dataset({"mean": s["mean"], "std": s["std"]}), {"dim": _dim_option(data, dim)})
+
+
+def zscore(
+    data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None
+) -> xr.DataArray:
+    """``(x - mean) / std`` with mean and std over ``dim`` (dataset-wide by default, per volume
+    with ``dim=("z", "y", "x")``), from the (masked) voxels, exact float64 moments.
+
+    A constant input (std 0) gives 0, not a division by zero. Lazy; computes the fit pass.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([[1.0, 3.0], [10.0, 10.0]]), dims=("volume", "x"))
+    >>> vn.zscore(x, dim="x").values.tolist()
+    [[-1.0, 1.0], [0.0, 0.0]]
+    """
+    data = _check(data)
+    if params is None:
+        params = fit_zscore(data, dim=dim, mask=mask)
+    elif params.method != "zscore":
+        raise ValueError(f"`params` were fitted by {params.method!r}, not zscore")
+    v = _kept_values(params.values, data)
+    ft = _float_dtype(data.dtype)
+    inv = xr.where(v["std"] > 0, 1.0 / v["std"].where(v["std"] > 0, 1.0), 0.0)
+    y = ((data.astype(ft) - v["mean"].astype(ft)) * inv.astype(ft)).astype(ft)
+    return _attach(y, data, params)
+
+
+def fit_mean_scale(
+    data: xr.DataArray, target: float = 10000.0, *, per_volume: bool = True, mask: xr.DataArray | None = None
+) -> Params:
+    """Fit :func:`mean_scale`: the mean of the non-zero (masked) voxels, per volume or over all."""
+    from volnorm.stats import summarize
+
+    data = _check(data)
+    nz = data != 0
+    m = nz if mask is None else nz & mask
+    if per_volume:
+        if "volume" not in data.dims:
+            raise ValueError("per_volume=True needs a `volume` dim (a stack)")
+        dim = tuple(d for d in data.dims if d != "volume")
+    else:
+        dim = None
+    s = summarize(data, dim=dim, mask=m, quantiles=())
+    if np.any(s["count"].values == 0):
+        raise ValueError("a volume has no non-zero voxel: there is no mean to scale to")
+    return Params("mean_scale", xr.Dataset({"mean": s["mean"]}), {"target": float(target), "per_volume": per_volume})
+
+
+def mean_scale(
+    data: xr.DataArray,
+    target: float = 10000.0,
+    *,
+    per_volume: bool = True,
+    mask: xr.DataArray | None = None,
+    params: Params | None = None,
+) -> xr.DataArray:
+    """Scale intensities so the mean of the non-zero voxels is ``target``, as FSL's ``fslmaths``
+    ``-inm`` (``per_volume=True``: each volume its own scale) and ``-ing`` (``per_volume=False``:
+    one scale from the mean over all volumes). ``y = x * target / mean``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([[0.0, 2.0, 6.0], [0.0, 1.0, 1.0]]), dims=("volume", "x"))
+    >>> vn.mean_scale(x, 100).values.tolist()                    # -inm 100
+    [[0.0, 50.0, 150.0], [0.0, 100.0, 100.0]]
+    >>> vn.mean_scale(x, 100, per_volume=False).values.tolist()  # -ing 100
+    [[0.0, 80.0, 240.0], [0.0, 40.0, 40.0]]
+    """
+    data = _check(data)
+    if params is None:
+        params = fit_mean_scale(data, target, per_volume=per_volume, mask=mask)
+    elif params.method != "mean_scale":
+        raise ValueError(f"`params` were fitted by {params.method!r}, not mean_scale")
+    v = _kept_values(params.values, data)
+    ft = _float_dtype(data.dtype)
+    y = (data.astype(ft) * (params.options["target"] / v["mean"]).astype(ft)).astype(ft)
+    return _attach(y, data, params)
+
+
+# ---------------------------------------------------------------------------
+# power law and log, with the gain that maps the maximum to itself
+# ---------------------------------------------------------------------------
+
+
+def _fit_max(data: xr.DataArray, dim: Dim, mask: xr.DataArray | None, method: str, extra: dict) -> Params:
+    from volnorm.stats import summarize
+
+    s = summarize(data, dim=dim, mask=mask, quantiles=())
+    if np.any(s["count"].values == 0):
+        raise ValueError("no valid voxel (all NaN or masked out)")
+    if np.nanmin(s["min"].values) < 0:
+        raise ValueError(f"{method} needs non-negative data; the minimum is {float(np.nanmin(s['min'].values))!r} (rescale first)")
+    return Params(method, xr.Dataset({"max": s["max"], "mean": s["mean"]}), {**extra, "dim": _dim_option(data, dim)})
+
+
+def gamma(
+    data: xr.DataArray, gamma: float, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None
+) -> xr.DataArray:
+    """Power law ``y = max * (x / max) ** gamma``: the gain maps the maximum (over ``dim``) to
+    itself, so the intensity scale is kept. Needs non-negative data. Computes: a max pass.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> vn.gamma(xr.DataArray(np.array([0.0, 25.0, 100.0]), dims="x"), 0.5).values.tolist()
+    [0.0, 50.0, 100.0]
+    """
+    data = _check(data)
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"`gamma` must be a positive number; got {gamma!r}")
+    if params is None:
+        params = _fit_max(data, dim, mask, "gamma", {"gamma": float(gamma)})
+    v = _kept_values(params.values, data)
+    ft = _float_dtype(data.dtype)
+    mx = v["max"].where(v["max"] > 0, 1.0).astype(ft)
+    y = (mx * (data.astype(ft) / mx) ** ft.type(params.options["gamma"])).astype(ft)
+    return _attach(y, data, params)
+
+
+def log(data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None) -> xr.DataArray:
+    """``y = max * log1p(x) / log1p(max)``: logarithmic compression with the gain that maps the
+    maximum to itself, in float (no 8-bit truncation). Needs non-negative data.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> vn.log(xr.DataArray(np.array([0, 255], dtype="uint8"), dims="x")).values.tolist()
+    [0.0, 255.0]
+    """
+    data = _check(data)
+    if params is None:
+        params = _fit_max(data, dim, mask, "log", {})
+    v = _kept_values(params.values, data)
+    ft = _float_dtype(data.dtype)
+    gain = xr.where(v["max"] > 0, v["max"] / np.log1p(v["max"].where(v["max"] > 0, 1.0)), 0.0).astype(ft)
+    y = (gain * np.log1p(data.astype(ft))).astype(ft)
+    return _attach(y, data, params)
+
+
+def auto_gamma(
+    data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None
+) -> xr.DataArray:
+    """ImageMagick's ``-auto-gamma``: the gamma that maps the mean to 50 % of the maximum,
+    ``y = max * (x / max) ** (log(0.5) / log(mean / max))``. Needs non-negative data.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([0.0, 20.0, 30.0, 70.0, 30.0]), dims="x")   # mean 30, max 70
+    >>> round(float(vn.auto_gamma(x).values[2]), 6)   # the mean becomes half the maximum
+    35.0
+    """
+    data = _check(data)
+    if params is None:
+        params = _fit_max(data, dim, mask, "auto_gamma", {})
+    v = _kept_values(params.values, data)
+    ft = _float_dtype(data.dtype)
+    ratio = (v["mean"] / v["max"].where(v["max"] > 0, 1.0))
+    ok = (ratio > 0) & (ratio < 1)
+    g = xr.where(ok, np.log(0.5) / np.log(ratio.where(ok, 0.5)), 1.0)
+    mx = v["max"].where(v["max"] > 0, 1.0).astype(ft)
+    y = (mx * (data.astype(ft) / mx) ** g.astype(ft)).astype(ft)
+    return _attach(y, data, params)
+
+
+# ---------------------------------------------------------------------------
+# per-row maps: a table per index of the kept dims, applied blockwise
+# ---------------------------------------------------------------------------
+
+
+def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.ndarray], dtype: Any) -> xr.DataArray:
+    """Apply ``func(values_2d, *table_rows) -> values_2d`` chunk by chunk, where ``values_2d`` is
+    ``(rows, n)`` for the block's indices of the ``kept`` dims and ``table_rows`` the matching rows of
+    each ``tables[i]`` (shape ``(nrows_total, ...)``). Lazy; no communication between chunks."""
+    reduced = tuple(d for d in data.dims if d not in kept)
+    x = data.transpose(*kept, *reduced)
+    xa = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=-1)
+    nk = len(kept)
+    kshape = tuple(x.sizes[d] for d in kept)
+
+    def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
+        loc = block_info[0]["array-location"][:nk] if block_info else []
+        if nk:
+            grids = np.meshgrid(*[np.arange(a, z) for a, z in loc], indexing="ij")
+            rows = np.ravel_multi_index(tuple(g.ravel() for g in grids), kshape)
+        else:
+            rows = np.zeros(1, dtype=np.int64)
+        n_rows = len(rows)
+        out = func(b.reshape(n_rows, -1), *[t[rows] for t in tables])
+        return np.asarray(out, dtype=dtype).reshape(b.shape)
+
+    ya = da.map_blocks(block, xa, dtype=dtype, meta=np.empty((0,) * xa.ndim, dtype=dtype))
+    y = xr.DataArray(ya, dims=x.dims, coords=x.coords, name=data.name)
+    return y.transpose(*data.dims)
+
+
+# ---------------------------------------------------------------------------
+# histogram equalization
+# ---------------------------------------------------------------------------
+
+
+def fit_equalize(data: xr.DataArray, nbins: int = 256, *, dim: Dim = None, mask: xr.DataArray | None = None) -> Params:
+    """Fit :func:`equalize`: the exact histogram over ``dim`` (one bin per value for integer data,
+    ``nbins`` numpy bins over the masked range for floats), i.e. the CDF. Computes: its passes."""
+    data = _check(data)
+    h = histogram(data, bins=None if data.dtype.kind in "iub" else nbins, dim=dim, mask=mask).compute()
+    counts = h.values.reshape(-1, h.sizes["bin"])
+    if np.any(counts.sum(axis=1) == 0):
+        raise ValueError("no valid voxel to equalize (all NaN or masked out" + (" for some index)" if h.ndim > 1 else ")"))
+    keep = [c for c in h.coords if c in ("bin", "bin_lower", "bin_upper") or (c in h.dims and c != "bin")]
+    values = xr.Dataset({"counts": h.drop_vars([c for c in h.coords if c not in keep])})
+    return Params("equalize", values, {"nbins": int(nbins), "dtype": data.dtype.name, "dim": _dim_option(data, dim)})
+
+
+def equalize(
+    data: xr.DataArray,
+    nbins: int = 256,
+    *,
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    out_range: tuple[float, float] | str | np.dtype | type = (0.0, 1.0),
+    params: Params | None = None,
+) -> xr.DataArray:
+    """Histogram equalization with one CDF per index of the kept dims (``dim=None``: one CDF for
+    the whole dataset, exact for integer data; per volume; per slice with ``dim=("y", "x")``).
+
+    Float output (``out_range=(lo, hi)``, default [0, 1]) follows scikit-image's
+    ``equalize_hist``: ``cdf = cumsum(hist) / total`` over the histogram of the
+    masked voxels (integers: one bin per value from min to max; floats: ``nbins``
+    numpy bins, centres ``(e[i] + e[i+1]) / 2`` in the data's float type), and
+    ``y = np.interp(x, centres, cdf)`` for every voxel, masked or not - equal
+    to ``skimage.exposure.equalize_hist`` per slice, to float32 precision.
+
+    Integer output (``out_range="uint8"`` or another integer dtype, max ``M``)
+    follows OpenCV's ``equalizeHist``: ``y = round((C(x) - C_min) * M / (N - C_min))``
+    with ``C`` the cumulative count, ``C_min`` the count of the lowest occupied
+    bin and ``N`` the total - equal to ``cv2.equalizeHist`` on uint8 slices.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([0, 0, 1, 3], dtype="uint8"), dims="x")
+    >>> vn.equalize(x).values.tolist()
+    [0.5, 0.5, 0.75, 1.0]
+    >>> vn.equalize(x, out_range="uint8").values.tolist()
+    [0, 0, 128, 255]
+    """
+    data = _check(data)
+    if params is None:
+        params = fit_equalize(data, nbins, dim=dim, mask=mask)
+    elif params.method != "equalize":
+        raise ValueError(f"`params` were fitted by {params.method!r}, not equalize")
+    out_lo, out_hi, out_dtype = _out_spec(out_range)
+    h = params.values["counts"]
+    kept = tuple(d for d in h.dims if d != "bin")
+    counts = h.values.reshape(-1, h.sizes["bin"]).astype(np.int64)
+    src_dtype = np.dtype(params.options.get("dtype", data.dtype.name))
+    ft = np.dtype(np.float32) if src_dtype in (np.float32, np.float16) else np.dtype(np.float64)  # scikit-image's
+    if src_dtype.kind == "f":
+        edge_t = np.result_type(src_dtype, np.float16)
+        lower = h["bin_lower"].values.astype(edge_t)
+        upper = h["bin_upper"].values.astype(edge_t)
+        centers = ((lower + upper) / edge_t.type(2)).astype(np.float64)
+    else:
+        centers = h["bin"].values.astype(np.float64)
+    total = counts.sum(axis=1, keepdims=True)
+    cum = np.cumsum(counts, axis=1)
+    # per row: only the occupied range, as scikit-image histograms the image's own min..max
+    if out_dtype is None:
+        cdf = (cum / total.astype(np.float64)).astype(ft)
+
+        def apply(v: np.ndarray, c: np.ndarray) -> np.ndarray:
+            out = np.empty(v.shape, dtype=np.float64)
+            for i in range(v.shape[0]):
+                out[i] = np.interp(v[i], centers, c[i])
+            return out.astype(ft)
+
+        y = map_rows(data, kept, apply, [cdf], ft)
+        if (out_lo, out_hi) != (0.0, 1.0):
+            y = (y * ft.type(out_hi - out_lo) + ft.type(out_lo)).astype(ft)
+    else:
+        first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
+        denom = np.maximum(total - first, 1)
+        frac = np.clip((cum - first) / denom.astype(np.float64), 0.0, 1.0)
+        m = out_hi - out_lo
+
+        def apply(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+            out = np.empty(v.shape, dtype=np.float64)
+            for i in range(v.shape[0]):
+                out[i] = np.interp(v[i], centers, f[i]) if src_dtype.kind == "f" else f[i][np.clip(v[i].astype(np.int64) - int(centers[0]), 0, len(centers) - 1)]
+            return np.clip(np.rint(out * np.float32(m) + out_lo), out_lo, out_hi).astype(out_dtype)
+
+        y = map_rows(data, kept, apply, [frac.astype(np.float32)], out_dtype)
+    params = Params("equalize", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name})
+    return _attach(y, data, params)
