@@ -284,9 +284,10 @@ def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) ->
     return out
 
 
-#: Key bits kept by the range-free float histogram of dataset-wide quantiles: 2**20 bins, each
-#: 2**-11 (float32) or 2**-8 (float64) of its values' magnitude wide.
-KEY_BITS = 20
+#: Key bits kept by the range-free float histogram of dataset-wide quantiles: 2**16 bins (512 KiB
+#: of counts, cache-resident; 2**20 ran 1.5x slower), each 2**-7 (float32) or 2**-4 (float64) of
+#: its values' magnitude wide; repeated values cost nothing in the pick (counted, not stored).
+KEY_BITS = 16
 
 
 def _block_keys(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
@@ -338,8 +339,24 @@ def _float_order_stats(data, mask, ranks) -> np.ndarray:
     upper = _key_values((wanted.astype(np.uint64) + np.uint64(1)) << np.uint64(shift), itemsize) if len(wanted) else np.empty(0)
     if itemsize == 4 and len(wanted):  # the key of the bin after the last 32-bit key wraps
         upper = np.where(wanted == 2**KEY_BITS - 1, np.inf, upper)
-    ilo, ihi, wbin = _intervals([np.arange(len(wanted))], lower, upper)
-    allv, key, at_lo = _pick(parts, 0, (), ilo, ihi)
+    total_wanted = int(counts[wanted].sum()) if len(wanted) else 0
+    cap = total_wanted if total_wanted <= 2**22 else -1  # one pass into a buffer of at most 64 MiB
+    slot = np.full(2**KEY_BITS, -1, dtype=np.int64)
+    slot[wanted] = np.arange(len(wanted))
+    picks = []
+    for img, m in parts:
+        _, args = prepare(img, (), tuple(img.dims), m)
+        blocks = [a.to_delayed().ravel() for a in args]
+        for i in range(len(blocks[0])):
+            mb = blocks[1][i] if len(blocks) > 1 else None
+            picks.append(dask.delayed(_block_pick_keys)(blocks[0][i], mb, slot=slot, ilo=lower, cap=cap))
+    found = dask.compute(*picks) if len(wanted) else []
+    at_lo = np.sum([f[2] for f in found], axis=0).reshape(1, -1) if found else np.zeros((1, max(1, len(wanted))), np.int64)
+    allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
+    key = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
+    order = np.lexsort((allv, key))
+    allv, key = allv[order], key[order]
+    ilo = lower.reshape(1, -1)
     cum_before = np.concatenate([[ninf], ninf + np.cumsum(counts)])
     out = np.where(b <= 0, -np.inf, np.inf).astype(np.float64)
     for col in np.flatnonzero(inside):
@@ -347,6 +364,24 @@ def _float_order_stats(data, mask, ranks) -> np.ndarray:
         k = int(np.searchsorted(wanted, bin_))
         out[col] = _lookup(allv, key, at_lo, ilo, 0, k, int(r[col] - cum_before[bin_]))
     return out
+
+
+def _block_pick_keys(xb: np.ndarray, mb: np.ndarray | None, *, slot: np.ndarray, ilo: np.ndarray, cap: int):
+    from volnorm import _kernels
+
+    if xb.dtype == np.float16:
+        xb = xb.astype(np.float32)
+    x = np.ascontiguousarray(xb).reshape(-1)
+    ut = np.uint32 if x.dtype.itemsize == 4 else np.uint64
+    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
+    at_lo = np.zeros(len(ilo), dtype=np.int64)
+    cap = min(cap, x.size) if cap >= 0 else -1
+    shift = 8 * x.itemsize - KEY_BITS
+    vals, which, n = _kernels.pick_keys(x.view(ut), x, shift, slot, ilo, at_lo, cap, m)
+    if cap >= 0 and n > cap:  # pragma: no cover - the histogram's count bounds every chunk
+        at_lo[:] = 0
+        vals, which, n = _kernels.pick_keys(x.view(ut), x, shift, slot, ilo, at_lo, -1, m)
+    return vals, which, at_lo
 
 
 # ---------------------------------------------------------------------------
