@@ -512,3 +512,38 @@ def merge_histograms(hists: Sequence[xr.DataArray]) -> xr.DataArray:
             sums[c] = sums[c] + h[c].data
     total = total.assign_coords({c: (first[c].dims, v) for c, v in sums.items()})
     return total.rename("histogram")
+
+
+def histogram_rows(
+    data: xr.DataArray, dim: Hashable | Sequence[Hashable] | None, edges: np.ndarray, mask: xr.DataArray | None = None
+) -> np.ndarray:
+    """Float histograms with **their own** equal bins per index of the kept dims (``edges`` is
+    ``(rows, nbins + 1)``, float64 values of numpy's edges), e.g. one histogram per slice over the
+    slice's own min..max as scikit-image makes it. Computes; returns ``(rows, nbins + NEXTRA)``."""
+    kept, reduced = _dims(data, dim)
+    x, args = prepare(data, kept, reduced, mask)
+    nk = len(kept)
+    kshape = tuple(x.sizes[d] for d in kept)
+    nbins = edges.shape[1] - 1
+    slack = np.array([min(_kernels.edge_slack(e), 0.5) for e in edges])
+    width = nbins + _kernels.NEXTRA
+
+    def block(xb: np.ndarray, *rest: np.ndarray, block_info: Any = None) -> np.ndarray:
+        loc = block_info[0]["array-location"][:nk]
+        grids = np.meshgrid(*[np.arange(a, z) for a, z in loc], indexing="ij")
+        rows = np.ravel_multi_index(tuple(g.ravel() for g in grids), kshape) if nk else np.zeros(1, np.int64)
+        if xb.dtype == np.float16:
+            xb = xb.astype(np.float32)
+        x2 = np.ascontiguousarray(xb).reshape(len(rows), -1)
+        m2 = None if not rest else np.ascontiguousarray(rest[0], dtype=np.bool_).reshape(len(rows), -1)
+        out = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            _kernels.hist_float(x2[i : i + 1], edges[r], out[i : i + 1], None if m2 is None else m2[i : i + 1], None, slack[r])
+        return out.reshape(xb.shape[:nk] + (1,) * (xb.ndim - nk) + (width,))
+
+    xa = args[0]
+    chunks = xa.chunks[:nk] + tuple((1,) * len(c) for c in xa.chunks[nk:]) + ((width,),)
+    parts = da.map_blocks(block, *args, chunks=chunks, new_axis=[xa.ndim], dtype=np.int64,
+                          meta=np.empty((0,) * (xa.ndim + 1), dtype=np.int64))
+    total = parts.sum(axis=tuple(_range(nk, xa.ndim)), dtype=np.int64).compute()
+    return np.asarray(total).reshape(-1, width)

@@ -477,15 +477,46 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
 
 
 def fit_equalize(data: xr.DataArray, nbins: int = 256, *, dim: Dim = None, mask: xr.DataArray | None = None) -> Params:
-    """Fit :func:`equalize`: the exact histogram over ``dim`` (one bin per value for integer data,
-    ``nbins`` numpy bins over the masked range for floats), i.e. the CDF. Computes: its passes."""
+    """Fit :func:`equalize`: per index of the kept dims, the histogram scikit-image would take of
+    that part (integers: one bin per value; floats: ``nbins`` numpy bins over **its own** masked
+    min..max), i.e. its CDF. Computes: a min/max pass and a histogram pass."""
+    from volnorm._histogram import histogram_rows
+    from volnorm.stats import summarize
+
     data = _check(data)
-    h = histogram(data, bins=None if data.dtype.kind in "iub" else nbins, dim=dim, mask=mask).compute()
-    counts = h.values.reshape(-1, h.sizes["bin"])
+    kept, _ = _dims(data, dim)
+    if data.dtype.kind in "iub":
+        h = histogram(data, dim=dim, mask=mask).compute()
+        counts = h.values.reshape(-1, h.sizes["bin"])
+        centers = np.broadcast_to(h["bin"].values, counts.shape)
+    else:
+        if isinstance(nbins, bool) or not isinstance(nbins, (int, np.integer)) or nbins <= 0:
+            raise ValueError(f"`nbins` must be a positive int; got {nbins!r}")
+        s = summarize(data, dim=dim, mask=mask, quantiles=())
+        lo, hi = s["min"].values.reshape(-1), s["max"].values.reshape(-1)
+        if np.any(np.isnan(lo)):
+            raise ValueError("no valid voxel to equalize (all NaN or masked out" + (" for some index)" if kept else ")"))
+        et = np.result_type(data.dtype, np.float16)
+        edges = np.empty((len(lo), nbins + 1))
+        for r, (a, b) in enumerate(zip(lo, hi)):
+            a, b = data.dtype.type(a), data.dtype.type(b)  # numpy's rules, as np.histogram(part)
+            if a == b:
+                a, b = a - 0.5, b + 0.5
+            edges[r] = np.linspace(a, b, nbins + 1, dtype=et)
+        counts = histogram_rows(data, dim, edges, mask)[:, :nbins]
+        e32 = edges.astype(et)
+        centers = ((e32[:, :-1] + e32[:, 1:]) / et.type(2)).astype(np.float64)  # scikit-image's centres
     if np.any(counts.sum(axis=1) == 0):
-        raise ValueError("no valid voxel to equalize (all NaN or masked out" + (" for some index)" if h.ndim > 1 else ")"))
-    keep = [c for c in h.coords if c in ("bin", "bin_lower", "bin_upper") or (c in h.dims and c != "bin")]
-    values = xr.Dataset({"counts": h.drop_vars([c for c in h.coords if c not in keep])})
+        raise ValueError("no valid voxel to equalize (all NaN or masked out" + (" for some index)" if kept else ")"))
+    shape = tuple(data.sizes[d] for d in kept)
+    coords = {d: data[d] for d in kept if d in data.coords}
+    values = xr.Dataset(
+        {
+            "counts": ((*kept, "bin"), counts.reshape(shape + (-1,))),
+            "centers": ((*kept, "bin"), np.ascontiguousarray(centers).reshape(shape + (-1,))),
+        },
+        coords=coords,
+    )
     return Params("equalize", values, {"nbins": int(nbins), "dtype": data.dtype.name, "dim": _dim_option(data, dim)})
 
 
@@ -531,28 +562,22 @@ def equalize(
     h = params.values["counts"]
     kept = tuple(d for d in h.dims if d != "bin")
     counts = h.values.reshape(-1, h.sizes["bin"]).astype(np.int64)
+    centers = params.values["centers"].values.reshape(counts.shape)
     src_dtype = np.dtype(params.options.get("dtype", data.dtype.name))
     ft = np.dtype(np.float32) if src_dtype in (np.float32, np.float16) else np.dtype(np.float64)  # scikit-image's
-    if src_dtype.kind == "f":
-        edge_t = np.result_type(src_dtype, np.float16)
-        lower = h["bin_lower"].values.astype(edge_t)
-        upper = h["bin_upper"].values.astype(edge_t)
-        centers = ((lower + upper) / edge_t.type(2)).astype(np.float64)
-    else:
-        centers = h["bin"].values.astype(np.float64)
     total = counts.sum(axis=1, keepdims=True)
     cum = np.cumsum(counts, axis=1)
     # per row: only the occupied range, as scikit-image histograms the image's own min..max
     if out_dtype is None:
         cdf = (cum / total.astype(np.float64)).astype(ft)
 
-        def apply(v: np.ndarray, c: np.ndarray) -> np.ndarray:
+        def apply(v: np.ndarray, c: np.ndarray, cen: np.ndarray) -> np.ndarray:
             out = np.empty(v.shape, dtype=np.float64)
             for i in range(v.shape[0]):
-                out[i] = np.interp(v[i], centers, c[i])
+                out[i] = np.interp(v[i], cen[i], c[i])
             return out.astype(ft)
 
-        y = map_rows(data, kept, apply, [cdf], ft)
+        y = map_rows(data, kept, apply, [cdf, centers], ft)
         if (out_lo, out_hi) != (0.0, 1.0):
             y = (y * ft.type(out_hi - out_lo) + ft.type(out_lo)).astype(ft)
     else:
@@ -561,12 +586,15 @@ def equalize(
         frac = np.clip((cum - first) / denom.astype(np.float64), 0.0, 1.0)
         m = out_hi - out_lo
 
-        def apply(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+        def apply(v: np.ndarray, f: np.ndarray, cen: np.ndarray) -> np.ndarray:
             out = np.empty(v.shape, dtype=np.float64)
             for i in range(v.shape[0]):
-                out[i] = np.interp(v[i], centers, f[i]) if src_dtype.kind == "f" else f[i][np.clip(v[i].astype(np.int64) - int(centers[0]), 0, len(centers) - 1)]
+                if src_dtype.kind == "f":
+                    out[i] = np.interp(v[i], cen[i], f[i])
+                else:  # a look-up table by value, as OpenCV
+                    out[i] = f[i][np.clip(v[i].astype(np.int64) - int(cen[i][0]), 0, len(cen[i]) - 1)]
             return np.clip(np.rint(out * np.float32(m) + out_lo), out_lo, out_hi).astype(out_dtype)
 
-        y = map_rows(data, kept, apply, [frac.astype(np.float32)], out_dtype)
+        y = map_rows(data, kept, apply, [frac.astype(np.float32), centers], out_dtype)
     params = Params("equalize", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name})
     return _attach(y, data, params)

@@ -1,0 +1,182 @@
+"""Intensity transforms equal their in-memory references (numpy formulas, scikit-image, OpenCV),
+fit once and apply lazily, and round-trip their parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from skimage import data as skdata
+from skimage import exposure
+
+import volnorm as vn
+from volnorm.testing import raise_if_dask_computes
+
+
+@pytest.fixture(scope="module")
+def images() -> xr.DataArray:
+    ims = [im[:200, :240] for im in (skdata.camera(), skdata.moon(), skdata.coins())]
+    return xr.DataArray(np.stack(ims), dims=("volume", "y", "x"), coords={"volume": ["camera", "moon", "coins"]})
+
+
+@pytest.fixture(scope="module")
+def mri() -> xr.DataArray:
+    return vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"], chunks={"z": 5}).isel(volume=0, drop=True)
+
+
+CHUNKS = [None, {"volume": 1}, {"volume": 2, "y": 37, "x": 101}]
+PER_VOLUME = ("y", "x")
+
+
+# ---------------------------------------------------------------------------
+# rescale
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("dim", [None, PER_VOLUME])
+def test_rescale_minmax_and_percentiles_equal_numpy(images, chunks, dim):
+    x = images if chunks is None else images.chunk(chunks)
+    a = images.values.astype(np.float64)
+    axis = None if dim is None else (1, 2)
+    lo, hi = a.min(axis=axis, keepdims=True), a.max(axis=axis, keepdims=True)
+    np.testing.assert_allclose(vn.rescale(x, dim=dim).values, (a - lo) / (hi - lo), rtol=1e-6, atol=1e-6)
+    p_lo, p_hi = np.percentile(a, [2, 98], axis=axis, keepdims=True)
+    ref = np.clip((a - p_lo) / (p_hi - p_lo) * 2 - 1, -1, 1)
+    got = vn.rescale(x, percentiles=(2, 98), out_range=(-1, 1), dim=dim)
+    np.testing.assert_allclose(got.values, ref, rtol=1e-6, atol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_rescale_integer_output_masks_constant_and_explicit_window(images, mri):
+    u8 = vn.rescale(mri, out_range="uint8")
+    a = mri.values.astype(np.float64)
+    ref = np.rint((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
+    assert u8.dtype == np.uint8 and np.abs(u8.values.astype(int) - ref).max() <= 1  # float32 arithmetic
+    mask = mri > float(mri.mean())
+    got = vn.rescale(mri, mask=mask)
+    m = a[mask.values]
+    np.testing.assert_allclose(got.values, np.clip((a - m.min()) / (m.max() - m.min()), 0, 1), rtol=1e-5, atol=1e-6)
+    const = xr.DataArray(np.full((4, 5), 7, np.int16), dims=("y", "x"))
+    assert np.all(vn.rescale(const, out_range=(10, 20)).values == 10)  # no division by zero
+    w = vn.rescale(images, (50, 100), clip=False).values
+    np.testing.assert_allclose(w, (images.values.astype(np.float64) - 50) / 50, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_on_one_apply_on_another_is_lazy_and_serializable(images):
+    train, test = images.isel(volume=[0, 1]), images.isel(volume=[2]).chunk({"y": 50})
+    p = vn.fit_rescale(train, percentiles=(1, 99))
+    p2 = vn.Params.from_json(p.to_json())
+    assert p2 == p
+    with raise_if_dask_computes():
+        y = vn.rescale(test, params=p2)
+    lo, hi = np.percentile(train.values, [1, 99])
+    np.testing.assert_allclose(y.values, np.clip((test.values - lo) / (hi - lo), 0, 1), rtol=1e-6, atol=1e-6)
+    import json
+
+    history = json.loads(y.attrs["volnorm_params"])
+    assert history[-1]["method"] == "rescale" and history[-1]["options"]["percentiles"] == [1.0, 99.0]
+    with pytest.raises(ValueError, match="fitted by 'rescale', not zscore"):
+        vn.zscore(test, params=p)
+
+
+def test_rescale_bad_arguments(images):
+    with pytest.raises(ValueError, match="percentiles"):
+        vn.rescale(images, percentiles=(99, 1))
+    with pytest.raises(ValueError, match="out_range"):
+        vn.rescale(images, out_range=(1, 1))
+    with pytest.raises(ValueError, match="integer dtype"):
+        vn.rescale(images, out_range="float32")
+    with pytest.raises(ValueError, match="in_range"):
+        vn.rescale(images, "auto")
+
+
+# ---------------------------------------------------------------------------
+# z-score, FSL mean scaling, gamma, log, auto-gamma
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [None, PER_VOLUME])
+def test_zscore_equals_numpy_and_constant_is_zero(images, dim):
+    a = images.values.astype(np.float64)
+    axis = None if dim is None else (1, 2)
+    ref = (a - a.mean(axis=axis, keepdims=True)) / a.std(axis=axis, keepdims=True)
+    np.testing.assert_allclose(vn.zscore(images.chunk({"y": 64}), dim=dim).values, ref, rtol=1e-5, atol=1e-5)
+    const = xr.DataArray(np.full((2, 3), 5.0), dims=("y", "x"))
+    assert np.all(vn.zscore(const).values == 0)
+
+
+def test_masked_zscore_uses_masked_moments_everywhere(mri):
+    mask = mri > 1000
+    a = mri.values.astype(np.float64)
+    m = a[mask.values]
+    np.testing.assert_allclose(vn.zscore(mri, mask=mask).values, (a - m.mean()) / m.std(), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_scale_is_fsl_inm_and_ing(images):
+    a = images.values.astype(np.float64)
+    a[:, :10] = 0
+    x = images.copy(data=a)
+    inm = np.stack([v * 10000 / v[v != 0].mean() for v in a])
+    np.testing.assert_allclose(vn.mean_scale(x).values, inm, rtol=1e-6)
+    ing = a * 10000 / a[a != 0].mean()
+    np.testing.assert_allclose(vn.mean_scale(x, per_volume=False).values, ing, rtol=1e-6)
+
+
+def test_gamma_log_auto_gamma_formulas(images):
+    a = images.values.astype(np.float64)
+    mx = a.max()
+    np.testing.assert_allclose(vn.gamma(images, 0.4).values, mx * (a / mx) ** 0.4, rtol=1e-5)
+    np.testing.assert_allclose(vn.log(images).values, mx * np.log1p(a) / np.log1p(mx), rtol=1e-5)
+    g = np.log(0.5) / np.log(a.mean() / mx)
+    np.testing.assert_allclose(vn.auto_gamma(images).values, mx * (a / mx) ** g, rtol=1e-5)
+    per = vn.gamma(images, 2.0, dim=PER_VOLUME).values
+    np.testing.assert_allclose(per.max(axis=(1, 2)), a.max(axis=(1, 2)), rtol=1e-6)  # max maps to max
+    with pytest.raises(ValueError, match="non-negative"):
+        vn.gamma(images.astype(np.float32) - 10, 2.0)
+    with pytest.raises(ValueError, match="positive"):
+        vn.gamma(images, -1)
+
+
+# ---------------------------------------------------------------------------
+# equalization: scikit-image (float) and OpenCV (uint8), per slice and dataset-wide
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_equalize_per_slice_equals_skimage(images, chunks):
+    x = images if chunks is None else images.chunk(chunks)
+    got = vn.equalize(x, dim=PER_VOLUME)
+    for i in range(3):
+        ref = exposure.equalize_hist(images.values[i])
+        np.testing.assert_allclose(got.values[i], ref, rtol=0, atol=1e-6)
+    f = (images.astype(np.float32) / 7.3).chunk({"volume": 1, "y": 50})
+    gotf = vn.equalize(f, nbins=100, dim=PER_VOLUME)
+    assert gotf.dtype == np.float32
+    for i in range(3):
+        ref = exposure.equalize_hist(f.values[i], nbins=100)
+        assert ref.dtype == np.float32
+        np.testing.assert_allclose(gotf.values[i], ref, rtol=0, atol=2e-7)
+
+
+def test_equalize_dataset_wide_and_masked_equal_skimage(images, mri):
+    np.testing.assert_allclose(vn.equalize(images.chunk({"volume": 1})).values, exposure.equalize_hist(images.values), atol=1e-6)
+    mask = mri > float(mri.mean())
+    ref = exposure.equalize_hist(mri.values, mask=mask.values)
+    np.testing.assert_allclose(vn.equalize(mri, mask=mask).values, ref, atol=1e-6)
+
+
+def test_equalize_uint8_equals_opencv(images):
+    cv2 = pytest.importorskip("cv2")
+    got = vn.equalize(images.chunk({"volume": 1, "y": 64}), dim=PER_VOLUME, out_range="uint8")
+    assert got.dtype == np.uint8
+    for i in range(3):
+        np.testing.assert_array_equal(got.values[i], cv2.equalizeHist(images.values[i]))
+
+
+def test_equalize_is_lazy_after_its_fit(images):
+    p = vn.fit_equalize(images)
+    with raise_if_dask_computes():
+        y = vn.equalize(images.chunk({"volume": 1}), params=p)
+    assert isinstance(y.data, type(images.chunk().data))
+    assert vn.Params.from_json(p.to_json()) == p
