@@ -180,3 +180,60 @@ def test_equalize_is_lazy_after_its_fit(images):
         y = vn.equalize(images.chunk({"volume": 1}), params=p)
     assert isinstance(y.data, type(images.chunk().data))
     assert vn.Params.from_json(p.to_json()) == p
+
+
+# ---------------------------------------------------------------------------
+# histogram matching and Nyúl standardization
+# ---------------------------------------------------------------------------
+
+
+def test_match_histogram_uint8_equals_skimage(images):
+    src, ref = images.isel(volume=0), images.isel(volume=1)
+    got = vn.match_histogram(src.chunk({"y": 64}), ref)
+    np.testing.assert_allclose(got.values, exposure.match_histograms(src.values, ref.values), rtol=1e-12)
+    # to a dataset-wide reference histogram (e.g. a cohort's)
+    h = vn.histogram(images)
+    got2 = vn.match_histogram(src, h)
+    flat = images.values.reshape(-1, images.sizes["x"])
+    np.testing.assert_allclose(got2.values, exposure.match_histograms(src.values, flat), rtol=1e-12)
+
+
+def test_match_histogram_float_within_a_bin(images):
+    src = images.isel(volume=0).astype(np.float32) / 3.1 + 0.01
+    ref = images.isel(volume=2).astype(np.float32) * 1.7
+    got = vn.match_histogram(src, ref).values
+    want = exposure.match_histograms(src.values, ref.values)
+    width = float(ref.max() - ref.min()) / 4096 * 4  # interpolation across neighbouring bins
+    assert np.abs(got - want).max() <= width + 1e-6
+
+
+def nyul_reference(volumes, masks, percentiles, lo, hi):
+    """The algorithm as intensity-normalization writes it (numpy, in memory)."""
+    lands = [np.percentile(v[m], percentiles) for v, m in zip(volumes, masks)]
+    mapped = [lo + (l - l[0]) / (l[-1] - l[0]) * (hi - lo) for l in lands]
+    std = np.mean(mapped, axis=0)
+    outs = []
+    for v, l in zip(volumes, lands):
+        from scipy.interpolate import interp1d
+
+        outs.append(interp1d(l, std, fill_value="extrapolate")(v.astype(np.float64)))
+    return std, outs
+
+
+def test_nyul_equals_the_in_memory_algorithm(mri):
+    rng = np.random.default_rng(0)
+    vols = np.stack([mri.values * s + o for s, o in [(1.0, 0), (1.7, 300), (0.6, -50)]]).astype(np.float32)
+    vols += rng.normal(0, 5, vols.shape).astype(np.float32)
+    x = xr.DataArray(vols, dims=("volume", "z", "y", "x")).chunk({"volume": 1, "z": 7})
+    mask = x > 500
+    p = vn.nyul_fit(x, mask=mask)
+    ms = [m for m in mask.values]
+    std, outs = nyul_reference(list(vols), ms, vn._transforms.NYUL_PERCENTILES, 1.0, 100.0)
+    np.testing.assert_allclose(p.values["standard"].values, std, rtol=1e-6)
+    y = vn.nyul_apply(x, p, mask=mask)
+    for i in range(3):
+        np.testing.assert_allclose(y.values[i], outs[i], rtol=1e-4, atol=1e-3)
+    q = vn.Params.from_json(p.to_json())
+    assert q == p
+    with pytest.raises(ValueError, match="`volume` dim"):
+        vn.nyul_fit(mri)

@@ -598,3 +598,173 @@ def equalize(
         y = map_rows(data, kept, apply, [frac.astype(np.float32), centers], out_dtype)
     params = Params("equalize", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name})
     return _attach(y, data, params)
+
+
+# ---------------------------------------------------------------------------
+# histogram matching and Nyúl-Udupa standardization
+# ---------------------------------------------------------------------------
+
+
+def _cdf_table(data: xr.DataArray, dim: Dim, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """Per index of the kept dims, the empirical CDF as scikit-image takes it (the fraction of
+    voxels <= each value): ``(values, fractions, edges, kept)``. Integers: one point per value.
+    Floats: a 4096-bin histogram, each bin one point at its centre (``edges`` bin the voxels)."""
+    from volnorm.stats import FLOAT_BINS
+
+    is_int = data.dtype.kind in "iub"
+    h = histogram(data, bins=None if is_int else FLOAT_BINS, dim=dim, mask=mask).compute()
+    counts = h.values.reshape(-1, h.sizes["bin"]).astype(np.float64)
+    total = counts.sum(axis=1, keepdims=True)
+    if np.any(total == 0):
+        raise ValueError("no valid voxel to take a histogram of (all NaN or masked out)")
+    kept = tuple(d for d in h.dims if d != "bin")
+    edges = np.concatenate([h["bin_lower"].values[:1], h["bin_upper"].values])
+    return np.broadcast_to(h["bin"].values, counts.shape), np.cumsum(counts, axis=1) / total, edges, kept
+
+
+def match_histogram(
+    data: xr.DataArray,
+    reference: xr.DataArray,
+    *,
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    reference_mask: xr.DataArray | None = None,
+) -> xr.DataArray:
+    """Map intensities so that the histogram over ``dim`` matches the reference's, as
+    ``skimage.exposure.match_histograms`` (CDF to CDF, ``np.interp`` between the occupied values).
+
+    ``reference`` is a volume/stack (its dataset-wide histogram is used, masked by
+    ``reference_mask``) or a histogram from :func:`volnorm.histogram` (a DataArray with a
+    ``bin`` dim), e.g. a cohort's. Integer data are matched exactly as scikit-image does;
+    float data through 4096-bin histograms, each bin standing for its values (scikit-image
+    uses every distinct value: the results differ by about a reference bin). Computes: the
+    histogram passes; the map is lazy.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> src = xr.DataArray(np.array([0, 0, 1, 2], dtype="uint8"), dims="x")
+    >>> ref = xr.DataArray(np.array([10, 20, 20, 30], dtype="uint8"), dims="x")
+    >>> vn.match_histogram(src, ref).values.tolist()   # as skimage.exposure.match_histograms
+    [15.0, 15.0, 20.0, 30.0]
+    """
+    data = _check(data)
+    if "bin" in reference.dims:
+        counts = reference.values.astype(np.float64).reshape(-1)
+        if reference.ndim != 1:
+            raise ValueError("a reference histogram must be one histogram (dims ('bin',))")
+        occupied = counts > 0
+        t_values = reference["bin"].values[occupied]
+        t_q = np.cumsum(counts[occupied]) / counts.sum()
+    else:
+        tv, tq, _, _ = _cdf_table(reference, None, reference_mask)
+        keep = np.diff(np.concatenate([[0.0], tq[0]])) > 0  # the occupied values
+        t_values, t_q = tv[0][keep], tq[0][keep]
+    s_values, s_q, s_edges, kept = _cdf_table(data, dim, mask)
+    mapped = np.stack([np.interp(q, t_q, t_values) for q in s_q])  # per source value/bin, as scikit-image
+    ft = _float_dtype(data.dtype) if data.dtype.kind == "f" else np.dtype(np.float64)
+    is_int = data.dtype.kind in "iub"
+    lo = int(s_values[0][0]) if is_int else 0
+
+    def apply(v: np.ndarray, mp: np.ndarray) -> np.ndarray:
+        nb = mp.shape[1]
+        if is_int:
+            idx = v.astype(np.int64) - lo
+        else:
+            idx = np.searchsorted(s_edges, v, side="right") - 1
+        return np.take_along_axis(mp, np.clip(idx, 0, nb - 1), axis=1)
+
+    y = map_rows(data, kept, apply, [mapped], np.float64).astype(ft)
+    params = Params("match_histogram", xr.Dataset({"reference_values": ("value", t_values), "reference_cdf": ("value", t_q)}), {"dim": _dim_option(data, dim)})
+    return _attach(y, data, params)
+
+
+#: Nyúl's default landmarks: the 1st and 99th percentiles and the deciles between.
+NYUL_PERCENTILES = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
+
+
+def _volume_dims(data: xr.DataArray) -> tuple:
+    if "volume" not in data.dims:
+        raise ValueError("Nyúl standardization works per volume: the data need a `volume` dim (a stack)")
+    return tuple(d for d in data.dims if d != "volume")
+
+
+def nyul_fit(
+    data: xr.DataArray,
+    *,
+    mask: xr.DataArray | None = None,
+    percentiles: Sequence[float] = NYUL_PERCENTILES,
+    standard_range: tuple[float, float] = (1.0, 100.0),
+) -> Params:
+    """Learn Nyúl-Udupa standard landmarks over a stack of volumes, streaming.
+
+    Each volume's landmarks are its exact ``percentiles`` (of the masked voxels, one
+    histogram per volume, in parallel - memory does not grow with the number of volumes);
+    they are mapped linearly so that the first and last land on ``standard_range``, and the
+    standard landmarks are their mean over the volumes (Nyúl & Udupa 1999; Shah et al. 2018,
+    as in intensity-normalization and TorchIO). Computes: the quantile passes.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.stack([np.arange(101.0), 2 * np.arange(101.0)]), dims=("volume", "x"))
+    >>> p = vn.nyul_fit(x, percentiles=(0, 50, 100), standard_range=(0, 10))
+    >>> p.values["standard"].values.tolist()
+    [0.0, 5.0, 10.0]
+    """
+    from volnorm.stats import quantile
+
+    data = _check(data)
+    ps = np.asarray(percentiles, dtype=np.float64)
+    if ps.ndim != 1 or len(ps) < 2 or np.any(np.diff(ps) <= 0) or ps[0] < 0 or ps[-1] > 100:
+        raise ValueError(f"`percentiles` must increase within [0, 100], at least two; got {percentiles!r}")
+    s_lo, s_hi = (float(v) for v in standard_range)
+    if not s_lo < s_hi:
+        raise ValueError(f"`standard_range` must be (lo, hi) with lo < hi; got {standard_range!r}")
+    land = quantile(data, list(ps / 100), dim=_volume_dims(data), mask=mask).transpose("volume", "quantile").values
+    span = land[:, -1] - land[:, 0]
+    if np.any(span <= 0):
+        bad = [str(v) for v in np.asarray(data["volume"].values)[span <= 0]] if "volume" in data.coords else list(np.flatnonzero(span <= 0))
+        raise ValueError(f"volumes {bad} are constant between the first and last landmark: nothing to standardize")
+    mapped = s_lo + (land - land[:, :1]) / span[:, None] * (s_hi - s_lo)
+    values = xr.Dataset({"standard": ("landmark", mapped.mean(axis=0)), "percentiles": ("landmark", ps)})
+    return Params("nyul", values, {"standard_range": [s_lo, s_hi], "n_volumes": int(land.shape[0])})
+
+
+def nyul_apply(data: xr.DataArray, landmarks: Params, *, mask: xr.DataArray | None = None) -> xr.DataArray:
+    """Map each volume piecewise-linearly from its own landmarks (its percentiles, as in the fit)
+    to the standard landmarks of :func:`nyul_fit`; linear extrapolation beyond the end
+    landmarks, as intensity-normalization does. Computes: each volume's quantile pass; the map is lazy.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> train = xr.DataArray(np.stack([np.arange(101.0), 2 * np.arange(101.0)]), dims=("volume", "x"))
+    >>> p = vn.nyul_fit(train, percentiles=(0, 50, 100), standard_range=(0, 10))
+    >>> vn.nyul_apply(train, p).values[:, [0, 50, 100]].tolist()
+    [[0.0, 5.0, 10.0], [0.0, 5.0, 10.0]]
+    """
+    from volnorm.stats import quantile
+
+    data = _check(data)
+    if landmarks.method != "nyul":
+        raise ValueError(f"`landmarks` were fitted by {landmarks.method!r}, not nyul_fit")
+    ps = landmarks.values["percentiles"].values
+    std = landmarks.values["standard"].values
+    land = quantile(data, list(ps / 100), dim=_volume_dims(data), mask=mask).transpose("volume", "quantile").values
+    ft = _float_dtype(data.dtype)
+
+    def apply(v: np.ndarray, lm: np.ndarray) -> np.ndarray:
+        out = np.empty(v.shape, dtype=np.float64)
+        for i in range(v.shape[0]):
+            xp, x = lm[i], v[i].astype(np.float64)
+            y = np.interp(x, xp, std)
+            lo, hi = x < xp[0], x > xp[-1]  # extrapolate with the end segments' slopes
+            y[lo] = std[0] + (x[lo] - xp[0]) * (std[1] - std[0]) / max(xp[1] - xp[0], 1e-300)
+            y[hi] = std[-1] + (x[hi] - xp[-1]) * (std[-1] - std[-2]) / max(xp[-1] - xp[-2], 1e-300)
+            out[i] = y
+        return out.astype(ft)
+
+    y = map_rows(data, ("volume",), apply, [land], ft)
+    params = Params("nyul", landmarks.values.assign(volume_landmarks=(("volume", "landmark"), land)), landmarks.options)
+    return _attach(y, data, params)
