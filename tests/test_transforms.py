@@ -237,3 +237,41 @@ def test_nyul_equals_the_in_memory_algorithm(mri):
     assert q == p
     with pytest.raises(ValueError, match="`volume` dim"):
         vn.nyul_fit(mri)
+
+
+# ---------------------------------------------------------------------------
+# binarization and dithering
+# ---------------------------------------------------------------------------
+
+
+def test_binarize_threshold_methods_and_fsl_semantics(images):
+    from skimage import filters
+
+    x = images.chunk({"volume": 1, "y": 50})
+    got = vn.binarize(x, method="otsu")
+    np.testing.assert_array_equal(got.values, images.values > filters.threshold_otsu(images.values))
+    per = vn.binarize(x, method="otsu", dim=PER_VOLUME).values
+    for i in range(3):
+        np.testing.assert_array_equal(per[i], images.values[i] > filters.threshold_otsu(images.values[i]))
+    a = images.values
+    np.testing.assert_array_equal(vn.binarize(x, 100, inclusive=True, upper=200).values, (a >= 100) & (a <= 200))  # -thr -uthr -bin
+    np.testing.assert_array_equal(vn.binarize(x, 0, invert=True).values, a == 0)  # -binv
+    with pytest.raises(ValueError, match="several thresholds"):
+        vn.binarize(x, method="multiotsu")
+
+
+def test_dither_keeps_the_mean_and_is_seamless_across_chunks():
+    img = skdata.camera().astype(np.float64) / 255.0
+    x = xr.DataArray(np.stack([img, img[::-1]]), dims=("volume", "y", "x"))
+    one = vn.dither(x, in_range=(0, 1)).values
+    chunked = vn.dither(x.chunk({"volume": 1, "y": 77, "x": 101}), in_range=(0, 1)).values
+    np.testing.assert_array_equal(one, chunked)  # Bayer tiles in global coordinates: no seams
+    ref = img > (vn._transforms.BAYER8[np.arange(512)[:, None] % 8, np.arange(512)[None, :] % 8] + 0.5) / 64
+    np.testing.assert_array_equal(one[0], ref)
+    fs = vn.dither(x.chunk({"volume": 1, "y": 100}), "floyd-steinberg", in_range=(0, 1)).values
+    for out in (one, fs):
+        assert abs(out.mean() - x.values.mean()) < 0.01
+        # the local mean survives: 16x16 block means track the image (a threshold would not)
+        blocks = out[0].reshape(32, 16, 32, 16).mean(axis=(1, 3))
+        assert np.abs(blocks - img.reshape(32, 16, 32, 16).mean(axis=(1, 3))).mean() < 0.03
+    assert np.abs((img > 0.5).reshape(32, 16, 32, 16).mean(axis=(1, 3)) - img.reshape(32, 16, 32, 16).mean(axis=(1, 3))).mean() > 0.1

@@ -16,6 +16,8 @@ from volnorm._threshold import threshold
 from volnorm._transforms import (
     Params,
     auto_gamma,
+    binarize,
+    dither,
     equalize,
     fit_equalize,
     fit_mean_scale,
@@ -40,6 +42,8 @@ from volnorm.conversion import convert
 __all__ = [
     "Params",
     "auto_gamma",
+    "binarize",
+    "dither",
     "equalize",
     "fit_equalize",
     "fit_mean_scale",

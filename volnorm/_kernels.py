@@ -372,3 +372,29 @@ def pick_keys(xu, x, shift, slot, ilo, at_lo, cap, m=None):  # pragma: no cover 
     if n > vals.shape[0]:  # more than ``cap``: the caller runs again with cap < 0
         return vals[:0].copy(), which[:0].copy(), n
     return vals[:n].copy(), which[:n].copy(), n
+
+
+@numba.njit(nogil=True, cache=True)
+def floyd_steinberg(x, out):  # pragma: no cover - compiled
+    """Error diffusion (Floyd & Steinberg 1976) of planes ``x`` (n, rows, cols) in [0, 1] to {0, 1},
+    raster order, weights 7/16, 3/16, 5/16, 1/16; NaN stays 0 and passes no error."""
+    for p in range(x.shape[0]):
+        err = x[p].astype(np.float64)
+        rows, cols = err.shape
+        for i in range(rows):
+            for j in range(cols):
+                v = err[i, j]
+                if v != v:
+                    out[p, i, j] = 0
+                    continue
+                q = 1.0 if v >= 0.5 else 0.0
+                out[p, i, j] = q
+                e = v - q
+                if j + 1 < cols:
+                    err[i, j + 1] += e * 7.0 / 16.0
+                if i + 1 < rows:
+                    if j > 0:
+                        err[i + 1, j - 1] += e * 3.0 / 16.0
+                    err[i + 1, j] += e * 5.0 / 16.0
+                    if j + 1 < cols:
+                        err[i + 1, j + 1] += e * 1.0 / 16.0
