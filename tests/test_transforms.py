@@ -275,3 +275,21 @@ def test_dither_keeps_the_mean_and_is_seamless_across_chunks():
         blocks = out[0].reshape(32, 16, 32, 16).mean(axis=(1, 3))
         assert np.abs(blocks - img.reshape(32, 16, 32, 16).mean(axis=(1, 3))).mean() < 0.03
     assert np.abs((img > 0.5).reshape(32, 16, 32, 16).mean(axis=(1, 3)) - img.reshape(32, 16, 32, 16).mean(axis=(1, 3))).mean() > 0.1
+
+
+def test_the_accessor_is_exactly_the_function(images):
+    import inspect
+
+    from volnorm.accessor import DATAARRAY_METHODS, DATATREE_METHODS
+
+    x = images.chunk({"volume": 1})
+    xr.testing.assert_identical(x.volnorm.equalize(dim=PER_VOLUME), vn.equalize(x, dim=PER_VOLUME))
+    xr.testing.assert_identical(x.volnorm.histogram(), vn.histogram(x))
+    assert float(x.volnorm.threshold("li")) == float(vn.threshold(x, "li"))
+    for name in DATAARRAY_METHODS:
+        method = getattr(x.volnorm, name)
+        assert method.__doc__ == getattr(vn, name).__doc__ and method.__doc__
+        assert inspect.signature(getattr(vn, name)).parameters  # a real function behind it
+    tree = xr.DataTree.from_dict({n: xr.Dataset({"image": images.sel(volume=n, drop=True)}) for n in ("camera", "moon")})
+    xr.testing.assert_identical(tree.volnorm.histogram(), vn.histogram(tree))
+    assert set(DATATREE_METHODS) <= set(dir(tree.volnorm))

@@ -77,3 +77,7 @@ __all__ = [
     "to_nifti",
     "to_zarr",
 ]
+
+from volnorm import accessor as _accessor  # noqa: E402 - needs the functions above
+
+_accessor.register()
