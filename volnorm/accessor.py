@@ -24,7 +24,7 @@ import xarray as xr
 DATAARRAY_METHODS = (
     "histogram", "quantile", "summarize", "threshold",
     "rescale", "zscore", "mean_scale", "gamma", "log", "auto_gamma",
-    "equalize", "match_histogram", "nyul_fit", "nyul_apply", "binarize", "dither",
+    "equalize", "equalize_adaptive", "match_histogram", "nyul_fit", "nyul_apply", "binarize", "dither",
     "fit_rescale", "fit_zscore", "fit_mean_scale", "fit_equalize",
     "to_zarr", "to_nifti",
 )
