@@ -105,3 +105,29 @@ def test_stats_on_a_local_cluster_equals_threads(capsys):
     sync = json.loads(capsys.readouterr().out)
     assert main(["stats", src, "--json", "--scheduler", "local"]) == 0
     assert json.loads(capsys.readouterr().out) == sync
+
+
+def test_convert_with_steps_then_apply_to_new_data(tmp_path, capsys, cohort):
+    import xarray as xr
+
+    train, test = [str(p) for p in cohort[:3]], [str(p) for p in cohort[3:]]
+    params = tmp_path / "p.json"
+    out = tmp_path / "train.zarr"
+    assert main(["convert", *train, str(out), "--step", "rescale:percentiles=1,99:out_range=uint8",
+                 "--step", "equalize:dim=volume", "--save-params", str(params), "--scheduler", "threads"]) == 0
+    history = json.loads(params.read_text())
+    assert [h["method"] for h in history] == ["rescale", "equalize"]
+    stored = vn.open_zarr(out)
+    ref = vn.equalize(vn.rescale(vn.open_nifti(train), percentiles=(1, 99), out_range="uint8"), dim=("z", "y", "x"))
+    np.testing.assert_array_equal(stored.values, ref.values)
+    # the dataset-wide window is reused on new data; the per-volume CDFs are fitted again there
+    assert main(["apply", *test, str(tmp_path / "test.zarr"), "--params", str(params), "--scheduler", "sync"]) == 0
+    new = vn.open_nifti(test)
+    p = vn.Params.from_dict(history[0])
+    want = vn.equalize(vn.rescale(new, params=p, out_range="uint8"), dim=("z", "y", "x"))
+    np.testing.assert_array_equal(vn.open_zarr(tmp_path / "test.zarr").values, want.values)
+    assert main(["apply", *test, str(tmp_path / "again.zarr"), "--params", str(out)]) == 0  # from the store's provenance
+    capsys.readouterr()
+    assert main(["convert", *train, str(tmp_path / "x.zarr"), "--step", "rescal"]) == 1
+    assert "did you mean 'rescale'" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()

@@ -561,6 +561,12 @@ def equalize(
     out_lo, out_hi, out_dtype = _out_spec(out_range)
     h = params.values["counts"]
     kept = tuple(d for d in h.dims if d != "bin")
+    for d in kept:
+        if d not in data.dims or data.sizes[d] != h.sizes[d]:
+            raise ValueError(
+                f"these equalize parameters were fitted per {d!r} on {h.sizes[d]} of them; the data have "
+                f"{data.sizes.get(d, 0)}: fit again (per-part parameters belong to the data they were fitted on)"
+            )
     counts = h.values.reshape(-1, h.sizes["bin"]).astype(np.int64)
     centers = params.values["centers"].values.reshape(counts.shape)
     src_dtype = np.dtype(params.options.get("dtype", data.dtype.name))

@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--codec", default="lz4", choices=["lz4", "zstd", "zarr-default", "none"], help="compression (default lz4)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing volnorm store")
     c.add_argument("--dry-run", action="store_true", help="validate the inputs and print the plan; write nothing")
+    c.add_argument(
+        "--step", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
+        help="normalize while converting, e.g. --step rescale:percentiles=1,99 --step equalize "
+        "(steps: rescale, zscore, mean_scale, equalize, gamma, log, auto_gamma, equalize_adaptive, dither, binarize; "
+        "dim=volume|slice for per-volume/per-slice fits); the fitted parameters go into the store's provenance",
+    )
+    c.add_argument("--save-params", default=None, metavar="FILE", help="also write the fitted steps as JSON (for volnorm apply)")
     _add_engine(c)
 
     i = sub.add_parser("info", help="describe a NIfTI file or a volnorm store")
@@ -85,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     th.add_argument("--q", type=float, default=0.5, help="for percentile, in [0, 1]")
     th.add_argument("--json", action="store_true")
 
+    ap = sub.add_parser("apply", help="apply the fitted steps of a store or a --save-params file to new data")
+    ap.add_argument("inputs", nargs="+", help="a volnorm store or NIfTI files; then the output store")
+    ap.add_argument("--params", required=True, help="a JSON file from --save-params, or a store whose provenance has the steps")
+    ap.add_argument("--overwrite", action="store_true")
+    _add_engine(ap)
+
     d = sub.add_parser("demo", help="convert sample MRI data shipped with nibabel plus a generated cohort")
     d.add_argument("--out", default="volnorm-demo", help="folder for the sample files and the store (default ./volnorm-demo)")
     d.add_argument("--subjects", type=int, default=8, help="generated phantom subjects (default 8)")
@@ -114,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        commands = {"convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold, "hist": _hist}
+        commands = {"convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold, "hist": _hist, "apply": _apply}
         if args.command in ("stats", "threshold", "hist"):
             from volnorm.engine import dask_scheduler
 
@@ -163,12 +176,66 @@ def _convert(args: argparse.Namespace) -> int:
         total = sum(i.data_bytes for i in infos)
         print(f"{len(infos)} valid inputs, {total / 1e6:.1f} MB of voxels -> {store} (nothing written)")
         return 0
+    if args.step:
+        return _convert_with_steps(args, inputs, store)
     result = vn.convert(
         inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec,
         scheduler=args.scheduler, progress=args.progress,
     )
     if not args.quiet:
         print(result)
+    return 0
+
+
+def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str) -> int:
+    """Open the inputs lazily, fit and apply the steps, write the result with its provenance."""
+    import volnorm as vn
+    from volnorm.engine import dask_scheduler
+    from volnorm.steps import parse_step, run_steps
+
+    steps = [parse_step(s) for s in args.step]  # all checked before any data is read
+    if args.save_params and Path(args.save_params).exists() and not args.overwrite:
+        raise ValueError(f"{args.save_params} exists; pass --overwrite to replace it")
+    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
+    if isinstance(data, xr_datatree()):
+        raise ValueError("--step needs volumes of one shape (a stack); these differ: convert without steps, or register them")
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    with dask_scheduler(args.scheduler, progress=show) as where:
+        logger.info("fitting and writing on %s", where)
+        out = run_steps(data, steps)
+        history = json.loads(out.attrs.get("volnorm_params", "[]"))
+        vn.to_zarr(out, store, overwrite=args.overwrite, steps=history, progress=show)
+    if args.save_params:
+        Path(args.save_params).write_text(json.dumps(history, indent=1))
+    if not args.quiet:
+        print(f"wrote {store}: {dict(out.sizes)} {out.dtype}, steps {', '.join(h['method'] for h in history)}")
+    return 0
+
+
+def xr_datatree():
+    import xarray as xr
+
+    return xr.DataTree
+
+
+def _apply(args: argparse.Namespace) -> int:
+    import volnorm as vn
+    from volnorm.engine import dask_scheduler
+    from volnorm.steps import load_history, replay
+
+    if len(args.inputs) < 2:
+        raise ValueError("give the input (a store or NIfTI files) and the output store")
+    *inputs, store = args.inputs
+    history = load_history(args.params)
+    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
+    if isinstance(data, xr_datatree()):
+        raise ValueError("apply needs volumes of one shape (a stack)")
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    with dask_scheduler(args.scheduler, progress=show):
+        out = replay(data, history)
+        vn.to_zarr(out, store, overwrite=args.overwrite, steps=json.loads(out.attrs.get("volnorm_params", "[]")), progress=show)
+    if not args.quiet:
+        print(f"wrote {store}: {dict(out.sizes)} {out.dtype}, steps {', '.join(h['method'] for h in history)} (parameters from {args.params})")
     return 0
 
 
