@@ -573,35 +573,39 @@ def equalize(
     ft = np.dtype(np.float32) if src_dtype in (np.float32, np.float16) else np.dtype(np.float64)  # scikit-image's
     total = counts.sum(axis=1, keepdims=True)
     cum = np.cumsum(counts, axis=1)
-    # per row: only the occupied range, as scikit-image histograms the image's own min..max
-    if out_dtype is None:
-        cdf = (cum / total.astype(np.float64)).astype(ft)
-
-        def apply(v: np.ndarray, c: np.ndarray, cen: np.ndarray) -> np.ndarray:
-            out = np.empty(v.shape, dtype=np.float64)
-            for i in range(v.shape[0]):
-                out[i] = np.interp(v[i], cen[i], c[i])
-            return out.astype(ft)
-
-        y = map_rows(data, kept, apply, [cdf, centers], ft)
-        if (out_lo, out_hi) != (0.0, 1.0):
-            y = (y * ft.type(out_hi - out_lo) + ft.type(out_lo)).astype(ft)
-    else:
+    if out_dtype is None:  # scikit-image: cdf = cumsum / total, in its float type
+        table = (cum / total.astype(np.float64)).astype(ft)
+        res_dtype = ft
+    else:  # OpenCV: (C - C_min) * M / (N - C_min), rounded
         first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
-        denom = np.maximum(total - first, 1)
-        frac = np.clip((cum - first) / denom.astype(np.float64), 0.0, 1.0)
-        m = out_hi - out_lo
+        frac = np.clip((cum - first) / np.maximum(total - first, 1).astype(np.float64), 0.0, 1.0).astype(np.float32)
+        table = frac
+        res_dtype = out_dtype
+    scale, offset = (out_hi - out_lo), out_lo
 
-        def apply(v: np.ndarray, f: np.ndarray, cen: np.ndarray) -> np.ndarray:
+    def finish(vals: np.ndarray) -> np.ndarray:
+        if out_dtype is None:
+            return vals if (out_lo, out_hi) == (0.0, 1.0) else (vals * ft.type(scale) + ft.type(offset)).astype(ft)
+        return np.clip(np.rint(vals * np.float32(scale) + offset), out_lo, out_hi).astype(out_dtype)
+
+    if src_dtype.kind in "iub":
+        lut = finish(table)  # one output value per input value and row: a look-up table
+        lo = int(centers[0][0])
+
+        def apply(v: np.ndarray, t: np.ndarray) -> np.ndarray:
+            idx = np.clip(v.astype(np.int64) - lo, 0, t.shape[1] - 1)
+            return np.take_along_axis(t, idx, axis=1)
+
+        y = map_rows(data, kept, apply, [lut], res_dtype)
+    else:
+
+        def apply(v: np.ndarray, t: np.ndarray, cen: np.ndarray) -> np.ndarray:
             out = np.empty(v.shape, dtype=np.float64)
             for i in range(v.shape[0]):
-                if src_dtype.kind == "f":
-                    out[i] = np.interp(v[i], cen[i], f[i])
-                else:  # a look-up table by value, as OpenCV
-                    out[i] = f[i][np.clip(v[i].astype(np.int64) - int(cen[i][0]), 0, len(cen[i]) - 1)]
-            return np.clip(np.rint(out * np.float32(m) + out_lo), out_lo, out_hi).astype(out_dtype)
+                out[i] = np.interp(v[i], cen[i], t[i])
+            return finish(out.astype(ft) if out_dtype is None else out)
 
-        y = map_rows(data, kept, apply, [frac.astype(np.float32), centers], out_dtype)
+        y = map_rows(data, kept, apply, [table, centers], res_dtype)
     params = Params("equalize", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name})
     return _attach(y, data, params)
 
