@@ -398,3 +398,21 @@ def floyd_steinberg(x, out):  # pragma: no cover - compiled
                     err[i + 1, j] += e * 5.0 / 16.0
                     if j + 1 < cols:
                         err[i + 1, j + 1] += e * 1.0 / 16.0
+
+
+@numba.njit(nogil=True, cache=True)
+def lut_rows(x, lut, lo, out):  # pragma: no cover - compiled
+    """``out[r, i] = lut[r, clip(x[r, i] - lo, 0, len - 1)]``: a per-row look-up table for integer
+    data, without the int64 index array a numpy gather needs."""
+    n = lut.shape[1]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        t = lut[r]
+        o = out[r]
+        for i in range(xr.shape[0]):
+            k = np.int64(xr[i]) - lo
+            if k < 0:
+                k = 0
+            elif k >= n:
+                k = n - 1
+            o[i] = t[k]

@@ -127,10 +127,25 @@ def _finish(y: xr.DataArray, lo: float, hi: float, dtype: np.dtype | None, clip:
     return y
 
 
+#: Fitted values larger than this (numbers) are summarized, not copied, in ``attrs`` and
+#: provenance: per-slice tables of a large stack would dwarf the metadata (and take longer to
+#: serialize than the transform takes to run). Such steps are fitted per part and are fitted
+#: again on new data anyway (``volnorm apply``); ``fit_*`` returns them whole.
+MAX_RECORDED_VALUES = 100_000
+
+
+def _record(params: Params) -> dict[str, Any]:
+    n = sum(int(v.size) for v in params.values.data_vars.values())
+    if n <= MAX_RECORDED_VALUES:
+        return params.to_dict()
+    shapes = {k: dict(v.sizes) for k, v in params.values.data_vars.items()}
+    return {"method": params.method, "options": params.options, "values": None, "values_shapes": shapes}
+
+
 def _attach(y: xr.DataArray, data: xr.DataArray, params: Params) -> xr.DataArray:
     y.attrs = {k: v for k, v in data.attrs.items() if k not in ("volnorm_params",)}
     history = json.loads(data.attrs.get("volnorm_params", "[]"))
-    y.attrs["volnorm_params"] = json.dumps(history + [params.to_dict()], default=_jsonable)
+    y.attrs["volnorm_params"] = json.dumps(history + [_record(params)], default=_jsonable)
     return y.rename(data.name)
 
 
@@ -593,8 +608,11 @@ def equalize(
         lo = int(centers[0][0])
 
         def apply(v: np.ndarray, t: np.ndarray) -> np.ndarray:
-            idx = np.clip(v.astype(np.int64) - lo, 0, t.shape[1] - 1)
-            return np.take_along_axis(t, idx, axis=1)
+            from volnorm import _kernels
+
+            out = np.empty(v.shape, dtype=t.dtype)
+            _kernels.lut_rows(np.ascontiguousarray(v), np.ascontiguousarray(t), lo, out)
+            return out
 
         y = map_rows(data, kept, apply, [lut], res_dtype)
     else:

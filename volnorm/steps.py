@@ -95,15 +95,17 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]]) -> xr.DataArra
     from volnorm._transforms import Params
 
     for rec in history:
-        p = Params.from_dict(rec)
-        opts = dict(p.options)
         name = rec["method"]
+        opts = dict(rec.get("options", {}))
+        p = Params.from_dict(rec) if rec.get("values") is not None else None
         per_part = opts.get("dim") is not None or (name == "mean_scale" and opts.get("per_volume"))
         if name in FITTED and per_part:
             # per-volume/per-slice parameters belong to the volumes they were fitted on: refit
             # the same step on these data (dataset-wide parameters are reused as they are)
             logger.info("step %s was fitted per %s: fitting it again on the new data", name, opts.get("dim") or "volume")
             data = getattr(vn, name)(data, **_refit_kwargs(name, opts))
+        elif name in FITTED and p is None:
+            raise ValueError(f"step {name!r} was recorded without its fitted values (too large); fit it again")
         elif name in FITTED:
             extra: dict[str, Any] = {}
             if name in ("rescale", "equalize"):
