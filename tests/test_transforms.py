@@ -310,3 +310,17 @@ def test_equalize_adaptive_equals_skimage_without_seams(images, mri):
     assert np.unique(exposure.equalize_adapthist(signed.values[0])).size < np.unique(out[0]).size  # skimage clips
     vol = vn.equalize_adaptive(mri.astype(np.uint16).chunk({"z": 3}), dim=("z", "y", "x"))
     np.testing.assert_array_equal(vol.values, exposure.equalize_adapthist(mri.values.astype(np.uint16).transpose(0, 1, 2)))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(deadline=None, max_examples=60)
+@given(seed=st.integers(0, 2**32 - 1), hi=st.integers(1, 256), h=st.integers(1, 24), w=st.integers(1, 24))
+def test_uint8_equalize_is_opencv_bit_for_bit(seed, hi, h, w):
+    """Including ties at .5 (OpenCV rounds its float32 product half to even) and one-value images
+    (OpenCV leaves them as they are)."""
+    cv2 = pytest.importorskip("cv2")
+    img = np.random.default_rng(seed).integers(0, hi, (h, w)).astype(np.uint8)
+    got = vn.equalize(xr.DataArray(img, dims=("y", "x")), out_range="uint8").values
+    np.testing.assert_array_equal(got, cv2.equalizeHist(img))

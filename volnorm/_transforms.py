@@ -591,21 +591,25 @@ def equalize(
     if out_dtype is None:  # scikit-image: cdf = cumsum / total, in its float type
         table = (cum / total.astype(np.float64)).astype(ft)
         res_dtype = ft
-    else:  # OpenCV: (C - C_min) * M / (N - C_min), rounded
+    else:  # OpenCV: cvRound(float(C - C_min) * (M / float(N - C_min))), all in float32 as OpenCV
         first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
-        frac = np.clip((cum - first) / np.maximum(total - first, 1).astype(np.float64), 0.0, 1.0).astype(np.float32)
-        table = frac
+        step = np.float32(out_hi - out_lo) / np.maximum(total - first, 1).astype(np.float32)
+        table = np.clip(cum - first, 0, None).astype(np.float32) * step  # in output units from out_lo
         res_dtype = out_dtype
     scale, offset = (out_hi - out_lo), out_lo
 
     def finish(vals: np.ndarray) -> np.ndarray:
         if out_dtype is None:
             return vals if (out_lo, out_hi) == (0.0, 1.0) else (vals * ft.type(scale) + ft.type(offset)).astype(ft)
-        return np.clip(np.rint(vals * np.float32(scale) + offset), out_lo, out_hi).astype(out_dtype)
+        return np.clip(np.rint(vals) + offset, out_lo, out_hi).astype(out_dtype)  # half to even, as cvRound
 
     if src_dtype.kind in "iub":
         lut = finish(table)  # one output value per input value and row: a look-up table
         lo = int(centers[0][0])
+        if out_dtype is not None:  # OpenCV leaves a one-value image as it is
+            occupied = np.argmax(counts > 0, axis=1)
+            const = counts[np.arange(len(counts)), occupied] == total[:, 0]
+            lut[const, occupied[const]] = np.clip(centers[const, occupied[const]], out_lo, out_hi).astype(out_dtype)
 
         def apply(v: np.ndarray, t: np.ndarray) -> np.ndarray:
             from volnorm import _kernels
@@ -621,7 +625,7 @@ def equalize(
             out = np.empty(v.shape, dtype=np.float64)
             for i in range(v.shape[0]):
                 out[i] = np.interp(v[i], cen[i], t[i])
-            return finish(out.astype(ft) if out_dtype is None else out)
+            return finish(out.astype(ft) if out_dtype is None else out.astype(np.float32))
 
         y = map_rows(data, kept, apply, [table, centers], res_dtype)
     params = Params("equalize", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name})
@@ -717,6 +721,24 @@ def _volume_dims(data: xr.DataArray) -> tuple:
     return tuple(d for d in data.dims if d != "volume")
 
 
+#: Volumes whose landmarks are found in one go: memory stays flat in the number of volumes.
+NYUL_BATCH = 16
+
+
+def _landmarks(data: xr.DataArray, ps: np.ndarray, mask: xr.DataArray | None) -> np.ndarray:
+    """Each volume's exact percentiles ``ps``, ``NYUL_BATCH`` volumes at a time: ``(volumes, landmarks)``."""
+    from volnorm.stats import quantile
+
+    dims = _volume_dims(data)
+    out = []
+    for start in range(0, data.sizes["volume"], NYUL_BATCH):
+        sel = {"volume": slice(start, start + NYUL_BATCH)}
+        m = mask.isel(sel) if mask is not None and "volume" in mask.dims else mask
+        q = quantile(data.isel(sel), list(ps / 100), dim=dims, mask=m)
+        out.append(q.transpose("volume", "quantile").values)
+    return np.concatenate(out)
+
+
 def nyul_fit(
     data: xr.DataArray,
     *,
@@ -749,7 +771,7 @@ def nyul_fit(
     s_lo, s_hi = (float(v) for v in standard_range)
     if not s_lo < s_hi:
         raise ValueError(f"`standard_range` must be (lo, hi) with lo < hi; got {standard_range!r}")
-    land = quantile(data, list(ps / 100), dim=_volume_dims(data), mask=mask).transpose("volume", "quantile").values
+    land = _landmarks(data, ps, mask)
     span = land[:, -1] - land[:, 0]
     if np.any(span <= 0):
         bad = [str(v) for v in np.asarray(data["volume"].values)[span <= 0]] if "volume" in data.coords else list(np.flatnonzero(span <= 0))
@@ -779,7 +801,7 @@ def nyul_apply(data: xr.DataArray, landmarks: Params, *, mask: xr.DataArray | No
         raise ValueError(f"`landmarks` were fitted by {landmarks.method!r}, not nyul_fit")
     ps = landmarks.values["percentiles"].values
     std = landmarks.values["standard"].values
-    land = quantile(data, list(ps / 100), dim=_volume_dims(data), mask=mask).transpose("volume", "quantile").values
+    land = _landmarks(data, ps, mask)
     ft = _float_dtype(data.dtype)
 
     def apply(v: np.ndarray, lm: np.ndarray) -> np.ndarray:
