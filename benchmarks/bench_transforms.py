@@ -268,7 +268,8 @@ def run_store(tab: Table, sampler: RSSSampler, path: Path, out_dir: Path, repeat
     cum = np.cumsum(counts)
     first = counts[np.argmax(counts > 0)]
     n = cum[-1]
-    lut = np.rint(np.clip((cum - first) / max(n - first, 1), 0, 1).astype(np.float32) * np.float32(65535)).astype(np.uint16)
+    step = np.float32(65535) / np.float32(max(n - first, 1))  # OpenCV's float32 arithmetic, as documented
+    lut = np.clip(np.rint(np.clip(cum - first, 0, None).astype(np.float32) * step), 0, 65535).astype(np.uint16)
     got = zarr.open_array(out / "image", mode="r")[0]
     v0 = np.asarray(a[0].compute())
     same = np.array_equal(got, lut[v0])
