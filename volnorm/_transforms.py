@@ -762,7 +762,6 @@ def nyul_fit(
     >>> p.values["standard"].values.tolist()
     [0.0, 5.0, 10.0]
     """
-    from volnorm.stats import quantile
 
     data = _check(data)
     ps = np.asarray(percentiles, dtype=np.float64)
@@ -794,7 +793,6 @@ def nyul_apply(data: xr.DataArray, landmarks: Params, *, mask: xr.DataArray | No
     >>> vn.nyul_apply(train, p).values[:, [0, 50, 100]].tolist()
     [[0.0, 5.0, 10.0], [0.0, 5.0, 10.0]]
     """
-    from volnorm.stats import quantile
 
     data = _check(data)
     if landmarks.method != "nyul":

@@ -196,9 +196,7 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
     steps = [parse_step(s) for s in args.step]  # all checked before any data is read
     if args.save_params and Path(args.save_params).exists() and not args.overwrite:
         raise ValueError(f"{args.save_params} exists; pass --overwrite to replace it")
-    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
-    if isinstance(data, xr_datatree()):
-        raise ValueError("--step needs volumes of one shape (a stack); these differ: convert without steps, or register them")
+    data = _open_stack(inputs, "--step")
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     with dask_scheduler(args.scheduler, progress=show) as where:
         logger.info("fitting and writing on %s", where)
@@ -212,10 +210,16 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
     return 0
 
 
-def xr_datatree():
+def _open_stack(inputs: list[str], what: str):
+    """A store or NIfTI files as one stack; volumes of different shapes are refused."""
     import xarray as xr
 
-    return xr.DataTree
+    import volnorm as vn
+
+    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
+    if isinstance(data, xr.DataTree):
+        raise ValueError(f"{what} needs volumes of one shape (a stack); these differ: register them first")
+    return data
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -227,9 +231,7 @@ def _apply(args: argparse.Namespace) -> int:
         raise ValueError("give the input (a store or NIfTI files) and the output store")
     *inputs, store = args.inputs
     history = load_history(args.params)
-    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
-    if isinstance(data, xr_datatree()):
-        raise ValueError("apply needs volumes of one shape (a stack)")
+    data = _open_stack(inputs, "apply")
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     with dask_scheduler(args.scheduler, progress=show):
         out = replay(data, history)
