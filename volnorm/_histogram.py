@@ -143,6 +143,18 @@ def _align(data: xr.DataArray, x: xr.DataArray, other: Any, what: str) -> da.Arr
     return o.data if isinstance(o.data, da.Array) else da.from_array(np.asarray(o.data))
 
 
+def in_memory_dask(a: np.ndarray) -> da.Array:
+    """A numpy array as a dask array without hashing its bytes (a random name: hashing cost
+    more than the histogram of 1000 small images), split along its first axis so that every
+    core gets a share when it is large."""
+    import os
+
+    n = os.cpu_count() or 1
+    split = a.ndim and a.nbytes > 4 * 2**20 and a.shape[0] >= n
+    chunks = ((-(-a.shape[0] // n),) + (-1,) * (a.ndim - 1)) if split else -1
+    return da.from_array(a, chunks=chunks, name=False)
+
+
 def prepare(
     data: xr.DataArray,
     kept: tuple,
@@ -153,7 +165,7 @@ def prepare(
     """Transpose to (kept..., reduced...), check and align mask (and weights);
     dask arrays ``[x, mask?, weights?]`` with unified chunks."""
     x = data.transpose(*kept, *reduced)
-    xa = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=-1)
+    xa = x.data if isinstance(x.data, da.Array) else in_memory_dask(np.asarray(x.data))
     args = [xa]
     if mask is not None:
         if isinstance(mask, xr.DataArray) and mask.dtype != np.bool_:

@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, histogram
+from volnorm._histogram import _dims, histogram, in_memory_dask
 
 Dim = Hashable | Sequence[Hashable] | None
 
@@ -466,7 +466,7 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
     each ``tables[i]`` (shape ``(nrows_total, ...)``). Lazy; no communication between chunks."""
     reduced = tuple(d for d in data.dims if d not in kept)
     x = data.transpose(*kept, *reduced)
-    xa = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=-1)
+    xa = x.data if isinstance(x.data, da.Array) else in_memory_dask(np.asarray(x.data))
     nk = len(kept)
     kshape = tuple(x.sizes[d] for d in kept)
 
