@@ -58,7 +58,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import threading
 import time
 import warnings
@@ -202,14 +201,19 @@ def make_stores(workdir: Path, nvols: dict[str, int], keep_existing: bool) -> di
             ds = xr.Dataset({"image": (("volume", "z", "y", "x"), arr[None])})
             ds.to_zarr(paths[dt], region={"volume": slice(i, i + 1)}, consolidated=False)
 
+    write_volumes(write, nvol)
+    marker.write_text(json.dumps(want))
+    return paths
+
+
+def write_volumes(write: Callable[[int], None], nvol: int) -> None:
+    """Call ``write(i)`` for every volume on 2 threads, reporting progress every 10 volumes."""
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(2) as pool:
         for k, fut in enumerate(cf.as_completed([pool.submit(write, i) for i in range(nvol)])):
             fut.result()
             if (k + 1) % 10 == 0 or k + 1 == nvol:
                 say(f"  wrote {k + 1}/{nvol} volumes ({time.perf_counter() - t0:.0f} s)")
-    marker.write_text(json.dumps(want))
-    return paths
 
 
 def du(p: Path) -> int:
@@ -250,7 +254,6 @@ class Bench:
 
 
 def run_store(b: Bench, sched: str, dt: str, path: Path, notes: list[str]) -> None:
-    import dask
     import dask.array as da
     import xarray as xr
 

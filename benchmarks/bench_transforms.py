@@ -79,7 +79,6 @@ and fit in RAM, so part 1 is decompression/CPU-bound, not disk-bound.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import gc
 import json
@@ -99,7 +98,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_histogram import RSSSampler, du, make_volume, read_pass, say
+from bench_histogram import RSSSampler, du, make_volume, read_pass, say, write_volumes
 
 GB = 1e9
 MiB = 2**20
@@ -196,12 +195,7 @@ def make_store(path: Path, nvol: int, keep_existing: bool) -> None:
         ds = xr.Dataset({"image": (("volume", "z", "y", "x"), make_volume(i)[None])})
         ds.to_zarr(path, region={"volume": slice(i, i + 1)}, consolidated=False)
 
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(2) as pool:
-        for k, fut in enumerate(cf.as_completed([pool.submit(write, i) for i in range(nvol)])):
-            fut.result()
-            if (k + 1) % 10 == 0 or k + 1 == nvol:
-                say(f"  wrote {k + 1}/{nvol} volumes ({time.perf_counter() - t0:.0f} s)")
+    write_volumes(write, nvol)
     marker.write_text(json.dumps(want))
 
 

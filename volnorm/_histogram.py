@@ -46,13 +46,26 @@ def _dims(data: xr.DataArray, dim: Hashable | Sequence[Hashable] | None) -> tupl
     return kept, reduced
 
 
+def numba_ready(x: np.ndarray) -> np.ndarray:
+    """numba has no float16: float32 holds every float16 value exactly."""
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+def rows_of(location: Sequence[tuple[int, int]], kshape: tuple) -> np.ndarray:
+    """The flat row indices (over the kept dims of shape ``kshape``) of a block spanning
+    ``location`` = ``[(start, stop), ...]`` along those dims; one row 0 when nothing is kept."""
+    if not kshape:
+        return np.zeros(1, dtype=np.int64)
+    grids = np.meshgrid(*[np.arange(a, z) for a, z in location], indexing="ij")
+    return np.ravel_multi_index(tuple(g.ravel() for g in grids), kshape)
+
+
 def _block_hist(
     x: np.ndarray, m: np.ndarray | None, w: np.ndarray | None, *, nkept: int, spec: BinSpec
 ) -> np.ndarray:
     kshape = x.shape[:nkept]
     rows = math.prod(kshape)
-    if x.dtype == np.float16:  # numba has no float16; float32 holds every value exactly
-        x = x.astype(np.float32)
+    x = numba_ready(x)
     x2 = np.ascontiguousarray(x).reshape(rows, -1)
     m2 = None if m is None else np.ascontiguousarray(m, dtype=np.bool_).reshape(rows, -1)
     w2 = None if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(rows, -1)
@@ -66,10 +79,7 @@ def _block_hist(
 
 
 def _block_minmax(x: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-    if x.dtype == np.bool_:
-        x = x.view(np.uint8)
-    elif x.dtype == np.float16:
-        x = x.astype(np.float32)
+    x = x.view(np.uint8) if x.dtype == np.bool_ else numba_ready(x)
     if x.dtype.kind == "f":
         out = np.array([np.inf, -np.inf], dtype=x.dtype)  # the data's dtype: the loop vectorizes
     else:
@@ -541,11 +551,8 @@ def histogram_rows(
     width = nbins + _kernels.NEXTRA
 
     def block(xb: np.ndarray, *rest: np.ndarray, block_info: Any = None) -> np.ndarray:
-        loc = block_info[0]["array-location"][:nk]
-        grids = np.meshgrid(*[np.arange(a, z) for a, z in loc], indexing="ij")
-        rows = np.ravel_multi_index(tuple(g.ravel() for g in grids), kshape) if nk else np.zeros(1, np.int64)
-        if xb.dtype == np.float16:
-            xb = xb.astype(np.float32)
+        rows = rows_of(block_info[0]["array-location"][:nk], kshape)
+        xb = numba_ready(xb)
         x2 = np.ascontiguousarray(xb).reshape(len(rows), -1)
         m2 = None if not rest else np.ascontiguousarray(rest[0], dtype=np.bool_).reshape(len(rows), -1)
         out = np.zeros((len(rows), width), dtype=np.int64)

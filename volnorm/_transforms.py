@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, histogram, in_memory_dask
+from volnorm._histogram import _dims, histogram, in_memory_dask, rows_of
 
 Dim = Hashable | Sequence[Hashable] | None
 
@@ -471,12 +471,7 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
     kshape = tuple(x.sizes[d] for d in kept)
 
     def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
-        loc = block_info[0]["array-location"][:nk] if block_info else []
-        if nk:
-            grids = np.meshgrid(*[np.arange(a, z) for a, z in loc], indexing="ij")
-            rows = np.ravel_multi_index(tuple(g.ravel() for g in grids), kshape)
-        else:
-            rows = np.zeros(1, dtype=np.int64)
+        rows = rows_of(block_info[0]["array-location"][:nk] if block_info else [], kshape)
         n_rows = len(rows)
         out = func(b.reshape(n_rows, -1), *[t[rows] for t in tables])
         return np.asarray(out, dtype=dtype).reshape(b.shape)

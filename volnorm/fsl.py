@@ -31,7 +31,7 @@ import numpy as np
 import xarray as xr
 
 from volnorm import _kernels
-from volnorm._histogram import parts_of, per_block, prepare, value_range
+from volnorm._histogram import numba_ready, parts_of, per_block, prepare, value_range
 
 #: FSL's ``find_thresholds`` constants.
 HISTOGRAM_BINS = 1000
@@ -96,8 +96,7 @@ class _Hist:
 
         def block(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
             out = np.zeros(HISTOGRAM_BINS + 1, dtype=np.int64)
-            if xb.dtype == np.float16:
-                xb = xb.astype(np.float32)
+            xb = numba_ready(xb)
             m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
             _kernels.hist_fsl(np.ascontiguousarray(xb).reshape(-1), fa, fb, HISTOGRAM_BINS, out, m)
             return out.reshape((1,) * xb.ndim + (HISTOGRAM_BINS + 1,))

@@ -9,7 +9,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, histogram, over_collection, parts_of, per_block, prepare
+from volnorm._histogram import _dims, histogram, numba_ready, over_collection, parts_of, per_block, prepare, rows_of
 
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
@@ -197,8 +197,7 @@ def order_statistics(
 def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ilo: np.ndarray, ihi: np.ndarray):
     from volnorm import _kernels
 
-    if xb.dtype == np.float16:
-        xb = xb.astype(np.float32)
+    xb = numba_ready(xb)
     rows = math.prod(xb.shape[:nkept])
     x2 = np.ascontiguousarray(xb).reshape(rows, -1)
     m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
@@ -219,9 +218,7 @@ def _pick(parts, nkept: int, kshape: tuple, ilo: np.ndarray, ihi: np.ndarray):
         offsets = [np.concatenate([[0], np.cumsum(c)]) for c in xa.chunks[:nkept]]
         blocks = [a.to_delayed() for a in args]
         for bi in np.ndindex(*xa.numblocks):
-            ranges = [np.arange(offsets[d][bi[d]], offsets[d][bi[d] + 1]) for d in range(nkept)]
-            grid = np.meshgrid(*ranges, indexing="ij") if nkept else []
-            gl_rows = np.ravel_multi_index(tuple(g.ravel() for g in grid), kshape) if nkept else np.zeros(1, np.int64)
+            gl_rows = rows_of([(offsets[d][bi[d]], offsets[d][bi[d] + 1]) for d in range(nkept)], kshape)
             if not np.isfinite(ilo[gl_rows]).any():
                 continue
             mb = blocks[1][bi] if len(blocks) > 1 else None
@@ -293,8 +290,7 @@ KEY_BITS = 16
 def _block_keys(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
     from volnorm import _kernels
 
-    if xb.dtype == np.float16:
-        xb = xb.astype(np.float32)
+    xb = numba_ready(xb)
     x = np.ascontiguousarray(xb).reshape(-1)
     ut = np.uint32 if x.dtype.itemsize == 4 else np.uint64
     out = np.zeros(2**KEY_BITS + 4, dtype=np.int64)
@@ -369,8 +365,7 @@ def _float_order_stats(data, mask, ranks) -> np.ndarray:
 def _block_pick_keys(xb: np.ndarray, mb: np.ndarray | None, *, slot: np.ndarray, ilo: np.ndarray, cap: int):
     from volnorm import _kernels
 
-    if xb.dtype == np.float16:
-        xb = xb.astype(np.float32)
+    xb = numba_ready(xb)
     x = np.ascontiguousarray(xb).reshape(-1)
     ut = np.uint32 if x.dtype.itemsize == 4 else np.uint64
     m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
@@ -394,8 +389,7 @@ def _block_moments(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int) 
 
     kshape = xb.shape[:nkept]
     rows = math.prod(kshape)
-    if xb.dtype == np.float16:  # numba has no float16
-        xb = xb.astype(np.float32)
+    xb = numba_ready(xb)
     x2 = np.ascontiguousarray(xb).reshape(rows, -1)
     m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
     out = np.zeros((rows, len(_kernels.MOMENTS)), dtype=np.float64)
