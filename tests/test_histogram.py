@@ -128,6 +128,32 @@ def test_properties_counts_and_chunk_invariance(seed, shape, cz, nan_frac, use_m
     np.testing.assert_array_equal(per.sum("volume").values, one.values)
 
 
+@settings(deadline=None, max_examples=40)
+@given(
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["uint8", "int8", "bool"]),
+    lo=st.integers(-130, 250),
+    width=st.integers(2, 300),
+    cy=st.integers(1, 7),
+)
+def test_one_byte_kernel_equals_numpy(seed, dtype, lo, width, cy):
+    """1-byte data take their own kernel (four interleaved tables, folded into the bins):
+    counts and the below/above counters equal numpy's for any integer range, signed or not."""
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 256, (3, 7, 33)).astype(np.uint8).view(dtype) if dtype != "bool" else rng.random((3, 7, 33)) > 0.5
+    v[:, :, :9] = v[:, :, :1]  # runs of equal values, as in real images
+    x = xr.DataArray(v, dims=("volume", "y", "x")).chunk({"y": cy})
+    h = histogram(x, range=(lo, lo + width - 1), dim=("y", "x")).compute()
+    for i in range(3):
+        a = v[i].astype(np.int64).ravel()
+        np.testing.assert_array_equal(h.values[i], np.bincount(a[(a >= lo) & (a < lo + width)] - lo, minlength=width))
+        assert int(h["n_below"][i]) == (a < lo).sum() and int(h["n_above"][i]) == (a >= lo + width).sum()
+    if dtype != "bool":  # the default: one bin per value of the whole dtype range
+        full = histogram(x, dim=None).compute()
+        info = np.iinfo(dtype)
+        np.testing.assert_array_equal(full.values, np.bincount(v.astype(np.int64).ravel() - info.min, minlength=256))
+
+
 @pytest.mark.slow
 def test_same_histogram_on_a_distributed_cluster(images, cluster_client):
     x = images.chunk({"volume": 1, "y": 100})

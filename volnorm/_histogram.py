@@ -71,7 +71,9 @@ def _block_hist(
     w2 = None if w is None else np.ascontiguousarray(w, dtype=np.float64).reshape(rows, -1)
     nbins = spec.nbins
     out = np.zeros((rows, nbins + _kernels.NEXTRA), dtype=np.int64 if w is None else np.float64)
-    if spec.kind == "int":
+    if spec.kind == "int" and x2.dtype.itemsize == 1 and m2 is None and w2 is None:
+        _kernels.hist_byte(x2.view(np.uint8), x2.dtype.kind == "i", spec.lo, nbins, out)
+    elif spec.kind == "int":
         _kernels.hist_int(x2, spec.lo, nbins, out, m2, w2)
     else:
         _kernels.hist_float(x2, spec.edges, out, m2, w2, spec.slack)
@@ -154,15 +156,26 @@ def _align(data: xr.DataArray, x: xr.DataArray, other: Any, what: str) -> da.Arr
 
 
 def in_memory_dask(a: np.ndarray) -> da.Array:
-    """A numpy array as a dask array without hashing its bytes (a random name: hashing cost
-    more than the histogram of 1000 small images), split along its first axis so that every
-    core gets a share when it is large."""
+    """A numpy array as a dask array whose blocks are views of it: no copy (``da.from_array``
+    copies the whole array, a millisecond per 10 MB and twice the memory) and no hash of its
+    bytes (a random name: hashing cost more than the histogram of 1000 small images); split
+    along its first axis so that every core gets a share when it is large. The lazy results
+    read ``a`` when computed: do not modify it in place before then."""
+    import itertools
     import os
+    import uuid
+
+    from dask.array.core import normalize_chunks, slices_from_chunks
+    from dask.highlevelgraph import HighLevelGraph
 
     n = os.cpu_count() or 1
     split = a.ndim and a.nbytes > 4 * 2**20 and a.shape[0] >= n
-    chunks = ((-(-a.shape[0] // n),) + (-1,) * (a.ndim - 1)) if split else -1
-    return da.from_array(a, chunks=chunks, name=False)
+    chunks = normalize_chunks(((-(-a.shape[0] // n),) + (-1,) * (a.ndim - 1)) if split else -1, a.shape, dtype=a.dtype)
+    name = f"array-{uuid.uuid4().hex}"
+    keys = itertools.product(*(range(len(c)) for c in chunks))
+    dsk = {(name, *k): np.asarray(a[s]) for k, s in zip(keys, slices_from_chunks(chunks))}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * a.ndim, dtype=a.dtype))
 
 
 def prepare(
@@ -370,15 +383,10 @@ def bin_spec(
     return BinSpec("float", 0, nbins, edges, lower, upper, (lower + upper) / 2, slack)
 
 
-def histogram_with(
-    data: xr.DataArray,
-    spec: BinSpec,
-    dim: Hashable | Sequence[Hashable] | None = None,
-    mask: xr.DataArray | None = None,
-    weights: xr.DataArray | None = None,
-) -> xr.DataArray:
-    """The lazy histogram of one DataArray on given bins (no range pass)."""
-    kept, reduced = _dims(data, dim)
+def _totals(
+    data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any, weights: Any
+) -> tuple[xr.DataArray, da.Array]:
+    """The transposed data and the lazy ``(*kept, nbins + NEXTRA)`` counts (bins, then the extra counters)."""
     x, args = prepare(data, kept, reduced, mask, weights)
     nk = len(kept)
     has_m, has_w = mask is not None, weights is not None
@@ -390,7 +398,38 @@ def histogram_with(
 
     dtype = np.float64 if has_w else np.int64
     parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack, has_m, has_w))
-    total = parts.sum(axis=tuple(_range(nk, args[0].ndim)), dtype=dtype)  # the tree reduction
+    red_axes = tuple(_range(nk, args[0].ndim))
+    if all(parts.numblocks[a] == 1 for a in red_axes):  # nothing to add up: each block is a whole row
+        return x, parts[(slice(None),) * nk + (0,) * len(red_axes)]
+    return x, parts.sum(axis=red_axes, dtype=dtype)  # the tree reduction
+
+
+def histogram_counts(
+    data: xr.DataArray, dim: Hashable | Sequence[Hashable] | None, mask: xr.DataArray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer data: the computed counts ``(rows, nbins)`` (one row per index of the kept dims) and
+    the bin values, as :func:`histogram` makes them; 1-byte data skip building the labelled
+    result (its cost is most of the time on a few MB)."""
+    if data.dtype.itemsize == 1 or data.dtype.kind == "b":
+        kept, reduced = _dims(data, dim)
+        spec = bin_spec(data, data.dtype, None, None, mask)
+        counts = _totals(data, spec, kept, reduced, mask, None)[1][..., : spec.nbins].compute()
+        return counts.reshape(-1, spec.nbins), spec.centers
+    h = histogram(data, dim=dim, mask=mask)
+    return h.values.reshape(-1, h.sizes["bin"]), h["bin"].values
+
+
+def histogram_with(
+    data: xr.DataArray,
+    spec: BinSpec,
+    dim: Hashable | Sequence[Hashable] | None = None,
+    mask: xr.DataArray | None = None,
+    weights: xr.DataArray | None = None,
+) -> xr.DataArray:
+    """The lazy histogram of one DataArray on given bins (no range pass)."""
+    kept, reduced = _dims(data, dim)
+    x, total = _totals(data, spec, kept, reduced, mask, weights)
+    has_w = weights is not None
     counts = total[..., : spec.nbins]
     coords: dict[Hashable, Any] = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
     coords.update(bin=("bin", spec.centers), bin_lower=("bin", spec.lower), bin_upper=("bin", spec.upper))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, histogram, in_memory_dask, rows_of
+from volnorm._histogram import _dims, histogram, histogram_counts, in_memory_dask, rows_of
 
 Dim = Hashable | Sequence[Hashable] | None
 
@@ -92,6 +93,8 @@ def _check(data: Any) -> xr.DataArray:
         raise TypeError(f"`data` must be an xarray.DataArray; got {type(data).__name__}")
     if data.dtype.kind not in "iufb":
         raise TypeError(f"cannot transform dtype {data.dtype}")
+    if not isinstance(data.data, da.Array):  # once, for the fit and the apply
+        data = data.copy(data=in_memory_dask(np.asarray(data.data)))
     return data
 
 
@@ -476,7 +479,9 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
         out = func(b.reshape(n_rows, -1), *[t[rows] for t in tables])
         return np.asarray(out, dtype=dtype).reshape(b.shape)
 
-    ya = da.map_blocks(block, xa, dtype=dtype, meta=np.empty((0,) * xa.ndim, dtype=dtype))
+    # a fresh name: tokenizing the closure would pickle it (a third of the cost on small data)
+    name = f"{getattr(func, '__name__', 'map')}-rows-{uuid.uuid4().hex}"
+    ya = da.map_blocks(block, xa, dtype=dtype, meta=np.empty((0,) * xa.ndim, dtype=dtype), name=name)
     y = xr.DataArray(ya, dims=x.dims, coords=x.coords, name=data.name)
     return y.transpose(*data.dims)
 
@@ -496,9 +501,8 @@ def fit_equalize(data: xr.DataArray, nbins: int = 256, *, dim: Dim = None, mask:
     data = _check(data)
     kept, _ = _dims(data, dim)
     if data.dtype.kind in "iub":
-        h = histogram(data, dim=dim, mask=mask).compute()
-        counts = h.values.reshape(-1, h.sizes["bin"])
-        centers = np.broadcast_to(h["bin"].values, counts.shape)
+        counts, centers = histogram_counts(data, dim, mask)
+        centers = np.broadcast_to(centers, counts.shape)
     else:
         if isinstance(nbins, bool) or not isinstance(nbins, (int, np.integer)) or nbins <= 0:
             raise ValueError(f"`nbins` must be a positive int; got {nbins!r}")
@@ -610,7 +614,13 @@ def equalize(
             from volnorm import _kernels
 
             out = np.empty(v.shape, dtype=t.dtype)
-            _kernels.lut_rows(np.ascontiguousarray(v), np.ascontiguousarray(t), lo, out)
+            v = np.ascontiguousarray(v)
+            if v.dtype.itemsize == 1:  # a 256-entry table per row: a plain gather
+                byte = np.arange(256, dtype=np.uint8).view(v.dtype).astype(np.int64)
+                t = t[:, np.clip(byte - lo, 0, t.shape[1] - 1)]
+                _kernels.gather_rows(v.view(np.uint8), np.ascontiguousarray(t), out)
+            else:
+                _kernels.lut_rows(v, np.ascontiguousarray(t), lo, out)
             return out
 
         y = map_rows(data, kept, apply, [lut], res_dtype)
