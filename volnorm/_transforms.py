@@ -581,7 +581,7 @@ def equalize(
                 f"these equalize parameters were fitted per {d!r} on {h.sizes[d]} of them; the data have "
                 f"{data.sizes.get(d, 0)}: fit again (per-part parameters belong to the data they were fitted on)"
             )
-    counts = h.values.reshape(-1, h.sizes["bin"]).astype(np.int64)
+    counts = h.values.reshape(-1, h.sizes["bin"]).astype(np.int64, copy=False)
     centers = params.values["centers"].values.reshape(counts.shape)
     src_dtype = np.dtype(params.options.get("dtype", data.dtype.name))
     ft = np.dtype(np.float32) if src_dtype in (np.float32, np.float16) else np.dtype(np.float64)  # scikit-image's
@@ -593,14 +593,18 @@ def equalize(
     else:  # OpenCV: cvRound(float(C - C_min) * (M / float(N - C_min))), all in float32 as OpenCV
         first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
         step = np.float32(out_hi - out_lo) / np.maximum(total - first, 1).astype(np.float32)
-        table = np.clip(cum - first, 0, None).astype(np.float32) * step  # in output units from out_lo
+        cum -= first
+        table = np.maximum(cum, 0, out=cum).astype(np.float32)
+        table *= step  # in output units from out_lo
         res_dtype = out_dtype
     scale, offset = (out_hi - out_lo), out_lo
 
     def finish(vals: np.ndarray) -> np.ndarray:
         if out_dtype is None:
             return vals if (out_lo, out_hi) == (0.0, 1.0) else (vals * ft.type(scale) + ft.type(offset)).astype(ft)
-        return np.clip(np.rint(vals) + offset, out_lo, out_hi).astype(out_dtype)  # half to even, as cvRound
+        vals = np.rint(vals)  # half to even, as cvRound
+        vals += vals.dtype.type(offset)
+        return np.clip(vals, out_lo, out_hi, out=vals).astype(out_dtype)
 
     if src_dtype.kind in "iub":
         lut = finish(table)  # one output value per input value and row: a look-up table
