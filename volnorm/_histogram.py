@@ -398,10 +398,16 @@ def _totals(
 
     dtype = np.float64 if has_w else np.int64
     parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack, has_m, has_w))
-    red_axes = tuple(_range(nk, args[0].ndim))
-    if all(parts.numblocks[a] == 1 for a in red_axes):  # nothing to add up: each block is a whole row
-        return x, parts[(slice(None),) * nk + (0,) * len(red_axes)]
-    return x, parts.sum(axis=red_axes, dtype=dtype)  # the tree reduction
+    return x, add_up(parts, nk)
+
+
+def add_up(parts: da.Array, nkept: int) -> da.Array:
+    """Sum :func:`per_block` results over the reduced axes with dask's tree reduction:
+    ``(*kept, width)``. No reduction layer when each block already holds whole rows."""
+    red_axes = tuple(_range(nkept, parts.ndim - 1))
+    if all(parts.numblocks[a] == 1 for a in red_axes):
+        return parts[(slice(None),) * nkept + (0,) * len(red_axes)]
+    return parts.sum(axis=red_axes, dtype=parts.dtype)  # the tree reduction
 
 
 def histogram_counts(

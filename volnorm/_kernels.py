@@ -340,39 +340,46 @@ def hist_fsl(x, fa, fb, nbins, out, m=None):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def key_hist(xu, x, shift, out, m=None):  # pragma: no cover - compiled
-    """Histogram of the order-preserving keys of float voxels: ``xu`` is ``x`` viewed as unsigned
-    integers of the same width; ``key = ~u`` for negative values, ``u | top bit`` otherwise, sorts
-    as the values do (-0.0 just below +0.0); bin = key >> shift. ``out[-4:]`` count NaN, +Inf, -Inf and masked-out
-    voxels. No range pass is needed: the bins cover every float, finest near each value's
-    magnitude (relative width 2**(shift - mantissa bits))."""
-    nb = out.shape[0] - 4
+    """Histogram of the order-preserving keys of float voxels, one per row of ``x`` (rows, n):
+    ``xu`` is ``x`` viewed as unsigned integers of the same width; ``key = ~u`` for negative
+    values, ``u | top bit`` otherwise, sorts as the values do (-0.0 just below +0.0); bin =
+    key >> shift. ``out[r, -4:]`` count NaN, +Inf, -Inf and masked-out voxels. No range pass is
+    needed: the bins cover every float, finest near each value's magnitude (relative width
+    2**(shift - mantissa bits))."""
+    nb = out.shape[1] - 4
     nbits = xu.dtype.type(8 * xu.itemsize - 1)
     top = xu.dtype.type(1) << nbits
-    for i in range(x.shape[0]):
-        if m is not None and not m[i]:
-            out[nb + 3] += 1
-            continue
-        v = x[i]
-        if v - v != 0:  # NaN or ±Inf: the rare path
-            if v != v:
-                out[nb] += 1
-            elif v > 0:
-                out[nb + 1] += 1
-            else:
-                out[nb + 2] += 1
-            continue
-        u = xu[i]
-        key = ~u if u & top else u | top
-        out[np.int64(key >> shift)] += 1
+    for r in range(x.shape[0]):
+        row = out[r]
+        xr = x[r]
+        ur = xu[r]
+        for i in range(xr.shape[0]):
+            if m is not None and not m[r, i]:
+                row[nb + 3] += 1
+                continue
+            v = xr[i]
+            if v - v != 0:  # NaN or ±Inf: the rare path
+                if v != v:
+                    row[nb] += 1
+                elif v > 0:
+                    row[nb + 1] += 1
+                else:
+                    row[nb + 2] += 1
+                continue
+            u = ur[i]
+            key = ~u if u & top else u | top
+            row[np.int64(key >> shift)] += 1
 
 
 @numba.njit(nogil=True, cache=True)
 def pick_keys(xu, x, shift, slot, ilo, at_lo, cap, m=None):  # pragma: no cover - compiled
-    """The voxels whose :func:`key_hist` bin has ``slot[bin] >= 0``, with that slot; values equal
-    to the slot's lower bound ``ilo[slot]`` are only counted in ``at_lo[slot]``. The bin is found
-    exactly as :func:`key_hist` finds it. ``cap`` (an upper bound on the voxels kept, known from
-    the histogram) lets one pass fill a buffer; ``cap < 0`` counts first, then fills. Returns
-    ``(values, slots, n)``; ``n > cap >= 0`` means the bound was wrong and nothing was kept."""
+    """The voxels of row ``r`` whose :func:`key_hist` bin ``b`` has ``slot[r, b] >= 0``, with
+    that slot (slots number the wanted bins of all rows); values equal to the slot's lower
+    bound ``ilo[slot]`` are only counted in ``at_lo[slot]``. The bin is found exactly as
+    :func:`key_hist` finds it: one table look-up per voxel. ``cap`` (an upper bound on the
+    voxels kept, known from the histogram) lets one pass fill a buffer; ``cap < 0`` counts
+    first, then fills. Returns ``(values, slots, n)``; ``n > cap >= 0`` means the bound was
+    wrong and nothing was kept."""
     nbits = xu.dtype.type(8 * xu.itemsize - 1)
     top = xu.dtype.type(1) << nbits
     n = 0
@@ -386,24 +393,28 @@ def pick_keys(xu, x, shift, slot, ilo, at_lo, cap, m=None):  # pragma: no cover 
             which = np.empty(n, dtype=np.int64)
             at_lo[:] = 0
         n = 0
-        for i in range(x.shape[0]):
-            v = x[i]
-            if v - v != 0:
-                continue
-            u = xu[i]
-            key = ~u if u & top else u | top
-            s = slot[np.int64(key >> shift)]
-            if s < 0:
-                continue
-            if m is not None and not m[i]:
-                continue
-            if v == ilo[s]:
-                at_lo[s] += 1
-            else:
-                if step == 1 and n < vals.shape[0]:
-                    vals[n] = v
-                    which[n] = s
-                n += 1
+        for r in range(x.shape[0]):
+            xr = x[r]
+            ur = xu[r]
+            sr = slot[r]
+            for i in range(xr.shape[0]):
+                v = xr[i]
+                if v - v != 0:
+                    continue
+                u = ur[i]
+                key = ~u if u & top else u | top
+                s = sr[np.int64(key >> shift)]
+                if s < 0:
+                    continue
+                if m is not None and not m[r, i]:
+                    continue
+                if v == ilo[s]:
+                    at_lo[s] += 1
+                else:
+                    if step == 1 and n < vals.shape[0]:
+                        vals[n] = v
+                        which[n] = s
+                    n += 1
     if n > vals.shape[0]:  # more than ``cap``: the caller runs again with cap < 0
         return vals[:0].copy(), which[:0].copy(), n
     return vals[:n].copy(), which[:n].copy(), n

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import uuid
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, histogram, numba_ready, over_collection, parts_of, per_block, prepare, rows_of
+from volnorm._histogram import _dims, add_up, histogram, numba_ready, over_collection, parts_of, per_block, prepare, rows_of
 
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
@@ -85,7 +89,12 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
         dtype = data.dtype
     is_int = dtype.kind in "iub"
     if not is_int and exact and (dim is None or (isinstance(data, xr.DataArray) and set(_dims(data, dim)[1]) == set(data.dims))):
-        return _float_quantile_all(data, qs, q, mask)
+        return _float_quantile_rows([(img, m) for _, img, m in parts_of(data, mask)], (), (), qs, q)
+    if not is_int and exact and isinstance(data, xr.DataArray):
+        kept, reduced = _dims(data, dim)
+        kshape = tuple(data.sizes[d] for d in kept)
+        if math.prod(kshape) * 2**KEY_BITS <= KEY_ROWS_CELLS:  # two passes, no range pass
+            return _float_quantile_rows([(data.transpose(*kept, *reduced), mask)], kept, kshape, qs, q)
     rng = None if (is_int or known_range is None or known_range[0] >= known_range[1]) else known_range
     h = histogram(data, bins=None if is_int else FLOAT_BINS, range=rng, dim=dim, mask=mask)
     kept = h.dims[:-1]
@@ -139,20 +148,24 @@ def _lerp(v_lo: np.ndarray, v_hi: np.ndarray, frac: np.ndarray) -> np.ndarray:
         return np.where(frac == 0, v_lo, out)
 
 
-def _float_quantile_all(data, qs: np.ndarray, q, mask) -> xr.DataArray:
-    """Dataset-wide float quantiles in two passes (key histogram, pick), no range pass."""
+def _float_quantile_rows(parts, kept: tuple, kshape: tuple, qs: np.ndarray, q) -> xr.DataArray:
+    """Float quantiles per index of the kept dims (none: over everything) in two passes
+    (per-row key histograms, pick), no range pass; ``parts`` as for :func:`_key_order_stats`."""
     k = len(qs)
     frac_holder: list[np.ndarray] = []
 
-    def ranks(n: int) -> np.ndarray:
-        pos = (np.float64(n) - 1) * qs
+    def ranks(n: np.ndarray) -> np.ndarray:
+        if np.any(n == 0):
+            raise ValueError("no valid voxel to take a quantile of (all NaN or masked out" + (" for some index)" if kept else ")"))
+        pos = (n[:, None].astype(np.float64) - 1) * qs[None, :]  # numpy's method="linear"
         r_lo = np.floor(pos).astype(np.int64)
         frac_holder.append(pos - r_lo)
-        return np.concatenate([r_lo, np.minimum(r_lo + 1, n - 1)])
+        return np.concatenate([r_lo, np.minimum(r_lo + 1, n[:, None] - 1)], axis=1)
 
-    v = _float_order_stats(data, mask, ranks)
-    out = _lerp(v[:k], v[k:], frac_holder[0])
-    res = xr.DataArray(out, dims=("quantile",), coords={"quantile": qs}, name="quantile", attrs={"max_error": 0.0})
+    v = _key_order_stats(parts, len(kept), kshape, ranks)
+    out = _lerp(v[:, :k], v[:, k:], frac_holder[0]).reshape(kshape + (k,))
+    coords = {c: val for c, val in parts[0][0].coords.items() if set(val.dims) <= set(kept)} if kept else {}
+    res = xr.DataArray(out, dims=(*kept, "quantile"), coords={**coords, "quantile": qs}, name="quantile", attrs={"max_error": 0.0})
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
 
 
@@ -287,16 +300,18 @@ def _refine(parts, h: xr.DataArray, nkept: int, b: np.ndarray, r: np.ndarray) ->
 KEY_BITS = 16
 
 
-def _block_keys(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
+def _block_keys(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int, ft: np.dtype) -> np.ndarray:
     from volnorm import _kernels
 
-    xb = numba_ready(xb)
-    x = np.ascontiguousarray(xb).reshape(-1)
+    kshape = xb.shape[:nkept]
+    rows = math.prod(kshape)
+    xb = numba_ready(xb).astype(ft, copy=False)  # one key space for every part
+    x = np.ascontiguousarray(xb).reshape(rows, -1)
     ut = np.uint32 if x.dtype.itemsize == 4 else np.uint64
-    out = np.zeros(2**KEY_BITS + 4, dtype=np.int64)
-    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
+    out = np.zeros((rows, 2**KEY_BITS + 4), dtype=np.int64)
+    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
     _kernels.key_hist(x.view(ut), x, 8 * x.itemsize - KEY_BITS, out, m)
-    return out.reshape((1,) * xb.ndim + (len(out),))
+    return out.reshape(kshape + (1,) * (xb.ndim - nkept) + (out.shape[1],))
 
 
 def _key_values(keys: np.ndarray, itemsize: int) -> np.ndarray:
@@ -309,66 +324,106 @@ def _key_values(keys: np.ndarray, itemsize: int) -> np.ndarray:
     return np.where(np.isnan(v), np.where(k & top, np.inf, -np.inf), v)
 
 
+#: Per-row key histograms (rows x 2**KEY_BITS counts) are used up to this many cells; beyond,
+#: per-row float quantiles take a range pass and 4096 common bins (less memory, one more pass).
+KEY_ROWS_CELLS = 2**23
+
+
 def _float_order_stats(data, mask, ranks) -> np.ndarray:
-    """Exact order statistics of float data over everything: a range-free key histogram (one
-    pass), then one pass picking the voxels of the key bins that hold the ranks."""
+    """Exact order statistics of float data over everything (see :func:`_key_order_stats`)."""
     parts = [(img, m) for _, img, m in parts_of(data, mask)]
+
+    def row_ranks(n: np.ndarray) -> np.ndarray:
+        if n[0] == 0:
+            raise ValueError("no valid voxel (all NaN or masked out)")
+        r = np.atleast_1d(np.asarray(ranks(int(n[0])) if callable(ranks) else ranks, dtype=np.int64))
+        if np.any((r < 0) | (r >= n[0])):
+            raise ValueError(f"ranks must be in [0, {n[0]}); got {r.tolist()}")
+        return r[None]
+
+    return _key_order_stats(parts, 0, (), row_ranks)[0]
+
+
+def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Exact order statistics of float data, per row of the first ``nkept`` dims of each
+    ``(image, mask)`` in ``parts`` (images transposed kept dims first; ``kshape`` their sizes):
+    a range-free key histogram per row (one pass), then one pass picking the voxels of the key
+    bins that hold the ranks (one table look-up per voxel). ``ranks(n)`` maps the valid voxels
+    per row ``(rows,)`` to 0-based ranks ``(rows, k)``. Returns ``(rows, k)``."""
     itemsize = max(4, max(img.dtype.itemsize for img, _ in parts))
+    ft = np.dtype(np.float32 if itemsize == 4 else np.float64)
+    nrows = math.prod(kshape)
     lazy = []
     for img, m in parts:
-        _, args = prepare(img, (), tuple(img.dims), m)
-        blocks = per_block(_block_keys, args, 0, 2**KEY_BITS + 4, np.int64, token=("keys", KEY_BITS))
-        lazy.append(blocks.sum(axis=tuple(range(args[0].ndim)), dtype=np.int64))
-    total = np.sum(dask.compute(*lazy), axis=0)
-    counts, pinf, ninf = total[: 2**KEY_BITS], total[-3], total[-2]
-    n = int(counts.sum() + pinf + ninf)
-    if n == 0:
-        raise ValueError("no valid voxel (all NaN or masked out)")
-    r = np.atleast_1d(np.asarray(ranks(n) if callable(ranks) else ranks, dtype=np.int64))
-    if np.any((r < 0) | (r >= n)):
-        raise ValueError(f"ranks must be in [0, {n}); got {r.tolist()}")
-    b = _groups(counts[None], np.array([ninf]), np.array([pinf]), r[None])[0]
-    inside = (b >= 1) & (b <= len(counts))
-    wanted = np.unique(b[inside]) - 1
-    shift = 8 * itemsize - KEY_BITS
-    lower = _key_values(wanted.astype(np.uint64) << np.uint64(shift), itemsize) if len(wanted) else np.empty(0)
-    upper = _key_values((wanted.astype(np.uint64) + np.uint64(1)) << np.uint64(shift), itemsize) if len(wanted) else np.empty(0)
-    if itemsize == 4 and len(wanted):  # the key of the bin after the last 32-bit key wraps
-        upper = np.where(wanted == 2**KEY_BITS - 1, np.inf, upper)
-    total_wanted = int(counts[wanted].sum()) if len(wanted) else 0
-    cap = total_wanted if total_wanted <= 2**22 else -1  # one pass into a buffer of at most 64 MiB
-    slot = np.full(2**KEY_BITS, -1, dtype=np.int64)
-    slot[wanted] = np.arange(len(wanted))
-    picks = []
-    for img, m in parts:
-        _, args = prepare(img, (), tuple(img.dims), m)
-        blocks = [a.to_delayed().ravel() for a in args]
-        for i in range(len(blocks[0])):
-            mb = blocks[1][i] if len(blocks) > 1 else None
-            picks.append(dask.delayed(_block_pick_keys)(blocks[0][i], mb, slot=slot, ilo=lower, cap=cap))
-    found = dask.compute(*picks) if len(wanted) else []
-    at_lo = np.sum([f[2] for f in found], axis=0).reshape(1, -1) if found else np.zeros((1, max(1, len(wanted))), np.int64)
+        _, args = prepare(img, tuple(img.dims[:nkept]), tuple(img.dims[nkept:]), m)
+        func = functools.partial(_block_keys, nkept=nkept, ft=ft)
+        blocks = per_block(func, args, nkept, 2**KEY_BITS + 4, np.int64, token=("keys", KEY_BITS, ft.name))
+        lazy.append(add_up(blocks, nkept))
+    total = np.sum(dask.compute(*lazy, optimize_graph=False), axis=0).reshape(nrows, -1)
+    counts, pinf, ninf = total[:, : 2**KEY_BITS], total[:, -3], total[:, -2]
+    r = ranks(counts.sum(axis=1) + pinf + ninf)
+    b = _groups(counts, ninf, pinf, r)
+    inside = (b >= 1) & (b <= 2**KEY_BITS)
+    # one slot per (row, wanted bin); a row's slot table maps its key bins to slots
+    wanted = [np.unique(b[row][inside[row]]) - 1 for row in range(nrows)]
+    first_slot = np.concatenate([[0], np.cumsum([len(w) for w in wanted])])
+    slot = np.full((nrows, 2**KEY_BITS), -1, dtype=np.int32)
+    for row, w in enumerate(wanted):
+        slot[row, w] = np.arange(first_slot[row], first_slot[row + 1])
+    all_w = np.concatenate(wanted).astype(np.uint64) if nrows else np.empty(0, np.uint64)
+    shift = np.uint64(8 * itemsize - KEY_BITS)
+    lower = _key_values(all_w << shift, itemsize)
+    row_cap = np.array([int(counts[row, w].sum()) for row, w in enumerate(wanted)], dtype=np.int64)
+    found: list = []
+    if len(all_w):
+        for img, m in parts:
+            _, args = prepare(img, tuple(img.dims[:nkept]), tuple(img.dims[nkept:]), m)
+            func = functools.partial(_block_pick_keys, nkept=nkept, kshape=kshape, ft=ft, slot=slot, ilo=lower, row_cap=row_cap)
+            nd = args[0].ndim
+            picks = da.map_blocks(
+                func, *args, dtype=object, meta=np.empty((0,) * nd, dtype=object),
+                chunks=tuple((1,) * n for n in args[0].numblocks), name=f"pick-keys-{uuid.uuid4().hex}",
+            )
+            found += [f for f in picks.compute(optimize_graph=False).ravel() if f is not None]
+    nslots = len(all_w)
+    at_lo = (np.sum([f[2] for f in found], axis=0) if found else np.zeros(nslots, np.int64)).reshape(1, -1)
     allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
     key = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
     order = np.lexsort((allv, key))
     allv, key = allv[order], key[order]
-    ilo = lower.reshape(1, -1)
-    cum_before = np.concatenate([[ninf], ninf + np.cumsum(counts)])
+    cum_before = np.concatenate([ninf[:, None], ninf[:, None] + np.cumsum(counts, axis=1)], axis=1)
     out = np.where(b <= 0, -np.inf, np.inf).astype(np.float64)
-    for col in np.flatnonzero(inside):
-        bin_ = b[col] - 1
-        k = int(np.searchsorted(wanted, bin_))
-        out[col] = _lookup(allv, key, at_lo, ilo, 0, k, int(r[col] - cum_before[bin_]))
+    ilo = lower.reshape(1, -1)
+    for row, col in zip(*np.nonzero(inside)):
+        bin_ = b[row, col] - 1
+        out[row, col] = _lookup(allv, key, at_lo, ilo, 0, int(slot[row, bin_]), int(r[row, col] - cum_before[row, bin_]))
     return out
 
 
-def _block_pick_keys(xb: np.ndarray, mb: np.ndarray | None, *, slot: np.ndarray, ilo: np.ndarray, cap: int):
+def _block_pick_keys(
+    xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int, kshape: tuple, ft: np.dtype, slot: np.ndarray,
+    ilo: np.ndarray, row_cap: np.ndarray, block_info: Any = None,
+) -> np.ndarray:
+    """One block of the pick pass: ``(values, slots, at_lo)`` in a one-element object array
+    (``None`` when none of its rows wants a voxel)."""
+    out = np.empty((1,) * xb.ndim, dtype=object)
+    g = rows_of(block_info[0]["array-location"][:nkept] if block_info else [], kshape)
+    slot = slot[g]
+    if not (slot >= 0).any():
+        return out
+    cap = int(row_cap[g].sum())
+    out[(0,) * xb.ndim] = _pick_keys(xb, mb, nkept=nkept, ft=ft, slot=slot, ilo=ilo, cap=cap if cap <= 2**22 else -1)
+    return out
+
+
+def _pick_keys(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ft: np.dtype, slot: np.ndarray, ilo: np.ndarray, cap: int):
     from volnorm import _kernels
 
-    xb = numba_ready(xb)
-    x = np.ascontiguousarray(xb).reshape(-1)
+    rows = math.prod(xb.shape[:nkept])
+    xb = numba_ready(xb).astype(ft, copy=False)
+    x = np.ascontiguousarray(xb).reshape(rows, -1)
     ut = np.uint32 if x.dtype.itemsize == 4 else np.uint64
-    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(-1)
+    m = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(rows, -1)
     at_lo = np.zeros(len(ilo), dtype=np.int64)
     cap = min(cap, x.size) if cap >= 0 else -1
     shift = 8 * x.itemsize - KEY_BITS
