@@ -39,11 +39,14 @@ def quantile(
     """Quantiles over ``dim``, equal to ``numpy.nanquantile`` (linear interpolation).
 
     Integer data: exact from one histogram with a bin per value. Float data:
-    a 4096-bin histogram finds, for each requested rank, the bin that holds
-    it; one more pass keeps only the voxels inside those bins (per index of
-    the kept dims) and sorts them, so the result is exact. ``exact=False``
-    skips that pass: each value is then the centre of its bin and
-    ``attrs["max_error"]`` states the bound (one bin width; 0 when exact).
+    a histogram of the values' order-preserving bit patterns (2**16 bins per
+    index of the kept dims, no range pass) finds, for each requested rank, the
+    bin that holds it; one more pass keeps only the voxels inside those bins
+    and sorts them, so the result is exact. Past ``KEY_ROWS_CELLS`` (more than
+    128 indices of the kept dims) a range pass and 4096 common bins take the
+    first role. ``exact=False`` skips the second pass: each value is then the
+    centre of its 4096-bin histogram bin and ``attrs["max_error"]`` states the
+    bound (one bin width; 0 when exact).
 
     Parameters
     ----------
@@ -63,7 +66,8 @@ def quantile(
     -------
     xarray.DataArray
         float64 with dim ``quantile`` (when ``q`` is a sequence) plus the kept
-        dims. Computes: up to three passes (range, histogram, refinement).
+        dims. Computes: two passes for float data (three past
+        ``KEY_ROWS_CELLS``: range, histogram, refinement), one for integers.
 
     Examples
     --------
@@ -96,7 +100,13 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
         if math.prod(kshape) * 2**KEY_BITS <= KEY_ROWS_CELLS:  # two passes, no range pass
             return _float_quantile_rows([(data.transpose(*kept, *reduced), mask)], kept, kshape, qs, q)
     rng = None if (is_int or known_range is None or known_range[0] >= known_range[1]) else known_range
-    h = histogram(data, bins=None if is_int else FLOAT_BINS, range=rng, dim=dim, mask=mask)
+    for nbins in (None,) if is_int else (FLOAT_BINS, 64, 1):
+        try:
+            h = histogram(data, bins=nbins, range=rng, dim=dim, mask=mask)
+            break
+        except ValueError as e:  # a range a few float steps wide: fewer bins (the pick is exact anyway)
+            if "do not fit" not in str(e) or nbins == 1:
+                raise
     kept = h.dims[:-1]
     h = h.compute()
     counts = h.values.reshape(-1, h.sizes["bin"])
