@@ -520,7 +520,20 @@ def run_worker(python: str, tool: str, n: int, cohort: Path, settings: str = "de
     return json.loads(lines[-1])
 
 
-def run_nyul(tab: Table, cohort: Path, counts: list[int], peer_python: str, notes: list[str]) -> None:
+def best_worker(python: str, tool: str, n: int, cohort: Path, repeat: int, settings: str = "default") -> dict:
+    """``run_worker`` ``repeat`` times (fresh processes): the fastest run, with the highest peak memory seen."""
+    runs = [run_worker(python, tool, n, cohort, settings) for _ in range(max(1, repeat))]
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    best = dict(min(ok, key=lambda r: r["wall"]))
+    best["maxrss"] = max(r["maxrss"] for r in ok)
+    best["peak_sampled"] = max(r["peak_sampled"] for r in ok)
+    best["base"] = min(r["base"] for r in ok)
+    return best
+
+
+def run_nyul(tab: Table, cohort: Path, counts: list[int], peer_python: str, notes: list[str], repeat: int = 1) -> None:
     n_max = counts[-1]
     res: dict[tuple[str, int], dict] = {}
 
@@ -528,7 +541,7 @@ def run_nyul(tab: Table, cohort: Path, counts: list[int], peer_python: str, note
         return f"{v / MiB:.0f} MiB"
 
     for n in counts:
-        r = run_worker(sys.executable, "volnorm", n, cohort)
+        r = best_worker(sys.executable, "volnorm", n, cohort, repeat)
         res["volnorm", n] = r
         if "error" in r:
             tab.add("nyul", f"vn.nyul_fit, {n} volumes", None, "", "", None, f"FAILED: {r['error']}")
@@ -544,7 +557,7 @@ def run_nyul(tab: Table, cohort: Path, counts: list[int], peer_python: str, note
                 f"fit's extra RSS {mib(d0)} -> {mib(d1)}: target flat (<=1.2x + 16 MiB): {okmiss(flat)}")
 
     for peer in PEERS:
-        first = run_worker(peer_python, peer, counts[0], cohort)
+        first = best_worker(peer_python, peer, counts[0], cohort, repeat)
         if "error" in first:
             msg = first["error"]
             if msg.startswith("not installed"):
@@ -554,7 +567,7 @@ def run_nyul(tab: Table, cohort: Path, counts: list[int], peer_python: str, note
             tab.add("nyul", f"{peer}", None, "", "", None, msg)
             continue
         for n in counts:
-            r = first if n == counts[0] else run_worker(peer_python, peer, n, cohort)
+            r = first if n == counts[0] else best_worker(peer_python, peer, n, cohort, repeat)
             res[peer, n] = r
             if "error" in r:
                 tab.add("nyul", f"{peer}, {n} volumes", None, "", "", None, f"FAILED: {r['error']}")
@@ -652,7 +665,7 @@ def main() -> None:
         (f"volnorm {vn.__version__}, dask {dask.__version__}, xarray {xr.__version__}, zarr {zarr.__version__}, "
          f"numba {numba.__version__}, numpy {np.__version__}, scikit-image {skimage.__version__}, opencv {cv_version}"),
         f"peers' python: {args.peer_python}",
-        (f"best of {args.repeat} run(s) per measurement (batch volnorm/OpenCV rows: best of {max(args.repeat, 3)}); "
+        (f"best of {args.repeat} run(s) per measurement (batch volnorm/OpenCV rows: best of {max(args.repeat, 3)}; Nyúl: fresh processes); "
          "threaded scheduler; page cache not dropped"),
     ]
     t_all = time.perf_counter()
@@ -687,7 +700,7 @@ def main() -> None:
             t_setup += time.perf_counter() - t0
             env.append(f"cohort: volnorm.datasets.make_cohort({counts[-1]}, shape={NYUL_SHAPE}, dtype=float32), "
                        f"{counts[-1] * math.prod(NYUL_SHAPE) * 4 / MiB:.0f} MiB of .nii; first n files used")
-            run_nyul(tab, cohort, counts, args.peer_python, notes)
+            run_nyul(tab, cohort, counts, args.peer_python, notes, args.repeat)
     finally:
         sampler.stop()
         if not args.keep:
