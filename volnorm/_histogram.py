@@ -387,6 +387,8 @@ def _totals(
     data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any, weights: Any
 ) -> tuple[xr.DataArray, da.Array]:
     """The transposed data and the lazy ``(*kept, nbins + NEXTRA)`` counts (bins, then the extra counters)."""
+    if weights is None and kept and tuple(data.dims[: len(reduced)]) == tuple(reduced):
+        return _voxel_totals(data, spec, kept, reduced, mask)
     x, args = prepare(data, kept, reduced, mask, weights)
     nk = len(kept)
     has_m, has_w = mask is not None, weights is not None
@@ -399,6 +401,56 @@ def _totals(
     dtype = np.float64 if has_w else np.int64
     parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack, has_m, has_w))
     return x, add_up(parts, nk)
+
+
+def count_dtype(n: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds every count up to ``n``.
+
+    >>> count_dtype(255), count_dtype(256)
+    (dtype('uint8'), dtype('uint16'))
+    """
+    for t in (np.uint8, np.uint16, np.uint32):
+        if n <= np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.uint64)
+
+
+def _block_voxel_hist(xb: np.ndarray, mb: np.ndarray | None = None, *, nred: int, spec: BinSpec, cdtype: np.dtype) -> np.ndarray:
+    sshape = xb.shape[nred:]
+    x2 = np.ascontiguousarray(numba_ready(xb)).reshape(math.prod(xb.shape[:nred]), -1)
+    m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(x2.shape)
+    out = np.zeros((x2.shape[1], spec.nbins + _kernels.NEXTRA), dtype=cdtype)
+    edges = spec.edges if spec.kind == "float" else np.empty(0)
+    _kernels.voxel_hist(x2, spec.lo, spec.nbins, edges, spec.slack, out, m2)
+    return out.reshape((1,) * nred + sshape + (out.shape[1],))
+
+
+def _voxel_totals(data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any) -> tuple[xr.DataArray, da.Array]:
+    """Per-voxel histograms across the leading (reduced) dims, e.g. ``dim="volume"``: blocks read
+    as stored (volumes first, no transpose); counts in the smallest dtype that holds the number
+    of volumes (it cannot overflow: no voxel is counted more often), added across volume blocks
+    with dask's tree reduction."""
+    import functools
+
+    x, args = prepare(data, reduced, kept, mask)  # (reduced..., kept...): the data's own order
+    nred, ndim = len(reduced), args[0].ndim
+    cdtype = count_dtype(math.prod(data.sizes[d] for d in reduced))
+    width = spec.nbins + _kernels.NEXTRA
+    func = functools.partial(_block_voxel_hist, nred=nred, spec=spec, cdtype=cdtype)
+    ind = tuple(range(ndim))
+    pairs: list[Any] = []
+    for a in args:
+        pairs += [a, ind]
+    token = dask.base.tokenize(*args, spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack)
+    parts = da.blockwise(
+        func, ind + (ndim,), *pairs, new_axes={ndim: width}, adjust_chunks={i: 1 for i in range(nred)},
+        dtype=cdtype, meta=np.empty((0,) * (ndim + 1), dtype=cdtype), name=f"voxel-hist-{token}",
+    )
+    if all(parts.numblocks[a] == 1 for a in range(nred)):
+        total = parts[(0,) * nred]
+    else:
+        total = parts.sum(axis=tuple(range(nred)), dtype=cdtype)  # the tree reduction
+    return x.transpose(*kept, *reduced), total
 
 
 def add_up(parts: da.Array, nkept: int) -> da.Array:
@@ -493,10 +545,15 @@ def histogram(
         Lazy int64 counts named ``histogram`` with the kept dims plus ``bin``;
         coords ``bin`` (centre), ``bin_lower``, ``bin_upper``, and the voxels
         outside the bins ``n_nan``, ``n_posinf``, ``n_neginf``, ``n_below``,
-        ``n_above``, ``n_masked_out`` over the kept dims. Histograms on the
-        same bins merge by addition (``h1 + h2`` adds the ``n_*`` coords too
-        with :func:`volnorm.merge_histograms`). Computes: at most one range
-        pass (none with ``range=`` or 8-bit data).
+        ``n_above``, ``n_masked_out`` over the kept dims. Per-voxel histograms
+        (``dim`` = the leading dims, e.g. ``dim="volume"`` on a stack: one
+        histogram per voxel across volumes) count in the smallest unsigned
+        dtype that holds the number of volumes (uint8 up to 255 volumes,
+        uint16, uint32), read the blocks as stored and add volume blocks with
+        a tree reduction. Histograms on the same bins merge by addition:
+        :func:`volnorm.merge_histograms` adds the ``n_*`` coords too and widens
+        small count dtypes so that the sum cannot wrap. Computes: at most one
+        range pass (none with ``range=`` or 8-bit data).
 
     Examples
     --------
@@ -573,6 +630,10 @@ def merge_histograms(hists: Sequence[xr.DataArray]) -> xr.DataArray:
     extra = [c for c in first.coords if str(c).startswith("n_")]
     total = first.drop_vars(extra)
     sums = {c: first[c].data for c in extra}
+    if all(h.dtype.kind == "u" for h in hists):  # small per-voxel counts: a dtype that holds the sum
+        wide = count_dtype(sum(int(np.iinfo(h.dtype).max) for h in hists))
+        total = total.astype(wide)
+        sums = {c: v.astype(wide) for c, v in sums.items()}
     for h in hists[1:]:
         total = total + h.drop_vars(extra).data
         for c in extra:
