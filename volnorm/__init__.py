@@ -39,6 +39,7 @@ from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
 from volnorm.io.writers import to_nifti, to_zarr
 from volnorm.conversion import convert
+from volnorm.normative import normative_score, voxel_cdf, voxel_quantile, voxel_stats
 
 __all__ = [
     "Params",
@@ -78,6 +79,10 @@ __all__ = [
     "read_info",
     "to_nifti",
     "to_zarr",
+    "normative_score",
+    "voxel_cdf",
+    "voxel_quantile",
+    "voxel_stats",
 ]
 
 from volnorm import accessor as _accessor  # noqa: E402 - needs the functions above
