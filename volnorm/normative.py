@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["voxel_stats", "voxel_quantile", "voxel_cdf", "normative_score"]
+__all__ = ["normative_score", "voxel_cdf", "voxel_quantile", "voxel_stats"]
 
 
 def _check_hist(h: xr.DataArray) -> xr.DataArray:
@@ -157,7 +157,7 @@ def voxel_cdf(h: xr.DataArray, values: xr.DataArray) -> xr.DataArray:
     wrong = [d for d in spatial if d in values.dims and values.sizes[d] != h.sizes[d]]
     if missing or wrong:
         raise ValueError(
-            f"the volume's grid {dict(values.sizes)} is not the histograms' {dict((d, h.sizes[d]) for d in spatial)}: "
+            f"the volume's grid {dict(values.sizes)} is not the histograms' { {d: h.sizes[d] for d in spatial} }: "
             "register it to the cohort's space first"
         )
     lower, upper = h["bin_lower"].values, h["bin_upper"].values
