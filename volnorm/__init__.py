@@ -40,6 +40,7 @@ from volnorm.io.store import IncompleteStoreError
 from volnorm.io.writers import to_nifti, to_zarr
 from volnorm.conversion import convert
 from volnorm.normative import normative_score, voxel_cdf, voxel_quantile, voxel_stats
+from volnorm.voxel import accumulate, open_voxel_histogram
 
 __all__ = [
     "Params",
@@ -79,6 +80,8 @@ __all__ = [
     "read_info",
     "to_nifti",
     "to_zarr",
+    "accumulate",
+    "open_voxel_histogram",
     "normative_score",
     "voxel_cdf",
     "voxel_quantile",

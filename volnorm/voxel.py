@@ -1,0 +1,264 @@
+"""Per-voxel histograms in a store: written beside the images, appendable subject by subject.
+
+``vn.accumulate(store, volumes, bins=..., range=...)`` counts the volumes' values voxel by
+voxel (:func:`volnorm.histogram` with ``dim="volume"``) into a group of the store
+(``voxel_histogram`` by default): the counts ``(..., bin)`` in the smallest dtype that
+holds the number of volumes, the out-of-range / NaN counters per voxel, the bin edges,
+the grid (affine, shape) and the inputs already counted. Calling it again with new
+volumes adds their counts to the stored ones without reading the old inputs again, and
+refuses inputs already counted, another grid or other bins. The new version is written
+beside the old one and swapped in by a rename, so an interrupted call leaves the previous
+histogram intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from volnorm._histogram import BinSpec, bin_spec, count_dtype, histogram_with
+from volnorm._kernels import EXTRA as EXTRA_NAMES
+
+__all__ = ["accumulate", "open_voxel_histogram"]
+
+#: Format marker of the group's attrs.
+FORMAT = "volnorm-voxel-histogram/1"
+
+
+def _grid(stack: xr.DataArray) -> dict[str, Any]:
+    """The spatial grid of a stack: dims, sizes and (when known) one affine for every volume."""
+    from volnorm.io.nifti import header_from_bytes
+
+    spatial = [d for d in stack.dims if d != "volume"]
+    grid: dict[str, Any] = {"dims": spatial, "shape": [int(stack.sizes[d]) for d in spatial]}
+    headers = stack.attrs.get("nifti_headers")
+    if "affine" in stack.attrs:
+        grid["affine"] = np.asarray(stack.attrs["affine"], dtype=np.float64).tolist()
+    elif isinstance(headers, dict) and headers:
+        affines = {n: header_from_bytes(hb).get_best_affine() for n, hb in headers.items()}
+        first = next(iter(affines))
+        odd = [n for n, a in affines.items() if not np.allclose(a, affines[first])]
+        raise ValueError(
+            f"the volumes are not on one grid: the affine of {odd[:5]} differs from {first!r}'s "
+            "(register them to one space first)"
+        )
+    return grid
+
+
+def _inputs(stack: xr.DataArray) -> list[dict[str, Any]]:
+    names = [str(v) for v in stack["volume"].values] if "volume" in stack.coords else [f"vol-{i:04d}" for i in range(stack.sizes["volume"])]
+    paths = [str(Path(str(p)).resolve()) for p in stack["path"].values] if "path" in stack.coords else [None] * len(names)
+    return [{"name": n, "path": p} for n, p in zip(names, paths)]
+
+
+def _as_stack(volumes: Any) -> xr.DataArray:
+    from volnorm.io.readers import open_nifti
+
+    if isinstance(volumes, (str, os.PathLike, list, tuple)):
+        volumes = open_nifti(volumes)
+    if isinstance(volumes, xr.DataTree):
+        shapes = {n.name: tuple(n["image"].shape) for n in volumes.subtree if "image" in n.ds.data_vars}
+        raise ValueError(f"the volumes are not on one grid (shapes {shapes}): register them to one space first")  # noqa: TRY004 - a grid problem
+    if not isinstance(volumes, xr.DataArray) or "volume" not in volumes.dims:
+        raise TypeError("`volumes` must be NIfTI paths or a stack (an xarray.DataArray with a `volume` dim)")
+    if volumes.dims[0] != "volume":
+        volumes = volumes.transpose("volume", ...)
+    return volumes
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One writer per histogram group: a lock file created exclusively (a dead owner's is taken over)."""
+    from volnorm.io.store import _pid_alive
+
+    lock = path.parent / f".{path.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                raise RuntimeError(f"{path}: another process ({pid}) is adding to this histogram") from None
+            lock.unlink(missing_ok=True)
+    else:  # pragma: no cover - a race lost twice
+        raise RuntimeError(f"{path}: could not take the lock {lock}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram") -> xr.DataArray:
+    """Open a stored per-voxel histogram lazily, as :func:`volnorm.histogram` returns it.
+
+    ``attrs`` hold the grid (``dims``, ``shape``, ``affine``), ``n_volumes`` and the
+    ``inputs`` counted (name and path of each volume).
+    """
+    path = Path(store) / name
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"{path}: no per-voxel histogram here (vn.accumulate writes one)")
+    ds = xr.open_zarr(path, consolidated=False)
+    if ds.attrs.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a volnorm per-voxel histogram (format {ds.attrs.get('format')!r})")
+    h = ds["counts"]
+    h = h.assign_coords({f"n_{k}": ds[f"n_{k}"] for k in EXTRA_NAMES})
+    h.attrs = dict(ds.attrs)
+    return h.rename("histogram")
+
+
+def _spec_of(h: xr.DataArray) -> BinSpec:
+    lower, upper, centers = (np.asarray(h[c].values, dtype=np.float64) for c in ("bin_lower", "bin_upper", "bin"))
+    if h.attrs["bin_kind"] == "int":
+        return BinSpec("int", int(h.attrs["bin_lo"]), len(centers), np.empty(0), lower, upper, centers)
+    from volnorm import _kernels
+
+    edges = np.concatenate([lower, upper[-1:]])
+    return BinSpec("float", 0, len(centers), edges, lower, upper, centers, min(_kernels.edge_slack(edges), 0.5))
+
+
+def _regular(h: xr.DataArray) -> xr.DataArray:
+    """Chunks zarr can store: the first chunk size of each dim everywhere; ``bin`` whole."""
+    return h.chunk({d: (-1 if d == "bin" else h.chunksizes[d][0]) for d in h.dims})
+
+
+def accumulate(
+    store: str | os.PathLike,
+    volumes: Any,
+    *,
+    bins: int | None = None,
+    range: tuple[float, float] | None = None,
+    mask: xr.DataArray | None = None,
+    name: str = "voxel_histogram",
+    progress: bool = False,
+) -> xr.DataArray:
+    """Add volumes' per-voxel histograms to the one stored in ``store`` (created on first use).
+
+    Parameters
+    ----------
+    store : path
+        A directory (a volnorm store of the images, or any other): the histogram is the
+        Zarr group ``store/name``.
+    volumes : NIfTI paths / glob, or a stack ``("volume", ...)``
+        On one grid: the same spatial shape and, when known, the same affine.
+    bins, range
+        The bins, as for :func:`volnorm.histogram`, when the histogram is created
+        (``range`` is needed then for float data, so that later volumes share the bins);
+        when appending they must be omitted or equal the stored ones.
+    mask : xarray.DataArray of bool, optional
+        Voxels to count (broadcast to the stack); others are counted in ``n_masked_out``.
+    name : str
+        The group's name.
+    progress : bool
+        Show a progress bar while counting and writing.
+
+    Returns
+    -------
+    xarray.DataArray
+        The stored histogram, opened lazily (:func:`open_voxel_histogram`).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> a = xr.DataArray(np.zeros((2, 3)), dims=("volume", "x"), coords={"volume": ["s1", "s2"]})
+    >>> b = xr.DataArray(np.ones((1, 3)), dims=("volume", "x"), coords={"volume": ["s3"]})
+    >>> h = vn.accumulate(d, a, bins=2, range=(0, 1))
+    >>> h = vn.accumulate(d, b)            # adds s3; the old counts are not recomputed
+    >>> h.values.tolist(), h.attrs["n_volumes"]
+    ([[2, 1], [2, 1], [2, 1]], 3)
+    """
+    from volnorm.io.writers import _compute
+
+    root = Path(store)
+    target = root / name
+    stack = _as_stack(volumes)
+    grid = _grid(stack)
+    new_inputs = _inputs(stack)
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(target):
+        old = open_voxel_histogram(root, name) if (target / "zarr.json").exists() else None
+        if old is None:
+            if stack.dtype.kind == "f" and range is None:
+                raise ValueError("float data: pass `range=` when the histogram is created, so that later volumes share its bins")
+            spec = bin_spec(stack, stack.dtype, bins, range, mask)
+            inputs: list[dict] = []
+            n_old = 0
+        else:
+            _check_append(old, stack, grid, new_inputs, bins, range, target)
+            spec = _spec_of(old)
+            inputs = list(old.attrs["inputs"])
+            n_old = int(old.attrs["n_volumes"])
+        new = histogram_with(stack, spec, "volume", mask)
+        n = n_old + stack.sizes["volume"]
+        dt = count_dtype(n)
+        extras = [f"n_{k}" for k in EXTRA_NAMES]
+        total = new.astype(dt).assign_coords({c: new[c].astype(dt) for c in extras})
+        if old is not None:
+            total = (total.drop_vars(extras) + old.drop_vars(extras).astype(dt)).assign_coords(
+                {c: total[c] + old[c].astype(dt) for c in extras}
+            )
+        total = _regular(total.chunk(old.chunksizes) if old is not None else total)
+        ds = xr.Dataset({"counts": total.drop_vars(extras)} | {c: total[c] for c in extras})
+        ds.attrs = {
+            "format": FORMAT,
+            "grid": grid,
+            "bin_kind": spec.kind,
+            "bin_lo": int(spec.lo),
+            "n_volumes": n,
+            "inputs": inputs + new_inputs,
+            "source_dtype": str(stack.dtype),
+        }
+        staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, compute=False, consolidated=False)
+            _compute([delayed], progress, "count")
+            if old is not None:
+                retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(target, retired)
+                os.rename(staging, target)
+                shutil.rmtree(retired)
+            else:
+                os.rename(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    return open_voxel_histogram(root, name)
+
+
+def _check_append(old: xr.DataArray, stack: xr.DataArray, grid: dict, new_inputs: list[dict], bins: Any, range: Any, where: Path) -> None:
+    g = old.attrs["grid"]
+    if grid["dims"] != g["dims"] or grid["shape"] != g["shape"]:
+        raise ValueError(f"{where}: the new volumes' grid {dict(zip(grid['dims'], grid['shape']))} is not the histogram's "
+                         f"{dict(zip(g['dims'], g['shape']))}: register them to its space first")
+    if "affine" in g and "affine" in grid and not np.allclose(g["affine"], grid["affine"]):
+        raise ValueError(f"{where}: the new volumes' affine differs from the histogram's: register them to its space first")
+    kind = "int" if stack.dtype.kind in "iub" else "float"
+    if kind != old.attrs["bin_kind"] and old.attrs["bin_kind"] == "int":
+        raise ValueError(f"{where}: the histogram counts integer values one bin per value; the new volumes are {stack.dtype}")
+    lower, upper = old["bin_lower"].values, old["bin_upper"].values
+    if bins is not None and int(bins) != len(lower):
+        raise ValueError(f"{where}: the histogram has {len(lower)} bins; got bins={bins} (omit bins= when appending)")
+    if range is not None and old.attrs["bin_kind"] == "float" and not np.allclose([float(range[0]), float(range[1])], [lower[0], upper[-1]]):
+        raise ValueError(f"{where}: the histogram's range is ({lower[0]}, {upper[-1]}); got range={tuple(range)} (omit range= when appending)")
+    seen_paths = {i["path"] for i in old.attrs["inputs"] if i.get("path")}
+    seen_names = {i["name"] for i in old.attrs["inputs"]}
+    dup = [i["path"] or i["name"] for i in new_inputs if (i["path"] and i["path"] in seen_paths) or (not i["path"] and i["name"] in seen_names)]
+    if dup:
+        raise ValueError(f"{where}: already counted: {dup[:5]}{' ...' if len(dup) > 5 else ''} (adding an input twice would count it twice)")
+    if math.prod(grid["shape"]) == 0:
+        raise ValueError(f"{where}: the volumes are empty")
