@@ -131,3 +131,35 @@ def test_convert_with_steps_then_apply_to_new_data(tmp_path, capsys, cohort):
     assert main(["convert", *train, str(tmp_path / "x.zarr"), "--step", "rescal"]) == 1
     assert "did you mean 'rescale'" in capsys.readouterr().err
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_voxel_hist_append_and_normative(cohort, tmp_path, capsys):
+    """volnorm voxel-hist counts a store's volumes into it, --append adds new files (a file
+    already counted is refused), volnorm normative writes percentile ranks and z-scores."""
+    from volnorm.cli import main
+
+    store = tmp_path / "c.zarr"
+    assert main(["-q", "convert", *map(str, cohort[:4]), str(store)]) == 0
+    assert main(["voxel-hist", str(store), "--bins", "32", "--range", "0,2000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["volumes"] == 4
+    assert main(["voxel-hist", str(store), "--append", str(cohort[4]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["volumes"] == 5 and info["dtype"] == "uint8" and info["bins"] == 32
+    assert main(["voxel-hist", str(store), "--append", str(cohort[0])]) == 1  # counted through the store already
+    assert "already counted" in capsys.readouterr().err
+    stack = vn.open_nifti(cohort[:5])
+    ref = vn.histogram(stack, dim="volume", bins=32, range=(0, 2000)).values
+    np.testing.assert_array_equal(vn.open_voxel_histogram(store).values, ref)
+    out = tmp_path / "scores.nii.gz"
+    assert main(["normative", str(store), str(cohort[5]), "--out", str(out)]) == 0
+    pct = nib.load(out)
+    z = nib.load(tmp_path / "scores_z.nii.gz")
+    new = nib.load(cohort[5])
+    np.testing.assert_allclose(pct.affine, new.affine)
+    h = vn.open_voxel_histogram(store)
+    vol = vn.open_nifti(cohort[5]).isel(volume=0, drop=True)
+    expect = vn.normative_score(vol, h)
+    np.testing.assert_allclose(np.asarray(pct.dataobj).T, expect["percentile"].values, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(z.dataobj).T, expect["zscore"].values, equal_nan=True)
+    assert main(["normative", str(store), str(cohort[5]), "--out", str(out)]) == 1  # never overwritten without asking
+    assert "exists" in capsys.readouterr().err

@@ -98,6 +98,24 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true")
     _add_engine(ap)
 
+    vh = sub.add_parser("voxel-hist", help="per-voxel histograms across a store's volumes (or --append new ones) into the store")
+    vh.add_argument("store", help="a volnorm store: its volumes are counted (unless --append) and the histogram is kept in it")
+    vh.add_argument("--bins", type=int, default=None, help="number of bins (integers: one per value by default; floats: 256)")
+    vh.add_argument("--range", default=None, help="LO,HI of the bins (needed for float data when the histogram is created)")
+    vh.add_argument("--append", nargs="+", default=None, metavar="NEW", help="NIfTI files (or a store) to add to the stored histogram")
+    vh.add_argument("--mask", default=None, help="a boolean NIfTI mask on the volumes' grid")
+    vh.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store")
+    vh.add_argument("--json", action="store_true")
+    _add_engine(vh, default="threads")
+
+    nm = sub.add_parser("normative", help="score a new volume voxel by voxel against a store's per-voxel histograms")
+    nm.add_argument("store", help="a store holding per-voxel histograms (volnorm voxel-hist)")
+    nm.add_argument("volume", help="the new volume (NIfTI) on the cohort's grid")
+    nm.add_argument("--out", required=True, help="NIfTI file for the percentile ranks (0-100); the z-scores go beside it as <name>_z.nii.gz")
+    nm.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store")
+    nm.add_argument("--overwrite", action="store_true")
+    _add_engine(nm, default="threads")
+
     d = sub.add_parser("demo", help="convert sample MRI data shipped with nibabel plus a generated cohort")
     d.add_argument("--out", default="volnorm-demo", help="folder for the sample files and the store (default ./volnorm-demo)")
     d.add_argument("--subjects", type=int, default=8, help="generated phantom subjects (default 8)")
@@ -127,8 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        commands = {"convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold, "hist": _hist, "apply": _apply}
-        if args.command in ("stats", "threshold", "hist"):
+        commands = {
+            "convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold,
+            "hist": _hist, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative,
+        }
+        if args.command in ("stats", "threshold", "hist", "voxel-hist", "normative"):
             from volnorm.engine import dask_scheduler
 
             show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -220,6 +241,63 @@ def _open_stack(inputs: list[str], what: str):
     if isinstance(data, xr.DataTree):
         raise ValueError(f"{what} needs volumes of one shape (a stack); these differ: register them first")
     return data
+
+
+def _pair(text: str | None, what: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be LO,HI (two numbers); got {text!r}") from None
+    return lo, hi
+
+
+def _voxel_hist(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    rng = _pair(args.range, "--range")
+    data = _open_stack(args.append or [args.store], "voxel-hist")
+    mask = None
+    if args.mask:
+        m = vn.open_nifti(args.mask)
+        mask = (m.isel(volume=0, drop=True) if "volume" in m.dims else m) != 0
+    h = vn.accumulate(args.store, data, bins=args.bins, range=rng, mask=mask, name=args.name, progress=bool(args.progress))
+    g = h.attrs["grid"]
+    info = {
+        "store": str(Path(args.store) / args.name), "volumes": h.attrs["n_volumes"], "added": int(data.sizes["volume"]),
+        "grid": dict(zip(g["dims"], g["shape"])), "bins": int(h.sizes["bin"]),
+        "range": [float(h["bin_lower"][0]), float(h["bin_upper"][-1])], "dtype": str(h.dtype),
+    }
+    if args.json:
+        print(json.dumps(info))
+    elif not args.quiet:
+        print(f"{info['store']}: {info['volumes']} volumes counted ({info['added']} added), grid {info['grid']}, "
+              f"{info['bins']} bins over {info['range']}, counts {info['dtype']}")
+    return 0
+
+
+def _normative(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    out = Path(args.out)
+    suffix = "".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix
+    z_out = out.with_name(out.name[: len(out.name) - len(suffix)] + "_z" + (suffix or ".nii.gz"))
+    for p in (out, z_out):
+        if p.exists() and not args.overwrite:
+            raise ValueError(f"{p} exists; pass --overwrite to replace it")
+    h = vn.open_voxel_histogram(args.store, args.name)
+    vol = vn.open_nifti(args.volume)
+    if "volume" in vol.dims:
+        if vol.sizes["volume"] != 1:
+            raise ValueError(f"{args.volume}: give one volume")
+        vol = vol.isel(volume=0, drop=True).assign_attrs(vol.attrs)
+    score = vn.normative_score(vol, h)
+    vn.to_nifti(score["percentile"], out, overwrite=args.overwrite)
+    vn.to_nifti(score["zscore"], z_out, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"percentile ranks -> {out}\nz-scores -> {z_out}")
+    return 0
 
 
 def _apply(args: argparse.Namespace) -> int:

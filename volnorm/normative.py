@@ -190,6 +190,12 @@ def normative_score(volume: xr.DataArray, histograms: xr.DataArray) -> xr.Datase
     >>> s["percentile"].values.tolist(), s["zscore"].values.round(3).tolist()
     ([50.0, 75.0], [0.0, 1.0])
     """
+    grid = histograms.attrs.get("grid") if isinstance(histograms, xr.DataArray) else None
+    if (
+        isinstance(grid, dict) and "affine" in grid and "affine" in volume.attrs
+        and not np.allclose(np.asarray(volume.attrs["affine"], dtype=np.float64), np.asarray(grid["affine"]), atol=1e-5)
+    ):
+        raise ValueError("the volume's affine differs from the cohort's: register it to the cohort's space first")
     st = voxel_stats(histograms)
     v = volume.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

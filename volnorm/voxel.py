@@ -55,8 +55,17 @@ def _grid(stack: xr.DataArray) -> dict[str, Any]:
 
 
 def _inputs(stack: xr.DataArray) -> list[dict[str, Any]]:
+    """Each volume's name and source file: its ``path`` coord (NIfTI files), or the source the
+    store's manifest records (a volnorm store), so one file is known however it comes."""
+    from volnorm.io.store import read_manifest
+
     names = [str(v) for v in stack["volume"].values] if "volume" in stack.coords else [f"vol-{i:04d}" for i in range(stack.sizes["volume"])]
-    paths = [str(Path(str(p)).resolve()) for p in stack["path"].values] if "path" in stack.coords else [None] * len(names)
+    if "path" in stack.coords:
+        paths: list[str | None] = [str(Path(str(p)).resolve()) for p in stack["path"].values]
+    else:
+        manifest = read_manifest(stack.attrs["store"]) if stack.attrs.get("store") else None
+        recorded = {i.get("name"): i for i in (manifest or {}).get("inputs", []) if isinstance(i, dict)}
+        paths = [str(Path(recorded[n]["path"]).resolve()) if recorded.get(n, {}).get("path") else None for n in names]
     return [{"name": n, "path": p} for n, p in zip(names, paths)]
 
 
