@@ -27,6 +27,7 @@ def test_appended_equals_all_at_once_and_widens(tmp_path):
     assert h.dtype == np.uint8 and h.attrs["n_volumes"] == 200
     xr.testing.assert_equal(h.compute().drop_attrs(), whole.drop_attrs())
     assert [i["name"] for i in h.attrs["inputs"]] == [f"face{i:03d}" for i in range(200)]
+    assert [e["added"] for e in h.attrs["history"]] == [70, 80, 50] and "volnorm" in h.attrs["history"][0]["versions"]
     # past 255 volumes the counts widen to uint16 (no wrap)
     more = faces(0, 100).assign_coords(volume=[f"again{i:03d}" for i in range(100)])
     h2 = vn.accumulate(tmp_path, more).compute()

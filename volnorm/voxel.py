@@ -115,8 +115,9 @@ def _lock(path: Path) -> Iterator[None]:
 def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram") -> xr.DataArray:
     """Open a stored per-voxel histogram lazily, as :func:`volnorm.histogram` returns it.
 
-    ``attrs`` hold the grid (``dims``, ``shape``, ``affine``), ``n_volumes`` and the
-    ``inputs`` counted (name and path of each volume).
+    ``attrs`` hold the grid (``dims``, ``shape``, ``affine``), ``n_volumes``, the
+    ``inputs`` counted (name and source file of each volume) and the ``history`` of
+    the calls that added them (time, versions).
     """
     path = Path(store) / name
     if not (path / "zarr.json").exists():
@@ -191,6 +192,7 @@ def accumulate(
     >>> h.values.tolist(), h.attrs["n_volumes"]
     ([[2, 1], [2, 1], [2, 1]], 3)
     """
+    from volnorm.io.store import now, versions
     from volnorm.io.writers import _compute
 
     root = Path(store)
@@ -231,6 +233,8 @@ def accumulate(
             "n_volumes": n,
             "inputs": inputs + new_inputs,
             "source_dtype": str(stack.dtype),
+            "history": (list(old.attrs.get("history", [])) if old is not None else [])
+            + [{"added": len(new_inputs), "time": now(), "versions": versions()}],
         }
         staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
         try:
