@@ -108,6 +108,14 @@ def test_properties_equal_loop_and_every_voxel_once(seed, shape, cv, cy, special
     np.testing.assert_array_equal(h.values.sum(axis=-1, dtype=np.int64) + extras, shape[0])  # every value counted once
     one = vn.histogram(x.chunk({"volume": -1, "y": -1}), dim="volume", bins=8, range=(-2.0, 2.0), mask=mask).compute()
     xr.testing.assert_identical(h, one)
+    from volnorm import _histogram
+
+    with pytest.MonkeyPatch.context() as mp:  # tiny budgets: voxel tiles split, volume blocks in several groups
+        mp.setattr(_histogram, "VOXEL_OUT_BYTES", 3 * 14)
+        mp.setattr(_histogram, "VOXEL_IN_BYTES", 8 * 3 * v.dtype.itemsize)
+        small = vn.histogram(x, dim="volume", bins=8, range=(-2.0, 2.0), mask=mask)
+        assert small.data.numblocks[0] >= min(shape[1], -(-shape[1] // cy))
+        xr.testing.assert_identical(small.compute(), h)
 
 
 @pytest.mark.slow

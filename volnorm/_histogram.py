@@ -415,41 +415,84 @@ def count_dtype(n: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def _block_voxel_hist(xb: np.ndarray, mb: np.ndarray | None = None, *, nred: int, spec: BinSpec, cdtype: np.dtype) -> np.ndarray:
-    sshape = xb.shape[nred:]
-    x2 = np.ascontiguousarray(numba_ready(xb)).reshape(math.prod(xb.shape[:nred]), -1)
-    m2 = None if mb is None else np.ascontiguousarray(mb, dtype=np.bool_).reshape(x2.shape)
-    out = np.zeros((x2.shape[1], spec.nbins + _kernels.NEXTRA), dtype=cdtype)
+def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec, cdtype: np.dtype) -> np.ndarray:
+    """The counts of one group of volume blocks of one voxel tile: each block (volumes first, as
+    stored) goes through the kernel into the same count array - no concatenation, one array."""
+    from numba.typed import List
+
+    sshape = blocks[0].shape[nred:]
+    out = np.zeros((math.prod(sshape), spec.nbins + _kernels.NEXTRA), dtype=cdtype)
     edges = spec.edges if spec.kind == "float" else np.empty(0)
-    _kernels.voxel_hist(x2, spec.lo, spec.nbins, edges, spec.slack, out, m2)
-    return out.reshape((1,) * nred + sshape + (out.shape[1],))
+    ft = np.result_type(*(numba_ready(b[:0]).dtype for b in blocks))  # one dtype for the typed list
+    xs, ms = List(), None if mblocks is None else List()
+    for i, xb in enumerate(blocks):
+        x2 = np.ascontiguousarray(numba_ready(xb), dtype=ft).reshape(math.prod(xb.shape[:nred]), -1)
+        xs.append(x2)
+        if ms is not None:
+            ms.append(np.ascontiguousarray(mblocks[i], dtype=np.bool_).reshape(x2.shape))
+    _kernels.voxel_hist(xs, spec.lo, spec.nbins, edges, spec.slack, out, ms)
+    return out.reshape((1,) + sshape + (out.shape[1],))
+
+
+#: Per-voxel histograms: a task counts a group of volume blocks of one voxel tile into one count
+#: array (voxels x bins, zeroed whatever the number of volumes): about two volumes per bin per
+#: group, at most VOXEL_IN_BYTES of values per group and VOXEL_OUT_BYTES of counts per tile
+#: (a chunk of one whole 256^3 volume would otherwise give 1.7 GB of counts at 100 bins).
+VOXEL_IN_BYTES = 64 * 2**20
+VOXEL_OUT_BYTES = 32 * 2**20
+
+
+def _voxel_split(data: xr.DataArray, kept: tuple, voxels: int) -> dict[Hashable, int]:
+    """Smaller chunks along the kept (voxel) dims, outermost first, so that a block holds at
+    most ``voxels`` voxels; empty when the chunks already do. Splitting only: volumes are not
+    regrouped (no data copied)."""
+    cur = {d: (max(data.chunksizes[d]) if data.chunks else data.sizes[d]) for d in kept}
+    new: dict[Hashable, int] = {}
+    for d in kept:
+        rest = math.prod(v for k, v in cur.items() if k != d)
+        if rest * cur[d] <= voxels:
+            break
+        cur[d] = new[d] = max(1, voxels // rest)
+    return new
 
 
 def _voxel_totals(data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any) -> tuple[xr.DataArray, da.Array]:
     """Per-voxel histograms across the leading (reduced) dims, e.g. ``dim="volume"``: blocks read
-    as stored (volumes first, no transpose); counts in the smallest dtype that holds the number
-    of volumes (it cannot overflow: no voxel is counted more often), added across volume blocks
-    with dask's tree reduction."""
+    as stored (volumes first, no transpose, no regrouping copy); counts in the smallest dtype that
+    holds the number of volumes (it cannot overflow: no voxel is counted more often); groups of
+    volume blocks counted together, then added with dask's tree reduction."""
     import functools
+    import uuid
 
-    x, args = prepare(data, reduced, kept, mask)  # (reduced..., kept...): the data's own order
-    nred, ndim = len(reduced), args[0].ndim
+    from dask.highlevelgraph import HighLevelGraph
+
     cdtype = count_dtype(math.prod(data.sizes[d] for d in reduced))
     width = spec.nbins + _kernels.NEXTRA
-    func = functools.partial(_block_voxel_hist, nred=nred, spec=spec, cdtype=cdtype)
-    ind = tuple(range(ndim))
-    pairs: list[Any] = []
-    for a in args:
-        pairs += [a, ind]
-    token = dask.base.tokenize(*args, spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack)
-    parts = da.blockwise(
-        func, ind + (ndim,), *pairs, new_axes={ndim: width}, adjust_chunks={i: 1 for i in range(nred)},
-        dtype=cdtype, meta=np.empty((0,) * (ndim + 1), dtype=cdtype), name=f"voxel-hist-{token}",
-    )
-    if all(parts.numblocks[a] == 1 for a in range(nred)):
-        total = parts[(0,) * nred]
-    else:
-        total = parts.sum(axis=tuple(range(nred)), dtype=cdtype)  # the tree reduction
+    split = _voxel_split(data, kept, max(1, VOXEL_OUT_BYTES // (width * cdtype.itemsize)))
+    if split:
+        data = data.chunk(split)
+        mask = mask.chunk({d: c for d, c in split.items() if d in mask.dims}) if isinstance(mask, xr.DataArray) else mask
+    x, args = prepare(data, reduced, kept, mask)  # (reduced..., kept...): the data's own order
+    xa = args[0]
+    nred = len(reduced)
+    rgrid = list(np.ndindex(*xa.numblocks[:nred]))  # the volume blocks, in order
+    tiles = list(np.ndindex(*xa.numblocks[nred:]))
+    vols_per_block = math.prod(max(c) for c in xa.chunks[:nred])
+    tile_vox = math.prod(max(c) for c in xa.chunks[nred:])
+    per_group = max(1, min(-(-2 * width // vols_per_block), VOXEL_IN_BYTES // max(1, vols_per_block * tile_vox * xa.dtype.itemsize)))
+    groups = [rgrid[i : i + per_group] for i in _range(0, len(rgrid), per_group)]
+    func = functools.partial(_voxel_leaf, nred=nred, spec=spec, cdtype=cdtype)
+    name = f"voxel-hist-{uuid.uuid4().hex}"
+    dsk: dict = {}
+    for g, members in enumerate(groups):
+        for t in tiles:
+            xs = [(xa.name, *r, *t) for r in members]
+            ms = [(args[1].name, *r, *t) for r in members] if len(args) > 1 else None
+            dsk[(name, g, *t, 0)] = (func, xs, ms)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=args)
+    chunks = ((1,) * len(groups), *xa.chunks[nred:], (width,))
+    leaves = da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=cdtype))
+    total = leaves[0] if len(groups) == 1 else leaves.sum(axis=0, dtype=cdtype)  # the tree reduction
     return x.transpose(*kept, *reduced), total
 
 
