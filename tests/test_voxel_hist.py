@@ -124,3 +124,24 @@ def test_same_per_voxel_histogram_on_a_distributed_cluster(faces, cluster_client
     local = vn.histogram(x, dim="volume", bins=16, range=(0.0, 1.0)).compute(scheduler="threads")
     remote = cluster_client.compute(vn.histogram(x, dim="volume", bins=16, range=(0.0, 1.0))).result()
     xr.testing.assert_identical(local, remote)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["uint8", "int8", "int16", "uint16"]),
+    bins=st.integers(1, 40),
+    lo=st.integers(-300, 200),
+    width=st.integers(1, 600),
+)
+def test_small_integers_on_float_bins_equal_loop(seed, dtype, bins, lo, width):
+    """8/16-bit integers on float bins go through a value -> bin table: numpy's bins exactly."""
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    low = max(info.min, lo - 50)
+    v = rng.integers(low, max(low, min(info.max, lo + width + 50)) + 1, (9, 3, 4)).astype(dtype)
+    rng_ = (float(lo), float(lo + width))
+    h = vn.histogram(xr.DataArray(v, dims=("volume", "y", "x")).chunk({"volume": 4}), dim="volume", bins=bins, range=rng_).compute()
+    np.testing.assert_array_equal(h.values, loop_reference(v.astype(np.float64), bins, rng_))
+    np.testing.assert_array_equal(h["n_below"].values, (v < lo).sum(axis=0))
+    np.testing.assert_array_equal(h["n_above"].values, (v > lo + width).sum(axis=0))

@@ -415,6 +415,18 @@ def count_dtype(n: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
+def _value_bins(dtype: np.dtype, spec: BinSpec) -> tuple[int, np.ndarray]:
+    """Every value of an 8/16-bit integer dtype -> its bin on ``spec``'s float edges (numpy's rule:
+    ``edges[k] <= v < edges[k + 1]``, the last bin closed) or its counter (below, above)."""
+    info = np.iinfo(np.uint8 if dtype == np.bool_ else dtype)
+    values = np.arange(info.min, info.max + 1, dtype=np.float64)
+    edges, nb = spec.edges, spec.nbins
+    k = np.searchsorted(edges, values, side="right") - 1
+    k[values == edges[-1]] = nb - 1
+    k = np.where(values < edges[0], nb + 3, np.where(values > edges[-1], nb + 4, k))
+    return int(info.min), k.astype(np.int64)
+
+
 def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec, cdtype: np.dtype) -> np.ndarray:
     """The counts of one group of volume blocks of one voxel tile: each block (volumes first, as
     stored) goes through the kernel into the same count array - no concatenation, one array."""
@@ -424,13 +436,16 @@ def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec,
     out = np.zeros((math.prod(sshape), spec.nbins + _kernels.NEXTRA), dtype=cdtype)
     edges = spec.edges if spec.kind == "float" else np.empty(0)
     ft = np.result_type(*(numba_ready(b[:0]).dtype for b in blocks))  # one dtype for the typed list
+    lo, lut = spec.lo, np.empty(0, dtype=np.int64)
+    if spec.kind == "float" and ft.kind in "iub" and ft.itemsize <= 2:  # small integers on float bins: a table
+        lo, lut = _value_bins(ft, spec)
     xs, ms = List(), None if mblocks is None else List()
     for i, xb in enumerate(blocks):
         x2 = np.ascontiguousarray(numba_ready(xb), dtype=ft).reshape(math.prod(xb.shape[:nred]), -1)
         xs.append(x2)
         if ms is not None:
             ms.append(np.ascontiguousarray(mblocks[i], dtype=np.bool_).reshape(x2.shape))
-    _kernels.voxel_hist(xs, spec.lo, spec.nbins, edges, spec.slack, out, ms)
+    _kernels.voxel_hist(xs, lo, spec.nbins, edges, spec.slack, lut, out, ms)
     return out.reshape((1,) + sshape + (out.shape[1],))
 
 
