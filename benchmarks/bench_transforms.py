@@ -152,6 +152,27 @@ class Table:
         peak = f"{r['peak'] / 2**30:6.2f}Gi" if r["peak"] else " " * 8
         return f"{r['part']:<6} {r['name']:<46} {wall} {r['rate']:>12} {r['vs']:>20} {peak}  {r['check']}"
 
+    def report(self, title: str, env: list[str], notes: list[str], width: int, timing: tuple[float, float, str],
+               json_path: Path | None = None) -> None:
+        """The whole table at the end of a run: title, environment lines, rows, notes, the time
+        (``(t_all start, setup seconds, what the setup was)``); the rows as JSON when asked."""
+        say("\n" + "=" * width)
+        say(title)
+        for line in env:
+            say("  " + line)
+        say("-" * width)
+        say(self.header())
+        for r in self.rows:
+            say(self.fmt(r))
+        say("-" * width)
+        for n in notes:
+            say("note: " + n)
+        t_all, t_setup, setup = timing
+        total = time.perf_counter() - t_all
+        say(f"time: {total:.0f} s in all, {total - t_setup:.0f} s measuring (the rest: {setup})")
+        if json_path:
+            json_path.write_text(json.dumps({"env": env, "rows": self.rows, "notes": notes}, indent=1, default=str))
+
     @staticmethod
     def header() -> str:
         return f"{'part':<6} {'measurement':<46} {'wall s':>8} {'rate':>12} {'vs':>20} {'peak RSS':>8}  check"
@@ -710,23 +731,7 @@ def main() -> None:
             with contextlib.suppress(OSError):
                 args.workdir.rmdir()
 
-    # ---- the table
-    width = 150
-    say("\n" + "=" * width)
-    say("volnorm transforms benchmark")
-    for line in env:
-        say("  " + line)
-    say("-" * width)
-    say(Table.header())
-    for r in tab.rows:
-        say(Table.fmt(r))
-    say("-" * width)
-    for n in notes:
-        say("note: " + n)
-    total = time.perf_counter() - t_all
-    say(f"time: {total:.0f} s in all, {total - t_setup:.0f} s measuring (the rest: making the data)")
-    if args.json:
-        args.json.write_text(json.dumps({"env": env, "rows": tab.rows, "notes": notes}, indent=1, default=str))
+    tab.report("volnorm transforms benchmark", env, notes, 150, (t_all, t_setup, "making the data"), args.json)
 
 
 if __name__ == "__main__":
