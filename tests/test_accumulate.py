@@ -105,6 +105,30 @@ def test_interrupted_append_keeps_the_old_histogram(tmp_path, monkeypatch):
     assert h.attrs["n_volumes"] == 60
 
 
+def test_a_failed_swap_puts_the_previous_version_back(tmp_path, monkeypatch):
+    import os
+
+    before = vn.accumulate(tmp_path, faces(0, 10), bins=8, range=(0.0, 1.0)).compute()
+    real = os.rename
+    calls = []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new version's rename into place
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    with pytest.raises(OSError, match="disk full"):
+        vn.accumulate(tmp_path, faces(10, 20))
+    monkeypatch.undo()
+    xr.testing.assert_identical(vn.open_voxel_histogram(tmp_path).compute(), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["voxel_histogram"]
+    # a kill between the renames leaves only the old version aside: the next call restores it
+    (tmp_path / "voxel_histogram").rename(tmp_path / ".voxel_histogram.old-dead")
+    assert vn.accumulate(tmp_path, faces(10, 20)).attrs["n_volumes"] == 20
+
+
 def test_a_second_writer_is_refused(tmp_path):
     vn.accumulate(tmp_path, faces(0, 5), bins=4, range=(0.0, 1.0))
     (tmp_path / ".voxel_histogram.lock").write_text(str(__import__("os").getpid()))  # a live owner

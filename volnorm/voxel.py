@@ -202,6 +202,7 @@ def accumulate(
     new_inputs = _inputs(stack)
     root.mkdir(parents=True, exist_ok=True)
     with _lock(target):
+        _recover(target)
         old = open_voxel_histogram(root, name) if (target / "zarr.json").exists() else None
         if old is None:
             if stack.dtype.kind == "f" and range is None:
@@ -237,20 +238,35 @@ def accumulate(
             + [{"added": len(new_inputs), "time": now(), "versions": versions()}],
         }
         staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+        retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
         try:
             delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, compute=False, consolidated=False)
             _compute([delayed], progress, "count")
             if old is not None:
-                retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
                 os.rename(target, retired)
-                os.rename(staging, target)
-                shutil.rmtree(retired)
-            else:
-                os.rename(staging, target)
+            os.rename(staging, target)
+        except BaseException:
+            if retired.exists() and not target.exists():  # put the previous version back
+                os.rename(retired, target)
+            raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
+        if retired.exists():
+            shutil.rmtree(retired)
     return open_voxel_histogram(root, name)
+
+
+def _recover(target: Path) -> None:
+    """A process killed between the two renames of :func:`accumulate` left the previous
+    version as ``.NAME.old-*`` and no ``NAME``: put it back (under the lock)."""
+    if (target / "zarr.json").exists():
+        for stale in target.parent.glob(f".{target.name}.old-*"):
+            shutil.rmtree(stale)
+        return
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.rename(olds[-1], target)
 
 
 def _check_append(old: xr.DataArray, stack: xr.DataArray, grid: dict, new_inputs: list[dict], bins: Any, range: Any, where: Path) -> None:
