@@ -32,6 +32,11 @@ def _extra(h: xr.DataArray, name: str) -> xr.DataArray:
     return h[f"n_{name}"].astype(np.float64) if f"n_{name}" in h.coords else xr.zeros_like(h.isel(bin=0), dtype=np.float64)
 
 
+def _outside(h: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
+    """Per voxel, the values below every bin (below the range, -Inf) and above every bin."""
+    return _extra(h, "below") + _extra(h, "neginf"), _extra(h, "above") + _extra(h, "posinf")
+
+
 def voxel_stats(h: xr.DataArray) -> xr.Dataset:
     """Per voxel: the number of cohort values, their (binned) mean and standard deviation.
 
@@ -55,7 +60,8 @@ def voxel_stats(h: xr.DataArray) -> xr.Dataset:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (c * centers).sum("bin") / n_in
         var = (c * (centers - mean) ** 2).sum("bin") / n_in
-    count = n_in + _extra(h, "below") + _extra(h, "above") + _extra(h, "neginf") + _extra(h, "posinf")
+    below, above = _outside(h)
+    count = n_in + below + above
     drop = [k for k in h.coords if str(k).startswith("n_") or k in ("bin", "bin_lower", "bin_upper")]
     out = xr.Dataset({"count": count, "n_inside": n_in, "mean": mean, "std": np.sqrt(var)})
     return out.drop_vars([k for k in drop if k in out.coords])
@@ -106,7 +112,7 @@ def voxel_quantile(h: xr.DataArray, q: float | Sequence[float]) -> xr.DataArray:
         raise ValueError(f"`q` must be in [0, 1]; got {q!r}")
     lower, upper = h["bin_lower"].values, h["bin_upper"].values
     res = xr.apply_ufunc(
-        _quantile_block, h.astype(np.float64), _extra(h, "below") + _extra(h, "neginf"), _extra(h, "above") + _extra(h, "posinf"),
+        _quantile_block, h.astype(np.float64), *_outside(h),
         kwargs={"lower": lower, "upper": upper, "qs": qs},
         input_core_dims=[["bin"], [], []], output_core_dims=[["quantile"]],
         dask="parallelized", output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {"quantile": len(qs)}},
@@ -162,7 +168,7 @@ def voxel_cdf(h: xr.DataArray, values: xr.DataArray) -> xr.DataArray:
         )
     lower, upper = h["bin_lower"].values, h["bin_upper"].values
     res = xr.apply_ufunc(
-        _cdf_block, h.astype(np.float64), _extra(h, "below") + _extra(h, "neginf"), _extra(h, "above") + _extra(h, "posinf"),
+        _cdf_block, h.astype(np.float64), *_outside(h),
         values.astype(np.float64),
         kwargs={"lower": lower, "upper": upper},
         input_core_dims=[["bin"], [], [], []], output_core_dims=[[]],

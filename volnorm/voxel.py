@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import BinSpec, bin_spec, count_dtype, histogram_with
+from volnorm._histogram import (
+    BinSpec,
+    bin_spec,
+    count_dtype,
+    histogram_with,
+    merge_histograms,
+)
 from volnorm._kernels import EXTRA as EXTRA_NAMES
 
 __all__ = ["accumulate", "open_voxel_histogram"]
@@ -217,14 +223,10 @@ def accumulate(
             n_old = int(old.attrs["n_volumes"])
         new = histogram_with(stack, spec, "volume", mask)
         n = n_old + stack.sizes["volume"]
-        dt = count_dtype(n)
+        dt = count_dtype(n)  # merge_histograms widens for any sum; n bounds this one
         extras = [f"n_{k}" for k in EXTRA_NAMES]
-        total = new.astype(dt).assign_coords({c: new[c].astype(dt) for c in extras})
-        if old is not None:
-            total = (total.drop_vars(extras) + old.drop_vars(extras).astype(dt)).assign_coords(
-                {c: total[c] + old[c].astype(dt) for c in extras}
-            )
-        total = _regular(total.chunk(old.chunksizes) if old is not None else total)
+        total = new if old is None else merge_histograms([new, old]).chunk(old.chunksizes)
+        total = _regular(total.astype(dt).assign_coords({c: total[c].astype(dt) for c in extras}))
         ds = xr.Dataset({"counts": total.drop_vars(extras)} | {c: total[c] for c in extras})
         ds.attrs = {
             "format": FORMAT,
