@@ -163,3 +163,11 @@ def test_voxel_hist_append_and_normative(cohort, tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(z.dataobj).T, expect["zscore"].values, equal_nan=True)
     assert main(["normative", str(store), str(cohort[5]), "--out", str(out)]) == 1  # never overwritten without asking
     assert "exists" in capsys.readouterr().err
+    zout = tmp_path / "scores.zarr"  # or both maps as NIfTI-Zarr, in one store
+    assert main(["-q", "normative", str(store), str(cohort[5]), "--out", str(zout)]) == 0
+    maps = vn.open_zarr(zout)
+    assert maps["volume"].values.tolist() == ["percentile", "zscore"]
+    np.testing.assert_allclose(maps.attrs["affine"], new.affine)
+    np.testing.assert_array_equal(maps.sel(volume="percentile").values, expect["percentile"].values)
+    np.testing.assert_array_equal(maps.sel(volume="zscore").values, expect["zscore"].values)
+    assert main(["normative", str(store), str(cohort[5]), "--out", str(zout)]) == 1

@@ -81,3 +81,34 @@ def test_bad_grid_and_not_a_histogram(hist):
         vn.voxel_stats(xr.DataArray(np.zeros(3), dims="x"))
     with pytest.raises(ValueError, match=r"`q` must be in \[0, 1\]"):
         vn.voxel_quantile(hist, 50)
+
+
+def test_scores_of_a_scaled_nifti_export_as_nifti_zarr_and_nifti(tmp_path):
+    """A scaled int16 NIfTI (scl_slope 2, scl_inter 10): the float maps are written with the
+    volume's geometry, not squeezed back into its scaled integers."""
+    import nibabel as nib
+
+    from volnorm.normative import scores_stack
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    files = []
+    for i in range(6):
+        img = nib.Nifti1Image(rng.integers(0, 200, (5, 6, 4)).astype(np.int16), affine)
+        img.header.set_slope_inter(2.0, 10.0)
+        files.append(tmp_path / f"s{i}.nii.gz")
+        nib.save(img, files[-1])
+    stack = vn.open_nifti(files[:5])
+    h = vn.histogram(stack, dim="volume", bins=20, range=(0, 420))
+    new = vn.open_nifti(files[5])
+    vol = new.isel(volume=0, drop=True).assign_attrs(new.attrs)
+    s = vn.normative_score(vol, h)
+    vn.to_zarr(scores_stack(s), tmp_path / "scores.zarr")
+    back = vn.open_zarr(tmp_path / "scores.zarr")
+    np.testing.assert_array_equal(back.sel(volume="percentile").values, s["percentile"].values)
+    np.testing.assert_allclose(back.attrs["affine"], affine)
+    vn.to_nifti(s["zscore"], tmp_path / "z.nii.gz")
+    z = nib.load(tmp_path / "z.nii.gz")
+    np.testing.assert_allclose(z.affine, affine)
+    assert z.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(z.dataobj).T, s["zscore"].values)

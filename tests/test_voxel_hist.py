@@ -90,7 +90,7 @@ def test_count_dtype_and_merge_widens():
     cv=st.integers(1, 30),
     cy=st.integers(1, 6),
     specials=st.booleans(),
-    use_mask=st.booleans(),
+    use_mask=st.sampled_from([None, "stack", "spatial"]),
     dtype=st.sampled_from(["float32", "float64"]),
 )
 def test_properties_equal_loop_and_every_voxel_once(seed, shape, cv, cy, specials, use_mask, dtype):
@@ -99,9 +99,14 @@ def test_properties_equal_loop_and_every_voxel_once(seed, shape, cv, cy, special
     v[:, 0, 0] = np.float32(0.5)  # exactly on an edge of 8 bins over (-2, 2)
     if specials:
         v.flat[rng.integers(0, v.size, 3)] = [np.nan, np.inf, -np.inf]
-    keep = rng.random(shape) > 0.25 if use_mask else None
     x = xr.DataArray(v, dims=("volume", "y", "x")).chunk({"volume": cv, "y": cy})
-    mask = None if keep is None else xr.DataArray(keep, dims=("volume", "y", "x"))
+    keep = mask = None
+    if use_mask == "stack":  # one mask per volume
+        keep = rng.random(shape) > 0.25
+        mask = xr.DataArray(keep, dims=("volume", "y", "x"))
+    elif use_mask == "spatial":  # one brain mask for every volume
+        mask = xr.DataArray(rng.random(shape[1:]) > 0.25, dims=("y", "x"))
+        keep = np.broadcast_to(mask.values, shape)
     h = vn.histogram(x, dim="volume", bins=8, range=(-2.0, 2.0), mask=mask).compute()
     np.testing.assert_array_equal(h.values, loop_reference(v, 8, (-2.0, 2.0), keep))
     extras = sum(h[f"n_{k}"].values.astype(np.int64) for k in EXTRA)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -385,8 +386,8 @@ def bin_spec(
 
 def _totals(
     data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any, weights: Any
-) -> tuple[xr.DataArray, da.Array]:
-    """The transposed data and the lazy ``(*kept, nbins + NEXTRA)`` counts (bins, then the extra counters)."""
+) -> tuple[xr.DataArray, da.Array, da.Array]:
+    """The transposed data, the lazy ``(*kept, nbins)`` counts and the ``(*kept, NEXTRA)`` extra counters."""
     if weights is None and kept and tuple(data.dims[: len(reduced)]) == tuple(reduced):
         return _voxel_totals(data, spec, kept, reduced, mask)
     x, args = prepare(data, kept, reduced, mask, weights)
@@ -400,7 +401,8 @@ def _totals(
 
     dtype = np.float64 if has_w else np.int64
     parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack, has_m, has_w))
-    return x, add_up(parts, nk)
+    total = add_up(parts, nk)
+    return x, total[..., : spec.nbins], total[..., spec.nbins :]
 
 
 def count_dtype(n: int) -> np.dtype:
@@ -427,13 +429,27 @@ def _value_bins(dtype: np.dtype, spec: BinSpec) -> tuple[int, np.ndarray]:
     return int(info.min), k.astype(np.int64)
 
 
-def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec, cdtype: np.dtype) -> np.ndarray:
-    """The counts of one group of volume blocks of one voxel tile: each block (volumes first, as
-    stored) goes through the kernel into the same count array - no concatenation, one array."""
+def _voxel_rows(xb: np.ndarray, nred: int, dtype: np.dtype, split: bool) -> list[np.ndarray]:
+    """A block (volumes first) as C-contiguous ``(volumes, voxels)`` pieces for the kernel: the
+    whole block unless ``split``, else one ``(1, voxels)`` piece per volume, views of a block
+    cut out of a stored chunk along its first voxel dim; a copy only where the voxels are not
+    contiguous or the dtype differs."""
+    x = numba_ready(xb)
+    nv = math.prod(xb.shape[:nred])
+    if not split:
+        return [np.ascontiguousarray(x, dtype=dtype).reshape(nv, -1)]
+    return [np.ascontiguousarray(v, dtype=dtype).reshape(1, -1) for v in x.reshape(nv, *xb.shape[nred:])]
+
+
+def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec, cdtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The counts and the extra counters of one group of volume blocks of one voxel tile: every
+    block (volumes first, as stored) goes through the kernel into the same counts."""
     from numba.typed import List
 
     sshape = blocks[0].shape[nred:]
-    out = np.zeros((math.prod(sshape), spec.nbins + _kernels.NEXTRA), dtype=cdtype)
+    nvox = math.prod(sshape)
+    counts = np.empty((nvox, spec.nbins), dtype=cdtype)
+    extra = np.empty((nvox, _kernels.NEXTRA), dtype=cdtype)
     edges = spec.edges if spec.kind == "float" else np.empty(0)
     ft = np.result_type(*(numba_ready(b[:0]).dtype for b in blocks))  # one dtype for the typed list
     lo, lut = spec.lo, np.empty(0, dtype=np.int64)
@@ -441,12 +457,14 @@ def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec,
         lo, lut = _value_bins(ft, spec)
     xs, ms = List(), None if mblocks is None else List()
     for i, xb in enumerate(blocks):
-        x2 = np.ascontiguousarray(numba_ready(xb), dtype=ft).reshape(math.prod(xb.shape[:nred]), -1)
-        xs.append(x2)
+        split = not (xb.flags.c_contiguous and (ms is None or mblocks[i].flags.c_contiguous))
+        for piece in _voxel_rows(xb, nred, ft, split):
+            xs.append(piece)
         if ms is not None:
-            ms.append(np.ascontiguousarray(mblocks[i], dtype=np.bool_).reshape(x2.shape))
-    _kernels.voxel_hist(xs, lo, spec.nbins, edges, spec.slack, lut, out, ms)
-    return out.reshape((1,) + sshape + (out.shape[1],))
+            for piece in _voxel_rows(mblocks[i], nred, np.dtype(np.bool_), split):
+                ms.append(piece)
+    _kernels.voxel_hist(xs, lo, spec.nbins, edges, spec.slack, lut, counts, extra, ms)
+    return counts.reshape((1, *sshape, spec.nbins)), extra.reshape((1, *sshape, _kernels.NEXTRA))
 
 
 #: Per-voxel histograms: a task counts a group of volume blocks of one voxel tile into one count
@@ -457,21 +475,28 @@ VOXEL_IN_BYTES = 64 * 2**20
 VOXEL_OUT_BYTES = 32 * 2**20
 
 
-def _voxel_split(data: xr.DataArray, kept: tuple, voxels: int) -> dict[Hashable, int]:
+def _voxel_split(data: xr.DataArray, kept: tuple, voxels: int) -> dict[Hashable, tuple[int, ...]]:
     """Smaller chunks along the kept (voxel) dims, outermost first, so that a block holds at
-    most ``voxels`` voxels; empty when the chunks already do. Splitting only: volumes are not
-    regrouped (no data copied)."""
+    most ``voxels`` voxels; empty when the chunks already do. Each chunk is cut into near-equal
+    pieces (500 -> 250, 250, not 422, 78): every new block is a slice of one stored chunk, so
+    nothing is copied or joined; volumes are not regrouped."""
     cur = {d: (max(data.chunksizes[d]) if data.chunks else data.sizes[d]) for d in kept}
-    new: dict[Hashable, int] = {}
+    new: dict[Hashable, tuple[int, ...]] = {}
     for d in kept:
         rest = math.prod(v for k, v in cur.items() if k != d)
         if rest * cur[d] <= voxels:
             break
-        cur[d] = new[d] = max(1, voxels // rest)
+        size = max(1, voxels // rest)
+        pieces = []
+        for c in data.chunksizes[d] if data.chunks else (data.sizes[d],):
+            n = -(-c // size)
+            pieces += [c // n + (i < c % n) for i in _range(n)]
+        new[d] = tuple(pieces)
+        cur[d] = max(pieces)
     return new
 
 
-def _voxel_totals(data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any) -> tuple[xr.DataArray, da.Array]:
+def _voxel_totals(data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any) -> tuple[xr.DataArray, da.Array, da.Array]:
     """Per-voxel histograms across the leading (reduced) dims, e.g. ``dim="volume"``: blocks read
     as stored (volumes first, no transpose, no regrouping copy); counts in the smallest dtype that
     holds the number of volumes (it cannot overflow: no voxel is counted more often); groups of
@@ -503,12 +528,17 @@ def _voxel_totals(data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple
         for t in tiles:
             xs = [(xa.name, *r, *t) for r in members]
             ms = [(args[1].name, *r, *t) for r in members] if len(args) > 1 else None
-            dsk[(name, g, *t, 0)] = (func, xs, ms)
+            dsk[(name, g, *t)] = (func, xs, ms)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=args)
-    chunks = ((1,) * len(groups), *xa.chunks[nred:], (width,))
-    leaves = da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=cdtype))
-    total = leaves[0] if len(groups) == 1 else leaves.sum(axis=0, dtype=cdtype)  # the tree reduction
-    return x.transpose(*kept, *reduced), total
+    out = []
+    for i, n in enumerate((spec.nbins, _kernels.NEXTRA)):  # each leaf gives (counts, counters)
+        part = f"{name}-{i}"
+        layer = {(part, *k[1:], 0): (operator.getitem, k, i) for k in dsk}
+        g2 = HighLevelGraph({**graph.layers, part: layer}, {**graph.dependencies, part: {name}})
+        chunks = ((1,) * len(groups), *xa.chunks[nred:], (n,))
+        leaves = da.Array(g2, part, chunks, meta=np.empty((0,) * len(chunks), dtype=cdtype))
+        out.append(leaves[0] if len(groups) == 1 else leaves.sum(axis=0, dtype=cdtype))  # the tree reduction
+    return x.transpose(*kept, *reduced), out[0], out[1]
 
 
 def add_up(parts: da.Array, nkept: int) -> da.Array:
@@ -529,7 +559,7 @@ def histogram_counts(
     if data.dtype.itemsize == 1 or data.dtype.kind == "b":
         kept, reduced = _dims(data, dim)
         spec = bin_spec(data, data.dtype, None, None, mask)
-        counts = dask.compute(_totals(data, spec, kept, reduced, mask, None)[1][..., : spec.nbins], optimize_graph=False)[0]
+        counts = dask.compute(_totals(data, spec, kept, reduced, mask, None)[1], optimize_graph=False)[0]
         return counts.reshape(-1, spec.nbins), spec.centers
     h = histogram(data, dim=dim, mask=mask)
     return h.values.reshape(-1, h.sizes["bin"]), h["bin"].values
@@ -544,13 +574,12 @@ def histogram_with(
 ) -> xr.DataArray:
     """The lazy histogram of one DataArray on given bins (no range pass)."""
     kept, reduced = _dims(data, dim)
-    x, total = _totals(data, spec, kept, reduced, mask, weights)
+    x, counts, extras = _totals(data, spec, kept, reduced, mask, weights)
     has_w = weights is not None
-    counts = total[..., : spec.nbins]
     coords: dict[Hashable, Any] = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
     coords.update(bin=("bin", spec.centers), bin_lower=("bin", spec.lower), bin_upper=("bin", spec.upper))
     for i, name in enumerate(_kernels.EXTRA):
-        extra = total[..., spec.nbins + i]
+        extra = extras[..., i]
         coords[f"n_{name}"] = (kept, extra.astype(np.int64) if has_w else extra)
     return xr.DataArray(counts, dims=(*kept, "bin"), coords=coords, name="histogram")
 

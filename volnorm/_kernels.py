@@ -148,58 +148,91 @@ VOXEL_TILE_BYTES = 24 * 1024
 
 
 @numba.njit(nogil=True, cache=True)
-def voxel_hist(xs, lo, nbins, edges, slack, lut, out, ms=None):  # pragma: no cover - compiled
+def voxel_hist(xs, lo, nbins, edges, slack, lut, counts, extra, ms=None):  # pragma: no cover - compiled
     """One histogram per voxel across volumes: ``xs`` is a list of ``(volumes, voxels)`` blocks
-    as stored (no transpose, no concatenation), ``out`` is ``(voxels, nbins + NEXTRA)`` of a
-    small unsigned dtype; ``ms`` the blocks' masks (or None). Integer bins (one per value from
-    ``lo``) when ``edges`` is empty, else numpy's bins on ``edges`` exactly as :func:`hist_float`
-    finds them; ``lut`` (non-empty for 8/16-bit integers on float bins) gives the bin or counter
-    of each value from ``lo`` directly. Tiles of :data:`VOXEL_TILE_BYTES` of count rows stay in cache while every
-    volume of every block streams its values of the tile through (one volume at a time would
-    sweep all the counts per volume: 5x slower). The float binning repeats :func:`hist_float`'s
-    lines on purpose: as a shared numba function (inlined or not) both kernels ran 2-4x slower
-    (measured 2026-11-30: 1.02 -> 0.55 GB/s and 0.54 -> 0.25 GB/s)."""
-    ns = out.shape[0]
-    tile = max(8, VOXEL_TILE_BYTES // (out.shape[1] * out.itemsize))
+    as stored (no transpose, no concatenation); ``counts`` ``(voxels, nbins)`` and ``extra``
+    ``(voxels, NEXTRA)`` (the counters), of one small unsigned dtype, are written, not added
+    to; ``ms`` the blocks' masks (or None). Integer bins (one per value from ``lo``) when
+    ``edges`` is empty, else numpy's bins on ``edges`` exactly as :func:`hist_float` finds
+    them; ``lut`` (non-empty for 8/16-bit integers on float bins) gives the bin or counter of
+    each value from ``lo`` directly.
+
+    A tile of :data:`VOXEL_TILE_BYTES` of count rows (bins and counters) stays in cache while
+    every volume of every block streams its values of the tile through (one volume at a time
+    would sweep all the counts per volume: 5x slower), then goes out to ``counts`` and
+    ``extra``: the outputs need no zeroing and come out contiguous, bins apart from counters
+    (slicing the counters out of 106-byte rows afterwards cost 0.5 s per 2.25 M voxels).
+
+    Per volume and tile, a branch-free pass finds each voxel's offset in the tile's counts
+    (int32, so that it vectorizes), or -1 for a float close to an edge or outside the bins; a
+    second pass counts; a third, only when some are -1, bins those as :func:`hist_float` does
+    (its lines repeated on purpose: as a shared numba function both kernels ran 2-4x slower).
+    Measured 2026-11-30 on one thread against the previous one-pass loop: float32 1.1 -> 1.6
+    GB/s, with a mask 0.16 -> 1.4, uint8 on integer bins 0.26 -> 0.79, int16 0.35 -> 1.5,
+    uint8 through ``lut`` 0.51 -> 0.61."""
+    ns = counts.shape[0]
+    w = nbins + extra.shape[1]
+    tile = max(8, VOXEL_TILE_BYTES // (w * counts.itemsize))
     use_lut = lut.shape[0] > 0
     is_int = edges.shape[0] == 0
     elo = edges[0] if not is_int else 0.0
     ehi = edges[nbins] if not is_int else 1.0
     scale = nbins / (ehi - elo)
-    nb = np.uint64(nbins)
+    o = np.zeros(tile * w, counts.dtype)
+    kbuf = np.empty(tile, np.int32)
+    lut32 = lut.astype(np.int32)
+    nb32 = np.int32(nbins)
+    w32 = np.int32(w)
     for s0 in range(0, ns, tile):
         s1 = min(s0 + tile, ns)
+        n = s1 - s0
+        o[: n * w] = 0
         for b in range(len(xs)):
             x = xs[b]
             for v in range(x.shape[0]):
-                xv = x[v]
-                for s in range(s0, s1):
-                    row = out[s]
-                    if ms is not None and not ms[b][v, s]:
-                        row[nbins + 5] += 1
+                xv = x[v, s0:s1]
+                if use_lut:  # 1. the offsets
+                    for i in range(n):
+                        kbuf[i] = np.int32(i) * w32 + lut32[np.int64(xv[i]) - lo]
+                elif is_int:
+                    for i in range(n):
+                        k = np.int64(xv[i]) - lo
+                        c = np.int32(k) if (k >= 0) & (k < nbins) else (nb32 + 3 if k < 0 else nb32 + 4)
+                        kbuf[i] = np.int32(i) * w32 + c
+                else:
+                    for i in range(n):
+                        t = (np.float64(xv[i]) - elo) * scale
+                        ok = (t >= 0.0) & (t < nbins)  # NaN fails both tests
+                        tt = t if ok else 0.0
+                        k = np.int32(tt)
+                        f = tt - np.float64(k)
+                        good = ok & (f >= slack) & (f <= 1.0 - slack)  # near an edge: numpy's correction, below
+                        kbuf[i] = np.int32(i) * w32 + k if good else np.int32(-1)
+                if ms is not None:
+                    mv = ms[b][v, s0:s1]
+                    for i in range(n):
+                        kbuf[i] = kbuf[i] if mv[i] else np.int32(i) * w32 + nb32 + 5
+                bad = 0  # 2. the counts
+                for i in range(n):
+                    k = kbuf[i]
+                    if k >= 0:
+                        o[k] += 1
+                    else:
+                        bad += 1
+                if bad == 0:
+                    continue
+                for i in range(n):  # 3. floats near an edge or outside the bins
+                    if kbuf[i] >= 0:
                         continue
-                    if use_lut:
-                        row[lut[np.int64(xv[s]) - lo]] += 1
-                        continue
-                    if is_int:
-                        k = np.int64(xv[s]) - lo
-                        if np.uint64(k) < nb:
-                            row[k] += 1
-                        elif k < 0:
-                            row[nbins + 3] += 1
-                        else:
-                            row[nbins + 4] += 1
-                        continue
-                    val = np.float64(xv[s])
+                    row = o[i * w : (i + 1) * w]
+                    val = np.float64(xv[i])
                     t = (val - elo) * scale
-                    if t >= 0.0 and t < nbins:  # NaN fails both tests
+                    if t >= 0.0 and t < nbins:
                         k = np.int64(t)
-                        f = t - np.float64(k)
-                        if f < slack or f > 1.0 - slack:  # near a boundary: numpy's correction
-                            if val < edges[k]:
-                                k -= 1
-                            elif k != nbins - 1 and val >= edges[k + 1]:
-                                k += 1
+                        if val < edges[k]:
+                            k -= 1
+                        elif k != nbins - 1 and val >= edges[k + 1]:
+                            k += 1
                         row[k] += 1
                     elif val >= elo and val <= ehi:  # the closed last bin
                         k = nbins - 1
@@ -216,6 +249,9 @@ def voxel_hist(xs, lo, nbins, edges, slack, lut, out, ms=None):  # pragma: no co
                         row[nbins + 3] += 1
                     else:
                         row[nbins + 4] += 1
+        for i in range(n):
+            counts[s0 + i] = o[i * w : i * w + nbins]
+            extra[s0 + i] = o[i * w + nbins : (i + 1) * w]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     nm = sub.add_parser("normative", help="score a new volume voxel by voxel against a store's per-voxel histograms")
     nm.add_argument("store", help="a store holding per-voxel histograms (volnorm voxel-hist)")
     nm.add_argument("volume", help="the new volume (NIfTI) on the cohort's grid")
-    nm.add_argument("--out", required=True, help="NIfTI file for the percentile ranks (0-100); the z-scores go beside it as <name>_z.nii.gz")
+    nm.add_argument("--out", required=True, help="NIfTI file for the percentile ranks (0-100), the z-scores beside it as <name>_z.nii.gz; "
+                    "or a .zarr store (NIfTI-Zarr) holding both")
     nm.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store")
     nm.add_argument("--overwrite", action="store_true")
     _add_engine(nm, default="threads")
@@ -279,10 +280,12 @@ def _voxel_hist(args: argparse.Namespace) -> int:
 
 def _normative(args: argparse.Namespace) -> int:
     import volnorm as vn
+    from volnorm.normative import scores_stack
 
     out = Path(args.out)
+    to_store = out.suffix == ".zarr"
     suffix = "".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix
-    z_out = out.with_name(out.name[: len(out.name) - len(suffix)] + "_z" + (suffix or ".nii.gz"))
+    z_out = out if to_store else out.with_name(out.name[: len(out.name) - len(suffix)] + "_z" + (suffix or ".nii.gz"))
     for p in (out, z_out):
         if p.exists() and not args.overwrite:
             raise ValueError(f"{p} exists; pass --overwrite to replace it")
@@ -293,6 +296,11 @@ def _normative(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.volume}: give one volume")
         vol = vol.isel(volume=0, drop=True).assign_attrs(vol.attrs)
     score = vn.normative_score(vol, h)
+    if to_store:  # one NIfTI-Zarr store, a group per map
+        vn.to_zarr(scores_stack(score), out, overwrite=args.overwrite)
+        if not args.quiet:
+            print(f"percentile ranks and z-scores -> {out} (volumes 'percentile', 'zscore')")
+        return 0
     vn.to_nifti(score["percentile"], out, overwrite=args.overwrite)
     vn.to_nifti(score["zscore"], z_out, overwrite=args.overwrite)
     if not args.quiet:

@@ -208,7 +208,33 @@ def normative_score(volume: xr.DataArray, histograms: xr.DataArray) -> xr.Datase
         z = (v - st["mean"]) / st["std"].where(st["std"] > 0)
     pct = voxel_cdf(histograms, volume) * 100.0
     out = xr.Dataset({"percentile": pct.astype(np.float32), "zscore": z.astype(np.float32)}).transpose(*volume.dims)
+    attrs = dict(volume.attrs)
+    if "nifti_scaled" in attrs:  # new float maps: not the scaled integers of the volume's header
+        attrs["nifti_scaled"] = False
     for k in out.data_vars:
-        out[k].attrs = dict(volume.attrs)
-    out.attrs = dict(volume.attrs)
+        out[k].attrs = dict(attrs)
+    out.attrs = attrs
     return out
+
+
+def scores_stack(scores: xr.Dataset) -> xr.DataArray:
+    """The maps of :func:`normative_score` as one stack, a volume each (``percentile``,
+    ``zscore``), for :func:`volnorm.to_zarr`: a NIfTI-derived volume gives one NIfTI-Zarr
+    group per map, with the volume's geometry.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> from volnorm.normative import scores_stack
+    >>> h = vn.histogram(xr.DataArray(np.array([[0.5], [1.5]]), dims=("volume", "x")), dim="volume", bins=2, range=(0, 2))
+    >>> scores_stack(vn.normative_score(xr.DataArray([1.0], dims="x"), h))["volume"].values.tolist()
+    ['percentile', 'zscore']
+    """
+    names = ["percentile", "zscore"]
+    stack = xr.concat([scores[n] for n in names], dim="volume", coords="minimal", compat="override", combine_attrs="override")
+    stack = stack.assign_coords(volume=names)
+    attrs = dict(scores.attrs)
+    headers = attrs.get("nifti_headers")
+    if isinstance(headers, dict) and len(headers) == 1:  # the volume's header, for each map
+        attrs["nifti_headers"] = dict.fromkeys(names, next(iter(headers.values())))
+    return stack.rename("scores").assign_attrs(attrs)
