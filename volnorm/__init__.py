@@ -41,6 +41,7 @@ from volnorm.io.writers import to_nifti, to_zarr
 from volnorm.conversion import convert
 from volnorm.normative import normative_score, voxel_cdf, voxel_quantile, voxel_stats
 from volnorm.voxel import accumulate, open_voxel_histogram
+from volnorm import pipeline
 
 __all__ = [
     "Params",
@@ -82,6 +83,7 @@ __all__ = [
     "to_zarr",
     "accumulate",
     "open_voxel_histogram",
+    "pipeline",
     "normative_score",
     "voxel_cdf",
     "voxel_quantile",

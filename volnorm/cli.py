@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     nm.add_argument("--overwrite", action="store_true")
     _add_engine(nm, default="threads")
 
+    r = sub.add_parser("run", help="run a pipeline spec (YAML): fit, transform, write; resumable",
+                       description="Run a pipeline spec. Exit codes: 0 done or already up to date; 1 refused or failed; "
+                       "2 usage; 3 interrupted (run again to resume); 4 the cluster was lost (run again).")
+    r.add_argument("spec", help="the YAML spec (see workflows/)")
+    r.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on this dask scheduler (tcp://host:8786, tls://...; or local, threads, sync) instead of the spec's engine")
+    r.add_argument("--dry-run", action="store_true", help="validate, print the plan, write nothing")
+    r.add_argument("--overwrite", action="store_true", help="replace outputs written by another spec or from other inputs")
+    r.add_argument("--resume", action="store_true", help="resume an interrupted run (the default; accepted for clarity)")
+    r.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+
     d = sub.add_parser("demo", help="convert sample MRI data shipped with nibabel plus a generated cohort")
     d.add_argument("--out", default="volnorm-demo", help="folder for the sample files and the store (default ./volnorm-demo)")
     d.add_argument("--subjects", type=int, default=8, help="generated phantom subjects (default 8)")
@@ -148,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {
             "convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold,
-            "hist": _hist, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative,
+            "hist": _hist, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative, "run": _run,
         }
         if args.command in ("stats", "threshold", "hist", "voxel-hist", "normative"):
             from volnorm.engine import dask_scheduler
@@ -306,6 +319,46 @@ def _normative(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"percentile ranks -> {out}\nz-scores -> {z_out}")
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a batch system's walltime): stop like Ctrl-C, leaving a resumable run."""
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    from volnorm import pipeline
+    from volnorm._spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.scheduler:
+        spec.data["engine"]["scheduler"] = args.scheduler
+    if args.progress is not None:
+        spec.data["engine"]["progress"] = args.progress
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading_main() else None
+    try:
+        res = pipeline.run(spec, dry_run=args.dry_run, overwrite=args.overwrite, echo=None if args.quiet else print)
+    except pipeline.ClusterLostError as e:
+        print(f"volnorm run: error: {e}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("volnorm run: interrupted; nothing was committed; run the same command again to resume", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0 if res.status in ("done", "up to date", "planned") else 1
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _apply(args: argparse.Namespace) -> int:

@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1) -> Any:
+def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit: str | int | float | None = "auto") -> Any:
     """Start the embedded default cluster (loopback only) and return a ``Client``.
+
+    ``memory_limit`` is per worker (dask's ``"auto"``: the machine's memory shared out);
+    a worker pauses at 80% of it and is restarted at 95% (dask's thresholds).
 
     Examples
     --------
@@ -48,6 +51,7 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1) 
             # loopback only; a random port so several clusters can coexist
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.WARNING,
+            memory_limit=memory_limit,
         )
     return Client(cluster, set_as_default=False)
 

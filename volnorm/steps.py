@@ -25,6 +25,8 @@ FITTED = {"rescale": "rescale", "zscore": "zscore", "mean_scale": "mean_scale", 
 #: Steps applied without fitting (or refitted on each dataset by design).
 UNFITTED = ("equalize_adaptive", "dither", "binarize")
 STEPS = tuple(FITTED) + UNFITTED
+#: A pipeline spec's steps: the command line's, and Nyúl standardization (fit, then apply).
+PIPELINE_STEPS = (*STEPS, "nyul")
 
 
 def _value(text: str) -> Any:
@@ -78,19 +80,32 @@ def _resolve_dim(data: xr.DataArray, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]]) -> xr.DataArray:
+def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *, mask: xr.DataArray | None = None) -> xr.DataArray:
     """Fit and apply ``steps`` left to right; the fitted parameters accumulate in
-    ``attrs["volnorm_params"]``. Computes: each step's fit pass."""
+    ``attrs["volnorm_params"]``. ``mask`` goes to every step that takes one (its
+    statistics are taken inside the mask). Computes: each step's fit pass."""
+    import inspect
+
     import volnorm as vn
 
     for name, kwargs in steps:
-        data = getattr(vn, name)(data, **_resolve_dim(data, kwargs))
+        kwargs = _resolve_dim(data, kwargs)
+        if name == "nyul":  # fit the landmarks on these data, then map them
+            fit_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+            data = vn.nyul_apply(data, vn.nyul_fit(data, mask=mask, **fit_kw), mask=mask)
+            continue
+        func = getattr(vn, name)
+        if mask is not None and "mask" in inspect.signature(func).parameters:
+            kwargs = {**kwargs, "mask": mask}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists: the API's tuples
+        data = func(data, **kwargs)
     return data
 
 
-def replay(data: xr.DataArray, history: Sequence[dict[str, Any]]) -> xr.DataArray:
+def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.DataArray | None = None) -> xr.DataArray:
     """Apply recorded steps (``attrs["volnorm_params"]`` / a store's ``steps``) with their fitted
-    parameters: no fit pass for fitted steps. Lazy except for the unfitted ones' own passes."""
+    parameters: no fit pass for fitted steps. Lazy except for the unfitted ones' own passes
+    (and Nyúl's per-volume landmarks, taken inside ``mask``)."""
     import volnorm as vn
     from volnorm._transforms import Params
 
@@ -120,6 +135,11 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]]) -> xr.DataArra
             if name == "mean_scale":
                 extra["target"] = opts["target"]
             data = getattr(vn, name)(data, params=p, **extra)
+        elif name == "nyul":  # the standard landmarks; each volume's own come from these data
+            vals = p.values.drop_vars("volume_landmarks", errors="ignore") if p is not None else None
+            if vals is None:
+                raise ValueError("step 'nyul' was recorded without its landmarks; fit it again")
+            data = vn.nyul_apply(data, Params("nyul", vals, p.options), mask=mask)
         elif name == "equalize_adaptive":
             data = vn.equalize_adaptive(data, opts.get("kernel_size"), opts.get("clip_limit", 0.01), opts.get("nbins", 256), dim=tuple(opts.get("dim", ("y", "x"))))
         else:

@@ -226,15 +226,25 @@ def to_zarr(
     ('volume', 't', 'z', 'y', 'x')
     """
     vols = _volumes(data)
-    final = Path(store)
     token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec))
-    nifti = _is_nifti_derived(vols)
-    plan = {"kind": "cohort" if nifti else "images", "token": token}
-    staging = Staging(final, plan, overwrite=overwrite).prepare()
+    plan = {"kind": "cohort" if _is_nifti_derived(vols) else "images", "token": token}
+    staging = Staging(Path(store), plan, overwrite=overwrite).prepare()
     try:
-        _write_staged(data, vols, staging, final, nifti, codec, steps, progress)
+        write_staged(data, staging, codec=codec, steps=steps, progress=progress)
     finally:
         staging.release()
+
+
+def write_staged(
+    data: xr.DataArray | xr.DataTree, staging: Staging, *, codec: Any = DEFAULT_CODEC, steps: list | None = None,
+    progress: bool = False, manifest: dict | None = None,
+) -> None:
+    """Write ``data`` into a prepared :class:`~volnorm.io.store.Staging` and commit it (the
+    body of :func:`to_zarr`, for runners that own the staging: its plan, resume, lock).
+    Volumes already complete in a resumed staging are not written again; ``manifest`` adds
+    keys to the committed manifest."""
+    vols = _volumes(data)
+    _write_staged(data, vols, staging, staging.final, _is_nifti_derived(vols), codec, steps, progress, manifest or {})
 
 
 def _write_staged(
@@ -246,6 +256,7 @@ def _write_staged(
     codec: Any,
     steps: list | None,
     progress: bool,
+    extra: dict,
 ) -> None:
     import zarr
 
@@ -299,7 +310,7 @@ def _write_staged(
         _compute([delayed], progress, "write")
         verify_array(zarr.open_array(staging.path / "image", mode="r"), f"{final}/image")
         manifest = {"kind": "images", "volumes": [str(v) for v in arr["volume"].values], "steps": steps or []}
-    staging.commit(manifest)
+    staging.commit({**manifest, **extra})
 
 
 def _jsonable(v: Any) -> bool:

@@ -1,0 +1,402 @@
+"""Pipeline specs: YAML loaded safely and strictly, checked against the schema before any data is read.
+
+The loader builds plain Python values from YAML's node tree itself, so that:
+
+* only YAML's standard tags are accepted (``!!python/object`` and every other
+  application tag is refused before anything is constructed);
+* anchors and aliases are refused (no alias bombs, no shared mutable values);
+* a key given twice in one mapping is refused (PyYAML keeps the last one silently);
+* documents larger than :data:`MAX_SPEC_BYTES` are refused unread;
+* every key path keeps its line, so an error says where it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Larger specs are refused before parsing (a spec is a page of text).
+MAX_SPEC_BYTES = 256 * 1024
+#: Deeper nesting is refused (a spec is a few levels deep).
+MAX_DEPTH = 12
+
+_STD_TAGS = {
+    "tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
+}
+
+
+class SpecError(ValueError):
+    """An invalid pipeline spec: the message names the key path and the line."""
+
+
+@dataclass
+class Spec:
+    """A validated pipeline spec: ``data`` (plain values, defaults filled in, paths resolved
+    against ``base``), where it came from, and the line of every key path."""
+
+    data: dict[str, Any]
+    source: str
+    base: Path
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
+def _where(path: str, lines: Mapping[str, int], source: str) -> str:
+    """``source, line N`` of ``path`` (or of its nearest parent that has a line)."""
+    while path and path not in lines:
+        parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+        path = "" if parent == path else parent
+    line = lines.get(path)
+    return f"{source}, line {line}" if line else source
+
+
+def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
+    """Parse ``text`` strictly: plain dicts, lists and scalars, and the line of every key path.
+
+    Examples
+    --------
+    >>> parse_yaml("a: 1\\nb: [x, y]\\n")
+    ({'a': 1, 'b': ['x', 'y']}, {'': 1, 'a': 1, 'b': 2, 'b[0]': 2, 'b[1]': 2})
+    >>> parse_yaml("a: &x 1\\nb: *x\\n")
+    Traceback (most recent call last):
+    ...
+    volnorm._spec.SpecError: <spec>, line 1: YAML anchors and aliases are not allowed in a spec
+    """
+    import yaml
+
+    if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: the spec is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a page of text")
+    loader = yaml.SafeLoader(text)
+    try:
+        for ev in _events(loader):
+            if isinstance(ev, (yaml.AliasEvent,)) or getattr(ev, "anchor", None):
+                raise SpecError(f"{source}, line {ev.start_mark.line + 1}: YAML anchors and aliases are not allowed in a spec")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark else source
+        raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+    loader = yaml.SafeLoader(text)
+    try:
+        nodes = loader.get_single_node()
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if nodes is None:
+        raise SpecError(f"{source}: the spec is empty")
+    lines: dict[str, int] = {}
+    return _value(nodes, "", lines, source, yaml.SafeLoader(""), 0), lines
+
+
+def _events(loader: Any) -> Any:
+    while loader.check_event():
+        yield loader.get_event()
+
+
+def _value(node: Any, path: str, lines: dict[str, int], source: str, ctor: Any, depth: int) -> Any:
+    import yaml
+
+    line = node.start_mark.line + 1
+    lines.setdefault(path, line)
+    if depth > MAX_DEPTH:
+        raise SpecError(f"{source}, line {line}: nested more than {MAX_DEPTH} levels deep")
+    if node.tag not in _STD_TAGS:
+        raise SpecError(f"{source}, line {line}: the tag {node.tag!r} is not allowed in a spec (plain YAML values only)")
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode) or knode.tag not in _STD_TAGS:
+                raise SpecError(f"{source}, line {knode.start_mark.line + 1}: keys must be plain strings")
+            key = str(ctor.construct_object(knode))
+            if key == "<<":
+                raise SpecError(f"{source}, line {knode.start_mark.line + 1}: YAML merge keys (<<) are not allowed in a spec")
+            sub = f"{path}.{key}" if path else key
+            if key in out:
+                raise SpecError(
+                    f"{source}, line {knode.start_mark.line + 1}: {sub!r} is given twice "
+                    f"(first on line {lines.get(sub)}); YAML would keep only the last one"
+                )
+            lines[sub] = knode.start_mark.line + 1
+            out[key] = _value(vnode, sub, lines, source, ctor, depth + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_value(n, f"{path}[{i}]", lines, source, ctor, depth + 1) for i, n in enumerate(node.value)]
+    return ctor.construct_object(node)
+
+
+# ---------------------------------------------------------------------------
+# the schema
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key: its check (a type, a tuple of types, or a callable that raises ValueError),
+    whether it is required, its default, and for a mapping its own fields."""
+
+    check: Any = None
+    required: bool = False
+    default: Any = None
+    fields: Mapping[str, Field] | None = None
+    help: str = ""
+
+
+def _str_or_list(v: Any) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(s, str) for s in v):
+        return v
+    raise ValueError("expected a path or glob, or a list of them")
+
+
+def _chunks(v: Any) -> Any:
+    if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    if isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) and (n > 0 or n == -1) for n in v.values()):
+        return v
+    raise ValueError("expected 'auto', a size in MiB, or a mapping dim -> chunk length (e.g. {z: 64})")
+
+
+def _pair(v: Any) -> list[float]:
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and v[0] < v[1]:
+        return [float(x) for x in v]
+    raise ValueError("expected [lo, hi] with lo < hi")
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    raise ValueError("expected a positive integer")
+
+
+def _quantiles(v: Any) -> list[float]:
+    if isinstance(v, list) and v and all(isinstance(q, (int, float)) and not isinstance(q, bool) and 0 <= q <= 1 for q in v):
+        return [float(q) for q in v]
+    raise ValueError("expected a list of quantiles in [0, 1]")
+
+
+def _memory(v: Any) -> Any:
+    if v is None or v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+        return v
+    if isinstance(v, str):
+        from dask.utils import parse_bytes
+
+        try:
+            return parse_bytes(v)
+        except ValueError:
+            pass
+    raise ValueError("expected a size such as '2GiB', a number of bytes, or 'auto'")
+
+
+def _scheduler(v: Any) -> str:
+    if v in ("local", "threads", "sync") or (isinstance(v, str) and v.startswith(("tcp://", "tls://"))):
+        return v
+    raise ValueError("expected 'local', 'threads', 'sync', or an address tcp://host:port / tls://host:port")
+
+
+def _steps(v: Any) -> list[dict[str, Any]]:
+    """Each step: ``name`` or ``{name: {option: value, ...}}`` -> ``{"name": ..., "options": {...}}``."""
+    from volnorm.steps import PIPELINE_STEPS
+
+    if not isinstance(v, list):
+        raise ValueError("expected a list of steps, e.g. [{rescale: {percentiles: [1, 99]}}, equalize]")
+    out = []
+    for i, item in enumerate(v):
+        if isinstance(item, str):
+            name, opts = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, opts = next(iter(item.items()))
+            opts = {} if opts is None else opts
+            if not isinstance(opts, dict):
+                raise ValueError(f"[{i}]: the options of step {name!r} must be a mapping")
+        else:
+            raise ValueError(f"[{i}]: a step is a name or a one-key mapping {{name: {{options}}}}")
+        if name not in PIPELINE_STEPS:
+            hint = difflib.get_close_matches(str(name), PIPELINE_STEPS, n=1)
+            raise ValueError(f"[{i}]: unknown step {name!r} (steps: {', '.join(PIPELINE_STEPS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        bad = [k for k in opts if k in ("params", "mask", "data")]
+        if bad:
+            raise ValueError(f"[{i}]: step {name!r}: {bad[0]!r} is set by the pipeline (use the spec's `mask` / `params_from`)")
+        out.append({"name": name, "options": opts})
+    return out
+
+
+SCHEMA: dict[str, Field] = {
+    "version": Field(lambda v: v if v == 1 else (_ for _ in ()).throw(ValueError("only version 1 exists")), required=True,
+                     help="the spec format version: 1"),
+    "name": Field(str, help="a name for the run, shown in the plan"),
+    "input": Field(required=True, fields={
+        "nifti": Field(_str_or_list, help="NIfTI files: paths, globs or directories"),
+        "images": Field(_str_or_list, help="2-D image files (PNG, TIFF, NPY): paths or globs"),
+        "store": Field(str, help="a volnorm Zarr store"),
+        "chunks": Field(_chunks, help="'auto', MiB per chunk, or {dim: length}"),
+    }),
+    "mask": Field(fields={
+        "file": Field(str, help="a NIfTI mask on the input's grid, applied to every volume"),
+        "threshold": Field(dict, help="a mask from the data: {method: otsu|li|yen|..., dim: volume}"),
+    }),
+    "steps": Field(_steps, default=[], help="transforms, in order, as in the Python API"),
+    "params_from": Field(str, help="a previous run's output store (or --save-params JSON): its fitted steps are applied, not refitted"),
+    "output": Field(required=True, fields={
+        "store": Field(str, required=True, help="the output Zarr store (NIfTI-Zarr for NIfTI input)"),
+        "codec": Field(lambda v: v if v in ("lz4", "zstd", "zarr-default", "none") else (_ for _ in ()).throw(
+            ValueError("expected lz4, zstd, zarr-default or none")), default="lz4"),
+    }),
+    "outputs": Field(default={}, fields={
+        "images": Field(bool, default=True, help="write the normalized images into output.store"),
+        "voxel_histogram": Field(fields={
+            "bins": Field(_positive_int, default=100),
+            "range": Field(_pair, required=True),
+            "name": Field(str, default="voxel_histogram"),
+        }, help="per-voxel histograms across volumes, into output.store"),
+        "statistics": Field(fields={
+            "path": Field(str, required=True, help="a .json or .csv file"),
+            "quantiles": Field(_quantiles, default=[0.01, 0.5, 0.99]),
+        }, help="per-volume statistics of the output"),
+        "params": Field(str, help="the fitted steps as JSON (for volnorm apply / params_from)"),
+    }),
+    "engine": Field(default={}, fields={
+        "scheduler": Field(_scheduler, default="local"),
+        "n_workers": Field(_positive_int),
+        "memory_limit": Field(_memory, default="auto", help="per worker, e.g. '2GiB'"),
+        "allow_insecure": Field(bool, default=False, help="allow plain tcp:// to a non-loopback scheduler"),
+        "progress": Field(bool, default=True),
+    }),
+}
+
+
+def _check_value(f: Field, v: Any) -> Any:
+    chk = f.check
+    if chk is None:
+        return v
+    if isinstance(chk, (type, tuple)):
+        types = chk if isinstance(chk, tuple) else (chk,)
+        if isinstance(v, bool) and bool not in types:
+            raise ValueError(f"expected {' or '.join(t.__name__ for t in types)}, got a boolean")
+        if not isinstance(v, types):
+            raise ValueError(f"expected {' or '.join(t.__name__ for t in types)}, got {type(v).__name__} {v!r}")
+        return v
+    return chk(v)
+
+
+def _validate(fields: Mapping[str, Field], data: Any, path: str, lines: Mapping[str, int], source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise SpecError(f"{_where(path, lines, source)}: {path or 'the spec'} must be a mapping of keys, got {type(data).__name__}")
+    for key in data:
+        if key not in fields:
+            sub = f"{path}.{key}" if path else key
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            raise SpecError(
+                f"{_where(sub, lines, source)}: unknown key {sub!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else f" (keys here: {', '.join(fields)})")
+            )
+    out: dict[str, Any] = {}
+    for key, f in fields.items():
+        sub = f"{path}.{key}" if path else key
+        if key not in data or data[key] is None and f.fields is None:
+            if f.required:
+                raise SpecError(f"{_where(path, lines, source)}: {sub!r} is required" + (f" ({f.help})" if f.help else ""))
+            if f.fields is not None and isinstance(f.default, dict) and key not in data:
+                out[key] = _validate(f.fields, {}, sub, lines, source) if f.default == {} else f.default
+            elif f.default is not None:
+                out[key] = f.default
+            continue
+        v = data[key]
+        if f.fields is not None:
+            out[key] = _validate(f.fields, {} if v is None else v, sub, lines, source)
+            continue
+        try:
+            out[key] = _check_value(f, v)
+        except ValueError as e:
+            raise SpecError(f"{_where(sub, lines, source)}: {sub}: {e}") from None
+    return out
+
+
+def _one_of(section: dict, keys: tuple[str, ...], path: str, lines: Mapping[str, int], source: str, required: bool = True) -> None:
+    given = [k for k in keys if k in section]
+    if len(given) > 1 or (required and not given):
+        raise SpecError(f"{_where(path, lines, source)}: {path} needs exactly one of {', '.join(keys)}" + (f"; got {', '.join(given)}" if given else ""))
+
+
+def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str | os.PathLike | None = None) -> Spec:
+    """Load and validate a pipeline spec: a YAML file, YAML text, or a dict.
+
+    Nothing is read but the spec. Relative paths in it are taken from the spec
+    file's directory (YAML text and dicts: ``base``, default the current directory).
+
+    Examples
+    --------
+    >>> s = load_spec({"version": 1, "input": {"nifti": "scans/*.nii.gz"},
+    ...                "steps": [{"rescale": {"percentiles": [1, 99]}}], "output": {"store": "out.zarr"}}, base="/data")
+    >>> s["input"]["nifti"], s["steps"], s["output"]["store"]
+    (['/data/scans/*.nii.gz'], [{'name': 'rescale', 'options': {'percentiles': [1, 99]}}], '/data/out.zarr')
+    >>> load_spec({"version": 1, "input": {"nifti": "a.nii"}, "output": {"stor": "o.zarr"}})
+    Traceback (most recent call last):
+    ...
+    volnorm._spec.SpecError: <spec>: unknown key 'output.stor'; did you mean 'store'?
+    """
+    if isinstance(spec, Spec):
+        return spec
+    lines: dict[str, int] = {}
+    if isinstance(spec, Mapping):
+        data, source, root = dict(spec), "<spec>", Path(base or os.getcwd())
+    else:
+        if isinstance(spec, str) and "\n" in spec:  # YAML text
+            data, lines = parse_yaml(str(spec))
+            source, root = "<spec>", Path(base or os.getcwd())
+        else:
+            p = Path(spec)
+            try:
+                size = p.stat().st_size
+            except OSError as e:
+                raise SpecError(f"{p}: cannot read the spec ({e.strerror or e})") from None
+            if size > MAX_SPEC_BYTES:
+                raise SpecError(f"{p}: the spec is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a page of text")
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise SpecError(f"{p}: not a UTF-8 text file") from None
+            data, lines = parse_yaml(text, str(p))
+            source, root = str(p), (Path(base) if base else p.resolve().parent)
+    out = _validate(SCHEMA, data, "", lines, source)
+    _one_of(out["input"], ("nifti", "images", "store"), "input", lines, source)
+    if "mask" in out:
+        _one_of(out["mask"], ("file", "threshold"), "mask", lines, source)
+    if "params_from" in out and out["steps"]:
+        raise SpecError(f"{_where('params_from', lines, source)}: give either `steps` (fitted here) or `params_from` (fitted before), not both")
+    o = out["outputs"]
+    if not (o["images"] or "voxel_histogram" in o or "statistics" in o):
+        raise SpecError(f"{_where('outputs', lines, source)}: outputs asks for nothing (images: false and no voxel_histogram or statistics)")
+    _resolve_paths(out, root)
+    return Spec(out, source, root, lines)
+
+
+def _resolve_paths(d: dict[str, Any], root: Path) -> None:
+    def res(p: str) -> str:
+        if "://" in p:
+            return p
+        q = Path(os.path.expanduser(p))
+        return str(q if q.is_absolute() else root / q)
+
+    fix: list[tuple[dict, str, Callable[[Any], Any]]] = [
+        (d["input"], "nifti", lambda v: [res(s) for s in v]),
+        (d["input"], "images", lambda v: [res(s) for s in v]),
+        (d["input"], "store", res),
+        (d["output"], "store", res),
+        (d, "params_from", res),
+        (d.get("mask", {}), "file", res),
+        (d["outputs"], "params", res),
+        (d["outputs"].get("statistics", {}), "path", res),
+    ]
+    for sec, key, f in fix:
+        if key in sec:
+            sec[key] = f(sec[key])

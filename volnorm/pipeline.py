@@ -1,0 +1,588 @@
+"""Declarative runs: a YAML spec -> fit passes -> one lazy graph -> a committed store.
+
+A spec (see ``workflows/``) names the input, an optional mask, the steps (the
+Python API's transforms, by name, with their options), the outputs and the engine.
+:func:`run` validates it before any data is read, prints the plan, runs each
+step's fit pass, builds one lazy graph and writes it with the store's commit
+protocol (staging directory, every chunk verified, completion marker last). A
+run is idempotent: run again, it does nothing and says so; interrupted, it
+resumes (volumes already written are not written again, fitted parameters are
+reused); a changed spec or changed inputs never mix with an existing output
+unless ``overwrite=True``.
+
+Exit codes of ``volnorm run``: 0 done (or already up to date), 1 refused or
+failed (bad spec, bad input, an output that exists), 2 command-line usage,
+3 interrupted (SIGINT/SIGTERM: run again to resume), 4 the cluster was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from volnorm._spec import Spec, SpecError, load_spec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClusterLostError", "RunResult", "SpecError", "load_spec", "plan", "run"]
+
+
+class ClusterLostError(RuntimeError):
+    """The dask scheduler or every worker went away during a run (nothing was committed)."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` did: ``status`` is ``"done"``, ``"up to date"`` or ``"planned"`` (dry run)."""
+
+    status: str
+    plan: dict[str, Any]
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"volnorm run: {self.status} ({self.seconds:.1f} s)"]
+        lines += [f"  wrote   {w}" for w in self.written]
+        lines += [f"  kept    {s} (already up to date)" for s in self.skipped]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# the plan: inputs, digests, what is already done
+# ---------------------------------------------------------------------------
+
+
+def _identity(p: Path) -> list[Any]:
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def _store_identity(p: Path) -> list[Any]:
+    from volnorm.io.store import read_manifest
+
+    m = read_manifest(p) or {}
+    if not m.get("complete"):
+        raise ValueError(f"{p}: not a complete volnorm store")
+    return [str(p), m.get("plan_digest"), m.get("finished")]
+
+
+def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int]:
+    """The kind of input, its files (or store), their identities and bytes of voxels. Reads headers only."""
+    from volnorm.conversion import validate_inputs
+    from volnorm.io.nifti import expand_paths
+
+    inp = spec["input"]
+    if "nifti" in inp:
+        infos = validate_inputs(expand_paths(inp["nifti"]))
+        files = [Path(i.path) for i in infos]
+        return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos)
+    if "images" in inp:
+        from volnorm.io.nifti import expand_paths as expand
+
+        files = expand(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
+        return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files)
+    store = Path(inp["store"])
+    if not (store / "zarr.json").exists():
+        raise FileNotFoundError(f"{store}: no volnorm store here (input.store)")
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    return "store", [store], [_store_identity(store)], size
+
+
+def _digest(obj: Any) -> str:
+    from volnorm.io.store import digest
+
+    return digest(json.loads(json.dumps(obj, default=str)))
+
+
+def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
+    """The plan of a run, from the spec and the inputs' headers (no voxel is read).
+
+    Returns a dict: ``inputs`` (kind, count, bytes), ``passes`` (one fit pass per
+    fitted step, then the write), ``outputs``, ``digest`` (of everything the images
+    depend on: spec, input identities, mask, parameters) and the per-output digests.
+
+    Examples
+    --------
+    >>> import volnorm as vn, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> f = vn.datasets.nibabel_files()["anatomical.nii"]
+    >>> p = vn.pipeline.plan({"version": 1, "input": {"nifti": str(f)}, "steps": ["zscore"],
+    ...                       "output": {"store": os.path.join(d, "out.zarr")}})
+    >>> p["inputs"]["count"], [s for s, _ in p["passes"]]
+    (1, ['fit zscore', 'write'])
+    """
+    from volnorm.steps import FITTED
+
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    kind, files, ident, nbytes = _inputs(spec)
+    mask = dict(spec.data.get("mask", {}))
+    if "file" in mask:
+        mask["identity"] = _identity(Path(mask["file"]))
+    params_id = None
+    if "params_from" in spec.data:
+        pf = Path(spec["params_from"])
+        params_id = _store_identity(pf) if pf.is_dir() else _identity(pf)
+    core = {
+        "input": {k: v for k, v in spec["input"].items()}, "identity": ident, "mask": mask,
+        "steps": spec["steps"], "params_from": params_id, "codec": spec["output"]["codec"],
+    }
+    images_digest = _digest(core)
+    outs = spec["outputs"]
+    passes: list[tuple[str, str]] = []
+    if "threshold" in mask:
+        passes.append(("fit mask threshold", f"{mask['threshold'].get('method', 'otsu')} over the input"))
+    for st in spec["steps"]:
+        if st["name"] in FITTED or st["name"] == "nyul":
+            passes.append((f"fit {st['name']}", "statistics pass over the data so far"))
+    if params_id is not None:
+        passes.append(("load parameters", f"from {spec['params_from']}"))
+    if outs["images"]:
+        passes.append(("write", f"-> {spec['output']['store']}"))
+    if "voxel_histogram" in outs:
+        passes.append(("voxel histogram", f"-> {spec['output']['store']}/{outs['voxel_histogram']['name']}"))
+    if "statistics" in outs:
+        passes.append(("statistics", f"-> {outs['statistics']['path']}"))
+    digests = {"images": images_digest}
+    for key in ("voxel_histogram", "statistics", "params"):
+        if key in outs:
+            digests[key] = _digest([images_digest, outs[key]])
+    cm = _chunk_mib(spec["engine"], spec["input"].get("chunks"))
+    chunk = min(nbytes / max(1, len(files)), (cm if isinstance(cm, int) else 64) * 2**20)
+    return {
+        "chunk_bytes": chunk,
+        "memory": chunk * 10,  # the input chunk, float64 intermediates (up to 4x an int16 chunk), the compressed output
+        "name": spec.data.get("name") or Path(spec.source).stem,
+        "spec": spec.source,
+        "inputs": {"kind": kind, "count": len(files), "bytes": nbytes, "first": str(files[0]) if files else None},
+        "files": [str(f) for f in files],
+        "passes": passes,
+        "output": spec["output"]["store"],
+        "digest": images_digest,
+        "digests": digests,
+        "engine": spec["engine"],
+    }
+
+
+def _status(spec: Spec, p: dict[str, Any], overwrite: bool) -> dict[str, bool]:
+    """Which outputs are already up to date; raise if one exists from another spec or input."""
+    from volnorm.io.store import read_manifest
+
+    outs = spec["outputs"]
+    done: dict[str, bool] = {}
+    store = Path(spec["output"]["store"])
+    if outs["images"] or "voxel_histogram" in outs:
+        m = read_manifest(store) if store.exists() else None
+        mine = (m or {}).get("pipeline", {}).get("digest")
+        if m is not None and m.get("complete") and mine == p["digest"]:
+            done["images"] = True
+        elif m is not None and not overwrite:
+            why = ("was written by another spec or from other inputs" if mine else "was not written by volnorm run") if m.get("complete") else "is incomplete"
+            raise FileExistsError(f"{store}: {why}; pass overwrite=True (CLI: --overwrite) to replace it")
+        else:
+            done["images"] = False
+    if "voxel_histogram" in outs:
+        done["voxel_histogram"] = bool(done.get("images")) and _voxel_hist_done(store, outs["voxel_histogram"]["name"], p)
+    for key in ("statistics", "params"):
+        if key in outs:
+            path = Path(outs[key]["path"] if key == "statistics" else outs[key])
+            done[key] = _file_done(path, p["digests"][key], overwrite)
+    return done
+
+
+def _voxel_hist_done(store: Path, name: str, p: dict[str, Any]) -> bool:
+    if not (store / name / "zarr.json").exists():
+        return False
+    from volnorm.voxel import open_voxel_histogram
+
+    h = open_voxel_histogram(store, name)
+    return h.attrs.get("pipeline_digest") == p["digests"]["voxel_histogram"]
+
+
+def _file_done(path: Path, want: str, overwrite: bool) -> bool:
+    if not path.exists():
+        return False
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4096]
+    except OSError:
+        head = ""
+    if want in head:
+        return True
+    if not overwrite:
+        raise FileExistsError(f"{path}: exists and was not written by this spec; pass overwrite=True (CLI: --overwrite) to replace it")
+    return False
+
+
+def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
+    """The plan as text, for people."""
+    inp = p["inputs"]
+    eng = p["engine"]
+    lines = [
+        f"volnorm run {p['name']}  (spec {p['spec']})",
+        f"  input   {inp['count']} {inp['kind']} input(s), {inp['bytes'] / 1e6:.1f} MB, first {inp['first']}",
+        f"  output  {p['output']}",
+        f"  engine  {eng['scheduler']}" + (f", {eng['n_workers']} workers" if eng.get("n_workers") else "")
+        + (f", memory limit {eng['memory_limit']} per worker" if eng.get("memory_limit") not in (None, "auto") else ""),
+    ]
+    if p.get("memory"):
+        lines.append(f"  memory  ~{p['memory'] / 2**20:.1f} MiB per worker thread (estimate: input chunks of {p['chunk_bytes'] / 2**20:.1f} MiB)")
+    lines.append("  passes")
+    for i, (name, what) in enumerate(p["passes"], 1):
+        lines.append(f"    {i}. {name}: {what}")
+    if done:
+        have = [k for k, v in done.items() if v]
+        if have:
+            lines.append(f"  up to date: {', '.join(have)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address).hostname or ""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
+    """Run the dask graphs computed inside the block where the spec's ``engine`` says; yields a
+    description (with the dashboard link). A given ``client`` wins. A plain ``tcp://`` address
+    that is not on this machine is refused unless ``allow_insecure`` (use ``tls://``)."""
+    import dask
+
+    from volnorm.engine import dask_scheduler, local_cluster
+
+    if client is not None:
+        with dask.config.set(scheduler=client):
+            yield f"client {client.scheduler.address}" + (f" (dashboard {client.dashboard_link})" if getattr(client, "dashboard_link", None) else "")
+        return
+    sched = eng.get("scheduler", "local")
+    if sched.startswith("tcp://") and not eng.get("allow_insecure") and not _loopback(sched):
+        raise ValueError(
+            f"engine.scheduler {sched}: a plain tcp:// connection to another machine is not encrypted; "
+            "use tls:// (dask's TLS config), or set engine.allow_insecure: true on a trusted network"
+        )
+    if sched == "local":
+        c = local_cluster(eng.get("n_workers"), memory_limit=eng.get("memory_limit", "auto"))
+        try:
+            with dask.config.set(scheduler=c):
+                n = len(c.scheduler_info()["workers"])
+                yield f"local cluster, {n} workers on 127.0.0.1 (dashboard {c.dashboard_link})"
+        finally:
+            cluster = c.cluster
+            c.close()
+            cluster.close()
+        return
+    with dask_scheduler(sched, progress=bool(eng.get("progress"))) as where:
+        yield where
+
+
+def _lost(e: BaseException) -> bool:
+    try:
+        from distributed.client import FutureCancelledError
+        from distributed.comm.core import CommClosedError
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return False
+    return isinstance(e, (CommClosedError, FutureCancelledError)) or "scheduler" in str(e).lower() and isinstance(e, (OSError, TimeoutError))
+
+
+# ---------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------
+
+
+def _chunk_mib(eng: Mapping[str, Any], given: Any) -> Any:
+    """The input's chunks: as given, else sized from the worker memory limit (a sixteenth of
+    it per thread, 8-64 MiB), else volnorm's default (~64 MiB slabs)."""
+    if given not in (None, "auto"):
+        return given
+    limit = eng.get("memory_limit")
+    if isinstance(limit, (int, float)) and limit > 0:
+        return int(min(64, max(8, limit / 16 / 2**20)))
+    return None
+
+
+def open_input(spec: Spec) -> xr.DataArray:
+    """The spec's input as one lazy stack (volumes of different shapes are refused)."""
+    import volnorm as vn
+
+    inp = spec["input"]
+    chunks = _chunk_mib(spec["engine"], inp.get("chunks"))
+    if "nifti" in inp:
+        data = vn.open_nifti(inp["nifti"], chunks=chunks)
+    elif "images" in inp:
+        data = vn.open_images(inp["images"], chunks=chunks if isinstance(chunks, (dict, tuple)) else None)
+    else:
+        data = vn.open_zarr(inp["store"])
+    if isinstance(data, xr.DataTree):
+        raise ValueError(f"{spec.source}: the inputs have different shapes; a pipeline needs volumes on one grid (register them first)")
+    return data
+
+
+def open_mask(path: str | os.PathLike) -> xr.DataArray:
+    """A mask from a NIfTI file: non-zero voxels are inside (a leading volume of one is dropped)."""
+    import volnorm as vn
+
+    m = vn.open_nifti(path)
+    if "volume" in m.dims:
+        if m.sizes["volume"] != 1:
+            raise ValueError(f"{path}: a mask is one volume")
+        m = m.isel(volume=0, drop=True)
+    return m != 0
+
+
+def _mask(spec: Spec, data: xr.DataArray) -> xr.DataArray | None:
+    import volnorm as vn
+
+    m = spec.data.get("mask")
+    if not m:
+        return None
+    if "file" in m:
+        mask = open_mask(m["file"])
+        spatial = {d: n for d, n in data.sizes.items() if d != "volume"}
+        if dict(mask.sizes) != {d: n for d, n in spatial.items() if d in mask.dims} or set(mask.dims) - set(spatial):
+            raise ValueError(f"{m['file']}: the mask's grid {dict(mask.sizes)} is not the input's {spatial}")
+        return mask.drop_vars([c for c in mask.coords if c not in mask.dims])
+    opts = dict(m["threshold"])
+    method = opts.pop("method", "otsu")
+    dim = opts.pop("dim", None)
+    if dim == "volume":
+        dim = tuple(d for d in data.dims if d != "volume")
+    t = vn.threshold(data, method=method, dim=dim, **opts)
+    return data > t
+
+
+def _fitted_from(path: str) -> list[dict[str, Any]]:
+    from volnorm.steps import load_history
+
+    return load_history(path)
+
+
+def _stage_attrs(staging: Any) -> dict[str, Any]:
+    import zarr
+
+    return dict(zarr.open_group(staging.path, mode="r", zarr_format=3).attrs.get("volnorm", {}))
+
+
+def _save_stage(staging: Any, **kv: Any) -> None:
+    import zarr
+
+    root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
+    m = dict(root.attrs.get("volnorm", {}))
+    m.update(kv)
+    root.attrs["volnorm"] = m
+
+
+def _transformed(spec: Spec, data: xr.DataArray, mask: xr.DataArray | None, fitted: list | None, say: Callable[[str], None]) -> xr.DataArray:
+    """Apply the steps: with saved parameters (a resumed run, ``params_from``) or fitting them."""
+    from volnorm.steps import replay, run_steps
+
+    if fitted is not None:
+        return replay(data, fitted, mask=mask) if fitted else data
+    out = data
+    for st in spec["steps"]:
+        t0 = time.perf_counter()
+        out = run_steps(out, [(st["name"], dict(st["options"]))], mask=mask)
+        say(f"  fit {st['name']}: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def run(
+    spec: str | os.PathLike | Mapping[str, Any],
+    client: Any = None,
+    *,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> RunResult:
+    """Run a pipeline spec (a YAML file, YAML text or a dict) to completion.
+
+    Parameters
+    ----------
+    spec : path, YAML text or mapping
+        Validated strictly before any data is read (:func:`volnorm.pipeline.load_spec`).
+    client : distributed.Client, optional
+        Run on this cluster; else the spec's ``engine`` (default: a local cluster on
+        127.0.0.1 sized to the machine).
+    dry_run : bool
+        Print the plan (inputs, passes, outputs, memory per worker) and stop.
+    overwrite : bool
+        Replace outputs written by another spec or from other inputs.
+    progress : bool, optional
+        Progress bars (default: the spec's ``engine.progress`` when stderr is a terminal).
+    echo : callable or None
+        Where the plan and each pass's timing go (``print``; None: nowhere).
+
+    Returns
+    -------
+    RunResult
+        ``status`` "done", "up to date" (nothing to do) or "planned" (dry run).
+
+    Examples
+    --------
+    >>> import volnorm as vn, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> spec = {"version": 1, "input": {"nifti": str(vn.datasets.nibabel_files()["anatomical.nii"])},
+    ...         "steps": [{"rescale": {"percentiles": [1, 99]}}], "output": {"store": os.path.join(d, "out.zarr")},
+    ...         "engine": {"scheduler": "threads"}}
+    >>> vn.pipeline.run(spec, echo=None).status
+    'done'
+    >>> vn.pipeline.run(spec, echo=None).status   # the same spec again: nothing to do
+    'up to date'
+    """
+    t_start = time.perf_counter()
+    say = echo or (lambda _s: None)
+    spec = load_spec(spec)
+    p = plan(spec)
+    done = _status(spec, p, overwrite)
+    show = progress if progress is not None else (spec["engine"].get("progress", True) and sys.stderr.isatty())
+    say(describe(p, done))
+    if dry_run:
+        return RunResult("planned", p, seconds=time.perf_counter() - t_start)
+    wanted = [k for k in done if not done[k]]
+    if not wanted:
+        say("nothing to do: every output is up to date")
+        return RunResult("up to date", p, skipped=list(done), seconds=time.perf_counter() - t_start)
+    result = RunResult("done", p, skipped=[k for k in done if done[k]])
+    with engine(spec["engine"], client) as where:
+        say(f"running on {where}")
+        try:
+            _run(spec, p, done, result, overwrite, show, say)
+        except BaseException as e:
+            if _lost(e):
+                raise ClusterLostError(f"the cluster was lost during the run ({type(e).__name__}: {e}); nothing was committed: run again") from e
+            raise
+    result.seconds = time.perf_counter() - t_start
+    say(str(result))
+    return result
+
+
+def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, show: bool, say: Callable[[str], None]) -> None:
+    import volnorm as vn
+    from volnorm.io.store import Staging
+    from volnorm.io.writers import write_staged
+
+    outs = spec["outputs"]
+    store = Path(spec["output"]["store"])
+    data = open_input(spec)
+    mask = _mask(spec, data)
+    fitted = _fitted_from(spec["params_from"]) if "params_from" in spec.data else None
+    out: xr.DataArray | None = None
+    if not done.get("images", True):
+        inputs = [Path(f) for f in p["files"]]
+        staging = Staging(store, {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite, inputs=inputs).prepare()
+        try:
+            saved = _stage_attrs(staging).get("pipeline_fitted") if staging.resumed else None
+            if saved is not None:
+                say("  resuming: the fitted parameters of the interrupted run are reused")
+            out = _transformed(spec, data, mask, saved if saved is not None else fitted, say)
+            history = json.loads(out.attrs.get("volnorm_params", "[]"))
+            _save_stage(staging, pipeline_fitted=history)
+            t0 = time.perf_counter()
+            write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show,
+                         manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
+            say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
+            result.written.append(str(store))
+        finally:
+            staging.release()
+    if outs["images"]:
+        out = vn.open_zarr(store)
+    if out is None:  # statistics / params only: the transformed data, lazily
+        out = _transformed(spec, data, mask, fitted, say)
+    history = json.loads(out.attrs.get("volnorm_params", "[]")) if out is not None else []
+    if outs["images"] and not history:
+        from volnorm.io.store import read_manifest
+
+        history = list((read_manifest(store) or {}).get("steps", []))
+    if "voxel_histogram" in outs and not done.get("voxel_histogram"):
+        _voxel_histogram(store, out, outs["voxel_histogram"], mask, p, show, say)
+        result.written.append(f"{store}/{outs['voxel_histogram']['name']}")
+    if "statistics" in outs and not done.get("statistics"):
+        path = _statistics(out, outs["statistics"], mask, p["digests"]["statistics"])
+        say(f"  statistics -> {path}")
+        result.written.append(str(path))
+    if "params" in outs and not done.get("params"):
+        path = Path(outs["params"])
+        _atomic_write(path, json.dumps({"volnorm_params": p["digests"]["params"], "steps": history}, indent=1, default=str))
+        result.written.append(str(path))
+
+
+def _voxel_histogram(store: Path, data: xr.DataArray, opts: Mapping[str, Any], mask: Any, p: dict, show: bool, say: Callable[[str], None]) -> None:
+    import zarr
+
+    import volnorm as vn
+
+    t0 = time.perf_counter()
+    name = opts["name"]
+    if (store / name / "zarr.json").exists():  # from an earlier run of another spec: replaced
+        from volnorm.io.niftizarr import remove_tree
+
+        remove_tree(store / name)
+    vn.accumulate(store, data, bins=opts["bins"], range=tuple(opts["range"]), mask=mask, name=name, progress=show)
+    g = zarr.open_group(store / name, mode="r+", zarr_format=3)
+    g.attrs["pipeline_digest"] = p["digests"]["voxel_histogram"]
+    say(f"  voxel histogram: {time.perf_counter() - t0:.1f} s -> {store / name}")
+
+
+def _statistics(data: xr.DataArray, opts: Mapping[str, Any], mask: Any, digest_: str) -> Path:
+    """Per-volume count, mean, std, min, max and quantiles (inside the mask), as JSON or CSV."""
+    import numpy as np
+
+    import volnorm as vn
+
+    spatial = tuple(d for d in data.dims if d != "volume")
+    x = data if mask is None else data.where(mask)
+    qs = list(opts["quantiles"])
+    moments = xr.Dataset({
+        "count": x.count(spatial), "mean": x.mean(spatial), "std": x.std(spatial),
+        "min": x.min(spatial), "max": x.max(spatial),
+    }).compute()
+    quant = vn.quantile(data, qs, dim=spatial, mask=mask)
+    names = [str(v) for v in np.atleast_1d(data["volume"].values)] if "volume" in data.coords else [str(i) for i in range(data.sizes.get("volume", 1))]
+    rows = []
+    for i, name in enumerate(names):
+        row: dict[str, Any] = {"volume": name}
+        for k in moments.data_vars:
+            row[k] = float(np.atleast_1d(moments[k].values)[i])
+        qv = np.asarray(quant.values).reshape(len(names), -1) if quant.ndim > 1 else np.asarray(quant.values)[None, :]
+        for j, q in enumerate(qs):
+            row[f"q{q:g}"] = float(qv[i, j])
+        rows.append(row)
+    path = Path(opts["path"])
+    if path.suffix == ".csv":
+        cols = list(rows[0])
+        text = f"# volnorm statistics {digest_}\n" + ",".join(cols) + "\n" + "\n".join(",".join(repr(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols) for r in rows) + "\n"
+    else:
+        text = json.dumps({"volnorm_statistics": digest_, "volumes": rows}, indent=1)
+    _atomic_write(path, text)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: the output's parent directory does not exist")
+    tmp = path.with_name(f".{path.name}.volnorm-tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
