@@ -346,6 +346,9 @@ def _run(args: argparse.Namespace) -> int:
     except pipeline.ClusterLostError as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 4
+    except pipeline.PoisonInputError as e:
+        print(f"volnorm run: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("volnorm run: interrupted; nothing was committed; run the same command again to resume", file=sys.stderr)
         return 3

@@ -25,10 +25,16 @@ logger = logging.getLogger(__name__)
 #: glibc malloc variable turns off glibc's adaptive mmap threshold, so every
 #: large buffer becomes a fresh mmap (page faults on every chunk); measured
 #: 2.7-3.7x slower histogram passes here (DESIGN.md). We keep glibc's defaults.
+#: How a block selects a ``distributed.Client`` for the graphs computed inside it: the client is
+#: made current (``client.as_current()``) and dask's config names only this string. Putting the
+#: client itself into dask's config broke the nannies of a local cluster: a nanny restarting a
+#: killed worker pickles dask's config for the new process, and a Client does not pickle.
+DISTRIBUTED = "dask.distributed"
+
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit: str | int | float | None = "auto") -> Any:
+def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit: str | float | None = "auto") -> Any:
     """Start the embedded default cluster (loopback only) and return a ``Client``.
 
     ``memory_limit`` is per worker (dask's ``"auto"``: the machine's memory shared out);
@@ -198,5 +204,5 @@ def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Ite
             raise ValueError(f"unknown scheduler {scheduler!r}")
         client = ex.backend
         link = getattr(client, "dashboard_link", None)
-        with dask.config.set(scheduler=client):
+        with client.as_current(), dask.config.set(scheduler=DISTRIBUTED):
             yield ex.description + (f" (dashboard {link})" if link else "")

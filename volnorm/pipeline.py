@@ -34,11 +34,16 @@ from volnorm._spec import Spec, SpecError, load_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterLostError", "RunResult", "SpecError", "load_spec", "plan", "run"]
+__all__ = ["ClusterLostError", "PoisonInputError", "RunResult", "SpecError", "load_spec", "plan", "run"]
 
 
 class ClusterLostError(RuntimeError):
     """The dask scheduler or every worker went away during a run (nothing was committed)."""
+
+
+class PoisonInputError(RuntimeError):
+    """Workers died again and again on one input (a file that crashes its reader, or one too
+    large for worker memory): the run stops with its name (nothing was committed)."""
 
 
 @dataclass
@@ -270,10 +275,10 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
     that is not on this machine is refused unless ``allow_insecure`` (use ``tls://``)."""
     import dask
 
-    from volnorm.engine import dask_scheduler, local_cluster
+    from volnorm.engine import DISTRIBUTED, dask_scheduler, local_cluster
 
     if client is not None:
-        with dask.config.set(scheduler=client):
+        with client.as_current(), dask.config.set(scheduler=DISTRIBUTED):
             yield f"client {client.scheduler.address}" + (f" (dashboard {client.dashboard_link})" if getattr(client, "dashboard_link", None) else "")
         return
     sched = eng.get("scheduler", "local")
@@ -285,7 +290,7 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
     if sched == "local":
         c = local_cluster(eng.get("n_workers"), memory_limit=eng.get("memory_limit", "auto"))
         try:
-            with dask.config.set(scheduler=c):
+            with c.as_current(), dask.config.set(scheduler=DISTRIBUTED):
                 n = len(c.scheduler_info()["workers"])
                 yield f"local cluster, {n} workers on 127.0.0.1 (dashboard {c.dashboard_link})"
         finally:
@@ -295,6 +300,27 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
         return
     with dask_scheduler(sched, progress=bool(eng.get("progress"))) as where:
         yield where
+
+
+def _poison(e: BaseException, p: Mapping[str, Any]) -> PoisonInputError | None:
+    """A ``KilledWorker`` as the input it was processing: the first index of a stack's block
+    key is its volume (one volume per block along ``volume``)."""
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    if not isinstance(e, KilledWorker):
+        return None
+    key = e.task
+    files = p.get("files", [])
+    where = "an input"
+    if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) and p["inputs"]["kind"] != "store" and key[1] < len(files):
+        where = files[key[1]]
+    return PoisonInputError(
+        f"{where}: workers were killed {e.allowed_failures + 1} times while processing it (task {key!r}); "
+        "the file may crash its reader or need more memory than a worker has. Nothing was committed; "
+        "check or remove that input and run again"
+    )
 
 
 def _lost(e: BaseException) -> bool:
@@ -470,6 +496,9 @@ def run(
         try:
             _run(spec, p, done, result, overwrite, show, say)
         except BaseException as e:
+            poison = _poison(e, p)
+            if poison is not None:
+                raise poison from e
             if _lost(e):
                 raise ClusterLostError(f"the cluster was lost during the run ({type(e).__name__}: {e}); nothing was committed: run again") from e
             raise

@@ -235,6 +235,24 @@ def to_zarr(
         staging.release()
 
 
+#: Volumes are written in batches of about this many bytes, each marked complete when done:
+#: an interrupted run resumes after the last complete batch, not from scratch.
+WRITE_BATCH_BYTES = 1 << 30
+
+
+def _batches(items: list, limit: int) -> list[list]:
+    """Consecutive groups of ``(name, dask array, target)`` of at most ``limit`` bytes (one item at least)."""
+    out: list[list] = []
+    size = limit
+    for it in items:
+        if size + it[1].nbytes > limit and (not out or out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(it)
+        size += it[1].nbytes
+    return out
+
+
 def write_staged(
     data: xr.DataArray | xr.DataTree, staging: Staging, *, codec: Any = DEFAULT_CODEC, steps: list | None = None,
     progress: bool = False, manifest: dict | None = None,
@@ -286,11 +304,12 @@ def _write_staged(
                 units=tuple(hdr.get_xyzt_units()),
                 attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
             )
-            arrays.append(raw)
-            targets.append(data_array(grp))
-        if arrays:
-            stored = da.store(arrays, targets, lock=False, compute=False)
+            arrays.append((name, raw, data_array(grp)))
+        for batch in _batches(arrays, WRITE_BATCH_BYTES):  # each batch's volumes are marked complete
+            stored = da.store([a for _, a, _ in batch], [t for _, _, t in batch], lock=False, compute=False)
             _compute([stored], progress, "write")
+            for name, _, _ in batch:
+                finish_volume(root[name], name, {})
         for name, _ in vols:
             grp = root[name]
             if not grp.attrs["volnorm"].get("complete"):
