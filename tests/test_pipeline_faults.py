@@ -41,7 +41,7 @@ WRAPPER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         if fault == "block-after-1" and len(done) == 1:
             Path(os.environ["VN_LOG"] + ".blocked").write_text(str(os.getpid()))
-            time.sleep(120)
+            time.sleep(float(os.environ.get("VN_BLOCK", "120")))
 
     niftizarr.finish_volume = finish_then_fault
     from volnorm.cli import main
@@ -256,3 +256,92 @@ def test_the_default_cluster_listens_on_loopback_only():
         cluster.close()
     assert listening  # the scheduler, the dashboard, the workers and nannies listen
     assert all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
+
+
+def test_workers_paused_on_memory_stop_the_run_instead_of_hanging(setup):
+    import dask
+    import distributed  # noqa: F401 - its config defaults first, or leaving dask.config.set below drops them
+
+    from volnorm._spec import load_spec
+    from volnorm.engine import local_cluster
+
+    tmp, spec = setup
+    # a worker process alone is above 80% of 60 MB: paused from the start, never restarted
+    with dask.config.set({"distributed.worker.memory.terminate": False, "distributed.worker.memory.pause": 0.8}):
+        client = local_cluster(1, memory_limit="60MB")
+    try:
+        s = load_spec(spec("stall"))
+        s.data["engine"]["stall_timeout"] = 3
+        t0 = time.monotonic()
+        with pytest.raises(vn.pipeline.RunStalledError, match=r"no task finished for 3 s.*paused workers"):
+            vn.pipeline.run(s, client=client, echo=None)
+        assert time.monotonic() - t0 < 60  # stopped, not hung
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    assert not (tmp / "stall.zarr").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_scheduler_and_worker(tmp: Path) -> tuple[str, list[subprocess.Popen]]:
+    """A real ``dask scheduler`` and ``dask worker`` on 127.0.0.1, as on a cluster."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_cli = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen([*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([*dask_cli, "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
+                                   "--no-dashboard", "--local-directory", str(tmp / "dask-worker")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            with Client(address, timeout=5) as c:
+                c.wait_for_workers(1, timeout=30)
+            return address, procs
+        except OSError:
+            assert time.monotonic() - t0 < 60, "the scheduler did not start"
+            time.sleep(0.5)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        p.kill()
+        p.wait(timeout=30)
+
+
+def test_the_scheduler_lost_mid_run_is_a_clear_error_and_a_rerun_completes(setup):
+    tmp, spec = setup
+    s = spec("lost")
+    address, procs = start_scheduler_and_worker(tmp)
+    try:
+        env_block = {"VN_BLOCK": "3"}
+        os.environ.update(env_block)
+        try:
+            p = run_wrapped(tmp, s, "block-after-1", "--scheduler", address, wait=False)
+        finally:
+            del os.environ["VN_BLOCK"]
+        wait_until_blocked(p, tmp / "lost.log.blocked")
+        stop(procs[:1])  # the scheduler goes away while the run waits between two volumes
+        _, err = p.communicate(timeout=240)
+    finally:
+        stop(procs)
+    assert p.returncode == 4, err
+    assert "the cluster was lost" in err
+    assert not (tmp / "lost.zarr").exists()
+    address, procs = start_scheduler_and_worker(tmp)
+    try:
+        assert main(["-q", "run", str(s), "--scheduler", address]) == 0
+    finally:
+        stop(procs)
+    assert vn.open_zarr(tmp / "lost.zarr").sizes["volume"] == 5

@@ -270,6 +270,8 @@ SCHEMA: dict[str, Field] = {
         "memory_limit": Field(_memory, default="auto", help="per worker, e.g. '2GiB'"),
         "allow_insecure": Field(bool, default=False, help="allow plain tcp:// to a non-loopback scheduler"),
         "progress": Field(bool, default=True),
+        "stall_timeout": Field(_positive_int, default=600,
+                               help="seconds without a finished task (workers paused on memory) before the run stops"),
     }),
 }
 

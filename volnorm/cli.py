@@ -346,7 +346,7 @@ def _run(args: argparse.Namespace) -> int:
     except pipeline.ClusterLostError as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 4
-    except pipeline.PoisonInputError as e:
+    except (pipeline.PoisonInputError, pipeline.RunStalledError) as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -34,11 +34,16 @@ from volnorm._spec import Spec, SpecError, load_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClusterLostError", "PoisonInputError", "RunResult", "SpecError", "load_spec", "plan", "run"]
+__all__ = ["ClusterLostError", "PoisonInputError", "RunResult", "RunStalledError", "SpecError", "load_spec", "plan", "run"]
 
 
 class ClusterLostError(RuntimeError):
     """The dask scheduler or every worker went away during a run (nothing was committed)."""
+
+
+class RunStalledError(RuntimeError):
+    """No task finished for ``engine.stall_timeout`` seconds while work was waiting (typically
+    every worker paused above its memory threshold): the run was stopped, nothing committed."""
 
 
 class PoisonInputError(RuntimeError):
@@ -277,8 +282,9 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
 
     from volnorm.engine import DISTRIBUTED, dask_scheduler, local_cluster
 
+    timeout = float(eng.get("stall_timeout") or 600)
     if client is not None:
-        with client.as_current(), dask.config.set(scheduler=DISTRIBUTED):
+        with client.as_current(), dask.config.set(scheduler=DISTRIBUTED), watchdog(client, timeout):
             yield f"client {client.scheduler.address}" + (f" (dashboard {client.dashboard_link})" if getattr(client, "dashboard_link", None) else "")
         return
     sched = eng.get("scheduler", "local")
@@ -287,19 +293,78 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
             f"engine.scheduler {sched}: a plain tcp:// connection to another machine is not encrypted; "
             "use tls:// (dask's TLS config), or set engine.allow_insecure: true on a trusted network"
         )
-    if sched == "local":
-        c = local_cluster(eng.get("n_workers"), memory_limit=eng.get("memory_limit", "auto"))
+    if sched == "local" or "://" in sched:
+        from distributed import Client
+
+        c = local_cluster(eng.get("n_workers"), memory_limit=eng.get("memory_limit", "auto")) if sched == "local" else Client(sched, set_as_default=False)
         try:
-            with c.as_current(), dask.config.set(scheduler=DISTRIBUTED):
+            with c.as_current(), dask.config.set(scheduler=DISTRIBUTED), watchdog(c, timeout):
                 n = len(c.scheduler_info()["workers"])
-                yield f"local cluster, {n} workers on 127.0.0.1 (dashboard {c.dashboard_link})"
+                kind = f"local cluster, {n} workers on 127.0.0.1" if sched == "local" else f"scheduler {sched}, {n} workers"
+                yield f"{kind} (dashboard {c.dashboard_link})"
         finally:
-            cluster = c.cluster
+            cluster = c.cluster if sched == "local" else None
             c.close()
-            cluster.close()
+            if cluster is not None:
+                cluster.close()
         return
     with dask_scheduler(sched, progress=bool(eng.get("progress"))) as where:
         yield where
+
+
+def _scheduler_state(dask_scheduler: Any = None) -> dict[str, Any]:
+    """Runs on the scheduler: how far it got, whether work waits, which workers are paused."""
+    s = dask_scheduler
+    return {
+        "transitions": s.transition_counter,
+        "tasks": len(s.tasks),
+        "paused": sorted(ws.address for ws in s.workers.values() if ws.status.name == "paused"),
+    }
+
+
+@contextlib.contextmanager
+def watchdog(client: Any, timeout: float, poll: float = 1.0) -> Iterator[None]:
+    """Stop the block (``RunStalledError``) when the scheduler holds tasks but none changes
+    state for ``timeout`` seconds: workers paused on memory never resume by themselves, and
+    dask would wait forever. The main thread is woken with SIGINT, then the error replaces
+    the KeyboardInterrupt."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    stalled: list[dict[str, Any]] = []
+
+    def loop() -> None:
+        last, since = None, time.monotonic()
+        while not stop.wait(poll):
+            try:
+                state = client.run_on_scheduler(_scheduler_state)
+            except Exception:  # noqa: BLE001 - the scheduler may be gone; the run itself will say so
+                continue
+            key = (state["transitions"], state["tasks"])
+            if key != last or not state["tasks"]:
+                last, since = key, time.monotonic()
+            elif time.monotonic() - since > timeout:
+                stalled.append(state)
+                if threading.current_thread() is not threading.main_thread():
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    t = threading.Thread(target=loop, name="volnorm-watchdog", daemon=True)
+    t.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if stalled:
+            st = stalled[0]
+            paused = f"; paused workers (memory above the pause threshold): {', '.join(st['paused'])}" if st["paused"] else ""
+            raise RunStalledError(
+                f"no task finished for {timeout:.0f} s while {st['tasks']} tasks waited{paused}. Nothing was committed; "
+                "raise engine.memory_limit, use smaller input.chunks or fewer threads per worker, then run again"
+            ) from None
+        raise
+    finally:
+        stop.set()
 
 
 def _poison(e: BaseException, p: Mapping[str, Any]) -> PoisonInputError | None:
