@@ -169,7 +169,8 @@ def _refit_kwargs(name: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_history(path: str | Path) -> list[dict[str, Any]]:
-    """Saved steps: a JSON list (``volnorm convert --save-params``) or a volnorm store's manifest."""
+    """Saved steps: a JSON list (``volnorm convert --save-params``), a ``volnorm run`` params file
+    (``{"steps": [...]}``) or a volnorm store's manifest."""
     p = Path(path)
     if p.is_dir():
         meta = json.loads((p / "zarr.json").read_text())["attributes"].get("volnorm", {})
@@ -181,6 +182,8 @@ def load_history(path: str | Path) -> list[dict[str, Any]]:
         history = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{p}: not a parameter file ({e})") from None
+    if isinstance(history, dict) and "steps" in history:  # the params output of volnorm run
+        history = history["steps"]
     if not isinstance(history, list) or not all(isinstance(h, dict) and "method" in h for h in history):
         raise ValueError(f"{p}: expected a JSON list of fitted steps (as written by --save-params)")
     return history

@@ -1,0 +1,117 @@
+"""volnorm run: idempotent, refuses to mix results, never touches what it did not write."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import volnorm as vn
+from volnorm.cli import main
+
+
+@pytest.fixture
+def work(tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    files = vn.datasets.make_cohort(data, n_subjects=4, shape=(40, 48, 36), seed=3)
+
+    def spec(name: str, steps: str = "[{rescale: {percentiles: [1, 99]}}]", extra: str = "") -> Path:
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(textwrap.dedent(f"""
+            version: 1
+            input: {{nifti: "data/sub-*.nii"}}
+            steps: {steps}
+            output: {{store: {name}.zarr}}
+            engine: {{scheduler: threads, progress: false}}
+        """) + textwrap.dedent(extra))
+        return p
+
+    return tmp_path, files, spec
+
+
+def test_run_equals_the_python_api_and_records_its_spec(work):
+    tmp, files, spec = work
+    s = spec("out", extra="""
+        outputs:
+          statistics: {path: stats.json, quantiles: [0.5]}
+          params: params.json
+    """)
+    res = vn.pipeline.run(s, echo=None)
+    assert res.status == "done"
+    got = vn.open_zarr(tmp / "out.zarr")
+    want = vn.rescale(vn.open_nifti(files), percentiles=(1, 99))
+    np.testing.assert_array_equal(got.values, want.values)
+    m = json.loads((tmp / "out.zarr" / "zarr.json").read_text())["attributes"]["volnorm"]
+    assert m["complete"] and m["pipeline"]["spec"]["steps"] == [{"name": "rescale", "options": {"percentiles": [1, 99]}}]
+    assert [h["method"] for h in m["steps"]] == ["rescale"]
+    stats = json.loads((tmp / "stats.json").read_text())
+    v = want.values
+    assert [r["volume"] for r in stats["volumes"]] == ["sub-001", "sub-002", "sub-003", "sub-004"]
+    np.testing.assert_allclose([r["mean"] for r in stats["volumes"]], v.reshape(4, -1).mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose([r["max"] for r in stats["volumes"]], v.reshape(4, -1).max(axis=1))
+    params = json.loads((tmp / "params.json").read_text())
+    assert params["steps"][0]["method"] == "rescale"
+    # the saved parameters replay on new data through params_from: no refit, the same map
+    s2 = spec("again", steps="[]", extra=f"params_from: {tmp / 'params.json'}\n")
+    s2.write_text(s2.read_text().replace("steps: []\n", ""))
+    assert vn.pipeline.run(s2, echo=None).status == "done"
+    np.testing.assert_array_equal(vn.open_zarr(tmp / "again.zarr").values, got.values)
+
+
+def test_a_finished_run_does_nothing_and_a_changed_one_is_refused(work, capsys):
+    tmp, files, spec = work
+    s = spec("out")
+    assert main(["run", str(s)]) == 0
+    before = (tmp / "out.zarr" / "zarr.json").read_bytes()
+    assert main(["run", str(s)]) == 0
+    assert "nothing to do: every output is up to date" in capsys.readouterr().out
+    assert (tmp / "out.zarr" / "zarr.json").read_bytes() == before  # not rewritten
+    # another spec onto the same output: refused, output untouched
+    changed = spec("out", steps="[zscore]")
+    assert main(["run", str(changed)]) == 1
+    assert "another spec or from other inputs" in capsys.readouterr().err
+    assert (tmp / "out.zarr" / "zarr.json").read_bytes() == before
+    # changed input (a file rewritten): refused too
+    s = spec("out")
+    img = nib.load(files[0])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine, img.header), files[0])
+    assert main(["run", str(s)]) == 1
+    assert (tmp / "out.zarr" / "zarr.json").read_bytes() == before
+    # --overwrite replaces it, after the new store is complete
+    assert main(["-q", "run", str(s), "--overwrite"]) == 0
+    np.testing.assert_array_equal(vn.open_zarr(tmp / "out.zarr").values, vn.rescale(vn.open_nifti(files), percentiles=(1, 99)).values)
+
+
+def test_what_run_did_not_write_is_never_written_or_deleted(work, capsys):
+    tmp, _, spec = work
+    mine = tmp / "mine.zarr"  # a directory the user owns, not a volnorm store
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    s = spec("mine")
+    for args in (["run", str(s)], ["run", str(s), "--overwrite"]):
+        assert main(args) == 1
+        assert "volnorm did not create" in capsys.readouterr().err
+        assert sorted(os.listdir(mine)) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    # a statistics file that exists and was not written by this spec
+    (tmp / "stats.csv").write_text("mine\n")
+    s = spec("other", extra="outputs: {statistics: {path: stats.csv}}\n")
+    assert main(["run", str(s)]) == 1
+    assert "stats.csv: exists and was not written by this spec" in capsys.readouterr().err
+    assert (tmp / "stats.csv").read_text() == "mine\n"
+    assert not (tmp / "other.zarr").exists()  # refused before anything was written
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
+    tmp, _, spec = work
+    s = spec("plan", extra="outputs: {voxel_histogram: {bins: 16, range: [0, 1]}}\n")
+    assert main(["run", str(s), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 nifti input(s)" in out and "1. fit rescale" in out and "2. write" in out and "3. voxel histogram" in out
+    assert "memory" in out
+    assert not (tmp / "plan.zarr").exists() and not any(tmp.glob(".plan.zarr*"))
