@@ -233,6 +233,12 @@ def _file_done(path: Path, want: str, overwrite: bool) -> bool:
     return False
 
 
+def _bytes(n: Any) -> str:
+    from dask.utils import format_bytes
+
+    return format_bytes(int(n)) if isinstance(n, (int, float)) else str(n)
+
+
 def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
     """The plan as text, for people."""
     inp = p["inputs"]
@@ -242,7 +248,7 @@ def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
         f"  input   {inp['count']} {inp['kind']} input(s), {inp['bytes'] / 1e6:.1f} MB, first {inp['first']}",
         f"  output  {p['output']}",
         f"  engine  {eng['scheduler']}" + (f", {eng['n_workers']} workers" if eng.get("n_workers") else "")
-        + (f", memory limit {eng['memory_limit']} per worker" if eng.get("memory_limit") not in (None, "auto") else ""),
+        + (f", memory limit {_bytes(eng['memory_limit'])} per worker" if eng.get("memory_limit") not in (None, "auto") else ""),
     ]
     if p.get("memory"):
         lines.append(f"  memory  ~{p['memory'] / 2**20:.1f} MiB per worker thread (estimate: input chunks of {p['chunk_bytes'] / 2**20:.1f} MiB)")
