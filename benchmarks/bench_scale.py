@@ -192,7 +192,7 @@ def task_output_limit(path: str, outdir: str, repeats: int, n_time: int, codec: 
     rescaled (uint16) voxels ``repeats`` times with volnorm's codec and chunking. The barrier lines
     up the 2 processes before each phase; returns each phase's (start, end, bytes)."""
     import numpy as np
-    from bench_convert import load_c_order, write_like_volnorm, zarr_array
+    from bench_convert import load_c_order, timed_writes
 
     from volnorm._utils import slab_chunks
 
@@ -206,11 +206,7 @@ def task_output_limit(path: str, outdir: str, repeats: int, n_time: int, codec: 
         y = rescale_like_volnorm(data, lo, hi)
     t1 = time.time()
     barrier.wait()
-    t2 = time.time()
-    for r in range(repeats):
-        arr = zarr_array(os.path.join(outdir, f"r{r}.zarr"), y.shape, chunks, y.dtype, codec)
-        write_like_volnorm(arr, y, chunks)
-    t3 = time.time()
+    t2, t3 = timed_writes(y, outdir, repeats, codec, chunks)
     return {"rescale": (t0, t1, n_time * data.nbytes), "write": (t2, t3, repeats * y.nbytes)}
 
 

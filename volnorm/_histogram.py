@@ -468,7 +468,7 @@ def _voxel_leaf(blocks: list, mblocks: list | None, *, nred: int, spec: BinSpec,
 
 
 #: Per-voxel histograms: a task counts a group of volume blocks of one voxel tile into one count
-#: array (voxels x bins, zeroed whatever the number of volumes): about two volumes per bin per
+#: array (voxels x bins, written out once whatever the number of volumes): about two volumes per bin per
 #: group, at most VOXEL_IN_BYTES of values per group and VOXEL_OUT_BYTES of counts per tile
 #: (a chunk of one whole 256^3 volume would otherwise give 1.7 GB of counts at 100 bins).
 VOXEL_IN_BYTES = 64 * 2**20

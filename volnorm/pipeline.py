@@ -98,9 +98,7 @@ def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int]:
         files = [Path(i.path) for i in infos]
         return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos)
     if "images" in inp:
-        from volnorm.io.nifti import expand_paths as expand
-
-        files = expand(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
+        files = expand_paths(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
         return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files)
     store = Path(inp["store"])
     if not (store / "zarr.json").exists():
@@ -469,12 +467,6 @@ def _mask(spec: Spec, data: xr.DataArray) -> xr.DataArray | None:
     return data > t
 
 
-def _fitted_from(path: str) -> list[dict[str, Any]]:
-    from volnorm.steps import load_history
-
-    return load_history(path)
-
-
 def _stage_attrs(staging: Any) -> dict[str, Any]:
     import zarr
 
@@ -580,15 +572,15 @@ def run(
 
 def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, show: bool, say: Callable[[str], None]) -> None:
     import volnorm as vn
-    from volnorm.io.store import Staging
+    from volnorm.io.store import Staging, read_manifest
     from volnorm.io.writers import write_staged
+    from volnorm.steps import load_history
 
     outs = spec["outputs"]
     store = Path(spec["output"]["store"])
     data = open_input(spec)
     mask = _mask(spec, data)
-    fitted = _fitted_from(spec["params_from"]) if "params_from" in spec.data else None
-    out: xr.DataArray | None = None
+    fitted = load_history(spec["params_from"]) if "params_from" in spec.data else None
     if not done.get("images", True):
         inputs = [Path(f) for f in p["files"]]
         staging = Staging(store, {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite, inputs=inputs).prepare()
@@ -606,15 +598,12 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             result.written.append(str(store))
         finally:
             staging.release()
-    if outs["images"]:
+    if outs["images"]:  # the written images, and the steps committed with them
         out = vn.open_zarr(store)
-    if out is None:  # statistics / params only: the transformed data, lazily
-        out = _transformed(spec, data, mask, fitted, say)
-    history = json.loads(out.attrs.get("volnorm_params", "[]")) if out is not None else []
-    if outs["images"] and not history:
-        from volnorm.io.store import read_manifest
-
         history = list((read_manifest(store) or {}).get("steps", []))
+    else:  # statistics / params only: the transformed data, lazily
+        out = _transformed(spec, data, mask, fitted, say)
+        history = json.loads(out.attrs.get("volnorm_params", "[]"))
     if "voxel_histogram" in outs and not done.get("voxel_histogram"):
         _voxel_histogram(store, out, outs["voxel_histogram"], mask, p, show, say)
         result.written.append(f"{store}/{outs['voxel_histogram']['name']}")
