@@ -55,6 +55,10 @@ def test_run_equals_the_python_api_and_records_its_spec(work):
     assert [r["volume"] for r in stats["volumes"]] == ["sub-001", "sub-002", "sub-003", "sub-004"]
     np.testing.assert_allclose([r["mean"] for r in stats["volumes"]], v.reshape(4, -1).mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose([r["max"] for r in stats["volumes"]], v.reshape(4, -1).max(axis=1))
+    np.testing.assert_allclose([r["min"] for r in stats["volumes"]], v.reshape(4, -1).min(axis=1))
+    np.testing.assert_allclose([r["std"] for r in stats["volumes"]], v.reshape(4, -1).std(axis=1), rtol=1e-5)
+    assert [r["count"] for r in stats["volumes"]] == [v[0].size] * 4
+    assert [r["q0.5"] for r in stats["volumes"]] == np.quantile(v.reshape(4, -1), 0.5, axis=1).tolist()  # exact
     params = json.loads((tmp / "params.json").read_text())
     assert params["steps"][0]["method"] == "rescale"
     # the saved parameters replay on new data through params_from: no refit, the same map
@@ -115,3 +119,27 @@ def test_dry_run_prints_the_plan_and_writes_nothing(work, capsys):
     assert "4 nifti input(s)" in out and "1. fit rescale" in out and "2. write" in out and "3. voxel histogram" in out
     assert "memory" in out
     assert not (tmp / "plan.zarr").exists() and not any(tmp.glob(".plan.zarr*"))
+
+
+def test_a_stop_after_the_images_were_committed_says_they_are_kept(work, monkeypatch):
+    tmp, files, spec = work
+    s = spec("out", extra="""
+        outputs:
+          statistics: {path: stats.csv, quantiles: [0.5]}
+    """)
+
+    def stalled(*args, **kwargs):
+        raise vn.pipeline.RunStalledError("no task finished for 600 s while 3 tasks waited; raise engine.memory_limit.")
+
+    monkeypatch.setattr(vn.pipeline, "_statistics", stalled)
+    with pytest.raises(vn.pipeline.RunStalledError) as ei:
+        vn.pipeline.run(s, echo=None)
+    msg = str(ei.value)
+    assert "Nothing incomplete was committed." in msg
+    assert f"Committed before it stopped, and kept: {tmp / 'out.zarr'}." in msg
+    assert not (tmp / "stats.csv").exists()
+    monkeypatch.undo()
+    lines: list[str] = []
+    res = vn.pipeline.run(s, echo=lines.append)  # the re-run writes only the statistics
+    assert res.status == "done" and res.written == [str(tmp / "stats.csv")]
+    assert not any(line.startswith("  write:") for line in lines)

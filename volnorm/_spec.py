@@ -30,6 +30,9 @@ _STD_TAGS = {
 }
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class SpecError(ValueError):
     """An invalid pipeline spec: the message names the key path and the line."""
 
@@ -74,10 +77,18 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
     if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: the spec is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a page of text")
     loader = yaml.SafeLoader(text)
+    depth = 0
     try:
-        for ev in _events(loader):
+        for ev in _events(loader):  # the parser is iterative: the depth is checked before the
+            # composer, which recurses once per level, builds anything
             if isinstance(ev, (yaml.AliasEvent,)) or getattr(ev, "anchor", None):
                 raise SpecError(f"{source}, line {ev.start_mark.line + 1}: YAML anchors and aliases are not allowed in a spec")
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH + 1:
+                    raise SpecError(f"{source}, line {ev.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}, line {mark.line + 1}" if mark else source
@@ -114,11 +125,11 @@ def _value(node: Any, path: str, lines: dict[str, int], source: str, ctor: Any, 
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for knode, vnode in node.value:
+            if knode.tag == _MERGE_TAG or (isinstance(knode, yaml.ScalarNode) and knode.value == "<<"):
+                raise SpecError(f"{source}, line {knode.start_mark.line + 1}: YAML merge keys (<<) are not allowed in a spec")
             if not isinstance(knode, yaml.ScalarNode) or knode.tag not in _STD_TAGS:
                 raise SpecError(f"{source}, line {knode.start_mark.line + 1}: keys must be plain strings")
-            key = str(ctor.construct_object(knode))
-            if key == "<<":
-                raise SpecError(f"{source}, line {knode.start_mark.line + 1}: YAML merge keys (<<) are not allowed in a spec")
+            key = str(_scalar(knode, source, ctor))
             sub = f"{path}.{key}" if path else key
             if key in out:
                 raise SpecError(
@@ -130,7 +141,16 @@ def _value(node: Any, path: str, lines: dict[str, int], source: str, ctor: Any, 
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_value(n, f"{path}[{i}]", lines, source, ctor, depth + 1) for i, n in enumerate(node.value)]
-    return ctor.construct_object(node)
+    return _scalar(node, source, ctor)
+
+
+def _scalar(node: Any, source: str, ctor: Any) -> Any:
+    """A scalar node's value; a value its (standard) tag cannot make, e.g. ``!!int abc``, is a SpecError."""
+    try:
+        return ctor.construct_object(node)
+    except Exception as e:  # noqa: BLE001 - KeyError (!!bool), ValueError (!!int), ... all mean a bad value
+        tag = node.tag.rsplit(":", 1)[-1]
+        raise SpecError(f"{source}, line {node.start_mark.line + 1}: {node.value!r} is not a valid !!{tag} ({type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -185,15 +205,20 @@ def _quantiles(v: Any) -> list[float]:
 
 
 def _memory(v: Any) -> Any:
-    if v is None or v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+    import math
+
+    if v is None or v == "auto":
         return v
+    n = v
     if isinstance(v, str):
         from dask.utils import parse_bytes
 
         try:
-            return parse_bytes(v)
-        except ValueError:
-            pass
+            n = parse_bytes(v)
+        except (ValueError, OverflowError):
+            n = None
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n > 0:
+        return n
     raise ValueError("expected a size such as '2GiB', a number of bytes, or 'auto'")
 
 
@@ -231,7 +256,7 @@ def _steps(v: Any) -> list[dict[str, Any]]:
 
 
 SCHEMA: dict[str, Field] = {
-    "version": Field(lambda v: v if v == 1 else (_ for _ in ()).throw(ValueError("only version 1 exists")), required=True,
+    "version": Field(lambda v: v if type(v) is int and v == 1 else (_ for _ in ()).throw(ValueError("only version 1 exists")), required=True,
                      help="the spec format version: 1"),
     "name": Field(str, help="a name for the run, shown in the plan"),
     "input": Field(required=True, fields={
@@ -294,6 +319,8 @@ def _validate(fields: Mapping[str, Field], data: Any, path: str, lines: Mapping[
     if not isinstance(data, dict):
         raise SpecError(f"{_where(path, lines, source)}: {path or 'the spec'} must be a mapping of keys, got {type(data).__name__}")
     for key in data:
+        if not isinstance(key, str):
+            raise SpecError(f"{_where(path, lines, source)}: {path or 'the spec'}: keys must be strings; got {type(key).__name__} {key!r}")
         if key not in fields:
             sub = f"{path}.{key}" if path else key
             hint = difflib.get_close_matches(key, list(fields), n=1)

@@ -350,7 +350,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("volnorm run: interrupted; nothing was committed; run the same command again to resume", file=sys.stderr)
+        print("volnorm run: interrupted; nothing incomplete was committed; run the same command again to resume", file=sys.stderr)
         return 3
     finally:
         if previous is not None:

@@ -38,17 +38,19 @@ __all__ = ["ClusterLostError", "PoisonInputError", "RunResult", "RunStalledError
 
 
 class ClusterLostError(RuntimeError):
-    """The dask scheduler or every worker went away during a run (nothing was committed)."""
+    """The dask scheduler or every worker went away during a run. The message says which
+    outputs, if any, were committed before (whole; a re-run writes only the rest)."""
 
 
 class RunStalledError(RuntimeError):
     """No task finished for ``engine.stall_timeout`` seconds while work was waiting (typically
-    every worker paused above its memory threshold): the run was stopped, nothing committed."""
+    every worker paused above its memory threshold): the run was stopped; outputs already
+    committed are kept (the message names them)."""
 
 
 class PoisonInputError(RuntimeError):
     """Workers died again and again on one input (a file that crashes its reader, or one too
-    large for worker memory): the run stops with its name (nothing was committed)."""
+    large for worker memory): the run stops with its name (and the outputs committed before)."""
 
 
 @dataclass
@@ -277,11 +279,16 @@ def _loopback(address: str) -> bool:
         return False
 
 
+#: Schemes of ``distributed`` addresses whose traffic is encrypted (``inproc``: this process only).
+ENCRYPTED_SCHEMES = ("tls", "wss", "inproc")
+
+
 @contextlib.contextmanager
 def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
     """Run the dask graphs computed inside the block where the spec's ``engine`` says; yields a
-    description (with the dashboard link). A given ``client`` wins. A plain ``tcp://`` address
-    that is not on this machine is refused unless ``allow_insecure`` (use ``tls://``)."""
+    description (with the dashboard link). A given ``client`` wins. An unencrypted address
+    (``tcp://``, ``ws://``) that is not on this machine is refused unless ``allow_insecure``
+    (use ``tls://``)."""
     import dask
 
     from volnorm.engine import DISTRIBUTED, dask_scheduler, local_cluster
@@ -292,9 +299,10 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
             yield f"client {client.scheduler.address}" + (f" (dashboard {client.dashboard_link})" if getattr(client, "dashboard_link", None) else "")
         return
     sched = eng.get("scheduler", "local")
-    if sched.startswith("tcp://") and not eng.get("allow_insecure") and not _loopback(sched):
+    scheme = sched.split("://", 1)[0] if "://" in sched else ""
+    if scheme and scheme not in ENCRYPTED_SCHEMES and not eng.get("allow_insecure") and not _loopback(sched):
         raise ValueError(
-            f"engine.scheduler {sched}: a plain tcp:// connection to another machine is not encrypted; "
+            f"engine.scheduler {sched}: a plain {scheme}:// connection to another machine is not encrypted; "
             "use tls:// (dask's TLS config), or set engine.allow_insecure: true on a trusted network"
         )
     if sched == "local" or "://" in sched:
@@ -363,8 +371,8 @@ def watchdog(client: Any, timeout: float, poll: float = 1.0) -> Iterator[None]:
             st = stalled[0]
             paused = f"; paused workers (memory above the pause threshold): {', '.join(st['paused'])}" if st["paused"] else ""
             raise RunStalledError(
-                f"no task finished for {timeout:.0f} s while {st['tasks']} tasks waited{paused}. Nothing was committed; "
-                "raise engine.memory_limit, use smaller input.chunks or fewer threads per worker, then run again"
+                f"no task finished for {timeout:.0f} s while {st['tasks']} tasks waited{paused}; "
+                "raise engine.memory_limit, use smaller input.chunks or fewer threads per worker, then run again."
             ) from None
         raise
     finally:
@@ -387,8 +395,8 @@ def _poison(e: BaseException, p: Mapping[str, Any]) -> PoisonInputError | None:
         where = files[key[1]]
     return PoisonInputError(
         f"{where}: workers were killed {e.allowed_failures + 1} times while processing it (task {key!r}); "
-        "the file may crash its reader or need more memory than a worker has. Nothing was committed; "
-        "check or remove that input and run again"
+        "the file may crash its reader or need more memory than a worker has; "
+        "check or remove that input and run again."
     )
 
 
@@ -554,17 +562,22 @@ def run(
         say("nothing to do: every output is up to date")
         return RunResult("up to date", p, skipped=list(done), seconds=time.perf_counter() - t_start)
     result = RunResult("done", p, skipped=[k for k in done if done[k]])
-    with engine(spec["engine"], client) as where:
-        say(f"running on {where}")
-        try:
-            _run(spec, p, done, result, overwrite, show, say)
-        except BaseException as e:
-            poison = _poison(e, p)
-            if poison is not None:
-                raise poison from e
-            if _lost(e):
-                raise ClusterLostError(f"the cluster was lost during the run ({type(e).__name__}: {e}); nothing was committed: run again") from e
-            raise
+    try:
+        with engine(spec["engine"], client) as where:
+            say(f"running on {where}")
+            try:
+                _run(spec, p, done, result, overwrite, show, say)
+            except BaseException as e:
+                poison = _poison(e, p)
+                if poison is not None:
+                    raise poison from e
+                if _lost(e):
+                    raise ClusterLostError(f"the cluster was lost during the run ({type(e).__name__}: {e}); run again.") from e
+                raise
+    except (ClusterLostError, PoisonInputError, RunStalledError) as e:
+        kept = f" Committed before it stopped, and kept: {', '.join(result.written)}." if result.written else ""
+        e.args = (f"{e.args[0]} Nothing incomplete was committed.{kept}",)
+        raise
     result.seconds = time.perf_counter() - t_start
     say(str(result))
     return result
@@ -635,29 +648,19 @@ def _voxel_histogram(store: Path, data: xr.DataArray, opts: Mapping[str, Any], m
 
 
 def _statistics(data: xr.DataArray, opts: Mapping[str, Any], mask: Any, digest_: str) -> Path:
-    """Per-volume count, mean, std, min, max and quantiles (inside the mask), as JSON or CSV."""
+    """Per-volume count, mean, std, min, max and quantiles (inside the mask), as JSON or CSV:
+    :func:`volnorm.summarize`, whose memory is bounded by the chunks, not the number of volumes."""
     import numpy as np
 
     import volnorm as vn
 
     spatial = tuple(d for d in data.dims if d != "volume")
-    x = data if mask is None else data.where(mask)
     qs = list(opts["quantiles"])
-    moments = xr.Dataset({
-        "count": x.count(spatial), "mean": x.mean(spatial), "std": x.std(spatial),
-        "min": x.min(spatial), "max": x.max(spatial),
-    }).compute()
-    quant = vn.quantile(data, qs, dim=spatial, mask=mask)
+    s = vn.summarize(data, dim=spatial, mask=mask, quantiles=qs)
     names = [str(v) for v in np.atleast_1d(data["volume"].values)] if "volume" in data.coords else [str(i) for i in range(data.sizes.get("volume", 1))]
-    rows = []
-    for i, name in enumerate(names):
-        row: dict[str, Any] = {"volume": name}
-        for k in moments.data_vars:
-            row[k] = float(np.atleast_1d(moments[k].values)[i])
-        qv = np.asarray(quant.values).reshape(len(names), -1) if quant.ndim > 1 else np.asarray(quant.values)[None, :]
-        for j, q in enumerate(qs):
-            row[f"q{q:g}"] = float(qv[i, j])
-        rows.append(row)
+    cols = ["count", "mean", "std", "min", "max", *(f"q{q:g}" for q in qs)]
+    values = {c: np.atleast_1d(s[c].values) for c in cols}
+    rows = [{"volume": name, **{c: (int if c == "count" else float)(values[c][i]) for c in cols}} for i, name in enumerate(names)]
     path = Path(opts["path"])
     if path.suffix == ".csv":
         cols = list(rows[0])

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, add_up, histogram, numba_ready, over_collection, parts_of, per_block, prepare, rows_of
+from volnorm._histogram import _dims, _totals, add_up, bin_spec, histogram, numba_ready, over_collection, parts_of, per_block, prepare, rows_of
 
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
@@ -38,7 +38,9 @@ def quantile(
 ) -> xr.DataArray:
     """Quantiles over ``dim``, equal to ``numpy.nanquantile`` (linear interpolation).
 
-    Integer data: exact from one histogram with a bin per value. Float data:
+    Integer data: exact from one histogram with a bin per value, reduced to
+    the quantiles block by block of the kept dims (only the quantiles of each
+    index come back, not its histogram). Float data:
     a histogram of the values' order-preserving bit patterns (2**16 bins per
     index of the kept dims, no range pass) finds, for each requested rank, the
     bin that holds it; one more pass keeps only the voxels inside those bins
@@ -67,7 +69,8 @@ def quantile(
     xarray.DataArray
         float64 with dim ``quantile`` (when ``q`` is a sequence) plus the kept
         dims. Computes: two passes for float data (three past
-        ``KEY_ROWS_CELLS``: range, histogram, refinement), one for integers.
+        ``KEY_ROWS_CELLS``: range, histogram, refinement), one for 8/16-bit
+        integers, two for wider ones (range, histogram).
 
     Examples
     --------
@@ -82,9 +85,7 @@ def quantile(
 def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | None = None) -> xr.DataArray:
     """:func:`quantile`; ``known_range`` (the finite min/max of the masked voxels, e.g. from
     :func:`summarize`'s moments pass) spares the float range pass."""
-    qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
-    if qs.ndim != 1 or qs.size == 0 or np.any(~np.isfinite(qs)) or np.any((qs < 0) | (qs > 1)):
-        raise ValueError(f"`q` must be in [0, 1]; got {q!r}. (Percentiles 0-100? divide by 100.)")
+    qs = _checked_q(q)
     if isinstance(data, xr.DataTree):
         if dim is not None:
             return over_collection(quantile, data, dim, mask, q=q, exact=exact)
@@ -92,6 +93,8 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
     else:
         dtype = data.dtype
     is_int = dtype.kind in "iub"
+    if is_int and isinstance(data, xr.DataArray):
+        return _finish_int(*int_quantile_lazy(data, qs, dim=dim, mask=mask, known_range=known_range), qs, q)
     if not is_int and exact and (dim is None or (isinstance(data, xr.DataArray) and set(_dims(data, dim)[1]) == set(data.dims))):
         return _float_quantile_rows([(img, m) for _, img, m in parts_of(data, mask)], (), (), qs, q)
     if not is_int and exact and isinstance(data, xr.DataArray):
@@ -147,6 +150,61 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
     coords = {k: v for k, v in h.coords.items() if set(v.dims) <= set(kept) and not k.startswith("n_")}
     res = xr.DataArray(out, dims=(*kept, "quantile"), coords={**coords, "quantile": qs}, name="quantile")
     res.attrs["max_error"] = max_error
+    return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
+
+
+def _checked_q(q: Any) -> np.ndarray:
+    """``q`` as a 1-D float64 array, each in [0, 1]."""
+    qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
+    if qs.ndim != 1 or qs.size == 0 or np.any(~np.isfinite(qs)) or np.any((qs < 0) | (qs > 1)):
+        raise ValueError(f"`q` must be in [0, 1]; got {q!r}. (Percentiles 0-100? divide by 100.)")
+    return qs
+
+
+def int_quantile_lazy(
+    data: xr.DataArray, qs: np.ndarray, *, dim: Any, mask: Any, known_range: tuple[float, float] | None = None
+) -> tuple[da.Array, tuple, dict]:
+    """Integer data: the lazy ``(*kept, len(qs) + 1)`` quantiles (the last column: the voxel count)
+    and the kept dims and coords. One histogram pass with a bin per value; each block of kept
+    rows is reduced to its quantiles where it was counted, so only ``len(qs) + 1`` numbers per
+    row come back (a 16-bit histogram is 0.5 MiB per row). No range pass for 8/16-bit data or
+    with ``known_range``."""
+    kept, reduced = _dims(data, dim)
+    dtype = data.dtype
+    if known_range is not None:
+        rng: tuple[float, float] | None = (math.floor(known_range[0]) - 0.5, math.ceil(known_range[1]) + 0.5)
+    elif dtype.kind == "b" or dtype.itemsize <= 2:
+        info = np.iinfo(np.uint8 if dtype.kind == "b" else dtype)
+        rng = (info.min - 0.5, info.max + 0.5)
+    else:
+        rng = None  # bin_spec's range pass
+    spec = bin_spec(data, dtype, None, rng, mask)
+    x, counts, _ = _totals(data, spec, kept, reduced, mask, None)
+    nq = len(qs)
+
+    def rows(c: np.ndarray) -> np.ndarray:
+        flat = c.reshape(-1, c.shape[-1])
+        n = flat.sum(axis=1)
+        pos = (np.maximum(n, 1)[:, None].astype(np.float64) - 1) * qs[None, :]  # numpy's method="linear"
+        r_lo = np.floor(pos).astype(np.int64)
+        r_hi = np.minimum(r_lo + 1, np.maximum(n, 1)[:, None] - 1)
+        zero = np.zeros(len(flat), dtype=flat.dtype)
+        b = _groups(flat, zero, zero, np.concatenate([r_lo, r_hi], axis=1))
+        v = spec.centers[np.clip(b - 1, 0, spec.nbins - 1)]
+        out = np.concatenate([_lerp(v[:, :nq], v[:, nq:], pos - r_lo), n[:, None].astype(np.float64)], axis=1)
+        return out.reshape(c.shape[:-1] + (nq + 1,))
+
+    lazy = counts.map_blocks(rows, chunks=counts.chunks[:-1] + ((nq + 1,),), dtype=np.float64)
+    coords = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
+    return lazy, kept, coords
+
+
+def _finish_int(lazy: da.Array, kept: tuple, coords: dict, qs: np.ndarray, q: Any, computed: np.ndarray | None = None) -> xr.DataArray:
+    """:func:`int_quantile_lazy`'s result (``computed`` when it was computed with other work)."""
+    vals = np.asarray(lazy.compute() if computed is None else computed)
+    if np.any(vals[..., -1] == 0):
+        raise ValueError("no valid voxel to take a quantile of (all NaN or masked out" + (" for some index)" if kept else ")"))
+    res = xr.DataArray(vals[..., :-1], dims=(*kept, "quantile"), coords={**coords, "quantile": qs}, name="quantile", attrs={"max_error": 0.0})
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
 
 
@@ -544,8 +602,18 @@ def summarize(
         if coords is None:
             coords = {c: v for c, v in x.coords.items() if set(v.dims) <= set(kept)}
         lazy.append(per_block(block, args, nk, len(_kernels.MOMENTS), np.float64, token="moments"))
+    # 8/16-bit integers: the quantiles' histogram needs no range, so it is computed with the
+    # moments and the data are read once
+    together = (
+        bool(len(quantiles)) and isinstance(data, xr.DataArray) and data.dtype.kind in "iub"
+        and (data.dtype.kind == "b" or data.dtype.itemsize <= 2)
+    )
+    int_q = int_quantile_lazy(data, _checked_q(list(quantiles)), dim=dim, mask=mask) if together else None
+    computed = dask.compute(*lazy, *([int_q[0]] if int_q else []))
+    if int_q:
+        *computed, int_vals = computed
     flats = []
-    for arr in dask.compute(*lazy):
+    for arr in computed:
         red_axes = tuple(range(nk, arr.ndim - 1))
         flats.append(np.moveaxis(arr, red_axes, tuple(range(len(red_axes)))).reshape(-1, *arr.shape[:nk], arr.shape[-1]))
     m = _merge(np.concatenate(flats))
@@ -569,7 +637,10 @@ def summarize(
         raise ValueError("no valid voxel (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
     if len(quantiles):
         known = (float(np.min(m[..., 3])), float(np.max(m[..., 4])))  # spares quantile's range pass
-        qv = _quantile(data, list(quantiles), dim=dim, mask=mask, exact=True, known_range=known)
+        if int_q:
+            qv = _finish_int(*int_q, _checked_q(list(quantiles)), list(quantiles), computed=int_vals)
+        else:
+            qv = _quantile(data, list(quantiles), dim=dim, mask=mask, exact=True, known_range=known)
         for i, qq in enumerate(quantiles):
             out[f"q{qq:g}"] = (kept, qv.isel(quantile=i).values)
     return Summary(out, coords=coords)
