@@ -143,3 +143,74 @@ def test_a_stop_after_the_images_were_committed_says_they_are_kept(work, monkeyp
     res = vn.pipeline.run(s, echo=lines.append)  # the re-run writes only the statistics
     assert res.status == "done" and res.written == [str(tmp / "stats.csv")]
     assert not any(line.startswith("  write:") for line in lines)
+
+
+def test_an_output_in_a_missing_directory_is_refused_before_any_data_is_read(work, capsys):
+    tmp, files, spec = work
+    for extra, key in [
+        ("", "output.store"),
+        ("outputs:\n  statistics: {path: no/such/dir/stats.csv}\n", "outputs.statistics.path"),
+        ("outputs:\n  params: nowhere/params.json\n", "outputs.params"),
+    ]:
+        s = spec("out", extra=extra)
+        if key == "output.store":
+            s.write_text(s.read_text().replace("out.zarr", "missing/out.zarr"))
+        assert main(["run", str(s), "--dry-run"]) == 1
+        err = capsys.readouterr().err
+        assert key in err and "does not exist" in err
+    assert sorted(p.name for p in tmp.iterdir()) == ["data", "out.yaml"]  # nothing created
+
+
+def test_the_plan_estimates_memory_per_worker_and_warns_above_the_pause_threshold(work, capsys):
+    tmp, files, spec = work
+    s = spec("out", extra="engine: {scheduler: threads, progress: false, memory_limit: 400MiB}\n")
+    s.write_text(s.read_text().replace("engine: {scheduler: threads, progress: false}\n", "", 1))
+    p = vn.pipeline.plan(s)
+    assert p["memory"] == vn.pipeline.WORKER_BASE_BYTES + 10 * p["chunk_bytes"]
+    assert main(["run", str(s), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "MiB per worker" in out and "WARNING the estimate is above the pause threshold (320 MiB" in out
+    s.write_text(s.read_text().replace("400MiB", "4GiB"))
+    assert main(["run", str(s), "--dry-run"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_an_interrupted_image_stack_write_resumes_from_the_last_batch(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    from volnorm.io import writers
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(12):
+        iio.imwrite(tmp_path / "img" / f"im{i:02d}.png", rng.integers(0, 256, (32, 40), dtype=np.uint8))
+    spec = {"version": 1, "input": {"images": str(tmp_path / "img" / "*.png"), "chunks": {"volume": 2}},
+            "steps": ["equalize"], "output": {"store": str(tmp_path / "out.zarr")},
+            "engine": {"scheduler": "threads", "progress": False}}
+    clean = dict(spec, output={"store": str(tmp_path / "clean.zarr")})
+    vn.pipeline.run(clean, echo=None)
+    # batches of 4 volumes (two chunks); the third batch is interrupted
+    monkeypatch.setattr(writers, "WRITE_BATCH_BYTES", 4 * 32 * 40 * 8)
+    real = writers._compute
+    regions: list = []
+
+    def compute(targets, progress, what):
+        regions.append(what)
+        if len(regions) == 3:
+            raise KeyboardInterrupt
+        return real(targets, progress, what)
+
+    monkeypatch.setattr(writers, "_compute", compute)
+    with pytest.raises(KeyboardInterrupt):
+        vn.pipeline.run(spec, echo=None)
+    assert not (tmp_path / "out.zarr").exists()
+    staged = vn.io.store.read_manifest(vn.io.store.staging_path(tmp_path / "out.zarr"))
+    assert staged["written_volumes"] == 8 and not staged["complete"]
+    regions.clear()
+    monkeypatch.setattr(writers, "_compute", lambda t, p, w: (regions.append(w), real(t, p, w)))
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    assert len(regions) == 1  # only the last 4 volumes again
+    got, want = vn.open_zarr(tmp_path / "out.zarr"), vn.open_zarr(tmp_path / "clean.zarr")
+    assert got.dtype == want.dtype and got.dims == want.dims
+    np.testing.assert_array_equal(got.values, want.values)
+    assert list(got["volume"].values) == list(want["volume"].values)

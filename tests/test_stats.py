@@ -146,3 +146,38 @@ def test_moments_merge_is_exact_and_chunk_invariant(seed, n, k, offset):
     np.testing.assert_allclose(float(b["mean"]), v.mean(), rtol=1e-13, atol=tol)
     np.testing.assert_allclose(float(b["var"]), v.var(), rtol=1e-9, atol=tol)
     np.testing.assert_allclose(float(a["var"]), float(b["var"]), rtol=1e-9, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "int32"])
+def test_integer_summarize_per_volume_equals_numpy_in_one_pass_for_16_bit(images, dtype):
+    from volnorm.testing import raise_if_dask_computes
+
+    v = (images.values.astype(np.int64) * (3 if dtype != "uint8" else 1) - (200 if dtype in ("int16", "int32") else 0)).astype(dtype)
+    x = xr.DataArray(v, dims=images.dims).chunk({"volume": 1, "y": 128})
+    mask = xr.DataArray(images.values[0] > 20, dims=("y", "x"))
+    qs = [0.0, 0.01, 0.5, 0.999, 1.0]
+    # 8/16-bit: the moments and the quantile histogram in one compute (one read of the data)
+    with raise_if_dask_computes(1 if np.dtype(dtype).itemsize <= 2 else 3):
+        s = vn.summarize(x, dim=("y", "x"), mask=mask, quantiles=qs)
+    for i in range(v.shape[0]):
+        inside = v[i][mask.values].astype(np.float64)
+        assert int(s["count"][i]) == inside.size
+        np.testing.assert_allclose(float(s["mean"][i]), inside.mean(), rtol=1e-12)
+        np.testing.assert_allclose(float(s["std"][i]), inside.std(), rtol=1e-10)
+        assert [float(s[f"q{q:g}"][i]) for q in qs] == np.quantile(inside, qs).tolist()  # exact
+
+
+def test_per_volume_integer_quantile_tasks_do_not_carry_the_bins():
+    """A 16-bit histogram's per-bin arrays are 1.5 MiB: a task that captured them would cost that
+    much per volume in worker memory (the results wait there for the gather)."""
+    import pickle
+
+    import cloudpickle
+
+    from volnorm.stats import int_quantile_lazy
+
+    x = xr.DataArray(np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16), dims=("volume", "y", "x")).chunk({"volume": 1})
+    lazy, _, _ = int_quantile_lazy(x, np.array([0.5]), dim=("y", "x"), mask=None)
+    sizes = [len(cloudpickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL)) for t in dict(lazy.__dask_graph__()).values()]
+    assert max(sizes) < 64 * 1024, max(sizes)
+    np.testing.assert_array_equal(lazy.compute()[:, 0], np.median(x.values.reshape(8, -1), axis=1))

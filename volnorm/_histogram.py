@@ -163,13 +163,14 @@ def in_memory_dask(a: np.ndarray) -> da.Array:
     along its first axis so that every core gets a share when it is large. The lazy results
     read ``a`` when computed: do not modify it in place before then."""
     import itertools
-    import os
     import uuid
 
     from dask.array.core import normalize_chunks, slices_from_chunks
     from dask.highlevelgraph import HighLevelGraph
 
-    n = os.cpu_count() or 1
+    from volnorm.engine import usable_cpus
+
+    n = usable_cpus()
     split = a.ndim and a.nbytes > 4 * 2**20 and a.shape[0] >= n
     chunks = normalize_chunks(((-(-a.shape[0] // n),) + (-1,) * (a.ndim - 1)) if split else -1, a.shape, dtype=a.dtype)
     name = f"array-{uuid.uuid4().hex}"
@@ -325,6 +326,13 @@ class BinSpec(NamedTuple):
     centers: np.ndarray
     slack: float = 0.5  # see _kernels.edge_slack
 
+    def kernel(self) -> BinSpec:
+        """What the kernels use (kind, lo, nbins, edges, slack), without the per-bin lower,
+        upper and centre arrays: every task of a graph carries its own copy of what its
+        function captures, and a 16-bit spec's arrays are 1.5 MiB."""
+        none = np.empty(0)
+        return self._replace(lower=none, upper=none, centers=none)
+
 
 def bin_spec(
     data: xr.DataArray | xr.DataTree,
@@ -393,11 +401,12 @@ def _totals(
     x, args = prepare(data, kept, reduced, mask, weights)
     nk = len(kept)
     has_m, has_w = mask is not None, weights is not None
+    kspec = spec.kernel()  # what `block` captures
 
     def block(xb: np.ndarray, *rest: np.ndarray) -> np.ndarray:
         mb = rest[0] if has_m else None
         wb = rest[-1] if has_w else None
-        return _block_hist(xb, mb, wb, nkept=nk, spec=spec)
+        return _block_hist(xb, mb, wb, nkept=nk, spec=kspec)
 
     dtype = np.float64 if has_w else np.int64
     parts = per_block(block, args, nk, spec.nbins + _kernels.NEXTRA, dtype, token=(spec.kind, spec.lo, spec.edges, spec.nbins, spec.slack, has_m, has_w))
@@ -521,7 +530,7 @@ def _voxel_totals(data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple
     tile_vox = math.prod(max(c) for c in xa.chunks[nred:])
     per_group = max(1, min(-(-2 * width // vols_per_block), VOXEL_IN_BYTES // max(1, vols_per_block * tile_vox * xa.dtype.itemsize)))
     groups = [rgrid[i : i + per_group] for i in _range(0, len(rgrid), per_group)]
-    func = functools.partial(_voxel_leaf, nred=nred, spec=spec, cdtype=cdtype)
+    func = functools.partial(_voxel_leaf, nred=nred, spec=spec.kernel(), cdtype=cdtype)
     name = f"voxel-hist-{uuid.uuid4().hex}"
     dsk: dict = {}
     for g, members in enumerate(groups):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -34,6 +33,14 @@ DISTRIBUTED = "dask.distributed"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask and a container's CPU quota (dask's
+    count), not every CPU of the machine (a SLURM job or a Kubernetes pod gets a share)."""
+    import dask.system
+
+    return max(1, int(dask.system.CPU_COUNT))
+
+
 def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit: str | float | None = "auto") -> Any:
     """Start the embedded default cluster (loopback only) and return a ``Client``.
 
@@ -47,7 +54,7 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
     """
     from distributed import Client, LocalCluster
 
-    n = n_workers or os.cpu_count() or 1
+    n = n_workers or usable_cpus()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV)}), _workers_ignore_sigint():
         cluster = LocalCluster(
             n_workers=n,
@@ -142,8 +149,8 @@ def executor(scheduler: Any = None) -> Iterator[Executor]:
         if scheduler == "sync":
             yield Executor(_Sync(), "synchronous (this thread)")
         elif scheduler == "threads":
-            with cf.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-                yield Executor(pool, f"{os.cpu_count()} threads")
+            with cf.ThreadPoolExecutor(usable_cpus()) as pool:
+                yield Executor(pool, f"{usable_cpus()} threads")
         elif scheduler == "local":
             client = local_cluster()
             try:
@@ -191,7 +198,7 @@ def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Ite
 
     if scheduler in (None, "threads", "sync"):
         name = scheduler or "threads"
-        where = "synchronous (this thread)" if name == "sync" else f"{os.cpu_count()} threads"
+        where = "synchronous (this thread)" if name == "sync" else f"{usable_cpus()} threads"
         with dask.config.set(scheduler=name), contextlib.ExitStack() as stack:
             if progress:
                 from dask.diagnostics import ProgressBar

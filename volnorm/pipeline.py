@@ -167,11 +167,14 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     for key in ("voxel_histogram", "statistics", "params"):
         if key in outs:
             digests[key] = _digest([images_digest, outs[key]])
+    _check_output_dirs(spec)
     cm = _chunk_mib(spec["engine"], spec["input"].get("chunks"))
     chunk = min(nbytes / max(1, len(files)), (cm if isinstance(cm, int) else 64) * 2**20)
     return {
         "chunk_bytes": chunk,
-        "memory": chunk * 10,  # the input chunk, float64 intermediates (up to 4x an int16 chunk), the compressed output
+        # per worker: the process and its imports, then per thread the input chunk, float64
+        # intermediates (up to 4x an int16 chunk) and the compressed output
+        "memory": WORKER_BASE_BYTES + THREADS_PER_WORKER * chunk * 10,
         "name": spec.data.get("name") or Path(spec.source).stem,
         "spec": spec.source,
         "inputs": {"kind": kind, "count": len(files), "bytes": nbytes, "first": str(files[0]) if files else None},
@@ -182,6 +185,28 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
         "digests": digests,
         "engine": spec["engine"],
     }
+
+
+#: Memory of an idle dask worker process after volnorm's imports (measured: 330-380 MiB).
+WORKER_BASE_BYTES = 360 * 2**20
+#: Threads per worker of the local cluster (one: numpy and the kernels release the GIL in
+#: large calls, and one thread keeps a worker's memory to one chunk's working set).
+THREADS_PER_WORKER = 1
+
+
+def _check_output_dirs(spec: Spec) -> None:
+    """Every output's parent directory exists (a run never creates directories above what
+    the user named): said at plan time, before any data is read, dry runs included."""
+    outs = spec["outputs"]
+    named = [("output.store", spec["output"]["store"])]
+    if "statistics" in outs:
+        named.append(("outputs.statistics.path", outs["statistics"]["path"]))
+    if "params" in outs:
+        named.append(("outputs.params", outs["params"]))
+    for key, path in named:
+        parent = Path(path).parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"{spec.source}: {key} {path}: the directory {parent} does not exist (create it first)")
 
 
 def _status(spec: Spec, p: dict[str, Any], overwrite: bool) -> dict[str, bool]:
@@ -251,7 +276,16 @@ def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
         + (f", memory limit {_bytes(eng['memory_limit'])} per worker" if eng.get("memory_limit") not in (None, "auto") else ""),
     ]
     if p.get("memory"):
-        lines.append(f"  memory  ~{p['memory'] / 2**20:.1f} MiB per worker thread (estimate: input chunks of {p['chunk_bytes'] / 2**20:.1f} MiB)")
+        lines.append(
+            f"  memory  ~{p['memory'] / 2**20:.0f} MiB per worker (estimate: {WORKER_BASE_BYTES / 2**20:.0f} MiB for the process, "
+            f"then {THREADS_PER_WORKER} thread x 10 x {p['chunk_bytes'] / 2**20:.1f} MiB input chunks)"
+        )
+        limit = eng.get("memory_limit")
+        if isinstance(limit, (int, float)) and p["memory"] > 0.8 * limit:
+            lines.append(
+                f"  WARNING the estimate is above the pause threshold ({0.8 * limit / 2**20:.0f} MiB = 0.8 x the memory limit): "
+                "raise engine.memory_limit or set smaller input.chunks"
+            )
     lines.append("  passes")
     for i, (name, what) in enumerate(p["passes"], 1):
         lines.append(f"    {i}. {name}: {what}")
@@ -308,7 +342,7 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
     if sched == "local" or "://" in sched:
         from distributed import Client
 
-        c = local_cluster(eng.get("n_workers"), memory_limit=eng.get("memory_limit", "auto")) if sched == "local" else Client(sched, set_as_default=False)
+        c = local_cluster(eng.get("n_workers"), threads_per_worker=THREADS_PER_WORKER, memory_limit=eng.get("memory_limit", "auto")) if sched == "local" else Client(sched, set_as_default=False)
         try:
             with c.as_current(), dask.config.set(scheduler=DISTRIBUTED), watchdog(c, timeout):
                 n = len(c.scheduler_info()["workers"])
@@ -475,21 +509,6 @@ def _mask(spec: Spec, data: xr.DataArray) -> xr.DataArray | None:
     return data > t
 
 
-def _stage_attrs(staging: Any) -> dict[str, Any]:
-    import zarr
-
-    return dict(zarr.open_group(staging.path, mode="r", zarr_format=3).attrs.get("volnorm", {}))
-
-
-def _save_stage(staging: Any, **kv: Any) -> None:
-    import zarr
-
-    root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
-    m = dict(root.attrs.get("volnorm", {}))
-    m.update(kv)
-    root.attrs["volnorm"] = m
-
-
 def _transformed(spec: Spec, data: xr.DataArray, mask: xr.DataArray | None, fitted: list | None, say: Callable[[str], None]) -> xr.DataArray:
     """Apply the steps: with saved parameters (a resumed run, ``params_from``) or fitting them."""
     from volnorm.steps import replay, run_steps
@@ -598,12 +617,12 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
         inputs = [Path(f) for f in p["files"]]
         staging = Staging(store, {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite, inputs=inputs).prepare()
         try:
-            saved = _stage_attrs(staging).get("pipeline_fitted") if staging.resumed else None
+            saved = staging.manifest().get("pipeline_fitted") if staging.resumed else None
             if saved is not None:
                 say("  resuming: the fitted parameters of the interrupted run are reused")
             out = _transformed(spec, data, mask, saved if saved is not None else fitted, say)
             history = json.loads(out.attrs.get("volnorm_params", "[]"))
-            _save_stage(staging, pipeline_fitted=history)
+            staging.update_manifest(pipeline_fitted=history)
             t0 = time.perf_counter()
             write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show,
                          manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})

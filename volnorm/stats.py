@@ -13,7 +13,19 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import _dims, _totals, add_up, bin_spec, histogram, numba_ready, over_collection, parts_of, per_block, prepare, rows_of
+from volnorm._histogram import (
+    _dims,
+    _totals,
+    add_up,
+    bin_spec,
+    histogram,
+    numba_ready,
+    over_collection,
+    parts_of,
+    per_block,
+    prepare,
+    rows_of,
+)
 
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
@@ -180,7 +192,7 @@ def int_quantile_lazy(
         rng = None  # bin_spec's range pass
     spec = bin_spec(data, dtype, None, rng, mask)
     x, counts, _ = _totals(data, spec, kept, reduced, mask, None)
-    nq = len(qs)
+    nq, lo, nbins = len(qs), spec.lo, spec.nbins
 
     def rows(c: np.ndarray) -> np.ndarray:
         flat = c.reshape(-1, c.shape[-1])
@@ -190,7 +202,7 @@ def int_quantile_lazy(
         r_hi = np.minimum(r_lo + 1, np.maximum(n, 1)[:, None] - 1)
         zero = np.zeros(len(flat), dtype=flat.dtype)
         b = _groups(flat, zero, zero, np.concatenate([r_lo, r_hi], axis=1))
-        v = spec.centers[np.clip(b - 1, 0, spec.nbins - 1)]
+        v = (lo + np.clip(b - 1, 0, nbins - 1)).astype(np.float64)  # the bins' values (not spec.centers: see BinSpec.kernel)
         out = np.concatenate([_lerp(v[:, :nq], v[:, nq:], pos - r_lo), n[:, None].astype(np.float64)], axis=1)
         return out.reshape(c.shape[:-1] + (nq + 1,))
 

@@ -259,6 +259,19 @@ class Staging:
         zarr.open_group(self.path, mode="w-", zarr_format=3, attributes=attrs)
         return self
 
+    def manifest(self) -> dict:
+        """The staging group's ``volnorm`` attributes (the manifest so far, e.g. progress marks)."""
+        return read_manifest(self.path) or {}
+
+    def update_manifest(self, **kv: Any) -> None:
+        """Record ``kv`` in the staging manifest (progress a resumed run reads back)."""
+        import zarr
+
+        root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        m = dict(root.attrs.get("volnorm", {}))
+        m.update(kv)
+        root.attrs["volnorm"] = m
+
     def commit(self, manifest: dict) -> None:
         """Write the manifest with the completion marker last, then move into place."""
         import zarr

@@ -319,14 +319,27 @@ def _write_staged(
     else:
         arr = data
         raw, chunks = _aligned(arr.data if isinstance(arr.data, da.Array) else da.from_array(np.asarray(arr.data)))
-        ds = arr.copy(data=raw).to_dataset(name="image")
-        ds["image"].attrs = {k: v for k, v in arr.attrs.items() if _jsonable(v)}
-        enc = {"image": {"chunks": chunks, "compressors": compressors(codec)}}
-        delayed = ds.to_zarr(
-            staging.path, mode="a", zarr_format=3, encoding=enc, compute=False, consolidated=False,
-            write_empty_chunks=True,
-        )
-        _compute([delayed], progress, "write")
+        # resumable: the volumes are written in batches of whole chunks, each batch's end
+        # recorded in the staging manifest once its chunks are on disk
+        done = int(staging.manifest().get("written_volumes", 0)) if staging.resumed and (staging.path / "image" / "zarr.json").exists() else 0
+        if not done:  # the metadata and the coords; the voxels below
+            ds = arr.copy(data=raw).to_dataset(name="image")
+            ds["image"].attrs = {k: v for k, v in arr.attrs.items() if _jsonable(v)}
+            ds.attrs = {"volnorm": staging.manifest()}  # to_zarr rewrites the root's attributes: keep the manifest
+            enc = {"image": {"chunks": chunks, "compressors": compressors(codec)}}
+            ds.to_zarr(staging.path, mode="a", zarr_format=3, encoding=enc, compute=False, consolidated=False, write_empty_chunks=True)
+        target = zarr.open_array(staging.path / "image", mode="r+")
+        axis = arr.dims.index("volume")
+        bounds = np.cumsum((0, *raw.chunks[axis]))
+        per_volume = raw.nbytes / max(1, raw.shape[axis])
+        start = done
+        while start < raw.shape[axis]:
+            fits = bounds[(bounds > start) & ((bounds - start) * per_volume <= WRITE_BATCH_BYTES)]
+            end = int(fits[-1]) if len(fits) else int(bounds[bounds > start][0])
+            region = tuple(slice(start, end) if i == axis else slice(None) for i in range(raw.ndim))
+            _compute([da.store(raw[region], target, regions=region, lock=False, compute=False)], progress, "write")
+            staging.update_manifest(written_volumes=end)
+            start = end
         verify_array(zarr.open_array(staging.path / "image", mode="r"), f"{final}/image")
         manifest = {"kind": "images", "volumes": [str(v) for v in arr["volume"].values], "steps": steps or []}
     staging.commit({**manifest, **extra})
