@@ -214,3 +214,50 @@ def test_an_interrupted_image_stack_write_resumes_from_the_last_batch(tmp_path, 
     assert got.dtype == want.dtype and got.dims == want.dims
     np.testing.assert_array_equal(got.values, want.values)
     assert list(got["volume"].values) == list(want["volume"].values)
+
+
+@pytest.mark.parametrize("kind", ["nifti", "images"])
+def test_integer_output_statistics_are_computed_with_the_write(tmp_path, monkeypatch, kind):
+    """8/16-bit outputs: the statistics come from the write's own graph (the store is not read
+    back; summarize is never called) and equal numpy on the written voxels, inside a per-volume
+    mask; they are kept with the volumes, so a lost statistics file is rewritten without a pass."""
+    import imageio.v3 as iio
+
+    if kind == "nifti":
+        vn.datasets.make_cohort(tmp_path, n_subjects=3, shape=(24, 28, 20), seed=5)
+        inp = {"nifti": str(tmp_path / "sub-*.nii")}
+    else:
+        rng = np.random.default_rng(1)
+        (tmp_path / "img").mkdir()
+        for i in range(5):
+            iio.imwrite(tmp_path / "img" / f"im{i}.png", rng.integers(0, 256, (30, 20), dtype=np.uint8))
+        inp = {"images": str(tmp_path / "img" / "*.png"), "chunks": {"volume": 2}}
+    qs = [0.0, 0.1, 0.5, 0.97]
+    spec = {"version": 1, "input": inp, "mask": {"threshold": {"method": "otsu", "dim": "volume"}},
+            "steps": [{"rescale": {"percentiles": [2, 98], "out_range": "uint16"}}],
+            "output": {"store": str(tmp_path / "out.zarr")},
+            "outputs": {"statistics": {"path": str(tmp_path / "stats.json"), "quantiles": qs}},
+            "engine": {"scheduler": "threads", "progress": False}}
+
+    def no_pass(*a, **k):
+        raise AssertionError("a statistics pass over the written store")
+
+    monkeypatch.setattr(vn, "summarize", no_pass)
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    got = json.loads((tmp_path / "stats.json").read_text())["volumes"]
+    out = vn.open_zarr(tmp_path / "out.zarr")
+    assert out.dtype == np.uint16
+    data = vn.open_nifti(inp["nifti"]) if kind == "nifti" else vn.open_images(inp["images"])
+    spatial = tuple(d for d in data.dims if d != "volume")
+    mask = (data > vn.threshold(data, method="otsu", dim=spatial)).values
+    for i, row in enumerate(got):
+        inside = out.values[i][mask[i]].astype(np.float64)
+        assert row["volume"] == str(out["volume"].values[i])
+        assert row["count"] == inside.size
+        np.testing.assert_allclose([row["mean"], row["std"]], [inside.mean(), inside.std()], rtol=1e-12)
+        assert [row["min"], row["max"]] == [inside.min(), inside.max()]
+        assert [row[f"q{q:g}"] for q in qs] == np.quantile(inside, qs).tolist()
+    # the file lost: rewritten from what the volumes keep, still without a pass
+    (tmp_path / "stats.json").unlink()
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    assert json.loads((tmp_path / "stats.json").read_text())["volumes"] == got

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -624,7 +624,8 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             history = json.loads(out.attrs.get("volnorm_params", "[]"))
             staging.update_manifest(pipeline_fitted=history)
             t0 = time.perf_counter()
-            write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show,
+            along = _statistics_alongside(out, outs["statistics"], mask, p["digests"]["statistics"]) if "statistics" in outs and not done.get("statistics") else None
+            write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along,
                          manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
             say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
             result.written.append(str(store))
@@ -640,7 +641,8 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
         _voxel_histogram(store, out, outs["voxel_histogram"], mask, p, show, say)
         result.written.append(f"{store}/{outs['voxel_histogram']['name']}")
     if "statistics" in outs and not done.get("statistics"):
-        path = _statistics(out, outs["statistics"], mask, p["digests"]["statistics"])
+        rows = _written_statistics(store, p["digests"]["statistics"]) if outs["images"] else None
+        path = _statistics(out, outs["statistics"], mask, p["digests"]["statistics"], rows)
         say(f"  statistics -> {path}")
         result.written.append(str(path))
     if "params" in outs and not done.get("params"):
@@ -666,20 +668,74 @@ def _voxel_histogram(store: Path, data: xr.DataArray, opts: Mapping[str, Any], m
     say(f"  voxel histogram: {time.perf_counter() - t0:.1f} s -> {store / name}")
 
 
-def _statistics(data: xr.DataArray, opts: Mapping[str, Any], mask: Any, digest_: str) -> Path:
-    """Per-volume count, mean, std, min, max and quantiles (inside the mask), as JSON or CSV:
-    :func:`volnorm.summarize`, whose memory is bounded by the chunks, not the number of volumes."""
+def _statistic_rows(s: Any, names: Sequence[str], qs: Sequence[float], digest_: str) -> list[dict[str, Any]]:
+    """One dict per volume of a per-volume :class:`volnorm.stats.Summary`."""
     import numpy as np
 
-    import volnorm as vn
-
-    spatial = tuple(d for d in data.dims if d != "volume")
-    qs = list(opts["quantiles"])
-    s = vn.summarize(data, dim=spatial, mask=mask, quantiles=qs)
-    names = [str(v) for v in np.atleast_1d(data["volume"].values)] if "volume" in data.coords else [str(i) for i in range(data.sizes.get("volume", 1))]
     cols = ["count", "mean", "std", "min", "max", *(f"q{q:g}" for q in qs)]
     values = {c: np.atleast_1d(s[c].values) for c in cols}
-    rows = [{"volume": name, **{c: (int if c == "count" else float)(values[c][i]) for c in cols}} for i, name in enumerate(names)]
+    return [
+        {"volume": str(name), **{c: (int if c == "count" else float)(values[c][i]) for c in cols}, "digest": digest_}
+        for i, name in enumerate(names)
+    ]
+
+
+def _names(data: xr.DataArray) -> list[str]:
+    import numpy as np
+
+    return [str(v) for v in np.atleast_1d(data["volume"].values)] if "volume" in data.coords else [str(i) for i in range(data.sizes.get("volume", 1))]
+
+
+def _statistics_alongside(data: xr.DataArray, opts: Mapping[str, Any], mask: Any, digest_: str) -> Any:
+    """The statistics output computed with the write, batch by batch (the output is made once
+    and not read back): for 8/16-bit integer outputs, whose quantiles need no other pass.
+    None otherwise (float outputs: the statistics pass reads the written store)."""
+    from volnorm.stats import summary_graph
+
+    if not (data.dtype.kind in "iub" and data.dtype.itemsize <= 2):
+        return None
+    qs = list(opts["quantiles"])
+    spatial = tuple(d for d in data.dims if d != "volume")
+
+    def along(batch: xr.DataArray, index: Any) -> tuple[list, Callable[[Sequence[Any]], list[dict]]]:
+        m = mask.isel(volume=index) if isinstance(mask, xr.DataArray) and "volume" in mask.dims else mask
+        lazy, finish = summary_graph(batch, dim=spatial, mask=m, quantiles=qs)
+        return lazy, lambda values: _statistic_rows(finish(values), _names(batch), qs, digest_)
+
+    return along
+
+
+def _written_statistics(store: Path, digest_: str) -> list[dict[str, Any]] | None:
+    """The per-volume statistics a write kept with the volumes (this spec's, every volume's),
+    else None."""
+    import zarr
+
+    from volnorm.io.store import read_manifest
+
+    m = read_manifest(store) or {}
+    if m.get("kind") == "images":
+        rows = list(m.get("volume_statistics", []))
+        if len(rows) != len(m.get("volumes", [])):
+            return None
+    else:
+        root = zarr.open_group(store, mode="r", zarr_format=3)
+        rows = [root[name].attrs.get("volnorm", {}).get("statistics") for name in m.get("volumes", [])]
+    if not rows or any(not r or r.get("digest") != digest_ for r in rows):
+        return None
+    return rows
+
+
+def _statistics(data: xr.DataArray, opts: Mapping[str, Any], mask: Any, digest_: str, rows: list[dict] | None = None) -> Path:
+    """Per-volume count, mean, std, min, max and quantiles (inside the mask), as JSON or CSV:
+    the ``rows`` computed with the write, else :func:`volnorm.summarize` of ``data`` (memory
+    bounded by the chunks, not the number of volumes)."""
+    import volnorm as vn
+
+    qs = list(opts["quantiles"])
+    if rows is None:
+        spatial = tuple(d for d in data.dims if d != "volume")
+        rows = _statistic_rows(vn.summarize(data, dim=spatial, mask=mask, quantiles=qs), _names(data), qs, digest_)
+    rows = [{k: v for k, v in r.items() if k != "digest"} for r in rows]
     path = Path(opts["path"])
     if path.suffix == ".csv":
         cols = list(rows[0])

@@ -588,14 +588,30 @@ def summarize(
     >>> float(s["mean"]), int(s["count"]), int(s["n_nan"]), float(s["q0.5"])
     (2.0, 3, 1, 2.0)
     """
+    if isinstance(data, xr.DataTree) and dim is not None:
+        res = over_collection(summarize, data, dim, mask, quantiles=quantiles)
+        return Summary(res.data_vars, coords=res.coords) if isinstance(res, xr.Dataset) else res
+    parts, finish = summary_graph(data, dim=dim, mask=mask, quantiles=quantiles)
+    return finish(dask.compute(*parts))
+
+
+def summary_graph(
+    data: xr.DataArray | xr.DataTree,
+    *,
+    dim: Hashable | Sequence[Hashable] | None = None,
+    mask: xr.DataArray | xr.DataTree | None = None,
+    quantiles: Sequence[float] = (0.02, 0.25, 0.5, 0.75, 0.98),
+) -> tuple[list[da.Array], Callable[[Sequence[np.ndarray]], Summary]]:
+    """:func:`summarize` in two halves: the lazy arrays of its first pass, and the function
+    that makes the :class:`Summary` from their computed values. A runner computes the first
+    half with other work on the same data (e.g. with the write of the data: one read). The
+    finish computes nothing for 8/16-bit integers; float or wider integer quantiles need
+    their own passes there."""
     from volnorm import _kernels
 
     if isinstance(data, xr.DataTree):
-        if dim is not None:
-            res = over_collection(summarize, data, dim, mask, quantiles=quantiles)
-            return Summary(res.data_vars, coords=res.coords) if isinstance(res, xr.Dataset) else res
         pieces = [(img, m, (), tuple(img.dims)) for _, img, m in parts_of(data, mask)]
-        coords: dict = {}
+        coords: dict | None = {}
         kept: tuple = ()
     elif isinstance(data, xr.DataArray):
         kept, reduced = _dims(data, dim)
@@ -604,6 +620,7 @@ def summarize(
     else:
         raise TypeError(f"`data` must be an xarray.DataArray or DataTree; got {type(data).__name__}")
     nk = len(kept)
+    qs = _checked_q(list(quantiles)) if len(quantiles) else np.empty(0)
 
     def block(xb: np.ndarray, mb: np.ndarray | None = None) -> np.ndarray:
         return _block_moments(xb, mb, nkept=nk)
@@ -617,42 +634,44 @@ def summarize(
     # 8/16-bit integers: the quantiles' histogram needs no range, so it is computed with the
     # moments and the data are read once
     together = (
-        bool(len(quantiles)) and isinstance(data, xr.DataArray) and data.dtype.kind in "iub"
+        bool(len(qs)) and isinstance(data, xr.DataArray) and data.dtype.kind in "iub"
         and (data.dtype.kind == "b" or data.dtype.itemsize <= 2)
     )
-    int_q = int_quantile_lazy(data, _checked_q(list(quantiles)), dim=dim, mask=mask) if together else None
-    computed = dask.compute(*lazy, *([int_q[0]] if int_q else []))
-    if int_q:
-        *computed, int_vals = computed
-    flats = []
-    for arr in computed:
-        red_axes = tuple(range(nk, arr.ndim - 1))
-        flats.append(np.moveaxis(arr, red_axes, tuple(range(len(red_axes)))).reshape(-1, *arr.shape[:nk], arr.shape[-1]))
-    m = _merge(np.concatenate(flats))
-    count = m[..., 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var = np.where(count > 0, m[..., 2] / count, np.nan)
-    nanify = count == 0
-    out = {
-        "count": (kept, count.astype(np.int64)),
-        "min": (kept, np.where(nanify, np.nan, m[..., 3])),
-        "max": (kept, np.where(nanify, np.nan, m[..., 4])),
-        "mean": (kept, np.where(nanify, np.nan, m[..., 1])),
-        "var": (kept, var),
-        "std": (kept, np.sqrt(var)),
-        "n_nan": (kept, m[..., 5].astype(np.int64)),
-        "n_posinf": (kept, m[..., 6].astype(np.int64)),
-        "n_neginf": (kept, m[..., 7].astype(np.int64)),
-        "n_masked_out": (kept, m[..., 8].astype(np.int64)),
-    }
-    if len(quantiles) and not np.all(count > 0):
-        raise ValueError("no valid voxel (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
-    if len(quantiles):
-        known = (float(np.min(m[..., 3])), float(np.max(m[..., 4])))  # spares quantile's range pass
-        if int_q:
-            qv = _finish_int(*int_q, _checked_q(list(quantiles)), list(quantiles), computed=int_vals)
-        else:
-            qv = _quantile(data, list(quantiles), dim=dim, mask=mask, exact=True, known_range=known)
-        for i, qq in enumerate(quantiles):
-            out[f"q{qq:g}"] = (kept, qv.isel(quantile=i).values)
-    return Summary(out, coords=coords)
+    int_q = int_quantile_lazy(data, qs, dim=dim, mask=mask) if together else None
+    n_moments = len(lazy)
+
+    def finish(computed: Sequence[np.ndarray]) -> Summary:
+        flats = []
+        for arr in computed[:n_moments]:
+            red_axes = tuple(range(nk, arr.ndim - 1))
+            flats.append(np.moveaxis(arr, red_axes, tuple(range(len(red_axes)))).reshape(-1, *arr.shape[:nk], arr.shape[-1]))
+        m = _merge(np.concatenate(flats))
+        count = m[..., 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.where(count > 0, m[..., 2] / count, np.nan)
+        nanify = count == 0
+        out = {
+            "count": (kept, count.astype(np.int64)),
+            "min": (kept, np.where(nanify, np.nan, m[..., 3])),
+            "max": (kept, np.where(nanify, np.nan, m[..., 4])),
+            "mean": (kept, np.where(nanify, np.nan, m[..., 1])),
+            "var": (kept, var),
+            "std": (kept, np.sqrt(var)),
+            "n_nan": (kept, m[..., 5].astype(np.int64)),
+            "n_posinf": (kept, m[..., 6].astype(np.int64)),
+            "n_neginf": (kept, m[..., 7].astype(np.int64)),
+            "n_masked_out": (kept, m[..., 8].astype(np.int64)),
+        }
+        if len(qs) and not np.all(count > 0):
+            raise ValueError("no valid voxel (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
+        if len(qs):
+            if int_q:
+                qv = _finish_int(*int_q, qs, list(quantiles), computed=computed[n_moments])
+            else:
+                known = (float(np.min(m[..., 3])), float(np.max(m[..., 4])))  # spares quantile's range pass
+                qv = _quantile(data, list(quantiles), dim=dim, mask=mask, exact=True, known_range=known)
+            for i, qq in enumerate(quantiles):
+                out[f"q{qq:g}"] = (kept, qv.isel(quantile=i).values)
+        return Summary(out, coords=coords)
+
+    return [*lazy, *([int_q[0]] if int_q else [])], finish

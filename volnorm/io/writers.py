@@ -6,7 +6,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,8 @@ def _aligned(data: da.Array) -> tuple[da.Array, tuple[int, ...]]:
     return data.rechunk(target), target
 
 
-def _compute(targets: list, progress: bool, what: str) -> None:
+def _compute(targets: list, progress: bool, what: str) -> list:
+    """``dask.compute(*targets)`` as a list, with a progress bar when asked."""
     if progress:
         try:
             from distributed import get_client, progress as dprogress
@@ -170,13 +171,11 @@ def _compute(targets: list, progress: bool, what: str) -> None:
             from dask.diagnostics import ProgressBar
 
             with ProgressBar():
-                dask.compute(*targets)
-            return
+                return list(dask.compute(*targets))
         futs = client.compute(targets)
         dprogress(futs)
-        client.gather(futs)
-    else:
-        dask.compute(*targets)
+        return list(client.gather(futs))
+    return list(dask.compute(*targets))
 
 
 def to_zarr(
@@ -253,16 +252,38 @@ def _batches(items: list, limit: int) -> list[list]:
     return out
 
 
+#: Per-volume statistics computed with a write: called with the batch's volumes (a stack) and
+#: their index along ``volume``, it returns the lazy arrays to compute with the batch and a
+#: function of their values that gives one JSON-able dict per volume.
+Alongside = Callable[[xr.DataArray, Any], tuple[list, Callable[[Sequence[Any]], list[dict]]]]
+
+
 def write_staged(
     data: xr.DataArray | xr.DataTree, staging: Staging, *, codec: Any = DEFAULT_CODEC, steps: list | None = None,
-    progress: bool = False, manifest: dict | None = None,
+    progress: bool = False, manifest: dict | None = None, statistics: Alongside | None = None,
 ) -> None:
     """Write ``data`` into a prepared :class:`~volnorm.io.store.Staging` and commit it (the
     body of :func:`to_zarr`, for runners that own the staging: its plan, resume, lock).
     Volumes already complete in a resumed staging are not written again; ``manifest`` adds
-    keys to the committed manifest."""
+    keys to the committed manifest. ``statistics`` (a stack only) are computed with each
+    batch's write, in the same graph (the data are made and read once), and kept with the
+    volumes: each volume group's ``statistics`` attribute (cohort stores), the manifest's
+    ``volume_statistics`` (image stacks)."""
+    if statistics is not None and (not isinstance(data, xr.DataArray) or "volume" not in data.dims):
+        raise ValueError("write_staged: `statistics` needs a stack (a DataArray with a volume dim)")
     vols = _volumes(data)
-    _write_staged(data, vols, staging, staging.final, _is_nifti_derived(vols), codec, steps, progress, manifest or {})
+    _write_staged(data, vols, staging, staging.final, _is_nifti_derived(vols), codec, steps, progress, manifest or {}, statistics)
+
+
+def _with_statistics(stored: Any, data: xr.DataArray, index: Any, statistics: Alongside | None, progress: bool) -> list[dict]:
+    """Compute ``stored`` (a batch's write) and the statistics of ``data``'s volumes ``index``
+    together; the per-volume dicts (none without ``statistics``)."""
+    if statistics is None:
+        _compute([stored], progress, "write")
+        return []
+    lazy, finish = statistics(data.isel(volume=index), index)
+    _, *values = _compute([stored, *lazy], progress, "write")
+    return finish(values)
 
 
 def _write_staged(
@@ -275,6 +296,7 @@ def _write_staged(
     steps: list | None,
     progress: bool,
     extra: dict,
+    statistics: Alongside | None = None,
 ) -> None:
     import zarr
 
@@ -305,11 +327,12 @@ def _write_staged(
                 attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
             )
             arrays.append((name, raw, data_array(grp)))
+        index = {name: i for i, (name, _) in enumerate(vols)}
         for batch in _batches(arrays, WRITE_BATCH_BYTES):  # each batch's volumes are marked complete
             stored = da.store([a for _, a, _ in batch], [t for _, _, t in batch], lock=False, compute=False)
-            _compute([stored], progress, "write")
-            for name, _, _ in batch:
-                finish_volume(root[name], name, {})
+            rows = _with_statistics(stored, data, [index[name] for name, _, _ in batch], statistics, progress)
+            for i, (name, _, _) in enumerate(batch):
+                finish_volume(root[name], name, {"statistics": rows[i]} if rows else {})
         for name, _ in vols:
             grp = root[name]
             if not grp.attrs["volnorm"].get("complete"):
@@ -337,8 +360,12 @@ def _write_staged(
             fits = bounds[(bounds > start) & ((bounds - start) * per_volume <= WRITE_BATCH_BYTES)]
             end = int(fits[-1]) if len(fits) else int(bounds[bounds > start][0])
             region = tuple(slice(start, end) if i == axis else slice(None) for i in range(raw.ndim))
-            _compute([da.store(raw[region], target, regions=region, lock=False, compute=False)], progress, "write")
-            staging.update_manifest(written_volumes=end)
+            stored = da.store(raw[region], target, regions=region, lock=False, compute=False)
+            rows = _with_statistics(stored, data, slice(start, end), statistics, progress)
+            if rows:
+                staging.update_manifest(written_volumes=end, volume_statistics=staging.manifest().get("volume_statistics", []) + rows)
+            else:
+                staging.update_manifest(written_volumes=end)
             start = end
         verify_array(zarr.open_array(staging.path / "image", mode="r"), f"{final}/image")
         manifest = {"kind": "images", "volumes": [str(v) for v in arr["volume"].values], "steps": steps or []}
