@@ -223,9 +223,22 @@ def _memory(v: Any) -> Any:
 
 
 def _scheduler(v: Any) -> str:
-    if v in ("local", "threads", "sync") or (isinstance(v, str) and v.startswith(("tcp://", "tls://"))):
+    if v in ("local", "threads", "sync", *JOB_CLUSTERS) or (isinstance(v, str) and v.startswith(("tcp://", "tls://"))):
         return v
     raise ValueError("expected 'local', 'threads', 'sync', or an address tcp://host:port / tls://host:port")
+
+
+#: ``engine.scheduler`` values that start workers through a batch system or Kubernetes (optional extras).
+JOB_CLUSTERS = ("slurm", "pbs", "kubernetes")
+
+
+def _cluster_options(v: Any) -> dict[str, Any]:
+    ok = (str, int, float, bool, type(None))
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v) and all(
+        isinstance(x, ok) or (isinstance(x, list) and all(isinstance(i, ok) for i in x)) or isinstance(x, dict) for x in v.values()
+    ):
+        return v
+    raise ValueError("expected a mapping of the cluster class's options, e.g. {cores: 8, memory: 32GB, walltime: '02:00:00'}")
 
 
 def _steps(v: Any) -> list[dict[str, Any]]:
@@ -297,6 +310,11 @@ SCHEMA: dict[str, Field] = {
         "progress": Field(bool, default=True),
         "stall_timeout": Field(_positive_int, default=600,
                                help="seconds without a finished task (workers paused on memory) before the run stops"),
+        "jobs": Field(_positive_int, default=1, help="slurm/pbs: worker jobs to submit; kubernetes: worker pods"),
+        "min_workers": Field(_positive_int, default=1, help="slurm/pbs/kubernetes: start once this many workers are up"),
+        "wait": Field(_positive_int, default=3600, help="slurm/pbs/kubernetes: seconds to wait for min_workers"),
+        "cluster": Field(_cluster_options, help="slurm/pbs: dask_jobqueue.SLURMCluster/PBSCluster options "
+                         "(cores, memory, walltime, queue, account, ...); kubernetes: dask_kubernetes make_cluster_spec options"),
     }),
 }
 

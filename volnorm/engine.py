@@ -69,6 +69,58 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
     return Client(cluster, set_as_default=False)
 
 
+#: ``pip install volnorm[NAME]`` for each job cluster kind.
+JOB_EXTRAS = {"slurm": "jobqueue", "pbs": "jobqueue", "kubernetes": "kubernetes"}
+
+
+def job_cluster(kind: str, options: dict[str, Any] | None = None) -> Any:
+    """A dask cluster whose workers are batch jobs (``"slurm"``, ``"pbs"``: dask-jobqueue) or
+    Kubernetes pods (``"kubernetes"``: the dask-kubernetes operator). Nothing is submitted
+    until the cluster is scaled. The libraries are optional extras, imported only here.
+
+    SLURM/PBS: one single-threaded worker process per core of each job (as the local
+    cluster), numpy's threads at 1, TLS between scheduler and workers with temporary
+    certificates (``security=True``; the workers' half goes to ``shared_temp_directory``,
+    which the compute nodes must see). ``options`` go to ``SLURMCluster``/``PBSCluster``
+    (``cores``, ``memory``, ``walltime``, ``queue``, ``account``, ...) and override these
+    defaults. Kubernetes: ``options`` go to ``dask_kubernetes.operator.make_cluster_spec``
+    (``image``, ``resources``, ``env``, ...); the operator does not set up TLS.
+
+    Examples
+    --------
+    >>> cluster = job_cluster("slurm", {"cores": 8, "memory": "32GB", "walltime": "02:00:00"})  # doctest: +SKIP
+    >>> cluster.scale(jobs=4)  # doctest: +SKIP
+    """
+    opts = dict(options or {})
+    extra = JOB_EXTRAS.get(kind)
+    if extra is None:
+        raise ValueError(f"unknown job cluster {kind!r}; expected one of {', '.join(JOB_EXTRAS)}")
+    try:
+        if kind == "kubernetes":
+            from dask_kubernetes.operator import KubeCluster, make_cluster_spec
+        else:
+            import dask_jobqueue
+    except ImportError as e:
+        raise ImportError(f"engine.scheduler {kind!r} needs the optional extra: pip install 'volnorm[{extra}]' ({e})") from None
+    if kind == "kubernetes":
+        env = {**WORKER_ENV, **opts.pop("env", {})}
+        spec = make_cluster_spec(name=opts.pop("name", "volnorm"), env=env, **opts)
+        return KubeCluster(custom_cluster_spec=spec)
+    cores = int(opts.get("cores", 1))
+    defaults: dict[str, Any] = {
+        "cores": cores,
+        "processes": cores,  # one single-threaded worker per core, as the local cluster
+        "memory": "4GB",
+        "job_name": "volnorm-worker",
+        "job_script_prologue": [f"export {k}={v}" for k, v in WORKER_ENV.items()],
+        "security": True,
+    }
+    if opts.get("security") is False:  # dask-jobqueue's "no TLS" is None
+        opts["security"] = None
+    cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
+    return cls(**{**defaults, **opts})
+
+
 @contextlib.contextmanager
 def _workers_ignore_sigint() -> Iterator[None]:
     """Spawn worker processes with SIGINT ignored (the disposition survives exec).

@@ -30,7 +30,7 @@ from typing import Any
 
 import xarray as xr
 
-from volnorm._spec import Spec, SpecError, load_spec
+from volnorm._spec import JOB_CLUSTERS, Spec, SpecError, load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +339,14 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
             f"engine.scheduler {sched}: a plain {scheme}:// connection to another machine is not encrypted; "
             "use tls:// (dask's TLS config), or set engine.allow_insecure: true on a trusted network"
         )
+    if sched in JOB_CLUSTERS:
+        if sched == "kubernetes" and not eng.get("allow_insecure"):
+            raise ValueError(
+                "engine.scheduler kubernetes: the dask-kubernetes operator's scheduler and workers talk plain tcp:// "
+                "inside the Kubernetes network; set engine.allow_insecure: true if that network is trusted"
+            )
+        yield from _on_job_cluster(sched, eng, timeout)
+        return
     if sched == "local" or "://" in sched:
         from distributed import Client
 
@@ -356,6 +364,35 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
         return
     with dask_scheduler(sched, progress=bool(eng.get("progress"))) as where:
         yield where
+
+
+def _on_job_cluster(kind: str, eng: Mapping[str, Any], timeout: float) -> Iterator[str]:
+    """The body of :func:`engine` for SLURM, PBS and Kubernetes: submit ``engine.jobs`` jobs
+    (pods), wait up to ``engine.wait`` s for ``engine.min_workers``, run, then cancel them."""
+    import dask
+    from distributed import Client
+
+    from volnorm.engine import DISTRIBUTED, job_cluster
+
+    cluster = job_cluster(kind, dict(eng.get("cluster") or {}))
+    try:
+        address = cluster.scheduler_address
+        if kind != "kubernetes" and not address.startswith(("tls://", "inproc://")) and not eng.get("allow_insecure") and not _loopback(address):
+            raise ValueError(
+                f"engine.cluster: the {kind} cluster's scheduler {address} is not encrypted (security: false) and listens "
+                "beyond this machine; keep the default TLS, or set engine.allow_insecure: true on a trusted network"
+            )
+        if kind == "kubernetes":
+            cluster.scale(int(eng.get("jobs", 1)))
+        else:
+            cluster.scale(jobs=int(eng.get("jobs", 1)))
+        with Client(cluster, set_as_default=False) as c:
+            c.wait_for_workers(int(eng.get("min_workers", 1)), timeout=float(eng.get("wait", 3600)))
+            with c.as_current(), dask.config.set(scheduler=DISTRIBUTED), watchdog(c, timeout):
+                n = len(c.scheduler_info()["workers"])
+                yield f"{kind} cluster {c.scheduler.address}, {n} workers so far (dashboard {c.dashboard_link})"
+    finally:
+        cluster.close()
 
 
 def _scheduler_state(dask_scheduler: Any = None) -> dict[str, Any]:

@@ -281,9 +281,20 @@ def _with_statistics(stored: Any, data: xr.DataArray, index: Any, statistics: Al
     if statistics is None:
         _compute([stored], progress, "write")
         return []
-    lazy, finish = statistics(data.isel(volume=index), index)
-    _, *values = _compute([stored, *lazy], progress, "write")
-    return finish(values)
+    # consecutive volumes as slices: a list index would make dask join their chunks into one
+    runs: list[slice] = []
+    for i in (range(index.start, index.stop) if isinstance(index, slice) else index):
+        if runs and runs[-1].stop == i:
+            runs[-1] = slice(runs[-1].start, i + 1)
+        else:
+            runs.append(slice(i, i + 1))
+    parts = [statistics(data.isel(volume=r), r) for r in runs]
+    _, *values = _compute([stored, *(x for lazy, _ in parts for x in lazy)], progress, "write")
+    rows: list[dict] = []
+    for lazy, finish in parts:
+        rows += finish(values[: len(lazy)])
+        values = values[len(lazy):]
+    return rows
 
 
 def _write_staged(
