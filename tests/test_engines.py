@@ -117,3 +117,20 @@ def test_a_job_cluster_without_tls_beyond_this_machine_is_refused(slurm):
     with pytest.raises(ValueError, match="not encrypted"), vn.pipeline.engine(eng):
         pass
     assert not list(slurm.iterdir())  # nothing was submitted
+
+
+def test_the_slurm_workflow_spec_runs_on_slurm_jobs(slurm, tmp_path):
+    """workflows/cluster/normalize-on-slurm.yaml with this machine as its one-node SLURM."""
+    spec = load_spec(Path(__file__).parents[1] / "workflows" / "cluster" / "normalize-on-slurm.yaml")
+    assert spec["engine"]["scheduler"] == "slurm" and spec["engine"]["cluster"]["cores"] == 8
+    files = vn.datasets.make_cohort(tmp_path / "data", n_subjects=3, shape=(20, 24, 16), seed=4)
+    spec.data["input"]["nifti"] = [str(tmp_path / "data" / "sub-*.nii")]
+    spec.data["output"]["store"] = str(tmp_path / "normalized.zarr")
+    spec.data["outputs"]["statistics"]["path"] = str(tmp_path / "stats.csv")
+    spec.data["outputs"]["params"] = str(tmp_path / "params.json")
+    spec.data["engine"].update(jobs=1, min_workers=2, wait=120, progress=False)
+    spec.data["engine"]["cluster"].update(cores=2, memory="2GB", shared_temp_directory=str(tmp_path),
+                                          scheduler_options={"host": "127.0.0.1"})
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    assert vn.open_zarr(tmp_path / "normalized.zarr").sizes["volume"] == len(files)
+    assert (tmp_path / "stats.csv").read_text().count("\n") == 2 + len(files)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -25,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,7 +44,6 @@ CLUSTER = WORKFLOWS / "cluster"
 SPECS = sorted(EXAMPLES.glob("*.yaml"))
 SBATCH = CLUSTER / "volnorm-run.sbatch"
 K8S_JOB = CLUSTER / "volnorm-job.yaml"
-JOBQUEUE = CLUSTER / "slurm_jobqueue.py"
 
 #: 512x512 uint8 images that ship inside scikit-image; every 4th pixel -> a 128x128 stack
 SKIMAGE_NAMES = ("camera", "moon", "brick", "grass", "gravel")
@@ -490,7 +487,7 @@ def test_cli_run_on_dask_scheduler_and_worker_processes(dask_processes, sample_d
 
 
 # ---------------------------------------------------------------------------
-# SLURM: the sbatch script and the dask-jobqueue recipe
+# SLURM: the sbatch script (engine.scheduler slurm: tests/test_engines.py)
 # ---------------------------------------------------------------------------
 
 
@@ -596,70 +593,6 @@ def test_sbatch_script_passes_sigterm_on_and_requeues(tmp_path):
             "volnorm", "run", str(spec), "--scheduler", "tcp://127.0.0.1:8786", "--no-progress", "--overwrite"]
     finally:
         _stop(proc)
-
-
-#: SLURMCluster's keyword arguments in dask-jobqueue 0.9 (SLURMJob's and Job's), the ones the recipe may use
-SLURMCLUSTER_KWARGS = {
-    "cores", "processes", "memory", "walltime", "queue", "account", "job_name", "job_script_prologue",
-    "security", "shared_temp_directory", "job_cpu", "job_mem", "job_extra_directives", "worker_extra_args",
-    "interface", "nanny", "local_directory", "log_directory", "scheduler_options", "name", "python",
-}
-
-
-@pytest.mark.slow
-def test_jobqueue_recipe_runs_a_spec_with_the_client(sample_data, cluster_client, tmp_path, monkeypatch, capsys):
-    """slurm_jobqueue.py against a stand-in for dask_jobqueue.SLURMCluster: a cluster object (as
-    distributed.Client takes one) whose scheduler and workers are those of the `cluster_client`
-    fixture's real process cluster. The recipe must connect, wait for workers, pass its client to
-    vn.pipeline.run and close its cluster."""
-    from distributed.core import Status
-
-    made: list = []
-
-    class FakeSLURMCluster:
-        def __init__(self, **kwargs):
-            unknown = set(kwargs) - SLURMCLUSTER_KWARGS
-            assert not unknown, f"not SLURMCluster arguments: {unknown}"
-            self.kwargs, self.jobs, self.status = kwargs, None, Status.running
-            self.scheduler_address = cluster_client.scheduler.address
-            self.dashboard_link = cluster_client.dashboard_link
-            made.append(self)
-
-        def __await__(self):  # distributed.Client awaits a cluster to start it
-            if False:
-                yield
-            return self
-
-        def scale(self, n=None, jobs=0):
-            self.jobs = jobs
-
-        def close(self):
-            self.status = Status.closed
-
-    monkeypatch.setitem(sys.modules, "dask_jobqueue", types.SimpleNamespace(SLURMCluster=FakeSLURMCluster))
-    calls: list = []
-    real_run = vn.pipeline.run
-    monkeypatch.setattr(vn.pipeline, "run", lambda *a, **kw: calls.append(kw) or real_run(*a, **{**kw, "echo": None}))
-    mod_spec = importlib.util.spec_from_file_location("slurm_jobqueue", JOBQUEUE)
-    recipe = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(recipe)
-
-    ws = _workspace(sample_data, tmp_path / "ws")
-    rc = recipe.main([str(ws / "normalize-cohort.yaml"), "--jobs", "3", "--cores", "2", "--memory", "4GB",
-                      "--walltime", "00:10:00", "--shared-temp-directory", str(tmp_path)])
-    assert rc == 0, capsys.readouterr().err
-    assert len(made) == 1 and made[0].jobs == 3 and made[0].status == Status.closed
-    kw = made[0].kwargs
-    assert kw["cores"] == kw["processes"] == 2 and kw["memory"] == "4GB" and kw["walltime"] == "00:10:00"
-    assert kw["security"] is True and kw["shared_temp_directory"] == str(tmp_path)
-    assert len(calls) == 1 and calls[0]["client"].cluster is made[0]  # the recipe's own client, on its cluster
-    assert calls[0]["client"].status == "closed"
-    check_normalize_cohort(ws)
-    # a bad spec fails before any job is submitted
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("version: 1\ninput: {nifti: x.nii}\noutput: {stor: o.zarr}\n")
-    assert recipe.main([str(bad)]) == 1 and len(made) == 1
-    assert "unknown key 'output.stor'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

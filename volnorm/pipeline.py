@@ -18,6 +18,7 @@ failed (bad spec, bad input, an output that exists), 2 command-line usage,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -668,18 +669,19 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             result.written.append(str(store))
         finally:
             staging.release()
-    if outs["images"]:  # the written images, and the steps committed with them
-        out = vn.open_zarr(store)
+    if outs["images"]:  # the written images (opened only when read: 300 volumes take seconds), their steps
+        output = functools.cache(lambda: vn.open_zarr(store))
         history = list((read_manifest(store) or {}).get("steps", []))
     else:  # statistics / params only: the transformed data, lazily
         out = _transformed(spec, data, mask, fitted, say)
+        output = functools.cache(lambda: out)
         history = json.loads(out.attrs.get("volnorm_params", "[]"))
     if "voxel_histogram" in outs and not done.get("voxel_histogram"):
-        _voxel_histogram(store, out, outs["voxel_histogram"], mask, p, show, say)
+        _voxel_histogram(store, output(), outs["voxel_histogram"], mask, p, show, say)
         result.written.append(f"{store}/{outs['voxel_histogram']['name']}")
     if "statistics" in outs and not done.get("statistics"):
         rows = _written_statistics(store, p["digests"]["statistics"]) if outs["images"] else None
-        path = _statistics(out, outs["statistics"], mask, p["digests"]["statistics"], rows)
+        path = _statistics(output if rows is None else None, outs["statistics"], mask, p["digests"]["statistics"], rows)
         say(f"  statistics -> {path}")
         result.written.append(str(path))
     if "params" in outs and not done.get("params"):
@@ -762,14 +764,15 @@ def _written_statistics(store: Path, digest_: str) -> list[dict[str, Any]] | Non
     return rows
 
 
-def _statistics(data: xr.DataArray, opts: Mapping[str, Any], mask: Any, digest_: str, rows: list[dict] | None = None) -> Path:
+def _statistics(output: Callable[[], xr.DataArray] | None, opts: Mapping[str, Any], mask: Any, digest_: str, rows: list[dict] | None = None) -> Path:
     """Per-volume count, mean, std, min, max and quantiles (inside the mask), as JSON or CSV:
-    the ``rows`` computed with the write, else :func:`volnorm.summarize` of ``data`` (memory
+    the ``rows`` computed with the write, else :func:`volnorm.summarize` of ``output()`` (memory
     bounded by the chunks, not the number of volumes)."""
     import volnorm as vn
 
     qs = list(opts["quantiles"])
     if rows is None:
+        data = output()
         spatial = tuple(d for d in data.dims if d != "volume")
         rows = _statistic_rows(vn.summarize(data, dim=spatial, mask=mask, quantiles=qs), _names(data), qs, digest_)
     rows = [{k: v for k, v in r.items() if k != "digest"} for r in rows]
