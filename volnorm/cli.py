@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     hi.add_argument("--mark", default="otsu", help="thresholds to mark, comma-separated (default otsu; 'none' for none)")
     hi.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
+    pv = sub.add_parser("preview", help="a one-page picture of a store: slices and histograms before/after its steps")
+    _add_engine(pv, default="threads")
+    pv.add_argument("store", help="a volnorm store")
+    pv.add_argument("--out", required=True, help="the picture to write (.png, .svg, .pdf)")
+    pv.add_argument("--volumes", type=int, default=3, help="how many volumes (the first ones; default 3)")
+    pv.add_argument("--slices", type=int, default=3, help="slices per volume (default 3)")
+    pv.add_argument("--overwrite", action="store_true", help="replace an existing picture")
+
     th = sub.add_parser("threshold", help="a threshold computed from the exact histogram")
     _add_engine(th, default="threads")
     th.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
@@ -161,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {
             "convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold,
-            "hist": _hist, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative, "run": _run,
+            "hist": _hist, "preview": _preview, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative, "run": _run,
         }
-        if args.command in ("stats", "threshold", "hist", "voxel-hist", "normative"):
+        if args.command in ("stats", "threshold", "hist", "preview", "voxel-hist", "normative"):
             from volnorm.engine import dask_scheduler
 
             show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -510,6 +518,19 @@ def _hist(args: argparse.Namespace) -> int:
     name = ", ".join(Path(p).name for p in args.path)
     ax = vn.plot.plot_histogram(h, log=args.log, thresholds=marks, title=name)
     ax.figure.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    import volnorm as vn
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise ValueError(f"--out {out}: use a .png, .svg or .pdf name")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {out.parent} does not exist")
+    vn.plot.preview(args.store, out, volumes=args.volumes, slices=args.slices, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
