@@ -17,7 +17,7 @@ import pytest
 
 import volnorm as vn
 from volnorm._spec import SpecError, load_spec
-from volnorm.engine import job_cluster
+from volnorm.engine import import_keeping_sigint, job_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +41,18 @@ def _fake_slurm(bin_dir: Path, jobs_dir: Path) -> None:
         f.chmod(f.stat().st_mode | stat.S_IXUSR)
 
 
+def _need_jobqueue() -> None:
+    """Skip without the extra; imported as volnorm does (SIGINT's handler kept)."""
+    try:
+        import_keeping_sigint("dask_jobqueue")
+        import_keeping_sigint("cryptography")
+    except ImportError as e:
+        pytest.skip(f"the jobqueue extra is not installed: {e}")
+
+
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):
-    pytest.importorskip("dask_jobqueue")
-    pytest.importorskip("cryptography")
+    _need_jobqueue()
     _fake_slurm(tmp_path / "bin", tmp_path / "jobs")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     return tmp_path / "jobs"
@@ -78,8 +86,7 @@ def test_a_spec_runs_on_slurm_jobs_over_tls(slurm, tmp_path):
 
 
 def test_pbs_job_script_and_overrides():
-    pytest.importorskip("dask_jobqueue")
-    pytest.importorskip("cryptography")
+    _need_jobqueue()
     c = job_cluster("pbs", {"cores": 4, "memory": "8GB", "walltime": "01:00:00", "queue": "short", "security": False,
                             "scheduler_options": {"host": "127.0.0.1"}})
     try:
@@ -134,3 +141,24 @@ def test_the_slurm_workflow_spec_runs_on_slurm_jobs(slurm, tmp_path):
     assert vn.pipeline.run(spec, echo=None).status == "done"
     assert vn.open_zarr(tmp_path / "normalized.zarr").sizes["volume"] == len(files)
     assert (tmp_path / "stats.csv").read_text().count("\n") == 2 + len(files)
+
+
+def test_importing_the_jobqueue_extra_keeps_the_sigint_handler():
+    """dask-jobqueue 0.9 installs sys.exit as SIGINT's handler on import: Ctrl-C and the
+    watchdog's wake-up would become SystemExit. The engine's import puts the handler back."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import signal, volnorm.engine as e\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "e.import_keeping_sigint('dask_jobqueue')\n"
+        "assert signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGINT)\n"
+        "import dask_jobqueue.runner, importlib; importlib.reload(dask_jobqueue.runner)\n"
+        "print('replaced' if signal.getsignal(signal.SIGINT) is not before else 'kept')\n"
+    )
+    _need_jobqueue()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "replaced"  # what the plain import does (the reason for the helper)

@@ -38,7 +38,9 @@ def test_montage_of_a_2d_image_stack_shows_each_image(tmp_path):
     x = xr.DataArray(np.random.default_rng(0).integers(0, 255, (5, 20, 30), dtype=np.uint8), dims=("volume", "y", "x"))
     fig = vn.plot.plot_montage(x, vn.equalize(x), volumes=[1, 4])
     assert len(fig.axes) == 4
-    np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), x.values[4].astype(np.float64))
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), x.values[4].astype(np.float64))
+    assert fig.axes[1].get_title() == "4 before" and fig.axes[3].get_title() == "4 after"  # one column per image
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # Jupyter shows it
     with pytest.raises(ValueError, match="`volumes` must pick among 5"):
         vn.plot.plot_montage(x, volumes=[7])
 
@@ -83,3 +85,15 @@ def test_preview_of_a_run_store_shows_sources_before_and_output_after(tmp_path, 
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["preview", str(tmp_path / "data"), "--out", str(tmp_path / "p2.png")]) == 1
     assert "not a volnorm store" in capsys.readouterr().err
+
+
+def test_params_and_summaries_show_as_tables_in_jupyter(anat):
+    p = vn.fit_rescale(anat, percentiles=(1, 99))
+    html = p._repr_html_()
+    assert "volnorm Params: rescale" in html and f"{float(p.values['in_lo']):.6g}" in html and "percentiles" in html
+    landmarks = vn.nyul_fit(anat)
+    assert "over (&#x27;landmark&#x27;,)" in landmarks._repr_html_()
+    s = vn.summarize(anat, quantiles=[0.5])
+    assert f"{float(s['mean']):.6g}" in s._repr_html_() and "<table>" in s._repr_html_()
+    per = vn.summarize(anat, dim=("z", "y", "x"), quantiles=[0.5])
+    assert "<table" in per._repr_html_() and "anatomical" in per._repr_html_()

@@ -73,6 +73,22 @@ class Params:
         vals = ", ".join(f"{k}={_short(v)}" for k, v in self.values.data_vars.items())
         return f"Params({self.method}: {vals}; {self.options})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the method, its options and every fitted value (long arrays shortened)."""
+        import html
+
+        def cell(v: xr.DataArray) -> str:
+            flat = np.asarray(v.values).ravel()
+            shown = ", ".join(f"{x:.6g}" if isinstance(x, (float, np.floating)) else str(x) for x in flat[:12])
+            return html.escape(f"[{shown}{', ...' if flat.size > 12 else ''}]" if v.ndim else shown) + (
+                f" <small>over {html.escape(str(v.dims))}</small>" if v.ndim else "")
+
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th><td style='text-align:left'>{cell(v)}</td></tr>"
+                       for k, v in self.values.data_vars.items())
+        opts = html.escape(json.dumps(self.options, default=_jsonable))
+        return (f"<div><b>volnorm Params: {html.escape(self.method)}</b> <small>options {opts}</small>"
+                f"<table>{rows}</table></div>")
+
 
 def _short(v: xr.DataArray) -> str:
     return f"{float(v):.6g}" if v.ndim == 0 else f"<{v.size} values over {v.dims}>"

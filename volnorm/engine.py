@@ -69,6 +69,23 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
     return Client(cluster, set_as_default=False)
 
 
+def import_keeping_sigint(name: str) -> Any:
+    """Import ``name``, then put back the SIGINT handler it may have replaced: dask-jobqueue
+    (0.9) sets ``sys.exit`` as the handler when imported, which would turn Ctrl-C and the
+    pipeline watchdog's wake-up into a bare ``SystemExit``."""
+    import importlib
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return importlib.import_module(name)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 #: ``pip install volnorm[NAME]`` for each job cluster kind.
 JOB_EXTRAS = {"slurm": "jobqueue", "pbs": "jobqueue", "kubernetes": "kubernetes"}
 
@@ -99,7 +116,7 @@ def job_cluster(kind: str, options: dict[str, Any] | None = None) -> Any:
         if kind == "kubernetes":
             from dask_kubernetes.operator import KubeCluster, make_cluster_spec
         else:
-            import dask_jobqueue
+            dask_jobqueue = import_keeping_sigint("dask_jobqueue")
     except ImportError as e:
         raise ImportError(f"engine.scheduler {kind!r} needs the optional extra: pip install 'volnorm[{extra}]' ({e})") from None
     if kind == "kubernetes":

@@ -95,12 +95,22 @@ def plot_histogram(
 
 
 def _figure(width: float, height: float) -> Any:
-    """A matplotlib Figure not attached to pyplot (no GUI, nothing left open)."""
+    """A matplotlib Figure not attached to pyplot (no GUI, nothing left open) that Jupyter
+    shows as a PNG (``_repr_png_``)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("plots need matplotlib: pip install 'volnorm[plot]'") from e
-    return Figure(figsize=(width, height), layout="constrained")
+
+    class PictureFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=90)
+            return buf.getvalue()
+
+    return PictureFigure(figsize=(width, height), layout="constrained")
 
 
 def _volume_names(data: xr.DataArray) -> list[str]:
@@ -130,13 +140,18 @@ def _panels(vol: xr.DataArray, axis: str, n: int) -> list[tuple[str, np.ndarray]
     return out
 
 
-def _show(ax: Any, img: np.ndarray, title: str, cmap: str = "gray", vrange: tuple[float, float] | None = None) -> Any:
+def _origin(data: xr.DataArray) -> str:
+    """Slices of volumes (a ``z`` dim): y up, as scanners' viewers show them; 2-D images: row 0 on top."""
+    return "lower" if "z" in data.dims else "upper"
+
+
+def _show(ax: Any, img: np.ndarray, title: str, cmap: str = "gray", vrange: tuple[float, float] | None = None, origin: str = "lower") -> Any:
     finite = img[np.isfinite(img)]
     if vrange is None:
         vrange = (float(np.percentile(finite, 1)), float(np.percentile(finite, 99))) if finite.size else (0.0, 1.0)
     if vrange[0] == vrange[1]:
         vrange = (vrange[0] - 0.5, vrange[1] + 0.5)
-    im = ax.imshow(img, cmap=cmap, vmin=vrange[0], vmax=vrange[1], origin="lower", interpolation="nearest")
+    im = ax.imshow(img, cmap=cmap, vmin=vrange[0], vmax=vrange[1], origin=origin, interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -210,6 +225,13 @@ def plot_montage(
         if after is not None:
             rows.append((f"{name} {titles[1]}", _panels(_one(after, i), axis, slices), "after"))
     ncol = max(len(r[1]) for r in rows)
+    if ncol == 1:  # 2-D images: one column per image, before and after in rows
+        per = 2 if after is not None else 1
+        fig = _figure(2.4 * len(idx), 2.4 * per)
+        axes = fig.subplots(per, len(idx), squeeze=False)
+        for k, (label, panels, _) in enumerate(rows):
+            _show(axes[k % per, k // per], panels[0][1], label, cmap, origin=_origin(data))
+        return fig
     fig = _figure(2.4 * ncol, 2.4 * len(rows))
     axes = fig.subplots(len(rows), ncol, squeeze=False)
     for r, (label, panels, _) in enumerate(rows):
@@ -219,7 +241,7 @@ def plot_montage(
                 ax.set_axis_off()
                 continue
             where, img = panels[c]
-            _show(ax, img, f"{label} {where}".strip(), cmap)
+            _show(ax, img, f"{label} {where}".strip(), cmap, origin=_origin(data))
     return fig
 
 
@@ -277,8 +299,8 @@ def plot_mask_overlay(
     for ax, (where, img), (_, mk) in zip(axes, img_panels, mask_panels):
         if mk.shape != img.shape:
             raise ValueError(f"`mask` slices are {mk.shape}, the data's {img.shape}: not on the data's grid")
-        _show(ax, img, f"{name} {where}  mask {100 * float(np.mean(mk > 0)):.0f}%".strip())
-        ax.imshow(mk > 0, cmap=overlay, alpha=alpha, vmin=0, vmax=1, origin="lower", interpolation="nearest")
+        _show(ax, img, f"{name} {where}  mask {100 * float(np.mean(mk > 0)):.0f}%".strip(), origin=_origin(data))
+        ax.imshow(mk > 0, cmap=overlay, alpha=alpha, vmin=0, vmax=1, origin=_origin(data), interpolation="nearest")
     return fig
 
 
@@ -326,7 +348,7 @@ def plot_map(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     im = None
     for ax, (where, img) in zip(axes, panels):
-        im = _show(ax, img, where, cmap, vrange)
+        im = _show(ax, img, where, cmap, vrange, origin=_origin(stat))
     fig.colorbar(im, ax=list(axes), shrink=0.85, label=label or str(stat.name or "value"))
     return fig
 
@@ -402,7 +424,7 @@ def preview(
         pairs.append(("after" if before is not None else "", _one(after_sel, k)))
         for tag, vol in pairs:
             for c, (where, img) in enumerate(_panels(vol, "z" if "z" in vol.dims else vol.dims[0], slices)[:ncol]):
-                _show(fig.add_subplot(grid[r, c]), img, f"{names[k]} {tag} {where}".replace("  ", " ").strip())
+                _show(fig.add_subplot(grid[r, c]), img, f"{names[k]} {tag} {where}".replace("  ", " ").strip(), origin=_origin(vol))
             r += 1
     spatial = tuple(d for d in after_sel.dims if d != "volume")
     steps = ", ".join(s.get("method", "?") for s in m.get("steps", [])) or "none"

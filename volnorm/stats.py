@@ -565,6 +565,14 @@ class Summary(xr.Dataset):
             lines.append(f"{v!s:<{width}}  {val:.6g}" if isinstance(val, float) else f"{v!s:<{width}}  {val}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """Jupyter: a table (one row per index of the kept dims)."""
+        if all(self[v].ndim == 0 for v in self.data_vars):
+            return "<table>" + "".join(f"<tr><th style='text-align:left'>{v}</th><td>{self[v].item():.6g}</td></tr>" for v in self.data_vars) + "</table>"
+        if max(self[v].ndim for v in self.data_vars) <= 2:
+            return self.to_dataframe().to_html(float_format=lambda x: f"{x:.6g}")
+        return xr.Dataset._repr_html_(self)
+
 
 def summarize(
     data: xr.DataArray | xr.DataTree,
