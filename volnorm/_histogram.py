@@ -705,6 +705,18 @@ def merge_histograms(hists: Sequence[xr.DataArray]) -> xr.DataArray:
 
     The counts and the ``n_*`` counters are added; bins must be identical.
 
+    Parameters
+    ----------
+    hists : sequence of xarray.DataArray
+        At least one histogram from :func:`volnorm.histogram`, all with the same shape and the
+        same ``bin_lower`` and ``bin_upper``.
+
+    Returns
+    -------
+    xarray.DataArray
+        The summed counts, named ``histogram``, with the ``n_*`` coords summed; unsigned counts
+        (per-voxel histograms) in a dtype wide enough for the sum. Lazy when the inputs are.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn

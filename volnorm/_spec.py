@@ -377,8 +377,22 @@ def _one_of(section: dict, keys: tuple[str, ...], path: str, lines: Mapping[str,
 def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str | os.PathLike | None = None) -> Spec:
     """Load and validate a pipeline spec: a YAML file, YAML text, or a dict.
 
-    Nothing is read but the spec. Relative paths in it are taken from the spec
-    file's directory (YAML text and dicts: ``base``, default the current directory).
+    Nothing is read but the spec.
+
+    Parameters
+    ----------
+    spec : str, os.PathLike, mapping or Spec
+        A YAML file's path, YAML text (a string with a line break), or a dict; a loaded
+        ``Spec`` is returned as it is.
+    base : str or os.PathLike, optional
+        Relative paths in it are taken from the spec file's directory (YAML text and dicts:
+        ``base``, default the current directory). Given with a file, ``base`` is used instead.
+
+    Returns
+    -------
+    Spec
+        The validated spec, defaults filled in and paths resolved; ``spec["input"]`` etc. give
+        its sections.
 
     Examples
     --------

@@ -122,8 +122,11 @@ def threshold(
     data : xarray.DataArray
     method : str
         One of ``METHODS``.
-    dim, mask
-        As in :func:`volnorm.histogram`.
+    dim : str, sequence of str or None
+        The dims the threshold is computed over, as in :func:`volnorm.histogram`
+        (None: one threshold for the whole dataset).
+    mask : xarray.DataArray of bool, optional
+        Only these voxels count, as in :func:`volnorm.histogram`.
     bins : int, optional
         Histogram bins (default: one per integer value, 256 for floats).
     classes : int

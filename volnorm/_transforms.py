@@ -194,7 +194,36 @@ def fit_rescale(
     mask: xr.DataArray | None = None,
 ) -> Params:
     """Fit :func:`rescale`'s input window: the (masked) min and max, or two percentiles (0-100),
-    over ``dim``. Computes: one statistics pass (none for an explicit ``in_range``)."""
+    over ``dim``. Computes: one statistics pass (none for an explicit ``in_range``).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    in_range : "minmax" or (lo, hi)
+        ``"minmax"``: the min and max of the valid voxels; ``(lo, hi)``: an explicit finite
+        window with ``lo <= hi``, taken as it is (no pass).
+    percentiles : (lo, hi), optional
+        Two exact percentiles (:func:`volnorm.quantile`), ``0 <= lo < hi <= 100``; overrides
+        ``in_range``.
+    dim : str, sequence of str or None
+        Dims the window is computed over: ``None`` = the whole dataset; ``("z", "y", "x")`` =
+        one window per volume. An explicit ``in_range`` is one window for all.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used for the fit.
+
+    Returns
+    -------
+    Params
+        Method ``"rescale"``: float64 ``in_lo`` and ``in_hi`` over the kept dims; ``options``
+        record how they were found and ``dim``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> p = vn.fit_rescale(xr.DataArray(np.arange(101.0), dims="x"), percentiles=(1, 99))
+    >>> float(p.values["in_lo"]), float(p.values["in_hi"])
+    (1.0, 99.0)"""
     from volnorm.stats import quantile, summarize
 
     data = _check(data)
@@ -252,9 +281,10 @@ def rescale(
     percentiles : (lo, hi), optional
         In 0-100; overrides ``in_range``.
     out_range : (lo, hi) or integer dtype
-    dim, mask
-        What the window is computed over, and which voxels count (the map is
-        applied to every voxel).
+    dim : str, sequence of str or None
+        What the window is computed over (None: the whole dataset).
+    mask : xarray.DataArray of bool, optional
+        Which voxels count for the window (the map is applied to every voxel).
     clip : bool
         Clip the result to ``out_range`` (always for integer output).
     params : Params, optional
@@ -298,7 +328,30 @@ def rescale(
 
 
 def fit_zscore(data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None) -> Params:
-    """Fit :func:`zscore`: the exact float64 mean and (population) std over ``dim``. Computes: one pass."""
+    """Fit :func:`zscore`: the exact float64 mean and (population) std over ``dim``. Computes: one pass.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    dim : str, sequence of str or None
+        Dims the moments are computed over: ``None`` = the whole dataset; ``("z", "y", "x")`` =
+        one mean and std per volume.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used (NaN and ±Inf never are).
+
+    Returns
+    -------
+    Params
+        Method ``"zscore"``: float64 ``mean`` and ``std`` over the kept dims, ``dim`` in ``options``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> p = vn.fit_zscore(xr.DataArray(np.array([1.0, 2.0, 3.0]), dims="x"))
+    >>> float(p.values["mean"]), round(float(p.values["std"]), 4)
+    (2.0, 0.8165)
+    """
     from volnorm.stats import summarize
 
     data = _check(data)
@@ -315,6 +368,26 @@ def zscore(
     with ``dim=("z", "y", "x")``), from the (masked) voxels, exact float64 moments.
 
     A constant input (std 0) gives 0, not a division by zero. Lazy; computes the fit pass.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    dim : str, sequence of str or None
+        Dims the mean and std are computed over: ``None`` = the whole dataset;
+        ``("z", "y", "x")`` = one pair per volume.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used for the fit (every voxel is
+        transformed).
+    params : Params, optional
+        From :func:`fit_zscore` (e.g. on a training cohort): no fit pass; ``dim`` and ``mask``
+        are then not used.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
+        fitted mean and std in ``attrs["volnorm_params"]``.
 
     Examples
     --------
@@ -338,7 +411,32 @@ def zscore(
 def fit_mean_scale(
     data: xr.DataArray, target: float = 10000.0, *, per_volume: bool = True, mask: xr.DataArray | None = None
 ) -> Params:
-    """Fit :func:`mean_scale`: the mean of the non-zero (masked) voxels, per volume or over all."""
+    """Fit :func:`mean_scale`: the mean of the non-zero (masked) voxels, per volume or over all.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data; a stack with a ``volume`` dim when ``per_volume``.
+    target : float
+        The mean to scale to, recorded in ``options`` for :func:`mean_scale`.
+    per_volume : bool
+        One mean per index of ``volume`` (FSL's ``-inm``), else one over all volumes (``-ing``).
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels (of them, the non-zero ones) are used.
+
+    Returns
+    -------
+    Params
+        Method ``"mean_scale"``: ``mean`` (over ``volume``, or one value), with ``target`` and
+        ``per_volume`` in ``options``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([[0.0, 2.0, 4.0], [0.0, 10.0, 30.0]]), dims=("volume", "x"))
+    >>> vn.fit_mean_scale(x).values["mean"].values.tolist()   # zeros left out
+    [3.0, 20.0]
+    """
     from volnorm.stats import summarize
 
     data = _check(data)
@@ -367,6 +465,27 @@ def mean_scale(
     """Scale intensities so the mean of the non-zero voxels is ``target``, as FSL's ``fslmaths``
     ``-inm`` (``per_volume=True``: each volume its own scale) and ``-ing`` (``per_volume=False``:
     one scale from the mean over all volumes). ``y = x * target / mean``.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data; a stack with a ``volume`` dim when ``per_volume``.
+    target : float
+        The mean the non-zero voxels get. With ``params``, the target recorded in them is used.
+    per_volume : bool
+        One scale per volume (``-inm``), else one scale for all volumes (``-ing``).
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` non-zero voxels are used for the mean (every
+        voxel is scaled).
+    params : Params, optional
+        From :func:`fit_mean_scale`: no fit pass; ``target``, ``per_volume`` and ``mask`` are
+        then not used.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
+        fitted means in ``attrs["volnorm_params"]``. Computes: the fit pass only.
 
     Examples
     --------
@@ -410,6 +529,29 @@ def gamma(
     """Power law ``y = max * (x / max) ** gamma``: the gain maps the maximum (over ``dim``) to
     itself, so the intensity scale is kept. Needs non-negative data. Computes: a max pass.
 
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Non-negative numeric data (checked on the fitted voxels).
+    gamma : float
+        The exponent, a positive number (< 1 brightens, > 1 darkens). With ``params``, the
+        exponent recorded in them is used.
+    dim : str, sequence of str or None
+        Dims the maximum is taken over: ``None`` = the whole dataset; ``("z", "y", "x")`` =
+        one per volume.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used for the maximum (every voxel is
+        transformed).
+    params : Params, optional
+        Recorded by an earlier call (:meth:`Params.from_dict` of its ``attrs["volnorm_params"]``
+        entry): no max pass; ``dim`` and ``mask`` are then not used.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
+        maximum and ``gamma`` in ``attrs["volnorm_params"]``.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -432,6 +574,23 @@ def log(data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None
     """``y = max * log1p(x) / log1p(max)``: logarithmic compression with the gain that maps the
     maximum to itself, in float (no 8-bit truncation). Needs non-negative data.
 
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Non-negative numeric data (checked on the fitted voxels).
+    dim : str, sequence of str or None
+        Dims the maximum is taken over, as in :func:`gamma`.
+    mask : xarray.DataArray of bool, optional
+        The voxels the maximum is taken over, as in :func:`gamma`.
+    params : Params, optional
+        An earlier call's parameters, as in :func:`gamma` (no max pass).
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
+        maximum in ``attrs["volnorm_params"]``. Computes: the max pass only.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -453,6 +612,27 @@ def auto_gamma(
 ) -> xr.DataArray:
     """ImageMagick's ``-auto-gamma``: the gamma that maps the mean to 50 % of the maximum,
     ``y = max * (x / max) ** (log(0.5) / log(mean / max))``. Needs non-negative data.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Non-negative numeric data (checked on the fitted voxels).
+    dim : str, sequence of str or None
+        Dims the mean and maximum are taken over: ``None`` = the whole dataset;
+        ``("z", "y", "x")`` = one pair per volume.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used for the mean and maximum (every
+        voxel is transformed).
+    params : Params, optional
+        Recorded by an earlier call (:meth:`Params.from_dict` of its ``attrs["volnorm_params"]``
+        entry): no pass; ``dim`` and ``mask`` are then not used.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the mean
+        and maximum in ``attrs["volnorm_params"]``. Where ``mean / max`` is not strictly between
+        0 and 1 (e.g. constant data), the gamma is 1 and the values are kept.
 
     Examples
     --------
@@ -510,7 +690,34 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
 def fit_equalize(data: xr.DataArray, nbins: int = 256, *, dim: Dim = None, mask: xr.DataArray | None = None) -> Params:
     """Fit :func:`equalize`: per index of the kept dims, the histogram scikit-image would take of
     that part (integers: one bin per value; floats: ``nbins`` numpy bins over **its own** masked
-    min..max), i.e. its CDF. Computes: a min/max pass and a histogram pass."""
+    min..max), i.e. its CDF. Computes: a min/max pass and a histogram pass.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    nbins : int
+        Bins of each histogram for float data (a positive int); integer data get one bin per value.
+    dim : str, sequence of str or None
+        Dims each histogram is taken over: ``None`` = one for the whole dataset;
+        ``("z", "y", "x")`` = one per volume; ``("y", "x")`` = one per slice.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are counted.
+
+    Returns
+    -------
+    Params
+        Method ``"equalize"``: ``counts`` and bin ``centers`` with the kept dims plus ``bin``;
+        ``nbins``, the data's ``dtype`` and ``dim`` in ``options``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([0, 0, 1, 3], dtype="uint8"), dims="x")
+    >>> p = vn.fit_equalize(x)
+    >>> p.method, vn.equalize(x, params=p).values.tolist() == vn.equalize(x).values.tolist()
+    ('equalize', True)
+    """
     from volnorm._histogram import histogram_rows
     from volnorm.stats import summarize
 
@@ -573,6 +780,31 @@ def equalize(
     follows OpenCV's ``equalizeHist``: ``y = round((C(x) - C_min) * M / (N - C_min))``
     with ``C`` the cumulative count, ``C_min`` the count of the lowest occupied
     bin and ``N`` the total - equal to ``cv2.equalizeHist`` on uint8 slices.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    nbins : int
+        Histogram bins for float data; integer data get one bin per value.
+    dim : str, sequence of str or None
+        Dims each CDF is computed over: ``None`` = the whole dataset; ``("z", "y", "x")`` = one
+        per volume; ``("y", "x")`` = one per slice.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels make the histograms (every voxel is mapped).
+    out_range : (lo, hi) or integer dtype
+        A float output range (scikit-image's rule), or an integer dtype such as ``"uint8"``
+        (OpenCV's rule, over the dtype's range).
+    params : Params, optional
+        From :func:`fit_equalize`: no fit pass; ``nbins``, ``dim`` and ``mask`` are then not used.
+        Per-part parameters only apply to data with the same sizes along the kept dims.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float output is float32 for float32/16 input and float64 otherwise (as
+        scikit-image), integer output has the ``out_range`` dtype; the fitted parameters in
+        ``attrs["volnorm_params"]``. Computes: the fit passes only.
 
     Examples
     --------
@@ -690,12 +922,33 @@ def match_histogram(
     """Map intensities so that the histogram over ``dim`` matches the reference's, as
     ``skimage.exposure.match_histograms`` (CDF to CDF, ``np.interp`` between the occupied values).
 
-    ``reference`` is a volume/stack (its dataset-wide histogram is used, masked by
-    ``reference_mask``) or a histogram from :func:`volnorm.histogram` (a DataArray with a
-    ``bin`` dim), e.g. a cohort's. Integer data are matched exactly as scikit-image does;
-    float data through 4096-bin histograms, each bin standing for its values (scikit-image
-    uses every distinct value: the results differ by about a reference bin). Computes: the
-    histogram passes; the map is lazy.
+    Integer data are matched exactly as scikit-image does; float data through 4096-bin
+    histograms, each bin standing for its values (scikit-image uses every distinct value: the
+    results differ by about a reference bin). Computes: the histogram passes; the map is lazy.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    reference : xarray.DataArray
+        ``reference`` is a volume/stack (its dataset-wide histogram is used, masked by
+        ``reference_mask``) or a histogram from :func:`volnorm.histogram` (a DataArray with a
+        ``bin`` dim), e.g. a cohort's.
+    dim : str, sequence of str or None
+        Dims each source histogram is taken over: ``None`` = one map for the whole dataset;
+        ``("z", "y", "x")`` = one map per volume.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels make the source histograms (every voxel
+        is mapped).
+    reference_mask : xarray.DataArray of bool, optional
+        Broadcastable to ``reference``; only ``True`` reference voxels count. Not used when
+        ``reference`` is a histogram.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float64 for integer and float64 data, float32 for float32/16 data; the reference's
+        values and CDF in ``attrs["volnorm_params"]``.
 
     Examples
     --------
@@ -779,6 +1032,24 @@ def nyul_fit(
     standard landmarks are their mean over the volumes (Nyúl & Udupa 1999; Shah et al. 2018,
     as in intensity-normalization and TorchIO). Computes: the quantile passes.
 
+    Parameters
+    ----------
+    data : xarray.DataArray
+        A stack ``("volume", ...)``: the training volumes.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data`` (one mask for all volumes, or one per volume along ``volume``);
+        only ``True`` voxels give each volume's percentiles.
+    percentiles : sequence of float
+        The landmarks, increasing within [0, 100], at least two (default: 1, 10, 20, ..., 90, 99).
+    standard_range : (lo, hi)
+        Where the first and last landmarks are mapped, ``lo < hi``.
+
+    Returns
+    -------
+    Params
+        Method ``"nyul"``: the ``standard`` landmarks and their ``percentiles`` (dim
+        ``landmark``), ``standard_range`` and ``n_volumes`` in ``options``; for :func:`nyul_apply`.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -809,6 +1080,22 @@ def nyul_apply(data: xr.DataArray, landmarks: Params, *, mask: xr.DataArray | No
     """Map each volume piecewise-linearly from its own landmarks (its percentiles, as in the fit)
     to the standard landmarks of :func:`nyul_fit`; linear extrapolation beyond the end
     landmarks, as intensity-normalization does. Computes: each volume's quantile pass; the map is lazy.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        A stack ``("volume", ...)`` to standardize (the training volumes or new ones).
+    landmarks : Params
+        From :func:`nyul_fit`.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels give each volume's own landmarks (every
+        voxel is mapped).
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
+        standard landmarks and each volume's own (``volume_landmarks``) in ``attrs["volnorm_params"]``.
 
     Examples
     --------
@@ -862,11 +1149,41 @@ def binarize(
 ) -> xr.DataArray:
     """Foreground mask ``x > threshold`` (scikit-image's convention), lazily.
 
-    ``threshold`` is a number (or per-index DataArray); without it, ``method`` computes one
-    over ``dim`` with :func:`volnorm.threshold` (dataset-wide by default). FSL's ``fslmaths``
-    spellings: ``-thr t -bin`` is ``binarize(x, t, inclusive=True)`` (``x >= t``), adding
-    ``-uthr u`` is ``upper=u`` (``x <= u``), and ``-binv`` is ``invert=True``. NaN voxels are
-    never foreground (before ``invert``).
+    FSL's ``fslmaths`` spellings: ``-thr t -bin`` is ``binarize(x, t, inclusive=True)``
+    (``x >= t``), adding ``-uthr u`` is ``upper=u`` (``x <= u``), and ``-binv`` is
+    ``invert=True``. NaN voxels are never foreground (before ``invert``).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    threshold : float or xarray.DataArray, optional
+        ``threshold`` is a number (or per-index DataArray); without it, ``method`` computes one
+        over ``dim`` with :func:`volnorm.threshold` (dataset-wide by default).
+    method : str
+        One of :func:`volnorm.threshold`'s methods that gives one threshold (not ``"multiotsu"``);
+        used only without ``threshold``.
+    dim : str, sequence of str or None
+        Dims the computed threshold is taken over: ``None`` = the whole dataset;
+        ``("z", "y", "x")`` = one per volume. Used only without ``threshold``.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used to compute the threshold. The
+        result is not masked: every voxel is compared.
+    inclusive : bool
+        ``x >= threshold`` instead of ``x > threshold`` (FSL's ``-thr``).
+    upper : float, optional
+        Also require ``x <= upper`` (FSL's ``-uthr``).
+    invert : bool
+        Negate the result (FSL's ``-binv``); NaN voxels then come out ``True``.
+    kwargs : dict
+        Passed on to :func:`volnorm.threshold` (``bins``, ``classes``, ``q``) when it computes
+        the threshold.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy bool, named as ``data``. Computes: the threshold's passes when ``threshold`` is
+        not given.
 
     Examples
     --------
@@ -914,11 +1231,26 @@ def dither(
     """Binarize grey levels by dithering, keeping the local mean intensity (unlike a threshold,
     which discards it, or random binomial sampling, which adds noise at every scale).
 
-    The data are first rescaled to [0, 1] over ``in_range`` (fitted on the whole dataset by
-    default). ``"bayer"``: ordered dithering with the 8x8 Bayer matrix tiled over ``dims`` in
-    global coordinates - blockwise, seamless across chunks. ``"floyd-steinberg"``: error
-    diffusion in raster order over each ``dims`` plane - planes are kept whole in a chunk
-    (rechunked if needed). Returns a lazy bool array.
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data with both ``dims``.
+    method : {"bayer", "floyd-steinberg"}
+        ``"bayer"``: ordered dithering with the 8x8 Bayer matrix tiled over ``dims`` in
+        global coordinates - blockwise, seamless across chunks. ``"floyd-steinberg"``: error
+        diffusion in raster order over each ``dims`` plane - planes are kept whole in a chunk
+        (rechunked if needed).
+    in_range : "minmax" or (lo, hi)
+        The data are first rescaled to [0, 1] over ``in_range`` (fitted on the whole dataset by
+        default), as :func:`rescale` does, clipping values outside it.
+    dims : (str, str)
+        The plane that is dithered.
+
+    Returns
+    -------
+    xarray.DataArray
+        Returns a lazy bool array. It has the dims and name of ``data``. Computes: the
+        min/max pass for ``in_range="minmax"``.
 
     Examples
     --------
@@ -983,6 +1315,26 @@ def equalize_adaptive(
     mapped linearly to [0, 1] over the plane's own finite range - scikit-image would clip
     negative values (``img_as_uint``) or refuse floats outside [-1, 1]. Like scikit-image,
     intensities are quantized to 14 bits inside. Lazy; float output in [0, 1].
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data with the ``dim`` dims.
+    kernel_size : int or sequence of int, optional
+        Shape of the contextual regions (tiles), one size for all dims or one per dim, as
+        scikit-image's ``kernel_size`` (default: 1/8 of each size).
+    clip_limit : float
+        Contrast clipping limit in [0, 1], normalized as in scikit-image (higher: more contrast).
+    nbins : int
+        Grey-level bins of each region's histogram.
+    dim : sequence of str
+        The 2 or 3 dims of each plane or volume that is equalized on its own.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy, in [0, 1]: float32 for float32/16 input, float64 otherwise; the options in
+        ``attrs["volnorm_params"]``.
 
     Examples
     --------

@@ -30,12 +30,26 @@ logger = logging.getLogger(__name__)
 #: killed worker pickles dask's config for the new process, and a Client does not pickle.
 DISTRIBUTED = "dask.distributed"
 
+__all__ = ["DISTRIBUTED", "Executor", "dask_scheduler", "executor", "import_keeping_sigint", "job_cluster", "local_cluster", "usable_cpus"]
+
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def usable_cpus() -> int:
     """The CPUs this process may use: its affinity mask and a container's CPU quota (dask's
-    count), not every CPU of the machine (a SLURM job or a Kubernetes pod gets a share)."""
+    count), not every CPU of the machine (a SLURM job or a Kubernetes pod gets a share).
+
+    Returns
+    -------
+    int
+        ``dask.system.CPU_COUNT``, at least 1.
+
+    Examples
+    --------
+    >>> import os
+    >>> 1 <= usable_cpus() <= os.cpu_count()
+    True
+    """
     import dask.system
 
     return max(1, int(dask.system.CPU_COUNT))
@@ -44,8 +58,23 @@ def usable_cpus() -> int:
 def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit: str | float | None = "auto") -> Any:
     """Start the embedded default cluster (loopback only) and return a ``Client``.
 
-    ``memory_limit`` is per worker (dask's ``"auto"``: the machine's memory shared out);
-    a worker pauses at 80% of it and is restarted at 95% (dask's thresholds).
+    Parameters
+    ----------
+    n_workers : int, optional
+        Worker processes (default: :func:`usable_cpus`).
+    threads_per_worker : int
+        Threads in each worker process.
+    memory_limit : str, float or None
+        ``memory_limit`` is per worker (dask's ``"auto"``: the machine's memory shared out);
+        a worker pauses at 80% of it and is restarted at 95% (dask's thresholds). As dask's
+        ``LocalCluster`` takes it: ``"auto"``, a size such as ``"4GB"``, a fraction of the
+        machine's memory, or ``None`` (no limit).
+
+    Returns
+    -------
+    distributed.Client
+        A client of a new ``LocalCluster``, not set as dask's default; close the client, then
+        ``client.cluster``.
 
     Examples
     --------
@@ -72,7 +101,25 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
 def import_keeping_sigint(name: str) -> Any:
     """Import ``name``, then put back the SIGINT handler it may have replaced: dask-jobqueue
     (0.9) sets ``sys.exit`` as the handler when imported, which would turn Ctrl-C and the
-    pipeline watchdog's wake-up into a bare ``SystemExit``."""
+    pipeline watchdog's wake-up into a bare ``SystemExit``.
+
+    Parameters
+    ----------
+    name : str
+        The module's dotted name, as ``importlib.import_module`` takes it.
+
+    Returns
+    -------
+    module
+        The imported module. The handler is put back only when called from the main thread.
+
+    Examples
+    --------
+    >>> import signal
+    >>> before = signal.getsignal(signal.SIGINT)
+    >>> import_keeping_sigint("json").__name__, signal.getsignal(signal.SIGINT) is before
+    ('json', True)
+    """
     import importlib
     import signal
     import threading
@@ -102,6 +149,18 @@ def job_cluster(kind: str, options: dict[str, Any] | None = None) -> Any:
     (``cores``, ``memory``, ``walltime``, ``queue``, ``account``, ...) and override these
     defaults. Kubernetes: ``options`` go to ``dask_kubernetes.operator.make_cluster_spec``
     (``image``, ``resources``, ``env``, ...); the operator does not set up TLS.
+
+    Parameters
+    ----------
+    kind : {"slurm", "pbs", "kubernetes"}
+        The batch system or Kubernetes.
+    options : dict, optional
+        Keyword arguments for the cluster (see above); for SLURM/PBS they override the defaults.
+
+    Returns
+    -------
+    dask_jobqueue.SLURMCluster, dask_jobqueue.PBSCluster or dask_kubernetes.operator.KubeCluster
+        The cluster; connect a ``distributed.Client`` to it and scale it (``cluster.scale``).
 
     Examples
     --------
@@ -172,7 +231,16 @@ class _Sync(cf.Executor):
 
 
 class Executor:
-    """A thin uniform face over a ``distributed.Client`` or a ``concurrent.futures`` pool."""
+    """A thin uniform face over a ``distributed.Client`` or a ``concurrent.futures`` pool
+    (``submit``, ``as_completed``); :func:`executor` makes one.
+
+    Examples
+    --------
+    >>> import concurrent.futures as cf
+    >>> with cf.ThreadPoolExecutor(1) as pool:
+    ...     Executor(pool, "1 thread").submit(pow, 2, 10).result()
+    1024
+    """
 
     def __init__(self, backend: Any, description: str) -> None:
         self.backend = backend
@@ -199,11 +267,26 @@ class Executor:
 def executor(scheduler: Any = None) -> Iterator[Executor]:
     """Yield an :class:`Executor` for ``scheduler``.
 
-    ``None``: the active ``distributed.Client`` if any, else a new local
-    cluster (closed on exit). ``"local"``: always a new local cluster.
-    ``"threads"``/``"sync"``: a thread pool / this thread. A string with
-    ``://`` is a scheduler address (``tls://`` works with dask's TLS config).
-    A ``distributed.Client`` is used as is.
+    Parameters
+    ----------
+    scheduler : None, str or distributed.Client
+        ``None``: the active ``distributed.Client`` if any, else a new local
+        cluster (closed on exit). ``"local"``: always a new local cluster.
+        ``"threads"``/``"sync"``: a thread pool / this thread. A string with
+        ``://`` is a scheduler address (``tls://`` works with dask's TLS config).
+        A ``distributed.Client`` is used as is.
+
+    Yields
+    ------
+    Executor
+        Submits tasks there. A cluster, client or thread pool this call started is closed on exit.
+
+    Examples
+    --------
+    >>> with executor("threads") as ex:
+    ...     fut = ex.submit(sum, [1, 2, 3])
+    ...     [f.result() for f in ex.as_completed([fut])]
+    [6]
     """
     if scheduler is None:
         try:
@@ -250,11 +333,23 @@ def executor(scheduler: Any = None) -> Iterator[Executor]:
 def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Iterator[str]:
     """Run the dask graphs computed inside the block on ``scheduler``; yields its description.
 
-    ``"threads"`` (default: no start-up cost) or ``"sync"``: dask's local
-    schedulers, with a progress bar on stderr when ``progress``; ``"local"``:
-    a new local cluster (127.0.0.1, closed on exit); an address
-    (``tcp://``/``tls://``) or a ``distributed.Client``: that cluster (its
-    dashboard shows the progress).
+    Parameters
+    ----------
+    scheduler : str, distributed.Client or None
+        ``"threads"`` (default: no start-up cost) or ``"sync"``: dask's local
+        schedulers, with a progress bar on stderr when ``progress``; ``"local"``:
+        a new local cluster (127.0.0.1, closed on exit); an address
+        (``tcp://``/``tls://``) or a ``distributed.Client``: that cluster (its
+        dashboard shows the progress). ``None`` is ``"threads"``.
+    progress : bool
+        Show dask's progress bar on stderr for computations longer than a second (``"threads"``
+        and ``"sync"`` only).
+
+    Yields
+    ------
+    str
+        Where the graphs run, e.g. ``"8 threads"``, or a cluster's description with its
+        dashboard link.
 
     Examples
     --------

@@ -40,6 +40,9 @@ MAX_PASSES = 10
 _f32 = np.float32
 
 
+__all__ = ["fslstats", "percentile", "robust_range", "thrp_threshold"]
+
+
 def _py(v: Any) -> float:
     """A float32 result as the Python float with the same shortest repr (18.981, not 18.98100090...)."""
     return float(str(_f32(v)))
@@ -207,6 +210,23 @@ def percentile(
     to ``n - 1``) of the ``n`` sorted valid voxels, as FSL's ``percentile``
     computes it. Exact out of core (:func:`volnorm.quantile`'s rank machinery).
 
+    Parameters
+    ----------
+    data : xarray.DataArray or xarray.DataTree
+        A stack, a volume or a collection; the percentile is over all of it.
+    p : float
+        The percentile, in [0, 100] (FSL's scale).
+    mask : boolean DataArray (DataTree for a collection), optional
+        FSL's ``-k``: only voxels inside count.
+    nonzero : bool
+        Only voxels ``!= 0`` (FSL's ``-P``); not with a collection.
+
+    Returns
+    -------
+    float
+        The voxel value at that rank, a float32 value as FSL prints it. Computes: the passes of
+        :func:`volnorm.stats.order_statistics`.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -229,6 +249,23 @@ def percentile(
 def thrp_threshold(data: xr.DataArray, p: float, *, mask: xr.DataArray | None = None, positive: bool = False) -> float:
     """The value ``fslmaths -thrp p`` (``-thrP`` with ``positive=True``) thresholds at:
     ``rmin + p / 100 * (rmax - rmin)`` of the robust range.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        A stack or a volume; the robust range is over all of it.
+    p : float
+        How far up the robust range, in percent: [0, 100].
+    mask : boolean DataArray, optional
+        Only voxels inside count for the robust range.
+    positive : bool
+        Only voxels ``> 0`` count for the robust range (``-thrP``).
+
+    Returns
+    -------
+    float
+        The threshold, a float32 value as FSL computes it. Computes: :func:`robust_range`'s
+        passes.
 
     Examples
     --------
@@ -263,8 +300,22 @@ OPTIONS = {
 def fslstats(data: xr.DataArray, ops: Sequence[str], *, masks: dict[str, xr.DataArray] | None = None) -> list[float]:
     """Run ``fslstats``-style options left to right, returning the numbers FSL would print.
 
-    ``ops`` are FSL's letters with their arguments, e.g. ``["-r", "-p", "50"]``;
-    ``-k NAME`` switches to ``masks[NAME]`` for the options after it, as in FSL.
+    Parameters
+    ----------
+    data : xarray.DataArray
+        A stack or a volume; every statistic is over all of it.
+    ops : sequence of str
+        ``ops`` are FSL's letters with their arguments, e.g. ``["-r", "-p", "50"]``;
+        ``-k NAME`` switches to ``masks[NAME]`` for the options after it, as in FSL.
+        Known options: ``OPTIONS``.
+    masks : dict of str to boolean DataArray, optional
+        The masks that ``-k`` names.
+
+    Returns
+    -------
+    list of float
+        The numbers in order: two for ``-r``, ``-R``, ``-v`` and ``-V`` (``-v``/``-V``: the
+        voxel count and the volume in mm^3 from ``attrs["zooms"]``), one for the others.
 
     Examples
     --------

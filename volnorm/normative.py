@@ -45,6 +45,18 @@ def voxel_stats(h: xr.DataArray) -> xr.Dataset:
     each taken at its bin's centre (within half a bin width of the true values;
     ``n_inside`` says how many). Lazy.
 
+    Parameters
+    ----------
+    h : xarray.DataArray
+        A per-voxel histogram (``vn.histogram(stack, dim="volume")`` or
+        :func:`volnorm.open_voxel_histogram`): dims ``(..., "bin")``.
+
+    Returns
+    -------
+    xarray.Dataset
+        float64 over the voxel dims: ``count``, ``n_inside``, ``mean`` and ``std`` (population;
+        NaN where no value is inside the range).
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -98,6 +110,20 @@ def voxel_quantile(h: xr.DataArray, q: float | Sequence[float]) -> xr.DataArray:
     The CDF is linear inside each bin (values spread uniformly); a quantile among the
     values below (above) the range is ``-inf`` (``+inf``); a voxel without values gives NaN.
 
+    Parameters
+    ----------
+    h : xarray.DataArray
+        A per-voxel histogram (``vn.histogram(stack, dim="volume")`` or
+        :func:`volnorm.open_voxel_histogram`): dims ``(..., "bin")``.
+    q : float or sequence of float
+        In [0, 1].
+
+    Returns
+    -------
+    xarray.DataArray
+        float64 named ``quantile`` over the voxel dims, plus a last ``quantile`` dim when ``q``
+        is a sequence.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -147,6 +173,20 @@ def voxel_cdf(h: xr.DataArray, values: xr.DataArray) -> xr.DataArray:
     Values below the range give 0 (where the cohort's values below the range are, is not
     known); values at or above its top give the fraction not above it. NaN gives NaN.
 
+    Parameters
+    ----------
+    h : xarray.DataArray
+        A per-voxel histogram (``vn.histogram(stack, dim="volume")`` or
+        :func:`volnorm.open_voxel_histogram`): dims ``(..., "bin")``.
+    values : xarray.DataArray
+        A volume on the histogram's grid: its voxel dims, with the same sizes (other dims, e.g.
+        ``volume``, broadcast).
+
+    Returns
+    -------
+    xarray.DataArray
+        float64 fractions in [0, 1], named ``cdf``.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -180,12 +220,24 @@ def voxel_cdf(h: xr.DataArray, values: xr.DataArray) -> xr.DataArray:
 def normative_score(volume: xr.DataArray, histograms: xr.DataArray) -> xr.Dataset:
     """Score a new volume voxel by voxel against a cohort's per-voxel histograms.
 
-    Returns a lazy Dataset on the volume's grid: ``percentile`` (0-100, the share of
-    the cohort at or below the voxel's value, :func:`voxel_cdf`) and ``zscore``
-    (``(value - mean) / std`` with the cohort's binned per-voxel mean and standard
-    deviation, :func:`voxel_stats`; NaN where the cohort has no spread). The
-    volume's attrs (affine, NIfTI header) are kept so the scores export with
-    :func:`volnorm.to_nifti`.
+    Parameters
+    ----------
+    volume : xarray.DataArray
+        The new volume, on the cohort's grid (the histograms' voxel dims and sizes; the same
+        affine when both record one).
+    histograms : xarray.DataArray
+        The cohort's per-voxel histograms (``vn.histogram(stack, dim="volume")`` or
+        :func:`volnorm.open_voxel_histogram`): dims ``(..., "bin")``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Returns a lazy Dataset on the volume's grid: ``percentile`` (0-100, the share of
+        the cohort at or below the voxel's value, :func:`voxel_cdf`) and ``zscore``
+        (``(value - mean) / std`` with the cohort's binned per-voxel mean and standard
+        deviation, :func:`voxel_stats`; NaN where the cohort has no spread), both float32. The
+        volume's attrs (affine, NIfTI header) are kept so the scores export with
+        :func:`volnorm.to_nifti`.
 
     Examples
     --------

@@ -56,7 +56,16 @@ class PoisonInputError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What :func:`run` did: ``status`` is ``"done"``, ``"up to date"`` or ``"planned"`` (dry run)."""
+    """What :func:`run` did: ``status`` is ``"done"``, ``"up to date"`` or ``"planned"`` (dry run),
+    the outputs ``written`` and ``skipped`` (already up to date), and the ``seconds`` it took.
+
+    Examples
+    --------
+    >>> r = RunResult("done", {}, written=["/data/out.zarr"], seconds=1.5)
+    >>> print(r)
+    volnorm run: done (1.5 s)
+      wrote   /data/out.zarr
+    """
 
     status: str
     plan: dict[str, Any]
@@ -119,9 +128,20 @@ def _digest(obj: Any) -> str:
 def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     """The plan of a run, from the spec and the inputs' headers (no voxel is read).
 
-    Returns a dict: ``inputs`` (kind, count, bytes), ``passes`` (one fit pass per
-    fitted step, then the write), ``outputs``, ``digest`` (of everything the images
-    depend on: spec, input identities, mask, parameters) and the per-output digests.
+    Parameters
+    ----------
+    spec : str, os.PathLike, mapping or Spec
+        A pipeline spec as :func:`load_spec` takes it: a file, YAML text, a dict, or a loaded
+        ``Spec``.
+
+    Returns
+    -------
+    dict
+        ``inputs`` (kind, count, bytes), ``passes`` (one fit pass per fitted step, then
+        the write and the other outputs), ``digest`` (of everything the images depend on:
+        spec, input identities, mask, parameters) and ``digests`` (one per output). Also
+        ``files``, ``output`` (the store), ``engine``, the spec's ``name`` and source
+        (``spec``), and the estimates ``chunk_bytes`` and ``memory`` (per worker).
 
     Examples
     --------

@@ -266,8 +266,10 @@ def plot_mask_overlay(
         ``data > vn.threshold(data, "otsu")``).
     volume : int
         Which volume (default the first).
-    slices, axis
-        As in :func:`plot_montage`.
+    slices : int
+        Slices per volume, as in :func:`plot_montage`.
+    axis : str
+        The dim slices are taken across, as in :func:`plot_montage`.
     color : str
         The mask's colour.
     alpha : float
@@ -320,8 +322,10 @@ def plot_map(
     ----------
     stat : xarray.DataArray
         One value per voxel: ``(z, y, x)`` or ``(y, x)``.
-    slices, axis
-        As in :func:`plot_montage`.
+    slices : int
+        Slices per volume, as in :func:`plot_montage`.
+    axis : str
+        The dim slices are taken across, as in :func:`plot_montage`.
     cmap : str
     label : str, optional
         The colour bar's label (default: the array's name).
@@ -375,8 +379,10 @@ def preview(
         A volnorm store (``volnorm convert``, ``volnorm run``, ``vn.to_zarr``).
     out : path, optional
         Write the page there (PNG, SVG or PDF by its suffix).
-    volumes, slices
-        How many volumes (the first ones) and slices per volume.
+    volumes : int
+        How many volumes (the first ones).
+    slices : int
+        Slices per volume.
     bins : int
         Histogram bins.
     overwrite : bool

@@ -27,6 +27,8 @@ from volnorm._histogram import (
     rows_of,
 )
 
+__all__ = ["Summary", "order_statistics", "quantile", "summarize", "summary_graph"]
+
 #: Bins of the first (float) pass; the refinement then reads only the values in 1-2 bins.
 FLOAT_BINS = 4096
 
@@ -67,7 +69,9 @@ def quantile(
     data : xarray.DataArray or xarray.DataTree
     q : float or sequence of float
         In [0, 1].
-    dim, mask
+    dim : str, sequence of str or None
+        The dims the quantiles are computed over, as in :func:`volnorm.histogram`.
+    mask : xarray.DataArray of bool, optional
         As in :func:`volnorm.histogram`. NaN and masked-out voxels are ignored;
         ±Inf are ranked, as numpy does. One difference: where a quantile
         falls exactly on an infinite value (no interpolation needed), volnorm
@@ -258,8 +262,25 @@ def order_statistics(
     """The exact values at 0-based ``ranks`` of the sorted valid voxels (NaN and masked-out
     left out, ±Inf ranked), over the whole dataset, out of core.
 
-    ``ranks`` may be a function of the number of valid voxels ``n`` (known only
-    after the histogram pass), e.g. ``lambda n: n // 2``.
+    Parameters
+    ----------
+    data : xarray.DataArray or xarray.DataTree
+        A stack, any labelled array (numpy or dask backed), or a collection; the ranks are over
+        all of it.
+    ranks : sequence of int or callable
+        0-based ranks in ``[0, n)`` of the ``n`` valid voxels. ``ranks`` may be a function of
+        the number of valid voxels ``n`` (known only after the histogram pass), e.g.
+        ``lambda n: n // 2``, giving one rank or a sequence.
+    mask : xarray.DataArray of bool (DataTree for a collection), optional
+        Broadcastable to ``data``; only ``True`` voxels are ranked.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, one value per rank in the order given (``-inf``/``inf`` at ranks held by
+        infinite voxels). Computes: the integer histogram's passes, or for float data two
+        passes (a histogram of the values' bit patterns, then the voxels of the bins holding
+        the ranks).
 
     Examples
     --------
@@ -551,7 +572,16 @@ def _merge(parts: np.ndarray) -> np.ndarray:
 
 
 class Summary(xr.Dataset):
-    """Statistics of :func:`summarize`: an ``xarray.Dataset`` that prints as a table."""
+    """Statistics of :func:`summarize`: an ``xarray.Dataset`` that prints as a table (and
+    shows as one in Jupyter).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> s = vn.summarize(xr.DataArray(np.array([1.0, 3.0]), dims="x"), quantiles=())
+    >>> isinstance(s, vn.Summary), float(s["mean"])
+    (True, 2.0)
+    """
 
     __slots__ = ()
 
@@ -589,6 +619,28 @@ def summarize(
     counted. Computes: one pass for the moments plus the quantile passes
     (pass ``quantiles=()`` to skip them).
 
+    Parameters
+    ----------
+    data : xarray.DataArray or xarray.DataTree
+        A stack ``("volume", ...)``, any labelled array (numpy or dask backed), or a collection
+        (a DataTree with an ``image`` per volume node).
+    dim : str, sequence of str or None
+        Dims the statistics are computed over: ``None`` = the whole dataset; ``("z", "y", "x")``
+        = one set per volume. For a collection, per-volume results are stacked along ``volume``;
+        finer ones come back as a DataTree.
+    mask : xarray.DataArray of bool (DataTree for a collection), optional
+        Broadcastable to ``data``; only ``True`` voxels are used (the others count in
+        ``n_masked_out``).
+    quantiles : sequence of float
+        In [0, 1]; each gives a variable ``q{q:g}`` (e.g. ``q0.5``), as :func:`quantile`.
+
+    Returns
+    -------
+    Summary
+        Over the kept dims: ``count``, ``min``, ``max``, ``mean``, ``var`` and ``std``
+        (population, float64), the excluded voxels ``n_nan``, ``n_posinf``, ``n_neginf`` and
+        ``n_masked_out``, and the quantiles.
+
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
@@ -614,7 +666,34 @@ def summary_graph(
     that makes the :class:`Summary` from their computed values. A runner computes the first
     half with other work on the same data (e.g. with the write of the data: one read). The
     finish computes nothing for 8/16-bit integers; float or wider integer quantiles need
-    their own passes there."""
+    their own passes there.
+
+    Parameters
+    ----------
+    data : xarray.DataArray or xarray.DataTree
+        A stack, any labelled array (numpy or dask backed), or a collection.
+    dim : str, sequence of str or None
+        Dims the statistics are computed over, as in :func:`summarize`. For a collection the
+        moments are over all of it: leave ``None`` (:func:`summarize` handles other ``dim``).
+    mask : xarray.DataArray of bool (DataTree for a collection), optional
+        Broadcastable to ``data``; only ``True`` voxels are used.
+    quantiles : sequence of float
+        In [0, 1]; each gives a variable ``q{q:g}`` of the summary.
+
+    Returns
+    -------
+    (list of dask.array.Array, callable)
+        The lazy arrays of the first pass, and ``finish``, which takes their computed values (in
+        that order) and returns the :class:`Summary` that :func:`summarize` would.
+
+    Examples
+    --------
+    >>> import dask, numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.arange(12, dtype="uint8").reshape(2, 6), dims=("volume", "x")).chunk({"volume": 1})
+    >>> parts, finish = vn.stats.summary_graph(x, dim="x", quantiles=[0.5])
+    >>> finish(dask.compute(*parts))["q0.5"].values.tolist()   # one compute: moments and quantiles
+    [2.5, 8.5]
+    """
     from volnorm import _kernels
 
     if isinstance(data, xr.DataTree):

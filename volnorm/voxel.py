@@ -124,6 +124,30 @@ def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram"
     ``attrs`` hold the grid (``dims``, ``shape``, ``affine``), ``n_volumes``, the
     ``inputs`` counted (name and source file of each volume) and the ``history`` of
     the calls that added them (time, versions).
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        The directory holding the histogram (as given to :func:`accumulate`).
+    name : str
+        The histogram's Zarr group in ``store``.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy counts named ``histogram``: the voxel dims plus ``bin``, with the ``bin``,
+        ``bin_lower``, ``bin_upper`` and ``n_*`` coords and the ``attrs`` above.
+
+    Examples
+    --------
+    >>> import os, tempfile, volnorm as vn
+    >>> d = tempfile.mkdtemp()
+    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> vn.accumulate(os.path.join(d, "h.zarr"), x, bins=16, range=(0, 300))   # doctest: +ELLIPSIS
+    <xarray.DataArray ...
+    >>> h = vn.open_voxel_histogram(os.path.join(d, "h.zarr"))
+    >>> h.sizes["bin"], h.attrs["n_volumes"]
+    (16, 1)
     """
     path = Path(store) / name
     if not (path / "zarr.json").exists():
@@ -171,10 +195,12 @@ def accumulate(
         Zarr group ``store/name``.
     volumes : NIfTI paths / glob, or a stack ``("volume", ...)``
         On one grid: the same spatial shape and, when known, the same affine.
-    bins, range
-        The bins, as for :func:`volnorm.histogram`, when the histogram is created
-        (``range`` is needed then for float data, so that later volumes share the bins);
-        when appending they must be omitted or equal the stored ones.
+    bins : int, optional
+        The number of bins, as for :func:`volnorm.histogram`, when the histogram is
+        created; when appending it must be omitted or equal the stored one.
+    range : (lo, hi), optional
+        The bins' range when the histogram is created (needed then for float data, so
+        that later volumes share the bins); when appending, omitted or the stored one.
     mask : xarray.DataArray of bool, optional
         Voxels to count (broadcast to the stack); others are counted in ``n_masked_out``.
     name : str

@@ -215,6 +215,19 @@ def _open_raw(path: Path, compressed: bool):
 def read_info(path: str | os.PathLike) -> NiftiInfo:
     """Validate one NIfTI file's header and size, without reading voxels.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``); gzip is recognized by
+        the file's first bytes.
+
+    Returns
+    -------
+    NiftiInfo
+        The validated header: ``shape`` (NIfTI order, at least 3-D), ``raw_dtype``, the data's
+        ``offset``, ``slope``/``inter`` scaling, ``affine``, ``zooms``, ``units``,
+        ``header_bytes``, and the file's size and modification time.
+
     Raises
     ------
     FileNotFoundError, PermissionError
