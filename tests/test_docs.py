@@ -74,3 +74,15 @@ def test_readme_equivalents_name_real_functions():
                     obj = importlib.import_module(".".join([root, *parts[: i + 1]]))
                 else:
                     obj = getattr(obj, part)
+
+
+def test_notebooks_are_committed_without_outputs():
+    """The notebooks run in CI (pytest --nbmake); in git they carry code only."""
+    import json
+
+    books = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+    assert {b.name for b in books} >= {"mri-cohort.ipynb", "faces-stack.ipynb", "scaling.ipynb"}
+    for b in books:
+        cells = json.loads(b.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert code and all(not c["outputs"] and c["execution_count"] is None for c in code), b.name
