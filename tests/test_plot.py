@@ -97,3 +97,14 @@ def test_params_and_summaries_show_as_tables_in_jupyter(anat):
     assert f"{float(s['mean']):.6g}" in s._repr_html_() and "<table>" in s._repr_html_()
     per = vn.summarize(anat, dim=("z", "y", "x"), quantiles=[0.5])
     assert "<table" in per._repr_html_() and "anatomical" in per._repr_html_()
+
+
+def test_preview_of_a_store_with_volumes_of_different_shapes(tmp_path):
+    files = vn.datasets.nibabel_files()
+    vn.convert([files["anatomical.nii"], files["example4d.nii.gz"]], tmp_path / "c.zarr", scheduler="threads", progress=False)
+    fig = vn.plot.preview(tmp_path / "c.zarr", tmp_path / "p.png", volumes=2, slices=2)
+    images = [a for a in fig.axes if a.images]
+    assert len(images) == 4 and {a.get_title().split()[0] for a in images} == {"anatomical", "example4d"}
+    (hist,) = [a for a in fig.axes if not a.images]
+    assert len(hist.patches) == 2 and "different shapes" in fig._suptitle.get_text()
+    assert (tmp_path / "p.png").stat().st_size > 20_000

@@ -414,39 +414,60 @@ def preview(
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
     after = vn.open_zarr(store)
-    if isinstance(after, xr.DataTree):
-        raise ValueError(f"{store}: volumes of different shapes; preview shows stacks on one grid")
-    idx = _pick(after, volumes)
-    before = _sources(m, after, idx) if m.get("steps") else None
-    after_sel = after.isel(volume=idx) if "volume" in after.dims else after
-    rows = len(idx) * (2 if before is not None else 1)
+    steps = ", ".join(st.get("method", "?") for st in m.get("steps", [])) or "none"
+    if isinstance(after, xr.DataTree):  # volumes of different shapes: each on its own
+        from volnorm._histogram import parts_of
+
+        parts = parts_of(after)
+        chosen = [(str(name).strip("/"), img) for name, img, _ in parts[: max(1, int(volumes))]]
+        befores: list | None = None
+        about = f"{len(parts)} volumes of different shapes"
+    else:
+        idx = _pick(after, volumes)
+        before = _sources(m, after, idx) if m.get("steps") else None
+        after_sel = after.isel(volume=idx) if "volume" in after.dims else after
+        chosen = list(zip(_volume_names(after_sel), [_one(after_sel, k) for k in range(len(idx))]))
+        befores = None if before is None else [_one(before, k) for k in range(len(idx))]
+        spatial = tuple(d for d in after.dims if d != "volume")
+        about = f"{after.sizes.get('volume', 1)} volume(s) {dict((d, after.sizes[d]) for d in spatial)} {after.dtype}"
+    rows = len(chosen) * (2 if befores is not None else 1)
     ncol = max(slices, 2)
     fig = _figure(2.4 * ncol, 2.4 * rows + 3.2)
     grid = fig.add_gridspec(rows + 1, ncol, height_ratios=[1] * rows + [1.3])
     r = 0
-    names = _volume_names(after_sel)
-    for k in range(len(idx)):
-        pairs = [("before", _one(before, k))] if before is not None else []
-        pairs.append(("after" if before is not None else "", _one(after_sel, k)))
-        for tag, vol in pairs:
-            for c, (where, img) in enumerate(_panels(vol, "z" if "z" in vol.dims else vol.dims[0], slices)[:ncol]):
-                _show(fig.add_subplot(grid[r, c]), img, f"{names[k]} {tag} {where}".replace("  ", " ").strip(), origin=_origin(vol))
+    for k, (name, vol) in enumerate(chosen):
+        pairs = [("before", befores[k]), ("after", vol)] if befores is not None else [("", vol)]
+        for tag, v in pairs:
+            axis = "z" if "z" in v.dims else [d for d in v.dims if d != "volume"][0]
+            for c, (where, img) in enumerate(_panels(v, axis, slices)[:ncol]):
+                _show(fig.add_subplot(grid[r, c]), img, f"{name} {tag} {where}".replace("  ", " ").strip(), origin=_origin(v))
             r += 1
-    spatial = tuple(d for d in after_sel.dims if d != "volume")
-    steps = ", ".join(s.get("method", "?") for s in m.get("steps", [])) or "none"
-    if before is not None:
-        plot_histogram(vn.histogram(before.astype(np.float64), bins=bins, dim=spatial), ax=fig.add_subplot(grid[rows, : ncol // 2]),
-                       title="before")
-        plot_histogram(vn.histogram(after_sel.astype(np.float64), bins=bins, dim=spatial), ax=fig.add_subplot(grid[rows, ncol // 2 :]),
-                       title=f"after ({steps})")
+    if befores is not None:
+        _histograms(fig.add_subplot(grid[rows, : ncol // 2]), [(n, b) for (n, _), b in zip(chosen, befores)], bins, "before")
+        _histograms(fig.add_subplot(grid[rows, ncol // 2 :]), chosen, bins, f"after ({steps})")
     else:
-        plot_histogram(vn.histogram(after_sel.astype(np.float64), bins=bins, dim=spatial), ax=fig.add_subplot(grid[rows, :]),
-                       title=f"{store.name} (steps: {steps})")
-    n = after.sizes.get("volume", 1)
-    fig.suptitle(f"{store.name}: {n} volume(s) {dict((d, after.sizes[d]) for d in spatial)} {after.dtype}; steps: {steps}", fontsize=10)
+        _histograms(fig.add_subplot(grid[rows, :]), chosen, bins, f"{store.name} (steps: {steps})")
+    fig.suptitle(f"{store.name}: {about}; steps: {steps}", fontsize=10)
     if out is not None:
         fig.savefig(out, dpi=110)
     return fig
+
+
+def _histograms(ax: Any, vols: list[tuple[str, xr.DataArray]], bins: int, title: str) -> Any:
+    """One line per volume (fraction of its voxels per bin), each on its own bins."""
+    import volnorm as vn
+
+    for name, v in vols:
+        h = vn.histogram(v.astype(np.float64), bins=bins).compute()
+        counts = h.values.astype(np.float64)
+        edges = np.concatenate([h["bin_lower"].values, h["bin_upper"].values[-1:]])
+        ax.stairs(counts / max(counts.sum(), 1), edges, label=name, linewidth=1)
+    ax.set_yscale("log")  # a background peak would flatten the rest
+    ax.set_xlabel("intensity")
+    ax.set_ylabel("fraction of voxels (log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return ax
 
 
 def _sources(m: dict, after: xr.DataArray, idx: list[int]) -> xr.DataArray | None:
