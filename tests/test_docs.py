@@ -12,7 +12,7 @@ import pytest
 
 import volnorm as vn
 
-MODULES = ["volnorm", "volnorm.plot", "volnorm.pipeline", "volnorm.datasets", "volnorm.fsl", "volnorm.engine", "volnorm.stats"]
+MODULES = ["volnorm", "volnorm.color", "volnorm.plot", "volnorm.pipeline", "volnorm.datasets", "volnorm.fsl", "volnorm.engine", "volnorm.stats"]
 
 
 def _public():

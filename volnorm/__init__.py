@@ -33,7 +33,7 @@ from volnorm._transforms import (
     rescale,
     zscore,
 )
-from volnorm import fsl, plot
+from volnorm import color, fsl, plot
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -67,6 +67,7 @@ __all__ = [
     "VolnormWarning",
     "convert",
     "datasets",
+    "color",
     "fsl",
     "plot",
     "histogram",

@@ -1,0 +1,113 @@
+"""Colour: greyscale and colormaps against matplotlib and scikit-image, on scikit-image's
+colour samples and generated data; lazy and chunking-invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import volnorm as vn
+
+matplotlib = pytest.importorskip("matplotlib")
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(params=["astronaut", "coffee", "chelsea"])
+def photo(request):
+    try:
+        img = getattr(skimage_data, request.param)()
+    except Exception as e:  # noqa: BLE001 - a sample that is not shipped offline
+        pytest.skip(f"{request.param} not available: {e}")
+    return xr.DataArray(img, dims=("y", "x", "channel"))
+
+
+@pytest.mark.parametrize("method", ["rec601", "rec709", "perceived"])
+def test_grey_equals_the_formula_and_skimage(photo, method):
+    g = vn.color.to_grey(photo.chunk({"y": 100}), method=method)
+    assert g.chunks is not None and g.dims == ("y", "x")  # lazy, chunks kept
+    f = photo.values.astype(np.float64)
+    if method == "perceived":
+        want = np.sqrt(0.299 * f[..., 0] ** 2 + 0.587 * f[..., 1] ** 2 + 0.114 * f[..., 2] ** 2)
+    else:
+        w = vn.color.LUMA[method]
+        want = w[0] * f[..., 0] + w[1] * f[..., 1] + w[2] * f[..., 2]
+    np.testing.assert_allclose(g.values, want, rtol=1e-6, atol=1e-3)
+    if method == "rec709":  # scikit-image's rgb2gray: 0.2125, 0.7154, 0.0721 on [0, 1]
+        from skimage.color import rgb2gray
+
+        np.testing.assert_allclose(g.values / 255, rgb2gray(photo.values), atol=2e-3)
+
+
+@pytest.mark.parametrize("cmap", ["viridis", "jet", "gray", "magma", "tab10"])
+def test_apply_colormap_equals_matplotlib(cmap):
+    rng = np.random.default_rng(1)
+    x = rng.normal(3000, 900, (40, 50)).astype(np.float32)
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = np.nan, 1500.0, 4500.0, -1e9  # bad, the ends, under
+    da_ = xr.DataArray(x, dims=("y", "x")).chunk({"y": 7})
+    got = vn.color.apply_colormap(da_, cmap, vmin=1500, vmax=4500)
+    assert got.dims == ("y", "x", "channel") and got.dtype == np.uint8 and got.chunks is not None
+    cm = matplotlib.colormaps[cmap]
+    want = cm(matplotlib.colors.Normalize(1500, 4500)(x), bytes=True)
+    np.testing.assert_array_equal(got.values, want)
+
+
+def test_apply_colormap_on_integers_and_default_range():
+    x = xr.DataArray(np.arange(0, 1000, 7, dtype=np.int16), dims="x")
+    got = vn.color.apply_colormap(x, "viridis")
+    want = matplotlib.colormaps["viridis"](matplotlib.colors.Normalize(0, 994)(x.values), bytes=True)
+    np.testing.assert_array_equal(got.values, want)
+    assert got.attrs["vmin"] == 0 and got.attrs["vmax"] == 994
+
+
+@settings(deadline=None, max_examples=40)
+@given(seed=st.integers(0, 2**16), cmap=st.sampled_from(["jet", "viridis", "plasma", "cividis"]),
+       lo=st.floats(-1e4, 1e4), width=st.floats(1e-2, 1e5))
+def test_round_trip_is_within_half_a_step(seed, cmap, lo, width):
+    x = np.random.default_rng(seed).uniform(lo, lo + width, 300)
+    rgba = vn.color.apply_colormap(xr.DataArray(x, dims="x"), cmap, vmin=lo, vmax=lo + width)
+    back = vn.color.invert_colormap(rgba, cmap, vmin=lo, vmax=lo + width)
+    step = width / 256
+    assert back.attrs["step"] == pytest.approx(step)
+    assert np.max(np.abs(back.values - x)) <= back.attrs["max_error"] * (1 + 1e-9) + 1e-9 * abs(lo)
+    assert float(back["distance"].max()) == 0.0
+    # the bound: half a step where every colour is distinct, one step where two entries
+    # share a uint8 colour (viridis, cividis), two for jet's runs of four
+    assert back.attrs["max_error"] == pytest.approx(step * {"plasma": 0.5, "viridis": 1.0, "cividis": 1.0, "jet": 2.0}[cmap])
+
+
+def test_invert_jet_quantization_error_and_nearest_colour():
+    x = xr.DataArray(np.linspace(1500, 4500, 1001), dims="x")
+    rgba = vn.color.apply_colormap(x, "jet", vmin=1500, vmax=4500)
+    back = vn.color.invert_colormap(rgba, "jet", vmin=1500, vmax=4500)
+    assert back.attrs["step"] == pytest.approx(3000 / 256) and round(back.attrs["step"], 1) == 11.7
+    assert np.max(np.abs(back.values - x.values)) <= back.attrs["max_error"] + 1e-9
+    # colours that are not exactly in the colormap (JPEG-like noise): the nearest entry
+    noisy = (rgba.astype(np.int16) + np.random.default_rng(0).integers(-2, 3, rgba.shape)).clip(0, 255).astype(np.uint8)
+    back2 = vn.color.invert_colormap(noisy, "jet", vmin=1500, vmax=4500)
+    assert np.median(np.abs(back2.values - x.values)) <= 2 * back.attrs["step"]
+    assert float(back2["distance"].max()) > 0
+
+
+def test_chunking_invariance_and_laziness():
+    from volnorm.testing import raise_if_dask_computes
+
+    x = xr.DataArray(np.random.default_rng(3).random((30, 40)), dims=("y", "x"))
+    with raise_if_dask_computes():
+        a = vn.color.apply_colormap(x.chunk({"y": 4}), "magma", vmin=0, vmax=1)
+        g = vn.color.to_grey(a)
+        b = vn.color.invert_colormap(a, "magma", vmin=0, vmax=1)
+    np.testing.assert_array_equal(a.values, vn.color.apply_colormap(x, "magma", vmin=0, vmax=1).values)
+    np.testing.assert_array_equal(b.values, vn.color.invert_colormap(a.compute(), "magma", vmin=0, vmax=1).values)
+    assert g.shape == (30, 40)
+
+
+def test_bad_colour_input_is_refused():
+    with pytest.raises(ValueError, match="'channel' dim of size 3"):
+        vn.color.to_grey(xr.DataArray(np.zeros((4, 4)), dims=("y", "x")))
+    with pytest.raises(ValueError, match="method"):
+        vn.color.to_grey(xr.DataArray(np.zeros((4, 3)), dims=("x", "channel")), method="hsl")
+    with pytest.raises(ValueError, match="vmin <= vmax"):
+        vn.color.apply_colormap(xr.DataArray(np.zeros(3), dims="x"), vmin=2, vmax=1)

@@ -1,0 +1,245 @@
+"""Colour: greyscale conversion, colormaps and their inverse, lazily and block by block.
+
+Colour data carry a ``channel`` dim (R, G, B[, A]); results keep the input's other dims and
+chunks. Matplotlib provides the colormaps (the ``volnorm[plot]`` extra); no figure is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["LUMA", "apply_colormap", "colormap_table", "invert_colormap", "to_grey"]
+
+#: Weights of R, G, B in the luma of ITU-R BT.601 (``"rec601"``, as PIL and OpenCV) and
+#: BT.709 (``"rec709"``, sRGB primaries).
+LUMA = {"rec601": (0.299, 0.587, 0.114), "rec709": (0.2126, 0.7152, 0.0722)}
+
+
+def _channels(rgb: xr.DataArray, dim: str) -> xr.DataArray:
+    if not isinstance(rgb, xr.DataArray):
+        raise TypeError(f"expected an xarray.DataArray with a {dim!r} dim; got {type(rgb).__name__}")
+    if dim not in rgb.dims or rgb.sizes[dim] not in (3, 4):
+        raise ValueError(f"colour data need a {dim!r} dim of size 3 (RGB) or 4 (RGBA); got dims {dict(rgb.sizes)}")
+    return rgb
+
+
+def to_grey(rgb: xr.DataArray, *, method: str = "rec601", dim: str = "channel") -> xr.DataArray:
+    """Greyscale from RGB(A): a weighted sum of the channels (luma), or the "perceived
+    brightness" ``sqrt(0.299 R² + 0.587 G² + 0.114 B²)``. Alpha is ignored.
+
+    Parameters
+    ----------
+    rgb : xarray.DataArray
+        Colour data with a ``dim`` of size 3 or 4, in any dtype (integer values keep their
+        scale: uint8 in, 0-255 floats out).
+    method : {"rec601", "rec709", "perceived"}
+        BT.601 luma (PIL's ``convert("L")`` and OpenCV's weights), BT.709 luma, or perceived
+        brightness.
+    dim : str
+        The channel dim.
+
+    Returns
+    -------
+    xarray.DataArray
+        float32 for inputs of up to 16 bits, float64 otherwise, without ``dim``; lazy when
+        the input is.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> px = xr.DataArray(np.array([[255, 0, 0], [255, 255, 255]], dtype="uint8"), dims=("x", "channel"))
+    >>> [round(float(v), 3) for v in vn.color.to_grey(px).values]
+    [76.245, 255.0]
+    """
+    rgb = _channels(rgb, dim)
+    ft = np.float32 if rgb.dtype.itemsize <= 2 or rgb.dtype == np.float32 else np.float64
+    c = [rgb.isel({dim: i}, drop=True).astype(ft) for i in range(3)]
+    if method == "perceived":
+        w = LUMA["rec601"]
+        out = np.sqrt(w[0] * c[0] ** 2 + w[1] * c[1] ** 2 + w[2] * c[2] ** 2)
+    elif method in LUMA:
+        w = LUMA[method]
+        out = w[0] * c[0] + w[1] * c[1] + w[2] * c[2]
+    else:
+        raise ValueError(f"`method` must be one of rec601, rec709, perceived; got {method!r}")
+    return out.astype(ft).rename(rgb.name).assign_attrs(rgb.attrs)
+
+
+def colormap_table(cmap: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A matplotlib colormap as uint8 RGBA rows, as ``cmap(..., bytes=True)`` gives them: its
+    ``N`` colours, then the under, over and bad colours.
+
+    Parameters
+    ----------
+    cmap : str or matplotlib.colors.Colormap
+        A colormap or its registered name (``"viridis"``, ``"jet"``, ...).
+
+    Returns
+    -------
+    (numpy.ndarray, matplotlib.colors.Colormap)
+        The ``(N + 3, 4)`` uint8 table and the colormap.
+
+    Examples
+    --------
+    >>> table, cm = colormap_table("viridis")
+    >>> table.shape, cm.N
+    ((259, 4), 256)
+    """
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("colormaps need matplotlib: pip install 'volnorm[plot]'") from e
+    cm = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
+    colors = cm(np.arange(cm.N), bytes=True)
+    extra = (np.array([cm.get_under(), cm.get_over(), cm.get_bad()]) * 255).astype(np.uint8)
+    return np.concatenate([colors, extra]), cm
+
+
+def apply_colormap(
+    data: xr.DataArray, cmap: Any = "viridis", *, vmin: float | None = None, vmax: float | None = None
+) -> xr.DataArray:
+    """Colour ``data`` with a matplotlib colormap: RGBA uint8 with the input's dims plus
+    ``channel`` (4), equal to ``cmap(Normalize(vmin, vmax)(data), bytes=True)``; no figure.
+
+    Below ``vmin`` takes the colormap's "under" colour, above ``vmax`` its "over" colour,
+    NaN its "bad" colour (transparent by default), as matplotlib does.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data, numpy or dask backed (lazy in, lazy out; chunks kept).
+    cmap : str or matplotlib.colors.Colormap
+        The colormap (default viridis).
+    vmin : float, optional
+        The value of the first colour (default: the data's minimum, one pass).
+    vmax : float, optional
+        The value of the last colour (default: the data's maximum).
+
+    Returns
+    -------
+    xarray.DataArray
+        uint8, dims ``(*data.dims, "channel")`` with coords R, G, B, A; ``attrs`` record the
+        colormap, ``vmin`` and ``vmax`` (for :func:`invert_colormap`).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> rgba = vn.color.apply_colormap(xr.DataArray(np.array([0.0, 0.5, 1.0]), dims="x"), "gray", vmin=0, vmax=1)
+    >>> rgba.values.tolist()
+    [[0, 0, 0, 255], [128, 128, 128, 255], [255, 255, 255, 255]]
+    """
+    table, cm = colormap_table(cmap)
+    if vmin is None or vmax is None:
+        from volnorm._histogram import value_range
+
+        lo, hi = value_range(data)
+        vmin = lo if vmin is None else vmin
+        vmax = hi if vmax is None else vmax
+    if not (np.isfinite(vmin) and np.isfinite(vmax)) or vmin > vmax:
+        raise ValueError(f"need finite vmin <= vmax; got {vmin!r}, {vmax!r}")
+    n = cm.N
+    ft = np.float32 if data.dtype in (np.float32, np.float16) else np.float64
+    lo, span = ft(vmin), ft(vmax) - ft(vmin)
+
+    def block(x: np.ndarray) -> np.ndarray:
+        # matplotlib's Normalize and Colormap.__call__, step for step
+        xa = x.astype(ft, copy=True)
+        if span == 0:
+            xa = np.where(np.isnan(xa), xa, 0).astype(ft)
+        else:
+            xa -= lo
+            xa /= span
+        xa *= n
+        xa[xa == n] = n - 1
+        under, over, bad = xa < 0, xa >= n, np.isnan(xa)
+        with np.errstate(invalid="ignore"):
+            idx = xa.astype(np.int64)
+        idx[under], idx[over], idx[bad] = n, n + 1, n + 2
+        return table.take(idx, axis=0, mode="clip")
+
+    out = xr.apply_ufunc(
+        block, data, output_core_dims=[["channel"]], dask="parallelized", output_dtypes=[np.uint8],
+        dask_gufunc_kwargs={"output_sizes": {"channel": 4}},
+    )
+    name = getattr(cm, "name", str(cmap))
+    return out.assign_coords(channel=["R", "G", "B", "A"]).rename(data.name).assign_attrs(
+        colormap=name, vmin=float(vmin), vmax=float(vmax))
+
+
+def invert_colormap(
+    rgb: xr.DataArray, cmap: Any = "viridis", *, vmin: float = 0.0, vmax: float = 1.0, dim: str = "channel"
+) -> xr.DataArray:
+    """Recover scalar data from a picture made with a colormap: each pixel takes the value of
+    the nearest colour among all the colormap's entries (Euclidean in RGB, a KD-tree over the
+    ``N`` colours; a pixel need not match a colour exactly, e.g. after JPEG compression).
+
+    The value of entry ``i`` is the centre of its interval, ``vmin + (i + 0.5) * step`` with
+    ``step = (vmax - vmin) / N``, so a round trip is exact to within half a step. Entries
+    that share one 8-bit colour cannot be told apart: they get the middle of their centres,
+    and ``attrs["max_error"]`` (the bound for the whole colormap) grows by half their spread
+    (jet, whose ends repeat a colour 4 times: 2 steps; viridis: 1 step; plasma: half a step).
+    ``attrs["step"]`` is the quantization step (jet over 1500-4500 with 256 colours: 11.72);
+    ``distance`` (a coord) says how far each pixel's colour was from the colormap.
+
+    Parameters
+    ----------
+    rgb : xarray.DataArray
+        uint8 (0-255) or float (0-1) colours with a ``dim`` of size 3 or 4 (alpha ignored).
+    cmap : str or matplotlib.colors.Colormap
+        The colormap the picture was made with.
+    vmin : float
+        The value of the colormap's first colour.
+    vmax : float
+        The value of its last colour.
+    dim : str
+        The channel dim.
+
+    Returns
+    -------
+    xarray.DataArray
+        float64 values without ``dim``, with a ``distance`` coord (RGB distance to the
+        nearest colour, 0-255 scale) and ``attrs`` ``step``, ``max_error``, ``colormap``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.linspace(1500, 4500, 7), dims="x")
+    >>> back = vn.color.invert_colormap(vn.color.apply_colormap(x, "jet", vmin=1500, vmax=4500), "jet", vmin=1500, vmax=4500)
+    >>> round(back.attrs["step"], 2), bool(np.all(np.abs(back - x) <= back.attrs["max_error"]))
+    (11.72, True)
+    """
+    from scipy.spatial import cKDTree
+
+    rgb = _channels(rgb, dim)
+    table, cm = colormap_table(cmap)
+    n = cm.N
+    step = (float(vmax) - float(vmin)) / n
+    # entries that share one uint8 colour (jet's ends: 4 entries) are one colour: the value is
+    # the middle of their centres, and the error bound grows by half their spread
+    colors, which = np.unique(table[:n, :3], axis=0, return_inverse=True)
+    which = which.ravel()
+    idx = np.arange(n)
+    first = np.full(len(colors), n)
+    last = np.full(len(colors), -1)
+    np.minimum.at(first, which, idx)
+    np.maximum.at(last, which, idx)
+    centres = float(vmin) + ((first + last) / 2 + 0.5) * step
+    max_error = step / 2 + float(np.max(last - first)) * step / 2
+    tree = cKDTree(colors.astype(np.float64))
+    scale = 255.0 if rgb.dtype.kind == "f" else 1.0
+
+    def block(x: np.ndarray) -> np.ndarray:
+        pts = x[..., :3].reshape(-1, 3).astype(np.float64) * scale
+        dist, i = tree.query(pts)
+        return np.stack([centres[i], dist], axis=-1).reshape(x.shape[:-1] + (2,))
+
+    both = xr.apply_ufunc(
+        block, rgb.transpose(..., dim), input_core_dims=[[dim]], output_core_dims=[["_out"]], dask="parallelized",
+        output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {"_out": 2}},
+    )
+    out = both.isel(_out=0, drop=True).assign_coords(distance=both.isel(_out=1, drop=True))
+    return out.rename(rgb.name).assign_attrs(step=step, max_error=max_error, colormap=getattr(cm, "name", str(cmap)),
+                                              vmin=float(vmin), vmax=float(vmax))
