@@ -111,3 +111,61 @@ def test_bad_colour_input_is_refused():
         vn.color.to_grey(xr.DataArray(np.zeros((4, 3)), dims=("x", "channel")), method="hsl")
     with pytest.raises(ValueError, match="vmin <= vmax"):
         vn.color.apply_colormap(xr.DataArray(np.zeros(3), dims="x"), vmin=2, vmax=1)
+
+
+def _stack(photo_names=("astronaut", "coffee", "chelsea"), size=(120, 160)):
+    from skimage.transform import resize
+
+    imgs = []
+    for name in photo_names:
+        try:
+            img = getattr(skimage_data, name)()
+        except Exception as e:  # noqa: BLE001 - a sample not shipped offline
+            pytest.skip(f"{name} not available: {e}")
+        imgs.append((resize(img, size, anti_aliasing=True) * 255).round().astype(np.uint8))
+    return xr.DataArray(np.stack(imgs), dims=("volume", "y", "x", "channel"))
+
+
+def test_quantize_palette_is_a_kmeans_fixed_point_as_good_as_scikit_learn():
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    from volnorm.color import _pixels_sample
+
+    stack = _stack().chunk({"volume": 1, "y": 60})
+    p = vn.color.fit_quantize(stack, 8, sample=20_000, seed=1)
+    sample = _pixels_sample(stack, 20_000, 1, "channel")
+    ours = p.values["palette"].values
+    # scikit-learn started from our palette does not move it: ours is a Lloyd fixed point
+    km = sklearn_cluster.KMeans(8, init=ours, n_init=1, max_iter=300, tol=0, algorithm="lloyd").fit(sample)
+    np.testing.assert_allclose(km.cluster_centers_, ours, atol=1e-6)
+    # and scikit-learn's best of 10 k-means++ starts is not much better on the same sample
+    best = sklearn_cluster.KMeans(8, n_init=10, random_state=0).fit(sample)
+    inertia = float(((sample - ours[km.predict(sample)]) ** 2).sum())
+    assert inertia <= best.inertia_ * 1.05
+
+
+def test_quantize_assigns_the_nearest_palette_colour_lazily_and_reuses_the_palette():
+    stack = _stack()
+    p = vn.color.fit_quantize(stack, 6, sample=5000, seed=0)
+    q = vn.color.quantize(stack.chunk({"volume": 1, "y": 50}), params=p)
+    lab = vn.color.quantize(stack.chunk({"volume": 1, "y": 50}), params=p, labels=True)
+    assert q.chunks is not None and q.dims == stack.dims and q.dtype == np.uint8 and lab.dims == ("volume", "y", "x")
+    pal = p.values["palette"].values
+    f = stack.values.reshape(-1, 3).astype(np.float64)
+    want = np.argmin(((f[:, None, :] - pal[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(lab.values.ravel(), want)
+    np.testing.assert_array_equal(q.values.reshape(-1, 3), pal.round().astype(np.uint8)[want])
+    # new frames, the same palette: only palette colours come out
+    frames = _stack(("astronaut",)).isel(x=slice(None, None, -1))
+    out = vn.color.quantize(frames, params=p).values.reshape(-1, 3)
+    assert {tuple(c) for c in np.unique(out, axis=0)} <= {tuple(c) for c in pal.round().astype(np.uint8)}
+    # chunking does not change the sample's blocks' draws within a chunk layout, nor the result
+    np.testing.assert_array_equal(q.values, vn.color.quantize(stack, params=p).values)
+
+
+def test_fit_quantize_is_reproducible_and_checks_its_input():
+    stack = _stack(("coffee",))
+    a = vn.color.fit_quantize(stack, 4, sample=3000, seed=5)
+    b = vn.color.fit_quantize(stack, 4, sample=3000, seed=5)
+    np.testing.assert_array_equal(a.values["palette"].values, b.values["palette"].values)
+    with pytest.raises(ValueError, match="n_colors"):
+        vn.color.fit_quantize(stack, 1)

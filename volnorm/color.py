@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["LUMA", "apply_colormap", "colormap_table", "invert_colormap", "to_grey"]
+__all__ = ["LUMA", "apply_colormap", "colormap_table", "fit_quantize", "invert_colormap", "quantize", "to_grey"]
 
 #: Weights of R, G, B in the luma of ITU-R BT.601 (``"rec601"``, as PIL and OpenCV) and
 #: BT.709 (``"rec709"``, sRGB primaries).
@@ -243,3 +243,151 @@ def invert_colormap(
     out = both.isel(_out=0, drop=True).assign_coords(distance=both.isel(_out=1, drop=True))
     return out.rename(rgb.name).assign_attrs(step=step, max_error=max_error, colormap=getattr(cm, "name", str(cmap)),
                                               vmin=float(vmin), vmax=float(vmax))
+
+
+# ---------------------------------------------------------------------------
+# colour quantization: a palette fitted by k-means on a sample of the whole stack
+# ---------------------------------------------------------------------------
+
+
+def _pixels_sample(rgb: xr.DataArray, n: int, seed: int, dim: str) -> np.ndarray:
+    """About ``n`` pixels drawn uniformly from the whole stack, block by block (each block gives
+    its share, with its own seed): ``(n, channels)`` float64. One pass; only the sample is kept."""
+    import dask
+    import dask.array as da
+
+    x = rgb.transpose(..., dim)
+    arr = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=x.shape)
+    arr = arr.rechunk({arr.ndim - 1: -1})
+    total = int(np.prod(arr.shape[:-1]))
+    frac = min(1.0, n / max(total, 1))
+
+    def block(b: np.ndarray, loc: tuple) -> np.ndarray:
+        rng = np.random.default_rng([seed, *loc])  # the block's own stream: chunking-stable per block
+        flat = b.reshape(-1, b.shape[-1])
+        keep = rng.random(len(flat)) < frac
+        return flat[keep].astype(np.float64)
+
+    parts = [dask.delayed(block)(arr.blocks[idx], idx) for idx in np.ndindex(*arr.numblocks)]
+    out = dask.compute(*parts)
+    return np.concatenate(out) if out else np.empty((0, arr.shape[-1]))
+
+
+def fit_quantize(
+    rgb: xr.DataArray, n_colors: int = 16, *, sample: int = 200_000, seed: int = 0, dim: str = "channel"
+) -> Any:
+    """Fit a palette of ``n_colors`` colours to a colour stack: k-means (k-means++ start,
+    Lloyd iterations to convergence, scipy) on about ``sample`` pixels drawn uniformly from the
+    whole stack, so the fit costs one read and the sample's memory, whatever the stack's size.
+
+    Parameters
+    ----------
+    rgb : xarray.DataArray
+        Colour data with ``dim`` of size 3 or 4 (alpha is clustered too when present).
+    n_colors : int
+        Palette size (2-256).
+    sample : int
+        About this many pixels are drawn (all of them for smaller stacks).
+    seed : int
+        The sample and the k-means++ start: the same seed, the same palette.
+    dim : str
+        The channel dim.
+
+    Returns
+    -------
+    volnorm.Params
+        ``method="quantize"``, ``values["palette"]`` ``(color, channel)`` in the data's scale,
+        reusable on new frames with ``vn.color.quantize(frames, params=p)``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> px = np.array([[0, 0, 0]] * 50 + [[255, 0, 0]] * 50, dtype="uint8").reshape(10, 10, 3)
+    >>> p = vn.color.fit_quantize(xr.DataArray(px, dims=("y", "x", "channel")), 2)
+    >>> sorted(map(tuple, p.values["palette"].values.round().astype(int).tolist()))
+    [(0, 0, 0), (255, 0, 0)]
+    """
+    from scipy.cluster.vq import kmeans2
+
+    from volnorm._transforms import Params
+
+    rgb = _channels(rgb, dim)
+    if not (isinstance(n_colors, (int, np.integer)) and 2 <= n_colors <= 256):
+        raise ValueError(f"`n_colors` must be an int in 2..256; got {n_colors!r}")
+    pts = _pixels_sample(rgb, int(sample), int(seed), dim)
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    if len(pts) < n_colors:
+        raise ValueError(f"only {len(pts)} valid pixels to fit {n_colors} colours")
+    centres, _ = kmeans2(pts, int(n_colors), iter=300, minit="++", seed=np.random.default_rng(seed), check_finite=False)
+    # Lloyd to a fixed point (kmeans2 stops after `iter` rounds): a few more rounds, exactly
+    for _ in range(100):
+        lab = _nearest(pts, centres)
+        new = np.array([pts[lab == k].mean(axis=0) if np.any(lab == k) else centres[k] for k in range(len(centres))])
+        if np.array_equal(new, centres):
+            break
+        centres = new
+    values = xr.Dataset({"palette": (("color", dim), centres)}, coords={dim: rgb[dim].values if dim in rgb.coords else np.arange(rgb.sizes[dim])})
+    return Params("quantize", values, {"n_colors": int(n_colors), "sample": int(len(pts)), "seed": int(seed)})
+
+
+def _nearest(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre of each point (squared Euclidean distance)."""
+    d = (pts * pts).sum(1)[:, None] - 2 * pts @ centres.T + (centres * centres).sum(1)[None, :]
+    return np.argmin(d, axis=1)
+
+
+def quantize(
+    rgb: xr.DataArray, n_colors: int = 16, *, params: Any = None, labels: bool = False, dim: str = "channel", **fit: Any
+) -> xr.DataArray:
+    """Reduce a colour stack to a palette: each pixel takes its nearest palette colour,
+    block by block (lazy). The palette is fitted with :func:`fit_quantize` unless ``params``
+    gives one (e.g. fitted on the first frames of a video, applied to the rest).
+
+    Parameters
+    ----------
+    rgb : xarray.DataArray
+        Colour data with ``dim`` of size 3 or 4.
+    n_colors : int
+        Palette size when fitting.
+    params : volnorm.Params, optional
+        A fitted palette (``fit_quantize``); no fit then.
+    labels : bool
+        Return each pixel's palette index (uint8, without ``dim``) instead of its colour.
+    dim : str
+        The channel dim.
+    fit
+        ``sample=`` and ``seed=`` for the fit.
+
+    Returns
+    -------
+    xarray.DataArray
+        The quantized colours in the input's dtype (rounded for integers), or the labels;
+        the palette in ``attrs["volnorm_params"]``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> px = xr.DataArray(np.array([[[10, 10, 10], [250, 0, 0], [12, 9, 11]]], dtype="uint8"), dims=("y", "x", "channel"))
+    >>> vn.color.quantize(px, 2, labels=True).values.tolist() in ([[0, 1, 0]], [[1, 0, 1]])
+    True
+    """
+    from volnorm._transforms import _attach
+
+    rgb = _channels(rgb, dim)
+    p = params if params is not None else fit_quantize(rgb, n_colors, dim=dim, **fit)
+    centres = np.asarray(p.values["palette"].values, dtype=np.float64)
+    if centres.shape[1] != rgb.sizes[dim]:
+        raise ValueError(f"the palette has {centres.shape[1]} channels, the data {rgb.sizes[dim]}")
+    out_colors = centres.round().clip(0, 255).astype(rgb.dtype) if rgb.dtype.kind in "iu" else centres.astype(rgb.dtype)
+
+    def block(x: np.ndarray) -> np.ndarray:
+        lab = _nearest(x.reshape(-1, x.shape[-1]).astype(np.float64), centres).reshape(x.shape[:-1])
+        return lab.astype(np.uint8) if labels else out_colors[lab]
+
+    x = rgb.transpose(..., dim)
+    if labels:
+        out = xr.apply_ufunc(block, x, input_core_dims=[[dim]], dask="parallelized", output_dtypes=[np.uint8])
+    else:
+        out = xr.apply_ufunc(block, x, input_core_dims=[[dim]], output_core_dims=[[dim]], dask="parallelized",
+                             output_dtypes=[rgb.dtype]).transpose(*rgb.dims)
+    return _attach(out, rgb, p)
