@@ -169,3 +169,44 @@ def test_fit_quantize_is_reproducible_and_checks_its_input():
     np.testing.assert_array_equal(a.values["palette"].values, b.values["palette"].values)
     with pytest.raises(ValueError, match="n_colors"):
         vn.color.fit_quantize(stack, 1)
+
+
+def test_exposure_report_equals_numpy_and_orders_exposures(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from volnorm.cli import main
+
+    a = skimage_data.astronaut()
+    gammas = [0.3, 1.0, 3.0]
+    for i, g in enumerate(gammas):
+        iio.imwrite(tmp_path / f"img{i}.png", (255 * (a / 255) ** g).astype(np.uint8))
+    stack = vn.open_images(str(tmp_path / "*.png"))
+    assert stack.dims == ("volume", "y", "x", "channel")
+    r = vn.color.exposure(stack)
+    f = stack.values.astype(np.float64) / 255
+    luma = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+    perceived = np.sqrt(0.299 * f[..., 0] ** 2 + 0.587 * f[..., 1] ** 2 + 0.114 * f[..., 2] ** 2)
+    ax = (1, 2)
+    np.testing.assert_allclose(r["mean"].values, luma.mean(ax), rtol=1e-5)
+    np.testing.assert_allclose(r["rms_contrast"].values, luma.std(ax), rtol=1e-4)
+    np.testing.assert_allclose(r["brightness"].values, perceived.mean(ax), rtol=1e-5)
+    np.testing.assert_allclose(r["underexposed"].values, (luma < 0.1).mean(ax), atol=1e-6)
+    np.testing.assert_allclose(r["overexposed"].values, (luma > 0.9).mean(ax), atol=1e-6)
+    assert r["level"].values.tolist() == np.round(10 * perceived.mean(ax)).astype(int).tolist()
+    assert list(r["level"].values) == sorted(r["level"].values, reverse=True)  # darker with gamma
+    # the CLI: a table, a CSV and a picture; never overwrites
+    csv, png = tmp_path / "e.csv", tmp_path / "e.png"
+    assert main(["stats", "--brightness", str(tmp_path / "*.png"), "--csv", str(csv), "--plot", str(png)]) == 0
+    assert "rms_contrast" in capsys.readouterr().out
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("volume,mean,rms_contrast") and len(lines) == 4
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["stats", "--brightness", str(tmp_path / "*.png"), "--csv", str(csv)]) == 1
+    assert "never overwrites" in capsys.readouterr().err
+
+
+def test_exposure_of_grey_and_float_images():
+    x = xr.DataArray(np.array([[0.05, 0.95], [0.5, 0.5]]), dims=("y", "x"))
+    r = vn.color.exposure(x)
+    assert float(r["mean"]) == pytest.approx(0.5) and float(r["underexposed"]) == 0.25 and float(r["overexposed"]) == 0.25
+    assert int(r["level"]) == 5

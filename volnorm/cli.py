@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--per", choices=["volume", "slice"], default=None, help="one row per volume or per slice (default: the whole dataset)")
     st.add_argument("--mask", default=None, help="a NIfTI mask on the same grid (non-zero = inside)")
     st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--brightness", action="store_true",
+                    help="an exposure report of image files (PNG, JPEG, TIFF, NPY): mean, RMS contrast, perceived "
+                    "brightness, under/over-exposed fractions, a 0-10 level per image")
+    st.add_argument("--csv", default=None, help="--brightness: also write the table to this CSV file")
+    st.add_argument("--plot", default=None, help="--brightness: also draw it to this PNG/SVG/PDF")
     st.add_argument(
         "--fsl", action="store_true",
         help="fslstats options follow, with FSL's letters and numbers: -r -R -p N -P N -m -M -s -S -v -V -k MASK "
@@ -461,6 +466,8 @@ def _table(ds, kept) -> str:
 def _stats(args: argparse.Namespace) -> int:
     import volnorm as vn
 
+    if args.brightness:
+        return _brightness(args)
     data, mask, dim = _open_for_stats(args.path, args.mask, args.per)
     if args.fsl:
         return _fsl(args, data, mask)
@@ -470,6 +477,31 @@ def _stats(args: argparse.Namespace) -> int:
         print(json.dumps(s.to_dict(data="list"), indent=2, default=str))
     else:
         print(_table(s, kept) if kept else repr(s))
+    return 0
+
+
+def _brightness(args: argparse.Namespace) -> int:
+    """``volnorm stats --brightness IMAGES``: the exposure report as a table (or JSON)."""
+    import volnorm as vn
+
+    outs = [Path(p) for p in (args.csv, args.plot) if p]
+    for out in outs:
+        if out.exists():
+            raise ValueError(f"{out} exists; choose another name (volnorm never overwrites it)")
+        if not out.parent.is_dir():
+            raise ValueError(f"{out}: the directory {out.parent} does not exist")
+    report = vn.color.exposure(vn.open_images(args.path))
+    table = report.to_dataframe()
+    if args.json:
+        print(json.dumps({"images": table.reset_index().to_dict(orient="records"), **report.attrs}, indent=1, default=str))
+    else:
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if args.csv:
+        table.to_csv(args.csv, float_format="%.6g")
+        print(f"wrote {args.csv}")
+    if args.plot:
+        vn.plot.plot_exposure(report, title=", ".join(Path(p).name for p in args.path)).savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["LUMA", "apply_colormap", "colormap_table", "fit_quantize", "invert_colormap", "quantize", "to_grey"]
+__all__ = ["LUMA", "apply_colormap", "colormap_table", "exposure", "fit_quantize", "invert_colormap", "quantize", "to_grey"]
 
 #: Weights of R, G, B in the luma of ITU-R BT.601 (``"rec601"``, as PIL and OpenCV) and
 #: BT.709 (``"rec709"``, sRGB primaries).
@@ -391,3 +391,72 @@ def quantize(
         out = xr.apply_ufunc(block, x, input_core_dims=[[dim]], output_core_dims=[[dim]], dask="parallelized",
                              output_dtypes=[rgb.dtype]).transpose(*rgb.dims)
     return _attach(out, rgb, p)
+
+
+# ---------------------------------------------------------------------------
+# exposure report
+# ---------------------------------------------------------------------------
+
+
+def exposure(
+    data: xr.DataArray, *, dark: float = 0.1, bright: float = 0.9, dim: str = "channel", scale: float | None = None
+) -> xr.Dataset:
+    """An exposure report per image: mean luma, RMS contrast, perceived brightness, the
+    fractions of under- and over-exposed pixels and a 0-10 brightness level. One pass.
+
+    Values are taken on a 0-1 scale: integers divided by their dtype's maximum (uint8 by
+    255), floats as they are (or divided by ``scale``). Colour images use BT.601 luma for
+    the mean, contrast and exposure fractions and the perceived brightness
+    ``sqrt(0.299 R² + 0.587 G² + 0.114 B²)`` for ``brightness``; grey images use their value
+    for both.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        A stack ``(volume, y, x[, channel])`` or one image.
+    dark : float
+        Pixels below this (0-1) count as under-exposed.
+    bright : float
+        Pixels above this (0-1) count as over-exposed.
+    dim : str
+        The channel dim of colour data.
+    scale : float, optional
+        The value of full white (default: the integer dtype's maximum, 1 for floats).
+
+    Returns
+    -------
+    xarray.Dataset
+        Per image (the ``volume`` dim): ``mean``, ``rms_contrast`` (std of the luma),
+        ``brightness``, ``underexposed``, ``overexposed`` (fractions) and ``level``
+        (``round(10 * brightness)``, 0 black to 10 white). ``report.to_dataframe()`` gives
+        the table; ``vn.plot.plot_exposure`` draws it.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([[[0, 0], [0, 0]], [[255, 255], [128, 255]]], dtype="uint8"), dims=("volume", "y", "x"))
+    >>> r = vn.color.exposure(x)
+    >>> r["level"].values.tolist(), r["underexposed"].values.tolist()
+    ([0, 9], [1.0, 0.0])
+    """
+    if not isinstance(data, xr.DataArray):
+        raise TypeError(f"expected an xarray.DataArray; got {type(data).__name__}")
+    if scale is None:
+        scale = float(np.iinfo(data.dtype).max) if data.dtype.kind in "iu" else 1.0
+    if dim in data.dims:
+        luma = to_grey(data, method="rec601", dim=dim) / scale
+        perceived = to_grey(data, method="perceived", dim=dim) / scale
+    else:
+        luma = perceived = data.astype(np.float32 if data.dtype.itemsize <= 2 else np.float64) / scale
+    over = [d for d in luma.dims if d != "volume"]
+    report = xr.Dataset({
+        "mean": luma.mean(over),
+        "rms_contrast": luma.std(over),
+        "brightness": perceived.mean(over),
+        "underexposed": (luma < dark).mean(over),
+        "overexposed": (luma > bright).mean(over),
+    }).compute()
+    report = report.astype(np.float64)
+    report["level"] = np.clip(np.round(10 * report["brightness"]), 0, 10).astype(np.int64)
+    report.attrs.update(dark=float(dark), bright=float(bright), scale=float(scale))
+    return report

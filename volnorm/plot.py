@@ -485,3 +485,49 @@ def _sources(m: dict, after: xr.DataArray, idx: list[int]) -> xr.DataArray | Non
     except (OSError, ValueError):
         return None
     return src if src.shape[1:] == after.shape[1:] else None
+
+
+def plot_exposure(report: xr.Dataset, *, title: str | None = None) -> Any:
+    """Draw :func:`volnorm.color.exposure`'s report: brightness and mean luma per image with
+    the 0-10 levels, and the under- and over-exposed fractions below.
+
+    Parameters
+    ----------
+    report : xarray.Dataset
+        The report (one row per ``volume``).
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.random.default_rng(0).integers(0, 255, (5, 8, 8), dtype=np.uint8), dims=("volume", "y", "x"))
+    >>> len(vn.plot.plot_exposure(vn.color.exposure(x)).axes)
+    2
+    """
+    n = report.sizes.get("volume", 1)
+    x = np.arange(n)
+    fig = _figure(max(6.0, min(16.0, 0.25 * n + 4)), 5.0)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    top.plot(x, np.atleast_1d(report["brightness"].values), "o-", ms=3, label="perceived brightness")
+    top.plot(x, np.atleast_1d(report["mean"].values), "s-", ms=3, alpha=0.6, label="mean luma")
+    top.fill_between(x, np.atleast_1d(report["mean"] - report["rms_contrast"]), np.atleast_1d(report["mean"] + report["rms_contrast"]),
+                     alpha=0.15, label="± RMS contrast")
+    top.set_ylim(0, 1)
+    top.set_ylabel("0 = black, 1 = white")
+    sec = top.secondary_yaxis("right", functions=(lambda v: 10 * v, lambda v: v / 10))
+    sec.set_ylabel("level (0-10)")
+    top.legend(fontsize=8, loc="best")
+    bottom.bar(x - 0.2, np.atleast_1d(report["underexposed"].values), 0.4, label=f"under (< {report.attrs.get('dark', 0.1):g})")
+    bottom.bar(x + 0.2, np.atleast_1d(report["overexposed"].values), 0.4, label=f"over (> {report.attrs.get('bright', 0.9):g})")
+    bottom.set_ylabel("fraction of pixels")
+    bottom.legend(fontsize=8, loc="best")
+    if "volume" in report.coords and n <= 40:
+        bottom.set_xticks(x, [str(v) for v in np.atleast_1d(report["volume"].values)], rotation=60, fontsize=7)
+    else:
+        bottom.set_xlabel("image")
+    top.set_title(title or "exposure", fontsize=10)
+    return fig

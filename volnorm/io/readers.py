@@ -225,7 +225,7 @@ def open_images(paths: PathsLike, *, chunks: ChunksLike = None) -> xr.DataArray:
     -------
     xarray.DataArray
         Lazy; nothing is computed. Named ``image``, dims ``("volume", "y", "x")``
-        (plus ``"c"`` for colour images); ``volume`` holds file or page names.
+        (plus ``"channel"`` for colour images, as :mod:`volnorm.color` expects); ``volume`` holds file or page names.
 
     Examples
     --------
@@ -285,7 +285,7 @@ def open_images(paths: PathsLike, *, chunks: ChunksLike = None) -> xr.DataArray:
         names = [f.stem for f in files]
         source = _ImageFiles([str(f) for f in files], pshape, dtype)
         shape = source.shape
-    dims = ("volume", "y", "x", "c")[: len(shape)]
+    dims = ("volume", "y", "x", "channel")[: len(shape)]
     if dtype.kind not in "uif" and dtype != np.bool_:
         raise ValueError(f"{files[0]}: unsupported dtype {dtype}")
     cshape = normalize_chunks(chunks, dims, shape, dtype.itemsize)
