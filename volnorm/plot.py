@@ -496,6 +496,7 @@ def plot_exposure(report: xr.Dataset, *, title: str | None = None) -> Any:
     report : xarray.Dataset
         The report (one row per ``volume``).
     title : str, optional
+        Above the chart (default "exposure").
 
     Returns
     -------
