@@ -210,3 +210,65 @@ def test_exposure_of_grey_and_float_images():
     r = vn.color.exposure(x)
     assert float(r["mean"]) == pytest.approx(0.5) and float(r["underexposed"]) == 0.25 and float(r["overexposed"]) == 0.25
     assert int(r["level"]) == 5
+
+
+@pytest.mark.filterwarnings("ignore:Conversion from CIE-LAB:UserWarning")  # the reference's own clipping
+@pytest.mark.parametrize("space", ["hsv", "lab"])
+def test_luminance_equalization_equals_the_scikit_image_pipeline(photo, space):
+    from skimage import color, exposure
+
+    to, back, li = {"hsv": (color.rgb2hsv, color.hsv2rgb, 2), "lab": (color.rgb2lab, color.lab2rgb, 0)}[space]
+    unit = photo.values / 255.0
+    conv = to(unit)
+    light = conv[..., li]
+    eq = exposure.equalize_hist(light, nbins=256)
+    conv[..., li] = eq * (100.0 if space == "lab" else 1.0)
+    want = np.clip(np.round(back(conv).clip(0, 1) * 255), 0, 255).astype(np.uint8)
+    got = vn.color.equalize_color(photo.chunk({"y": 128}), space=space)
+    assert got.chunks is not None
+    g = got.values
+    # equal but for the last float bits of the colour-space round trip (a few uint8 steps at most, rarely)
+    assert np.mean(g == want) > 0.99 and np.abs(g.astype(int) - want).max() <= 2
+    if space == "hsv":  # hue kept where there is colour
+        h0, h1 = color.rgb2hsv(photo.values)[..., 0], color.rgb2hsv(g)[..., 0]
+        sat = (color.rgb2hsv(photo.values)[..., 1] > 0.3) & (color.rgb2hsv(g)[..., 2] > 0.2)
+        dh = np.abs(h0 - h1)[sat]
+        assert np.median(np.minimum(dh, 1 - dh)) < 0.01
+
+
+def test_per_channel_equalization_equals_skimage_per_channel(photo):
+    from skimage import exposure
+
+    got = vn.color.equalize_color(photo, mode="channels").values
+    for c in range(3):
+        want = np.round(exposure.equalize_hist(photo.values[..., c] / 255.0, nbins=256) * 255).astype(np.uint8)
+        assert np.abs(got[..., c].astype(int) - want).max() <= 1
+
+
+def test_per_image_cdfs_and_dataset_wide_cdfs_differ_as_they_should():
+    stack = _stack(("astronaut", "coffee"))
+    dark = (stack // 3).astype(np.uint8)
+    both = xr.concat([stack, dark], dim="volume")
+    per = vn.color.equalize_color(both, space="hsv", per="volume")
+    whole = vn.color.equalize_color(both, space="hsv")
+    v = lambda a: a.astype(float).max("channel").mean(("y", "x")).values
+    assert abs(v(per)[0] - v(per)[2]) < 0.1 * 255  # each image equalized on its own: alike
+    assert v(whole)[2] < v(whole)[0] - 0.2 * 255  # one CDF: the dark copies stay darker
+
+
+def test_desaturate_fades_to_grey_in_hsv_keeping_hue_and_value():
+    from skimage import color
+
+    img = _stack(("astronaut",)).isel(volume=0)
+    w = vn.color.radial_weight(img, (60, 80), 20, 50)
+    out = vn.color.desaturate(img.chunk({"y": 40}), w).values
+    hsv_in, hsv_out = color.rgb2hsv(img.values), color.rgb2hsv(out)
+    far = w.values == 0
+    assert np.abs(out[far].astype(int).max(-1) - out[far].astype(int).min(-1)).max() <= 1  # grey
+    near = w.values == 1
+    assert np.abs(out[near].astype(int) - img.values[near].astype(int)).max() <= 1  # untouched
+    np.testing.assert_allclose(hsv_out[..., 2], hsv_in[..., 2], atol=1 / 255 + 1e-9)  # value kept
+    mid = (w.values > 0.3) & (w.values < 0.7) & (hsv_in[..., 1] > 0.3) & (hsv_in[..., 2] > 0.25)  # uint8 rounding: S unstable when dark
+    np.testing.assert_allclose(hsv_out[..., 1][mid], (hsv_in[..., 1] * w.values)[mid], atol=0.03)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        vn.color.desaturate(img, 1.5)

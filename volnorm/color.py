@@ -11,7 +11,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["LUMA", "apply_colormap", "colormap_table", "exposure", "fit_quantize", "invert_colormap", "quantize", "to_grey"]
+__all__ = [
+    "LUMA", "apply_colormap", "colormap_table", "desaturate", "equalize_color", "exposure", "fit_quantize", "invert_colormap",
+    "quantize", "radial_weight", "to_grey",
+]
 
 #: Weights of R, G, B in the luma of ITU-R BT.601 (``"rec601"``, as PIL and OpenCV) and
 #: BT.709 (``"rec709"``, sRGB primaries).
@@ -327,7 +330,7 @@ def fit_quantize(
             break
         centres = new
     values = xr.Dataset({"palette": (("color", dim), centres)}, coords={dim: rgb[dim].values if dim in rgb.coords else np.arange(rgb.sizes[dim])})
-    return Params("quantize", values, {"n_colors": int(n_colors), "sample": int(len(pts)), "seed": int(seed)})
+    return Params("quantize", values, {"n_colors": int(n_colors), "sample": len(pts), "seed": int(seed)})
 
 
 def _nearest(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -460,3 +463,194 @@ def exposure(
     report["level"] = np.clip(np.round(10 * report["brightness"]), 0, 10).astype(np.int64)
     report.attrs.update(dark=float(dark), bright=float(bright), scale=float(scale))
     return report
+
+
+# ---------------------------------------------------------------------------
+# equalization of colour, desaturation: in a colour space that keeps hue
+# ---------------------------------------------------------------------------
+
+#: Colour spaces for luminance-only work: (to, from, the lightness channel, its range).
+_SPACES = {"hsv": ("rgb2hsv", "hsv2rgb", 2, (0.0, 1.0)), "lab": ("rgb2lab", "lab2rgb", 0, (0.0, 100.0))}
+
+
+def _as_unit(rgb: xr.DataArray) -> tuple[xr.DataArray, float]:
+    """RGB as floats in [0, 1] (integers divided by their dtype's maximum) and that scale."""
+    scale = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "iu" else 1.0
+    return rgb.astype(np.float64) / scale, scale
+
+
+def _from_unit(x: xr.DataArray, like: xr.DataArray, scale: float) -> xr.DataArray:
+    if like.dtype.kind in "iu":
+        return (x * scale).round().clip(0, scale).astype(like.dtype)
+    return x.clip(0, 1).astype(like.dtype if like.dtype.kind == "f" else np.float64)
+
+
+def _convert(x: xr.DataArray, func: str, dim: str) -> xr.DataArray:
+    """skimage.color's ``func`` block by block over the channel dim (kept last in the block)."""
+    import skimage.color
+
+    f = getattr(skimage.color, func)
+    order = x.dims
+    if x.chunks is not None:
+        x = x.chunk({dim: -1})  # the three channels in one block
+    def block(b: np.ndarray) -> np.ndarray:
+        import warnings
+
+        with warnings.catch_warnings():  # lab2rgb: out-of-gamut colours clipped (documented), once per block
+            warnings.filterwarnings("ignore", message=".*negative Z values.*")
+            return f(b[..., :3], channel_axis=-1)
+
+    out = xr.apply_ufunc(block, x.transpose(..., dim), input_core_dims=[[dim]],
+                         output_core_dims=[[dim]], dask="parallelized", output_dtypes=[np.float64],
+                         dask_gufunc_kwargs={"output_sizes": {dim: 3}}, exclude_dims={dim})
+    return out.transpose(*order)
+
+
+def equalize_color(
+    rgb: xr.DataArray,
+    *,
+    mode: str = "luminance",
+    space: str = "lab",
+    per: str | tuple[str, ...] | None = None,
+    nbins: int = 256,
+    dim: str = "channel",
+) -> xr.DataArray:
+    """Histogram equalization of colour images: of the lightness only, in a space that keeps
+    hue (``mode="luminance"``: Lab's L, or HSV's V), or of each channel on its own
+    (``mode="channels"``, which shifts colours).
+
+    The CDFs are exact and dataset-wide by default (one for the whole stack, computed out of
+    core with :func:`volnorm.equalize`); ``per="volume"`` gives one per image. Alpha is dropped.
+    Lab colours that a brighter L pushes out of the sRGB gamut are clipped (as
+    ``skimage.color.lab2rgb`` does, without its warning for every block).
+
+    Parameters
+    ----------
+    rgb : xarray.DataArray
+        Colour data with a ``dim`` of size 3 or 4; integers are read on their dtype's full
+        scale (uint8: 0-255), floats in [0, 1].
+    mode : {"luminance", "channels"}
+        What is equalized.
+    space : {"lab", "hsv"}
+        ``mode="luminance"``: the colour space whose lightness is equalized.
+    per : str or tuple of str, optional
+        Dims that get their own CDF (e.g. ``"volume"``); default: one for everything.
+    nbins : int
+        Bins of the float histogram, as ``skimage.exposure.equalize_hist``.
+    dim : str
+        The channel dim.
+
+    Returns
+    -------
+    xarray.DataArray
+        RGB in the input's dtype and scale (integers rounded), lazy when the input is.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> rgb = xr.DataArray(np.random.default_rng(0).integers(60, 120, (8, 8, 3), dtype=np.uint8), dims=("y", "x", "channel"))
+    >>> out = vn.color.equalize_color(rgb, space="hsv")
+    >>> int(rgb.max()) < 130 and int(out.max()) > 240   # the dim picture now spans the range
+    True
+    """
+    from volnorm._transforms import equalize
+
+    rgb = _channels(rgb, dim)
+    rgb3 = rgb.isel({dim: slice(0, 3)})
+    unit, scale = _as_unit(rgb3)
+    keep = (per,) if isinstance(per, str) else tuple(per or ())
+    if mode == "channels":
+        over = tuple(d for d in rgb3.dims if d != dim and d not in keep)
+        out = equalize(unit, nbins, dim=over)
+        return _from_unit(out.transpose(*rgb3.dims), rgb3, scale).rename(rgb.name)
+    if mode != "luminance":
+        raise ValueError(f"`mode` must be 'luminance' or 'channels'; got {mode!r}")
+    if space not in _SPACES:
+        raise ValueError(f"`space` must be one of {', '.join(_SPACES)}; got {space!r}")
+    to, back, li, rng = _SPACES[space]
+    conv = _convert(unit, to, dim)
+    light = conv.isel({dim: li}, drop=True)
+    over = tuple(d for d in light.dims if d not in keep)
+    eq = equalize(light, nbins, dim=over, out_range=rng)
+    parts = [eq if i == li else conv.isel({dim: i}, drop=True) for i in range(3)]
+    merged = xr.concat(parts, dim=dim).transpose(*conv.dims)
+    out = _convert(merged, back, dim)
+    return _from_unit(out, rgb3, scale).assign_coords({dim: rgb3[dim]} if dim in rgb3.coords else {}).rename(rgb.name)
+
+
+def radial_weight(
+    like: xr.DataArray, centre: tuple[float, float], inner: float, outer: float, *, dims: tuple[str, str] = ("y", "x")
+) -> xr.DataArray:
+    """A weight map on ``like``'s ``(y, x)`` grid: 1 within ``inner`` pixels of ``centre``,
+    falling linearly to 0 at ``outer`` (for :func:`desaturate`: colour kept at a focus point,
+    fading to grey around it).
+
+    Parameters
+    ----------
+    like : xarray.DataArray
+        Gives the grid (sizes of ``dims``).
+    centre : (float, float)
+        The focus point, (row, column) in pixels.
+    inner : float
+        Full weight within this distance.
+    outer : float
+        Zero weight from this distance on (> ``inner``).
+    dims : (str, str)
+        The row and column dims.
+
+    Returns
+    -------
+    xarray.DataArray
+        float64 weights in [0, 1] over ``dims``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> w = vn.color.radial_weight(xr.DataArray(np.zeros((1, 5)), dims=("y", "x")), (0, 0), 1, 3)
+    >>> w.values.round(2).tolist()
+    [[1.0, 1.0, 0.5, 0.0, 0.0]]
+    """
+    if not outer > inner >= 0:
+        raise ValueError(f"need 0 <= inner < outer; got {inner!r}, {outer!r}")
+    yy, xx = np.meshgrid(np.arange(like.sizes[dims[0]]), np.arange(like.sizes[dims[1]]), indexing="ij")
+    r = np.hypot(yy - centre[0], xx - centre[1])
+    return xr.DataArray(np.clip((outer - r) / (outer - inner), 0.0, 1.0), dims=dims, name="weight")
+
+
+def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, dim: str = "channel") -> xr.DataArray:
+    """Fade colour towards grey gradually: HSV saturation multiplied by ``weight`` (1 keeps
+    the colour, 0 gives grey of the same value), hue and value unchanged — not a blend of
+    the RGB channels with a grey image.
+
+    Parameters
+    ----------
+    rgb : xarray.DataArray
+        Colour data with a ``dim`` of size 3 or 4 (alpha dropped).
+    weight : xarray.DataArray or float
+        In [0, 1], broadcastable to the image grid (e.g. :func:`radial_weight`).
+    dim : str
+        The channel dim.
+
+    Returns
+    -------
+    xarray.DataArray
+        RGB in the input's dtype and scale, lazy when the input is.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> red = xr.DataArray(np.array([[[200, 40, 40]]], dtype=np.uint8), dims=("y", "x", "channel"))
+    >>> vn.color.desaturate(red, 0.0).values.tolist()   # grey with the same HSV value
+    [[[200, 200, 200]]]
+    """
+    rgb = _channels(rgb, dim)
+    rgb3 = rgb.isel({dim: slice(0, 3)})
+    w = weight if isinstance(weight, xr.DataArray) else xr.DataArray(float(weight))
+    if float(w.min()) < 0 or float(w.max()) > 1:
+        raise ValueError("`weight` must be in [0, 1]")
+    unit, scale = _as_unit(rgb3)
+    hsv = _convert(unit, "rgb2hsv", dim)
+    s = hsv.isel({dim: 1}, drop=True) * w
+    merged = xr.concat([hsv.isel({dim: 0}, drop=True), s.transpose(*hsv.isel({dim: 0}, drop=True).dims), hsv.isel({dim: 2}, drop=True)], dim=dim)
+    out = _convert(merged.transpose(*hsv.dims), "hsv2rgb", dim)
+    return _from_unit(out, rgb3, scale).rename(rgb.name)
