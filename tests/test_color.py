@@ -272,3 +272,13 @@ def test_desaturate_fades_to_grey_in_hsv_keeping_hue_and_value():
     np.testing.assert_allclose(hsv_out[..., 1][mid], (hsv_in[..., 1] * w.values)[mid], atol=0.03)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         vn.color.desaturate(img, 1.5)
+
+
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_quantize_grey_equals_matplotlib_resampled_and_has_n_colours(photo, n):
+    grey = vn.color.to_grey(photo)
+    got = vn.color.quantize_grey(grey.chunk({"y": 100}), n, "viridis", vmin=0, vmax=255)
+    cm = matplotlib.colormaps["viridis"].resampled(n)
+    want = cm(matplotlib.colors.Normalize(0, 255)(grey.values), bytes=True)
+    np.testing.assert_array_equal(got.values, want)
+    assert len(np.unique(got.values.reshape(-1, 4), axis=0)) <= n

@@ -13,7 +13,7 @@ import xarray as xr
 
 __all__ = [
     "LUMA", "apply_colormap", "colormap_table", "desaturate", "equalize_color", "exposure", "fit_quantize", "invert_colormap",
-    "quantize", "radial_weight", "to_grey",
+    "quantize", "quantize_grey", "radial_weight", "to_grey",
 ]
 
 #: Weights of R, G, B in the luma of ITU-R BT.601 (``"rec601"``, as PIL and OpenCV) and
@@ -170,6 +170,44 @@ def apply_colormap(
     name = getattr(cm, "name", str(cmap))
     return out.assign_coords(channel=["R", "G", "B", "A"]).rename(data.name).assign_attrs(
         colormap=name, vmin=float(vmin), vmax=float(vmax))
+
+
+def quantize_grey(
+    data: xr.DataArray, n_levels: int, cmap: Any = "gray", *, vmin: float | None = None, vmax: float | None = None
+) -> xr.DataArray:
+    """Grey levels into ``n_levels`` equal bins over ``[vmin, vmax]``, each bin drawn in one
+    colour of ``cmap`` resampled to ``n_levels`` colours: the histogram-bin alternative to
+    :func:`quantize` (a posterized, colour-mapped picture).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Scalar (grey) data; colour data: convert with :func:`to_grey` first.
+    n_levels : int
+        The number of levels (2-256).
+    cmap : str or matplotlib.colors.Colormap
+        Colours of the levels (default grey ramp).
+    vmin : float, optional
+        The bottom of the first bin (default: the data's minimum).
+    vmax : float, optional
+        The top of the last bin (default: the data's maximum).
+
+    Returns
+    -------
+    xarray.DataArray
+        RGBA uint8 as :func:`apply_colormap`, at most ``n_levels`` distinct colours.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> q = vn.color.quantize_grey(xr.DataArray(np.linspace(0, 1, 9), dims="x"), 3, vmin=0, vmax=1)
+    >>> q.isel(channel=0).values.tolist()
+    [0, 0, 0, 127, 127, 127, 255, 255, 255]
+    """
+    if not (isinstance(n_levels, (int, np.integer)) and 2 <= n_levels <= 256):
+        raise ValueError(f"`n_levels` must be an int in 2..256; got {n_levels!r}")
+    _, cm = colormap_table(cmap)
+    return apply_colormap(data, cm.resampled(int(n_levels)), vmin=vmin, vmax=vmax)
 
 
 def invert_colormap(
