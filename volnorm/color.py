@@ -273,8 +273,15 @@ def invert_colormap(
     scale = 255.0 if rgb.dtype.kind == "f" else 1.0
 
     def block(x: np.ndarray) -> np.ndarray:
-        pts = x[..., :3].reshape(-1, 3).astype(np.float64) * scale
-        dist, i = tree.query(pts)
+        pts = x[..., :3].reshape(-1, 3)
+        if pts.dtype == np.uint8:  # a rendered picture holds few distinct colours: query those once
+            packed = (pts[:, 0].astype(np.uint32) << 16) | (pts[:, 1].astype(np.uint32) << 8) | pts[:, 2]
+            uniq, back_ = np.unique(packed, return_inverse=True)
+            u = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], axis=1).astype(np.float64)
+            dist, i = tree.query(u)
+            dist, i = dist[back_.ravel()], i[back_.ravel()]
+        else:
+            dist, i = tree.query(pts.astype(np.float64) * scale)
         return np.stack([centres[i], dist], axis=-1).reshape(x.shape[:-1] + (2,))
 
     both = xr.apply_ufunc(
@@ -371,10 +378,15 @@ def fit_quantize(
     return Params("quantize", values, {"n_colors": int(n_colors), "sample": len(pts), "seed": int(seed)})
 
 
-def _nearest(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre of each point (squared Euclidean distance)."""
-    d = (pts * pts).sum(1)[:, None] - 2 * pts @ centres.T + (centres * centres).sum(1)[None, :]
-    return np.argmin(d, axis=1)
+def _nearest(pts: np.ndarray, centres: np.ndarray, step: int = 1 << 16) -> np.ndarray:
+    """Index of the nearest centre of each point (squared Euclidean distance), ``step`` points
+    at a time (the distance matrix of a whole chunk would be pixels x colours x 8 bytes)."""
+    out = np.empty(len(pts), dtype=np.int64)
+    c2 = (centres * centres).sum(1)[None, :]
+    for i in range(0, len(pts), step):
+        q = pts[i : i + step]
+        out[i : i + step] = np.argmin(c2 - 2 * q @ centres.T, axis=1)  # |q|^2 is the same for every centre
+    return out
 
 
 def quantize(
