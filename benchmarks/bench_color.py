@@ -98,7 +98,10 @@ repeats its end colours, so 2 steps). No targets: nothing is marked ok/MISS
 for speed.
 
 Peak RSS: this process and its children, sampled every 50 ms, absolute (it
-carries the allocator's history of the earlier rows). The header also gives
+carries the allocator's history of the earlier rows). The check column of the
+store rows starts with the CPU seconds of the timed run (``getrusage`` of this
+process, user + system): system time here is mostly page faults, and where it
+dominates, the wall time of the row varies several-fold from run to run. The header also gives
 the speed of a first touch of fresh memory (a new 128 MiB buffer filled),
 at the start and at the end, and the load average: other processes on the
 2 cores slow every row.
@@ -122,6 +125,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -275,6 +279,7 @@ class Ctx:
     chunks: tuple[int, ...] = CHUNK
     nbytes: int = 0
     w_read: float = 0.0
+    cpu: tuple[float, float] = (0.0, 0.0)
 
 
 def gbs(nbytes: float, wall: float) -> float:
@@ -307,15 +312,29 @@ def timed(ctx: Ctx, x: Any, run: Callable[[Any], Any], before: Callable[[], None
         before()
     run(part)
     if budget and part.nbytes < x.nbytes:
-        w_part, pk_part, out = measure(ctx.sampler, lambda: run(part), ctx.repeat, before)
+        w_part, pk_part, out = cpu_measured(ctx, lambda: run(part), before)
         estimate = w_part * x.nbytes / part.nbytes
         if estimate > ctx.budget:
             how = (f"first {len(part.chunks[0])} of {len(x.chunks[0])} chunks ({part.nbytes / x.nbytes:.0%}) timed, "
                    f"{w_part:.1f} s = {gbs(part.nbytes, w_part):.3f} GB/s, EXTRAPOLATED")
             return estimate, pk_part, out, how, True
         out = None
-    w, pk, out = measure(ctx.sampler, lambda: run(x), ctx.repeat, before)
+    w, pk, out = cpu_measured(ctx, lambda: run(x), before)
     return w, pk, out, "all of it", False
+
+
+def cpu_measured(ctx: Ctx, fn: Callable[[], Any], before: Callable[[], None] | None) -> tuple[float, int, Any]:
+    """``measure``, and the process's CPU time (user, system) per run in ``ctx.cpu``."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    w, pk, out = measure(ctx.sampler, fn, ctx.repeat, before)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    ctx.cpu = ((r1.ru_utime - r0.ru_utime) / ctx.repeat, (r1.ru_stime - r0.ru_stime) / ctx.repeat)
+    return w, pk, out
+
+
+def cpu(ctx: Ctx) -> str:
+    """The last timed run's CPU seconds, user + system (page faults are system time)."""
+    return f"cpu {ctx.cpu[0]:.0f}+{ctx.cpu[1]:.0f} s sys"
 
 
 def roundtrip(s: Any) -> tuple[float, float, dict]:
@@ -355,36 +374,38 @@ def run_store(ctx: Ctx, path: Path) -> Any:
     # ---- a. the read pass, a'. the copy
     w_read, pk, _, _, _ = timed(ctx, x, lambda s: read_pass(s.data).compute())
     ctx.w_read = w_read
-    tab.add(P, "a. read pass (the I/O limit)", w_read, rate(nb, w_read), "", pk, "", gbs=gbs(nb, w_read))
+    tab.add(P, "a. read pass (the I/O limit)", w_read, rate(nb, w_read), "", pk, cpu(ctx), gbs=gbs(nb, w_read),
+            cpu=ctx.cpu)
     copy = ctx.workdir / "copy.zarr"
     w, pk, _, _, _ = timed(ctx, x, lambda s: write_store(s.data, DIMS, copy, ctx.chunks), lambda: rm(copy))
     disk = du(copy)
     rm(copy)
     w_copy = w
     tab.add(P, "a'. copy: read + write unchanged", w, rate(nb, w), xread(w), pk,
-            f"(info) {disk / GB:.2f} GB written", gbs=gbs(nb, w), xread=w / w_read)
+            f"{cpu(ctx)}; (info) {disk / GB:.2f} GB written", gbs=gbs(nb, w), xread=w / w_read, cpu=ctx.cpu)
 
     # ---- b. fit_quantize, and its sample pass alone
     w_s, pk, pts, _, _ = timed(ctx, x, lambda s: _pixels_sample(s, SAMPLE, 0, "channel"))
     tab.add(P, "b'. sample pass alone (_pixels_sample)", w_s, rate(nb, w_s), xread(w_s), pk,
-            f"(info) {len(pts):,} pixels drawn", gbs=gbs(nb, w_s), xread=w_s / w_read)
+            f"{cpu(ctx)}; (info) {len(pts):,} pixels drawn", gbs=gbs(nb, w_s), xread=w_s / w_read, cpu=ctx.cpu)
     del pts
     w_fit, pk, p, _, _ = timed(ctx, x, lambda s: vn.color.fit_quantize(s, N_COLORS, sample=SAMPLE, seed=0))
     pal = np.asarray(p.values["palette"].values)
     tab.add(P, f"b. fit_quantize({N_COLORS}, sample={SAMPLE:,})", w_fit, rate(nb, w_fit), xread(w_fit), pk,
-            f"palette {pal.shape} in [{pal.min():.0f}, {pal.max():.0f}], on {p.options['sample']:,} px; "
-            f"k-means ~{w_fit - w_s:.1f} s (b - b')", gbs=gbs(nb, w_fit), xread=w_fit / w_read)
+            f"{cpu(ctx)}; palette {pal.shape} in [{pal.min():.0f}, {pal.max():.0f}], on {p.options['sample']:,} px; "
+            f"k-means ~{w_fit - w_s:.1f} s (b - b')", gbs=gbs(nb, w_fit), xread=w_fit / w_read, cpu=ctx.cpu)
 
     # ---- c. quantize to labels: computed fully, then written
     def labels(s: Any) -> Any:
         return vn.color.quantize(s, params=p, labels=True).data
 
     w, pk, _, how, ext = timed(ctx, x, lambda s: read_pass(labels(s)).compute(), budget=True)
-    tab.add(P, "c1. quantize(params=p, labels=True)", w, rate(nb, w), xread(w), pk, f"on {how}",
-            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext)
+    tab.add(P, "c1. quantize(params=p, labels=True)", w, rate(nb, w), xread(w), pk, f"{cpu(ctx)}; on {how}",
+            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext, cpu=ctx.cpu)
     out = ctx.workdir / "labels.zarr"
     w, pk, _, how, ext = timed(ctx, x, lambda s: write_store(labels(s), DIMS[:3], out, ctx.chunks[:3]), lambda: rm(out),
                                budget=True)
+    c2_cpu = ctx.cpu
     lab = open_stack(out)
     used = np.zeros(N_COLORS, dtype=np.int64)
     for i in range(0, lab.sizes["volume"], ctx.chunks[0]):
@@ -398,9 +419,9 @@ def run_store(ctx: Ctx, path: Path) -> Any:
     exact = int(np.count_nonzero(l0 != d2.argmin(1)))
     del px, d2
     tab.add(P, "c2. the same + write labels to a store", w, rate(nb, w), xread(w), pk,
-            f"{w / w_copy:.2f}x copy; vol 0 == nearest colour: {'ok' if near == 0 else f'MISMATCH ({near} px)'}"
+            f"cpu {c2_cpu[0]:.0f}+{c2_cpu[1]:.0f} s sys; {w / w_copy:.2f}x copy; vol 0 == nearest colour: {'ok' if near == 0 else f'MISMATCH ({near} px)'}"
             f" ({exact} ties); {int(np.count_nonzero(used))}/{N_COLORS} colours used; on {how}",
-            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext)
+            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext, cpu=c2_cpu)
     rm(out)
 
     # ---- d. greyscale, colormap, and back
@@ -410,7 +431,8 @@ def run_store(ctx: Ctx, path: Path) -> Any:
     d_grey = float(np.abs(grey0 - ref0).max())
     w, pk, _, _, _ = timed(ctx, x, lambda s: read_pass(vn.color.to_grey(s).data).compute())
     tab.add(P, "d1. to_grey (rec601, float32)", w, rate(nb, w), xread(w), pk,
-            f"vol 0 vs numpy 0.299R+0.587G+0.114B: max|diff| {d_grey:.2g}", gbs=gbs(nb, w), xread=w / w_read)
+            f"{cpu(ctx)}; vol 0 vs numpy 0.299R+0.587G+0.114B: max|diff| {d_grey:.2g}", gbs=gbs(nb, w),
+            xread=w / w_read, cpu=ctx.cpu)
 
     def cmapped(s: Any) -> Any:
         return vn.color.apply_colormap(vn.color.to_grey(s), CMAP, vmin=0, vmax=255)
@@ -420,17 +442,17 @@ def run_store(ctx: Ctx, path: Path) -> Any:
     same = np.array_equal(got, want)
     w_cm, pk, _, _, _ = timed(ctx, x, lambda s: read_pass(cmapped(s).data).compute())
     tab.add(P, f"d2. apply_colormap(grey, {CMAP!r}, 0, 255)", w_cm, rate(nb, w_cm), xread(w_cm), pk,
-            f"uint8 RGBA; vol 0 == matplotlib {CMAP}(Normalize(0, 255)): "
+            f"{cpu(ctx)}; uint8 RGBA; vol 0 == matplotlib {CMAP}(Normalize(0, 255)): "
             + ("ok" if same else f"MISMATCH ({int(np.count_nonzero(np.any(got != want, -1)))} px)"),
-            gbs=gbs(nb, w_cm), xread=w_cm / w_read)
+            gbs=gbs(nb, w_cm), xread=w_cm / w_read, cpu=ctx.cpu)
     del got, want
 
     w, pk, (err, dist, attrs), how, ext = timed(ctx, x, roundtrip, budget=True)
     ok = err <= attrs["max_error"]
     tab.add(P, "d3. invert_colormap(rgba) round trip", w, rate(nb, w), xread(w), pk,
-            f"max|back - grey| {err:.3f} <= attrs max_error {attrs['max_error']:.3f} (step {attrs['step']:.4f}): "
+            f"{cpu(ctx)}; max|back - grey| {err:.3f} <= attrs max_error {attrs['max_error']:.3f} (step {attrs['step']:.4f}): "
             f"{okmiss(ok)}; max distance {dist:.3g}; d3 - d2 ~{w - w_cm:.0f} s; on {how}",
-            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext, max_abs_error=err, step=attrs["step"],
+            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext, cpu=ctx.cpu, max_abs_error=err, step=attrs["step"],
             max_error=attrs["max_error"], max_distance=dist)
     return x
 
@@ -597,7 +619,10 @@ def main() -> None:
 
     if any(r.get("extrapolated") for r in tab.rows):
         notes.append("EXTRAPOLATED rows: timed on the leading chunks (one per thread), scaled by bytes to the whole "
-                     "stack; their peak RSS is the leading part's (per chunk, so the same for the whole)")
+                     "stack; their peak RSS and cpu are the leading part's (the peak is per chunk, so the same for "
+                     "the whole)")
+    notes.append("cpu = this process's CPU seconds during the timed run, user + system; on this VM system time is "
+                 "mostly page faults of fresh memory (large temporaries), and it varies from run to run")
     notes.append("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
                  + f"; first touch of fresh memory: {touch_rate():.2f} GB/s")
     tab.report("volnorm colour benchmark (volnorm.color on an RGB uint8 stack)", env, notes, 170,
