@@ -15,13 +15,12 @@ image i (``default_rng([2026, i])``) is a random 512x512 crop of one of these
 12 (a random shift), flipped left-right half the time, with sensor-like noise
 (Gaussian, sigma 1.5 grey levels) and an exposure jitter through a per-channel
 tone curve (gain 0.6-1.4, white balance 0.9-1.1 per channel, gamma 0.7-1.5).
-So the stack has photo colours and compresses like photos (lz4: ~1.1x, see
-the header), and the k-means has real work. ``--quick``: the first 140 images
-(0.11 GB) in chunks of 14 images (10.5 MiB, 10 chunks), so that the smoke
-run's per-chunk temporaries (quantize: ~95x the chunk, see its peak RSS) stay
-small. The store is written once into ``--workdir`` (default
-/tmp/volnorm-bench-color) and reused while its marker (shape, chunks, seed)
-matches; ``--fresh`` rewrites it, ``--clean`` deletes it at the end. The output
+So the stack has photo colours and compresses like noisy photos (lz4:
+~1.05x, see the header), and the k-means has real work. ``--quick``: the
+first 140 images (0.11 GB) in chunks of 14 images (10.5 MiB, 10 chunks), so
+that the smoke run's per-chunk temporaries stay small. The store is written
+once into ``--workdir`` (default /tmp/volnorm-bench-color) and reused while
+its marker (shape, chunks, seed) matches; ``--fresh`` rewrites it, ``--clean`` deletes it at the end. The output
 stores this script writes (copy, labels) are deleted after their rows.
 
 It is opened with ``xarray.open_zarr(path)["image"]``: a dask-backed DataArray
@@ -52,24 +51,23 @@ d2. ``vn.color.apply_colormap(grey, "jet", vmin=0, vmax=255)`` (uint8 RGBA)
 d3. the round trip ``vn.color.invert_colormap(rgba, "jet", vmin=0, vmax=255)``
    of d2's colours, computed fully and reduced to ``max |back - grey|`` and the
    largest ``distance``: d3 - d2 is roughly the inverse alone.
-c1, c2 and d3 are slow (one nearest-colour search per pixel: 0.01 GB/s or
-less here), so they are first timed on the leading 2 chunks (one per thread,
-8% of the stack); if the whole stack would then take more than ``--budget`` s
-(default 60, as bench_voxel_hist.py's ``--xh-budget``) the full time is
-extrapolated linearly in bytes and the row says EXTRAPOLATED (that script's
-convention for xhistogram), else the row is run again on everything. On this
-machine all three are extrapolated by default: computing them on the whole
-1.1 GB takes ~10 more minutes (``--budget 1e9`` does it); the work is per
-chunk and independent, so time is linear in the chunks.
+c1, c2 and d3 can be slow (a nearest-colour search per pixel: 0.01-0.03 GB/s
+when this script was written), so they are first timed on the leading 2 chunks
+(one per thread, 8% of the stack); if the whole stack would then take more
+than ``--budget`` s (default 60, as bench_voxel_hist.py's ``--xh-budget``) the
+full time is extrapolated linearly in bytes and the row says EXTRAPOLATED
+(that script's convention for xhistogram), else the row is run again on
+everything (``--budget 1e9``: always). The work is per chunk and independent,
+so time is linear in the chunks.
 
 Every row of the store is preceded by the same computation on the leading 2
 chunks, untimed: a warm-up for the imports and for this VM's memory. Here the
 first touch of fresh memory is a host page fault: ~0.06-0.5 GB/s when the
 pages are cold, ~4-8 GB/s when they were freed a few seconds before (the
 guest returns free pages to the host after ~10 s; see "first touch" in the
-header and the notes). quantize makes ~4 GB of float64 temporaries per 42 MiB
-chunk, so its first run in a process spends ~100 s in page faults alone; the
-warm-up pays that, not the row (its memory per chunk is the same for the
+header and the notes). A function that makes GBs of temporaries per chunk
+spends its first run in a process mostly in page faults (8 GB: ~100 s); the
+warm-up pays that, not the row (the memory per chunk is the same for the
 leading chunks and the whole stack).
 
 e. Peers, on the first 20 images held in memory (15.7 MB, 5.2 M pixels):
@@ -108,9 +106,9 @@ at the start and at the end, and the load average: other processes on the
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python benchmarks/bench_color.py                # 1.1 GB store, ~5 min on 2 cores (+~1 min the first time)
+    PYTHONPATH=. python benchmarks/bench_color.py                # 1.1 GB store, ~4-5 min on 2 cores (+~1 min the first time)
     PYTHONPATH=. python benchmarks/bench_color.py --quick        # 0.11 GB smoke run, ~2 min
-    PYTHONPATH=. python benchmarks/bench_color.py --json /tmp/color.json --budget 1e9   # no extrapolation, ~15 min
+    PYTHONPATH=. python benchmarks/bench_color.py --json /tmp/color.json --budget 1e9   # no extrapolation
 
 The page cache is not dropped: the store was just written (or is reused) and
 fits in RAM, so these are decompression/CPU-bound numbers, not disk numbers.
