@@ -117,9 +117,7 @@ fits in RAM, so these are decompression/CPU-bound numbers, not disk numbers.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
-import json
 import math
 import os
 import platform
@@ -137,7 +135,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_histogram import RSSSampler, du, read_pass, say
-from bench_transforms import Table, codec, measure, okmiss
+from bench_transforms import Table, codec, measure, okmiss, write_image_store
+from bench_transforms import open_image as open_stack
 
 GB = 1e9
 MiB = 2**20
@@ -202,45 +201,10 @@ def make_image(i: int, bases: list[np.ndarray]) -> np.ndarray:
 
 def make_store(path: Path, n: int, chunks: tuple[int, ...], fresh: bool) -> None:
     """Writes the store chunk by chunk (2 threads), unless a matching one is there."""
-    import dask.array as da
-    import xarray as xr
-
-    marker = path.with_suffix(".json")
-    want = json.loads(json.dumps({"shape": (n, *IMG), "chunks": chunks, "seed": SEED, "sources": SOURCES,
-                                  "scales": SCALES, "v": 1}))
-    if not fresh and path.exists() and marker.exists():
-        with contextlib.suppress(ValueError):
-            if json.loads(marker.read_text()) == want:
-                say(f"  reusing {path}")
-                return
-    marker.unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    empty = da.zeros((n, *IMG), dtype=np.uint8, chunks=chunks)
-    xr.Dataset({"image": (DIMS, empty)}).to_zarr(
-        path, zarr_format=3, compute=False, consolidated=False,
-        encoding={"image": {"chunks": chunks, "compressors": codec()}})
     bases = photo_bases()
-    starts = range(0, n, chunks[0])
-
-    def write(i0: int) -> None:
-        i1 = min(i0 + chunks[0], n)
-        piece = np.stack([make_image(i, bases) for i in range(i0, i1)])
-        xr.Dataset({"image": (DIMS, piece)}).to_zarr(path, region={"volume": slice(i0, i1)}, consolidated=False)
-
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(THREADS) as pool:
-        for k, fut in enumerate(cf.as_completed([pool.submit(write, i) for i in starts]), 1):
-            fut.result()
-            if k % 5 == 0 or k == len(starts):
-                say(f"  wrote {k}/{len(starts)} chunks of {chunks[0]} images ({time.perf_counter() - t0:.0f} s)")
-    marker.write_text(json.dumps(want))
-
-
-def open_stack(path: Path) -> Any:
-    import xarray as xr
-
-    return xr.open_zarr(path, consolidated=False)["image"]
+    write_image_store(path, {"shape": (n, *IMG), "chunks": chunks, "seed": SEED, "sources": SOURCES, "scales": SCALES, "v": 1},
+                      DIMS, (n, *IMG), chunks, np.uint8,
+                      lambda i0, i1: np.stack([make_image(i, bases) for i in range(i0, i1)]), not fresh)
 
 
 def write_store(data: Any, dims: tuple[str, ...], out: Path, chunks: tuple[int, ...]) -> None:

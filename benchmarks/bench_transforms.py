@@ -79,6 +79,7 @@ and fit in RAM, so part 1 is decompression/CPU-bound, not disk-bound.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import contextlib
 import gc
 import json
@@ -98,7 +99,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_histogram import RSSSampler, du, make_volume, read_pass, say, write_volumes
+from bench_histogram import RSSSampler, du, make_volume, read_pass, say
 
 GB = 1e9
 MiB = 2**20
@@ -193,31 +194,54 @@ def codec():
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
-def make_store(path: Path, nvol: int, keep_existing: bool) -> None:
+def write_image_store(path: Path, want: dict, dims: tuple[str, ...], shape: tuple[int, ...], chunks: tuple[int, ...],
+                      dtype: Any, piece: Callable[[int, int], np.ndarray], keep_existing: bool, label: str = "") -> None:
+    """A zarr v3 store holding one array ``image`` (:func:`codec`), written ``chunks[0]`` volumes at
+    a time on 2 threads (``piece(i0, i1)`` makes volumes ``i0:i1``), progress every 5 pieces.
+    Reused as it is when ``keep_existing`` and its marker file (``path.json``) holds ``want``."""
     import dask.array as da
     import xarray as xr
 
     marker = path.with_suffix(".json")
-    want = {"nvol": nvol, "shape": SHAPE3, "chunks": list(CHUNKS), "version": 1}
+    want = json.loads(json.dumps(want))
     if keep_existing and marker.exists() and path.exists():
         with contextlib.suppress(ValueError):
-            if json.loads(marker.read_text()) == json.loads(json.dumps(want)):
-                say(f"reusing store {path}")
+            if json.loads(marker.read_text()) == want:
+                say(f"  reusing {path}")
                 return
     marker.unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    shape = (nvol, *SHAPE3)
-    tmpl = xr.Dataset({"image": (("volume", "z", "y", "x"), da.zeros(shape, dtype="uint16", chunks=CHUNKS))})
+    tmpl = xr.Dataset({"image": (dims, da.zeros(shape, dtype=dtype, chunks=chunks))})
     tmpl.to_zarr(path, zarr_format=3, compute=False, consolidated=False,
-                 encoding={"image": {"chunks": CHUNKS, "compressors": codec()}})
+                 encoding={"image": {"chunks": chunks, "compressors": codec()}})
+    step, n = chunks[0], shape[0]
+    starts = range(0, n, step)
 
-    def write(i: int) -> None:
-        ds = xr.Dataset({"image": (("volume", "z", "y", "x"), make_volume(i)[None])})
-        ds.to_zarr(path, region={"volume": slice(i, i + 1)}, consolidated=False)
+    def write(i0: int) -> None:
+        i1 = min(i0 + step, n)
+        xr.Dataset({"image": (dims, piece(i0, i1))}).to_zarr(path, region={"volume": slice(i0, i1)}, consolidated=False)
 
-    write_volumes(write, nvol)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(2) as pool:
+        for k, fut in enumerate(cf.as_completed([pool.submit(write, i) for i in starts]), 1):
+            fut.result()
+            if k % 5 == 0 or k == len(starts):
+                say(f"  {label}wrote {k}/{len(starts)} pieces of {step} volumes ({time.perf_counter() - t0:.0f} s)")
     marker.write_text(json.dumps(want))
+
+
+def open_image(path: Path) -> Any:
+    """The array ``image`` of a store written by :func:`write_image_store`, dask-backed."""
+    import xarray as xr
+
+    return xr.open_zarr(path, consolidated=False)["image"]
+
+
+def make_store(path: Path, nvol: int, keep_existing: bool) -> None:
+    write_image_store(path, {"nvol": nvol, "shape": SHAPE3, "chunks": list(CHUNKS), "version": 1},
+                      ("volume", "z", "y", "x"), (nvol, *SHAPE3), CHUNKS, "uint16",
+                      lambda i0, i1: np.stack([make_volume(i) for i in range(i0, i1)]), keep_existing)
 
 
 def write_xarray(y: Any, out: Path) -> None:
@@ -230,12 +254,11 @@ def write_xarray(y: Any, out: Path) -> None:
 
 
 def run_store(tab: Table, sampler: RSSSampler, path: Path, out_dir: Path, repeat: int, notes: list[str]) -> None:
-    import xarray as xr
     import zarr
 
     import volnorm as vn
 
-    x = xr.open_zarr(path, consolidated=False)["image"]
+    x = open_image(path)
     a = x.data
     nbytes = x.nbytes
     out = out_dir / "out.zarr"

@@ -80,7 +80,6 @@ and fit in RAM, so these are decompression/CPU-bound numbers, not disk numbers.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import functools
 import itertools
@@ -102,7 +101,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_histogram import RSSSampler, du, read_pass, say
-from bench_transforms import Table, codec, measure, okmiss
+from bench_transforms import Table, measure, okmiss, write_image_store
+from bench_transforms import open_image as open_stack
 
 GB = 1e9
 MiB = 2**20
@@ -195,45 +195,10 @@ def make_piece(case: Case, i0: int, i1: int, field: tuple[np.ndarray, np.ndarray
 
 def make_store(case: Case, path: Path, keep_existing: bool) -> None:
     """Writes the case's store piece by piece (one volume chunk at a time, 2 threads)."""
-    import dask.array as da
-    import xarray as xr
-
-    marker = path.with_suffix(".json")
-    want = json.loads(json.dumps({"shape": case.shape, "chunks": case.chunks, "dtype": case.dtype, "seed": SEED, "v": 1}))
-    if keep_existing and path.exists() and marker.exists():
-        with contextlib.suppress(ValueError):
-            if json.loads(marker.read_text()) == want:
-                say(f"  reusing {path}")
-                return
-    marker.unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    empty = da.zeros(case.shape, dtype=case.dtype, chunks=case.chunks)
-    xr.Dataset({"image": (case.dims, empty)}).to_zarr(
-        path, zarr_format=3, compute=False, consolidated=False,
-        encoding={"image": {"chunks": case.chunks, "compressors": codec()}})
     field = smooth_field(case.shape[1:])
-    step = case.chunks[0]
-    starts = range(0, case.nvol, step)
-
-    def write(i0: int) -> None:
-        i1 = min(i0 + step, case.nvol)
-        ds = xr.Dataset({"image": (case.dims, make_piece(case, i0, i1, field))})
-        ds.to_zarr(path, region={"volume": slice(i0, i1)}, consolidated=False)
-
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(2) as pool:
-        for n, fut in enumerate(cf.as_completed([pool.submit(write, i) for i in starts]), 1):
-            fut.result()
-            if n % 5 == 0 or n == len(starts):
-                say(f"  {case.label}: wrote {n}/{len(starts)} pieces of {step} volumes ({time.perf_counter() - t0:.0f} s)")
-    marker.write_text(json.dumps(want))
-
-
-def open_stack(path: Path) -> Any:
-    import xarray as xr
-
-    return xr.open_zarr(path, consolidated=False)["image"]
+    write_image_store(path, {"shape": case.shape, "chunks": case.chunks, "dtype": case.dtype, "seed": SEED, "v": 1},
+                      case.dims, case.shape, case.chunks, case.dtype,
+                      lambda i0, i1: make_piece(case, i0, i1, field), keep_existing, f"{case.label}: ")
 
 
 # ---------------------------------------------------------------------------

@@ -88,7 +88,17 @@ def test_invert_jet_quantization_error_and_nearest_colour():
     noisy = (rgba.astype(np.int16) + np.random.default_rng(0).integers(-2, 3, rgba.shape)).clip(0, 255).astype(np.uint8)
     back2 = vn.color.invert_colormap(noisy, "jet", vmin=1500, vmax=4500)
     assert np.median(np.abs(back2.values - x.values)) <= 2 * back.attrs["step"]
+    # each noisy pixel: the distance to the nearest of jet's 8-bit colours, and a value of an entry at that distance
+    table = vn.color.colormap_table("jet")[0][:256, :3].astype(np.float64)
+    d = np.sqrt(((noisy.values[:, None, :3].astype(np.float64) - table[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(back2["distance"].values, d.min(1), rtol=1e-12)
+    entry = np.floor((back2.values - 1500) / back.attrs["step"]).astype(int)  # the run of equal colours' middle
+    assert np.all(np.abs(d[np.arange(len(d)), entry.clip(0, 255)] - d.min(1)) < 1e-9)
     assert float(back2["distance"].max()) > 0
+    # float colours (0-1) give the same answer
+    back3 = vn.color.invert_colormap(noisy / 255.0, "jet", vmin=1500, vmax=4500)
+    np.testing.assert_allclose(back3.values, back2.values)
+    np.testing.assert_allclose(back3["distance"].values, back2["distance"].values, atol=1e-9)
 
 
 def test_chunking_invariance_and_laziness():
@@ -160,6 +170,44 @@ def test_quantize_assigns_the_nearest_palette_colour_lazily_and_reuses_the_palet
     assert {tuple(c) for c in np.unique(out, axis=0)} <= {tuple(c) for c in pal.round().astype(np.uint8)}
     # chunking does not change the sample's blocks' draws within a chunk layout, nor the result
     np.testing.assert_array_equal(q.values, vn.color.quantize(stack, params=p).values)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 40), integral=st.booleans(), dup=st.booleans())
+def test_nearest_colour_table_equals_the_distance_argmin(seed, k, integral, dup):
+    """The 24-bit table (with its per-cell shortcut) gives for every 8-bit colour what the
+    exact distance argmin gives, ties to the lowest index included (integral centres tie often)."""
+    from volnorm.color import _nearest
+
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-20, 275, (k, 3))
+    if integral:
+        centres = centres.round()
+    if dup and k > 1:
+        centres[-1] = centres[0]  # the same colour twice: the first one wins
+    pts = rng.integers(0, 256, (20_000, 3), dtype=np.uint8)
+    pts[:8] = [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [7, 8, 15], [8, 7, 16], [127, 128, 129]]
+    want = np.argmin(((pts[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(_nearest(pts, centres), want)  # the table
+    np.testing.assert_array_equal(_nearest(pts.astype(np.float64), centres), want)  # point by point
+    rgba = np.concatenate([pts, rng.integers(0, 256, (len(pts), 1), dtype=np.uint8)], axis=1)
+    np.testing.assert_array_equal(_nearest(rgba, centres), want)  # alpha ignored against an RGB palette
+
+
+def test_quantize_rgba_clusters_alpha_and_float_data_use_the_same_rule():
+    rng = np.random.default_rng(3)
+    px = rng.integers(0, 256, (2, 40, 30, 4), dtype=np.uint8)
+    stack = xr.DataArray(px, dims=("volume", "y", "x", "channel"))
+    p = vn.color.fit_quantize(stack, 5, seed=1)
+    pal = p.values["palette"].values
+    assert pal.shape == (5, 4)
+    want = np.argmin(((px.reshape(-1, 4)[:, None, :].astype(np.float64) - pal[None]) ** 2).sum(-1), axis=1)
+    lab = vn.color.quantize(stack.chunk({"y": 7}), params=p, labels=True)
+    np.testing.assert_array_equal(lab.values.ravel(), want)
+    f = (stack / 255.0).astype(np.float32)
+    pf = vn.color.fit_quantize(f, 5, seed=1)
+    np.testing.assert_allclose(pf.values["palette"].values, pal / 255.0, rtol=1e-5)  # the same sample, the same fit
+    np.testing.assert_array_equal(vn.color.quantize(f, params=pf, labels=True).values.ravel(), want)
 
 
 def test_fit_quantize_is_reproducible_and_checks_its_input():

@@ -585,3 +585,145 @@ def gather_rows(x, lut, out):  # pragma: no cover - compiled
         o = out[r]
         for i in range(xr.shape[0]):
             o[i] = t[xr[i]]
+
+
+@numba.njit(nogil=True, cache=True)
+def nearest_rows(x, centres, out):  # pragma: no cover - compiled
+    """``out[i]`` = the index of the centre nearest to row ``x[i]`` (``x`` is ``(n, c)``, any real
+    dtype): the exact squared Euclidean distance in float64, the lowest index among equals; a row
+    with a NaN gets 0; columns of ``x`` past the centres' are ignored. No ``(n, k)`` distance
+    matrix is made."""
+    k, c = centres.shape
+    if c == 3:  # RGB unrolled, the centres by column: 2.4x faster than the loop below
+        c0 = centres[:, 0].copy()
+        c1 = centres[:, 1].copy()
+        c2 = centres[:, 2].copy()
+        for i in range(x.shape[0]):
+            r = np.float64(x[i, 0])
+            g = np.float64(x[i, 1])
+            b = np.float64(x[i, 2])
+            best = np.inf
+            bi = 0
+            for j in range(k):
+                v = r - c0[j]
+                d = 0.0
+                d += v * v
+                v = g - c1[j]
+                d += v * v
+                v = b - c2[j]
+                d += v * v
+                if d < best:
+                    best = d
+                    bi = j
+            out[i] = bi
+        return
+    for i in range(x.shape[0]):
+        best = np.inf
+        bi = 0
+        for j in range(k):
+            d = 0.0
+            for t in range(c):
+                v = np.float64(x[i, t]) - centres[j, t]
+                d += v * v
+            if d < best:
+                best = d
+                bi = j
+        out[i] = bi
+
+
+@numba.njit(nogil=True, cache=True)
+def rgb_nearest_table(centres, out, cells):  # pragma: no cover - compiled
+    """``out[(r << 16) | (g << 8) | b]`` = :func:`nearest_rows` of the colour ``(r, g, b)`` for
+    every 8-bit colour (``out`` has ``1 << 24`` entries; ``centres`` is ``(k, 3)``), and
+    ``cells[(r >> 3) << 10 | (g >> 3) << 5 | b >> 3]`` = the answer shared by a whole cell of 8**3
+    colours, or -1 (``cells`` has 32**3 entries: it stays in cache, the table does not).
+
+    The colour cube is cut into 32**3 cells of 8**3 colours; a centre whose nearest point in a
+    cell is farther than some centre's farthest point cannot be nearest (or tied) anywhere in
+    the cell, so each colour is compared with the few remaining candidates only, in index
+    order and with the same arithmetic as :func:`nearest_rows`: the same answers, exactly."""
+    k = centres.shape[0]
+    cand = np.empty(k, np.int64)
+    for cr in range(32):
+        for cg in range(32):
+            for cb in range(32):
+                lo0 = cr * 8.0
+                lo1 = cg * 8.0
+                lo2 = cb * 8.0
+                thr = np.inf
+                for j in range(k):
+                    far = 0.0
+                    for t, lo in ((0, lo0), (1, lo1), (2, lo2)):
+                        a = centres[j, t] - lo
+                        b = lo + 7.0 - centres[j, t]
+                        m = a if a > b else b
+                        far += m * m
+                    if far < thr:
+                        thr = far
+                thr = thr * (1.0 + 1e-9) + 1e-9  # never lose a candidate to round-off
+                nc = 0
+                for j in range(k):
+                    near = 0.0
+                    for t, lo in ((0, lo0), (1, lo1), (2, lo2)):
+                        v = centres[j, t]
+                        if v < lo:
+                            near += (lo - v) * (lo - v)
+                        elif v > lo + 7.0:
+                            near += (v - lo - 7.0) * (v - lo - 7.0)
+                    if near <= thr:
+                        cand[nc] = j
+                        nc += 1
+                cells[(cr << 10) | (cg << 5) | cb] = cand[0] if nc == 1 else -1
+                for r in range(cr * 8, cr * 8 + 8):
+                    for g in range(cg * 8, cg * 8 + 8):
+                        for b in range(cb * 8, cb * 8 + 8):
+                            best = np.inf
+                            bi = 0
+                            for q in range(nc):
+                                j = cand[q]
+                                v = np.float64(r) - centres[j, 0]
+                                d = 0.0
+                                d += v * v
+                                v = np.float64(g) - centres[j, 1]
+                                d += v * v
+                                v = np.float64(b) - centres[j, 2]
+                                d += v * v
+                                if d < best:
+                                    best = d
+                                    bi = j
+                            out[(r << 16) | (g << 8) | b] = bi
+
+
+@numba.njit(nogil=True, cache=True)
+def rgb_lookup(x, table, cells, out):  # pragma: no cover - compiled
+    """``out[i] = table[(x[i, 0] << 16) | (x[i, 1] << 8) | x[i, 2]]`` for 8-bit colours ``x``
+    ``(n, >= 3)`` (a 4th channel is ignored), through ``cells`` first (:func:`rgb_nearest_table`):
+    most colours are settled by their cell, without a cache miss into the 16 MiB table."""
+    for i in range(x.shape[0]):
+        r = np.int64(x[i, 0])
+        g = np.int64(x[i, 1])
+        b = np.int64(x[i, 2])
+        c = cells[((r >> 3) << 10) | ((g >> 3) << 5) | (b >> 3)]
+        out[i] = c if c >= 0 else table[(r << 16) | (g << 8) | b]
+
+
+@numba.njit(nogil=True, cache=True)
+def rgb_invert(x, table, cells, colors, values, out):  # pragma: no cover - compiled
+    """For 8-bit colours ``x`` ``(n, >= 3)``: ``out[i, 0]`` = ``values`` of the nearest of
+    ``colors`` (:func:`rgb_lookup` through the table), ``out[i, 1]`` = the distance to it;
+    one pass, no temporaries (a colormap's inverse)."""
+    for i in range(x.shape[0]):
+        r = np.int64(x[i, 0])
+        g = np.int64(x[i, 1])
+        b = np.int64(x[i, 2])
+        j = cells[((r >> 3) << 10) | ((g >> 3) << 5) | (b >> 3)]
+        if j < 0:
+            j = table[(r << 16) | (g << 8) | b]
+        v = r - colors[j, 0]
+        d = v * v
+        v = g - colors[j, 1]
+        d += v * v
+        v = b - colors[j, 2]
+        d += v * v
+        out[i, 0] = values[j]
+        out[i, 1] = np.sqrt(d)
