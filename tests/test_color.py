@@ -54,6 +54,23 @@ def test_apply_colormap_equals_matplotlib(cmap):
     np.testing.assert_array_equal(got.values, want)
 
 
+@settings(deadline=None, max_examples=150)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from(["float16", "float32", "float64", "uint8", "int16", "int32", "int64"]),
+       cmap=st.sampled_from(["viridis", "jet", "tab20"]), lo=st.floats(-300, 300), width=st.one_of(st.sampled_from([0.0, 1e-3, 1.0]), st.floats(0.01, 700)))
+def test_apply_colormap_equals_matplotlib_for_any_dtype_and_range(seed, dtype, cmap, lo, width):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(lo - width - 5, lo + 2 * width + 5, 300)
+    x[:4] = lo, lo + width, np.nextafter(lo + width, np.inf), np.nextafter(lo, -np.inf)  # the ends and just past them
+    x = x.astype(dtype) if dtype.startswith("float") else x.clip(np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+    if dtype.startswith("float"):
+        x[4:7] = np.nan, np.inf, -np.inf
+    got = vn.color.apply_colormap(xr.DataArray(x, dims="x").chunk({"x": 64}), cmap, vmin=lo, vmax=lo + width)
+    ref = x.astype(np.float32) if dtype == "float16" else x  # volnorm computes float16 in float32
+    with np.errstate(over="ignore"):  # matplotlib's own overflow to inf (then "over")
+        want = matplotlib.colormaps[cmap](matplotlib.colors.Normalize(lo, lo + width)(ref), bytes=True)
+    np.testing.assert_array_equal(got.values, want)
+
+
 def test_apply_colormap_on_integers_and_default_range():
     x = xr.DataArray(np.arange(0, 1000, 7, dtype=np.int16), dims="x")
     got = vn.color.apply_colormap(x, "viridis")
@@ -208,6 +225,10 @@ def test_quantize_rgba_clusters_alpha_and_float_data_use_the_same_rule():
     pf = vn.color.fit_quantize(f, 5, seed=1)
     np.testing.assert_allclose(pf.values["palette"].values, pal / 255.0, rtol=1e-5)  # the same sample, the same fit
     np.testing.assert_array_equal(vn.color.quantize(f, params=pf, labels=True).values.ravel(), want)
+    h = f.astype(np.float16)  # numba has no float16: the same rule on its exact float32 values
+    hv = h.values.reshape(-1, 4).astype(np.float64)
+    want_h = np.argmin(((hv[:, None, :] - pf.values["palette"].values[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(vn.color.quantize(h.chunk({"x": 8}), params=pf, labels=True).values.ravel(), want_h)
 
 
 def test_fit_quantize_is_reproducible_and_checks_its_input():

@@ -56,3 +56,22 @@ def test_two_converts_of_the_same_files_on_one_cluster(cohort, cluster_client, t
     a, b = (vn.open_zarr(o) for o in outs)
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
     np.testing.assert_array_equal(a.values, vn.open_nifti(cohort).values)
+
+
+def test_colour_quantize_and_invert_on_cluster_equal_sync(cluster_client):
+    """The nearest-colour tables are made on the workers (tasks carry only the palette)."""
+    from skimage import data
+
+    imgs = np.stack([data.astronaut(), data.astronaut()[::-1], data.astronaut()[:, ::-1]])
+    stack = xr.DataArray(imgs, dims=("volume", "y", "x", "channel")).chunk({"volume": 1, "y": 128})
+    p = vn.color.fit_quantize(stack, 12, sample=20_000, seed=2)
+    with cluster_client.as_current():
+        q = vn.color.quantize(stack, params=p, labels=True).compute()
+        grey = vn.color.to_grey(stack)
+        rgba = vn.color.apply_colormap(grey, "viridis", vmin=0, vmax=255)
+        back = vn.color.invert_colormap(rgba, "viridis", vmin=0, vmax=255).compute()
+        p2 = vn.color.fit_quantize(stack, 12, sample=20_000, seed=2)
+    np.testing.assert_array_equal(p2.values["palette"].values, p.values["palette"].values)
+    xr.testing.assert_identical(q, vn.color.quantize(stack, params=p, labels=True).compute(scheduler="sync"))
+    xr.testing.assert_identical(back, vn.color.invert_colormap(rgba, "viridis", vmin=0, vmax=255).compute(scheduler="sync"))
+    assert float(np.abs(back - grey.compute()).max()) <= back.attrs["max_error"] + 1e-9

@@ -727,3 +727,33 @@ def rgb_invert(x, table, cells, colors, values, out):  # pragma: no cover - comp
         d += v * v
         out[i, 0] = values[j]
         out[i, 1] = np.sqrt(d)
+
+
+@numba.njit(nogil=True, cache=True)
+def colormap_rows(x, lo, span, n, tmp, table, out):  # pragma: no cover - compiled
+    """matplotlib's ``Colormap(Normalize(vmin, vmax)(x), bytes=True)`` for a flat float ``x``, step
+    for step: ``x - vmin`` and ``/ (vmax - vmin)`` each in float64 rounded back to ``x``'s dtype
+    (``tmp``: one element of it), ``* N`` in that dtype (``n``); ``span == 0`` maps everything, NaN
+    too, to the first colour. ``out[i] = table[k]`` with ``k`` the entry, ``N``/``N + 1``/``N + 2``
+    for under/over/NaN (``table`` has ``N + 3`` rows), without the temporaries."""
+    ni = np.int64(n)
+    for i in range(x.shape[0]):
+        v = x[i]
+        if span == 0:  # matplotlib's Normalize fills 0 then
+            k = 0
+        elif v != v:
+            k = ni + 2
+        else:
+            tmp[0] = np.float64(v) - lo
+            tmp[0] = np.float64(tmp[0]) / span
+            v = tmp[0] * n
+            if v == n:
+                v = n - 1
+            if v < 0:
+                k = ni
+            elif v >= n:
+                k = ni + 1
+            else:
+                k = np.int64(v)
+        for c in range(table.shape[1]):
+            out[i, c] = table[k, c]

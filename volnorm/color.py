@@ -110,7 +110,10 @@ def apply_colormap(
     ``channel`` (4), equal to ``cmap(Normalize(vmin, vmax)(data), bytes=True)``; no figure.
 
     Below ``vmin`` takes the colormap's "under" colour, above ``vmax`` its "over" colour,
-    NaN its "bad" colour (transparent by default), as matplotlib does.
+    NaN its "bad" colour (transparent by default), as matplotlib does (and with
+    ``vmin == vmax`` everything takes the first colour, NaN too, as matplotlib does).
+    float16 data are computed in float32 (matplotlib stays in float16, whose 11-bit mantissa
+    can move a value next to an entry's edge into the neighbouring entry).
 
     Parameters
     ----------
@@ -146,24 +149,17 @@ def apply_colormap(
     if not (np.isfinite(vmin) and np.isfinite(vmax)) or vmin > vmax:
         raise ValueError(f"need finite vmin <= vmax; got {vmin!r}, {vmax!r}")
     n = cm.N
-    ft = np.float32 if data.dtype in (np.float32, np.float16) else np.float64
-    lo, span = ft(vmin), ft(vmax) - ft(vmin)
+    # matplotlib's working dtype: floats keep theirs, integers go to float32 when it holds them
+    ft = np.float32 if data.dtype == np.float16 else np.promote_types(data.dtype, np.float32).type
+    lo, span = float(vmin), float(vmax) - float(vmin)
 
     def block(x: np.ndarray) -> np.ndarray:
-        # matplotlib's Normalize and Colormap.__call__, step for step
-        xa = x.astype(ft, copy=True)
-        if span == 0:
-            xa = np.where(np.isnan(xa), xa, 0).astype(ft)
-        else:
-            xa -= lo
-            xa /= span
-        xa *= n
-        xa[xa == n] = n - 1
-        under, over, bad = xa < 0, xa >= n, np.isnan(xa)
-        with np.errstate(invalid="ignore"):
-            idx = xa.astype(np.int64)
-        idx[under], idx[over], idx[bad] = n, n + 1, n + 2
-        return table.take(idx, axis=0, mode="clip")
+        from volnorm import _kernels
+
+        flat = x.astype(ft, copy=False).reshape(-1)
+        out = np.empty((flat.size, 4), dtype=np.uint8)
+        _kernels.colormap_rows(flat, lo, span, ft(n), np.empty(1, ft), table, out)  # matplotlib's steps
+        return out.reshape(x.shape + (4,))
 
     out = xr.apply_ufunc(
         block, data, output_core_dims=[["channel"]], dask="parallelized", output_dtypes=[np.uint8],
@@ -399,7 +395,8 @@ def _nearest(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
         _kernels.rgb_lookup(pts, table, cells, out)
         return out
     out = np.empty(len(pts), dtype=np.int64)
-    _kernels.nearest_rows(pts if pts.dtype.kind in "uif" else pts.astype(np.float64), centres, out)
+    ok = pts.dtype.kind in "ui" or pts.dtype in (np.float32, np.float64)  # what numba takes as it is
+    _kernels.nearest_rows(pts if ok else pts.astype(np.float64), centres, out)
     return out
 
 
@@ -473,8 +470,8 @@ def quantize(
     out_colors = centres.round().clip(0, 255).astype(rgb.dtype) if rgb.dtype.kind in "iu" else centres.astype(rgb.dtype)
 
     def block(x: np.ndarray) -> np.ndarray:
-        lab = _nearest(x.reshape(-1, x.shape[-1]).astype(np.float64), centres).reshape(x.shape[:-1])
-        return lab.astype(np.uint8) if labels else out_colors[lab]
+        lab = _nearest(x.reshape(-1, x.shape[-1]), centres).reshape(x.shape[:-1])  # 8-bit RGB: the table
+        return lab.astype(np.uint8, copy=False) if labels else out_colors[lab]
 
     x = rgb.transpose(..., dim)
     if labels:
