@@ -108,14 +108,15 @@ def test_invert_jet_quantization_error_and_nearest_colour():
     # each noisy pixel: the distance to the nearest of jet's 8-bit colours, and a value of an entry at that distance
     table = vn.color.colormap_table("jet")[0][:256, :3].astype(np.float64)
     d = np.sqrt(((noisy.values[:, None, :3].astype(np.float64) - table[None]) ** 2).sum(-1))
-    np.testing.assert_allclose(back2["distance"].values, d.min(1), rtol=1e-12)
+    assert back2["distance"].dtype == np.float32
+    np.testing.assert_allclose(back2["distance"].values, d.min(1), rtol=1e-6)
     entry = np.floor((back2.values - 1500) / back.attrs["step"]).astype(int)  # the run of equal colours' middle
     assert np.all(np.abs(d[np.arange(len(d)), entry.clip(0, 255)] - d.min(1)) < 1e-9)
     assert float(back2["distance"].max()) > 0
     # float colours (0-1) give the same answer
     back3 = vn.color.invert_colormap(noisy / 255.0, "jet", vmin=1500, vmax=4500)
     np.testing.assert_allclose(back3.values, back2.values)
-    np.testing.assert_allclose(back3["distance"].values, back2["distance"].values, atol=1e-9)
+    np.testing.assert_allclose(back3["distance"].values, back2["distance"].values, rtol=1e-6, atol=1e-4)
 
 
 def test_chunking_invariance_and_laziness():

@@ -708,9 +708,9 @@ def rgb_lookup(x, table, cells, out):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def rgb_invert(x, table, cells, colors, values, out):  # pragma: no cover - compiled
-    """For 8-bit colours ``x`` ``(n, >= 3)``: ``out[i, 0]`` = ``values`` of the nearest of
-    ``colors`` (:func:`rgb_lookup` through the table), ``out[i, 1]`` = the distance to it;
+def rgb_invert(x, table, cells, colors, values, value, dist):  # pragma: no cover - compiled
+    """For 8-bit colours ``x`` ``(n, >= 3)``: ``value[i]`` = ``values`` of the nearest of
+    ``colors`` (:func:`rgb_lookup` through the table), ``dist[i]`` = the distance to it;
     one pass, no temporaries (a colormap's inverse)."""
     for i in range(x.shape[0]):
         r = np.int64(x[i, 0])
@@ -725,8 +725,8 @@ def rgb_invert(x, table, cells, colors, values, out):  # pragma: no cover - comp
         d += v * v
         v = b - colors[j, 2]
         d += v * v
-        out[i, 0] = values[j]
-        out[i, 1] = np.sqrt(d)
+        value[i] = values[j]
+        dist[i] = np.sqrt(d)
 
 
 @numba.njit(nogil=True, cache=True)

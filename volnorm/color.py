@@ -240,8 +240,8 @@ def invert_colormap(
     Returns
     -------
     xarray.DataArray
-        float64 values without ``dim``, with a ``distance`` coord (RGB distance to the
-        nearest colour, 0-255 scale) and ``attrs`` ``step``, ``max_error``, ``colormap``.
+        float64 values without ``dim``, with a ``distance`` coord (float32 RGB distance to
+        the nearest colour, 0-255 scale) and ``attrs`` ``step``, ``max_error``, ``colormap``.
 
     Examples
     --------
@@ -269,25 +269,26 @@ def invert_colormap(
     colors = np.ascontiguousarray(colors, dtype=np.float64)
     scale = 255.0 if rgb.dtype.kind == "f" else 1.0
 
-    def block(x: np.ndarray) -> np.ndarray:
+    def block(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pts = x.reshape(-1, x.shape[-1])
-        out = np.empty((len(pts), 2), dtype=np.float64)
+        value, dist = np.empty(len(pts), dtype=np.float64), np.empty(len(pts), dtype=np.float32)
         if pts.dtype == np.uint8:
             from volnorm import _kernels
 
-            _kernels.rgb_invert(pts, *_rgb_table(colors.tobytes()), colors, centres, out)
+            _kernels.rgb_invert(pts, *_rgb_table(colors.tobytes()), colors, centres, value, dist)
         else:
             pts = pts[:, :3].astype(np.float64) * scale
             i = _nearest(pts, colors)
-            out[:, 0] = centres[i]
-            out[:, 1] = np.sqrt(((pts - colors[i]) ** 2).sum(axis=1))
-        return out.reshape(x.shape[:-1] + (2,))
+            value[:] = centres[i]
+            dist[:] = np.sqrt(((pts - colors[i]) ** 2).sum(axis=1))
+        return value.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
 
-    both = xr.apply_ufunc(
-        block, rgb.transpose(..., dim), input_core_dims=[[dim]], output_core_dims=[["_out"]], dask="parallelized",
-        output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {"_out": 2}},
+    # two outputs of one task each (no stacked array to slice)
+    out, dist = xr.apply_ufunc(
+        block, rgb.transpose(..., dim), input_core_dims=[[dim]], output_core_dims=[[], []], dask="parallelized",
+        output_dtypes=[np.float64, np.float32],
     )
-    out = both.isel(_out=0, drop=True).assign_coords(distance=both.isel(_out=1, drop=True))
+    out = out.assign_coords(distance=dist)
     return out.rename(rgb.name).assign_attrs(step=step, max_error=max_error, colormap=getattr(cm, "name", str(cmap)),
                                               vmin=float(vmin), vmax=float(vmax))
 
