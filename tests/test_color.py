@@ -41,6 +41,21 @@ def test_grey_equals_the_formula_and_skimage(photo, method):
         np.testing.assert_allclose(g.values / 255, rgb2gray(photo.values), atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32", "float16", "float32", "float64"])
+@pytest.mark.parametrize("method", ["rec601", "rec709", "perceived"])
+def test_grey_is_numpys_formula_bit_for_bit_in_any_layout(dtype, method):
+    rng = np.random.default_rng(7)
+    px = (rng.random((3, 4, 20, 30)) * 255).astype(dtype)  # channel first: it need not be last
+    x = xr.DataArray(px, dims=("channel", "volume", "y", "x"))
+    ft = np.float32 if px.dtype.itemsize <= 2 or px.dtype == np.float32 else np.float64
+    c = [px[i].astype(ft) for i in range(3)]
+    w = vn.color.LUMA["rec601" if method == "perceived" else method]
+    want = np.sqrt(w[0] * c[0] ** 2 + w[1] * c[1] ** 2 + w[2] * c[2] ** 2) if method == "perceived" else w[0] * c[0] + w[1] * c[1] + w[2] * c[2]
+    got = vn.color.to_grey(x.chunk({"channel": 1, "y": 7}), method=method)  # channels in separate chunks too
+    assert got.dims == ("volume", "y", "x") and got.dtype == ft and got.chunks is not None
+    np.testing.assert_array_equal(got.values, want.astype(ft))
+
+
 @pytest.mark.parametrize("cmap", ["viridis", "jet", "gray", "magma", "tab10"])
 def test_apply_colormap_equals_matplotlib(cmap):
     rng = np.random.default_rng(1)

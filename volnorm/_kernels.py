@@ -757,3 +757,18 @@ def colormap_rows(x, lo, span, n, tmp, table, out):  # pragma: no cover - compil
                 k = np.int64(v)
         for c in range(table.shape[1]):
             out[i, c] = table[k, c]
+
+
+@numba.njit(nogil=True, cache=True)
+def luma_rows(x, w0, w1, w2, perceived, tmp, out):  # pragma: no cover - compiled
+    """``out[i] = w0 R + w1 G + w2 B`` (or ``sqrt(w0 R² + w1 G² + w2 B²)``) of the rows of ``x``
+    ``(n, >= 3)``, each channel first converted to ``out``'s dtype (through ``tmp``, 3 of it)
+    and every operation in that dtype, left to right: numpy's answer, without its temporaries."""
+    for i in range(x.shape[0]):
+        tmp[0] = x[i, 0]
+        tmp[1] = x[i, 1]
+        tmp[2] = x[i, 2]
+        if perceived:
+            out[i] = np.sqrt(w0 * (tmp[0] * tmp[0]) + w1 * (tmp[1] * tmp[1]) + w2 * (tmp[2] * tmp[2]))
+        else:
+            out[i] = w0 * tmp[0] + w1 * tmp[1] + w2 * tmp[2]

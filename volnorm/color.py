@@ -28,6 +28,8 @@ def _channels(rgb: xr.DataArray, dim: str) -> xr.DataArray:
         raise TypeError(f"expected an xarray.DataArray with a {dim!r} dim; got {type(rgb).__name__}")
     if dim not in rgb.dims or rgb.sizes[dim] not in (3, 4):
         raise ValueError(f"colour data need a {dim!r} dim of size 3 (RGB) or 4 (RGBA); got dims {dict(rgb.sizes)}")
+    if rgb.chunks is not None and len(rgb.chunksizes[dim]) > 1:
+        rgb = rgb.chunk({dim: -1})  # a pixel's channels in one block
     return rgb
 
 
@@ -61,16 +63,21 @@ def to_grey(rgb: xr.DataArray, *, method: str = "rec601", dim: str = "channel") 
     """
     rgb = _channels(rgb, dim)
     ft = np.float32 if rgb.dtype.itemsize <= 2 or rgb.dtype == np.float32 else np.float64
-    c = [rgb.isel({dim: i}, drop=True).astype(ft) for i in range(3)]
-    if method == "perceived":
-        w = LUMA["rec601"]
-        out = np.sqrt(w[0] * c[0] ** 2 + w[1] * c[1] ** 2 + w[2] * c[2] ** 2)
-    elif method in LUMA:
-        w = LUMA[method]
-        out = w[0] * c[0] + w[1] * c[1] + w[2] * c[2]
-    else:
+    if method not in ("perceived", *LUMA):
         raise ValueError(f"`method` must be one of rec601, rec709, perceived; got {method!r}")
-    return out.astype(ft).rename(rgb.name).assign_attrs(rgb.attrs)
+    w = [ft(v) for v in LUMA["rec601" if method == "perceived" else method]]
+
+    def block(x: np.ndarray) -> np.ndarray:
+        from volnorm._histogram import numba_ready
+        from volnorm import _kernels
+
+        flat = numba_ready(x.reshape(-1, x.shape[-1]))
+        out = np.empty(len(flat), dtype=ft)
+        _kernels.luma_rows(flat, *w, method == "perceived", np.empty(3, ft), out)
+        return out.reshape(x.shape[:-1])
+
+    out = xr.apply_ufunc(block, rgb.transpose(..., dim), input_core_dims=[[dim]], dask="parallelized", output_dtypes=[ft])
+    return out.transpose(*[d for d in rgb.dims if d != dim]).rename(rgb.name).assign_attrs(rgb.attrs)
 
 
 def colormap_table(cmap: Any) -> tuple[np.ndarray, np.ndarray]:
