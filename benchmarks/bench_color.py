@@ -49,10 +49,18 @@ d1. ``vn.color.to_grey(stack)`` (BT.601, float32) computed fully (as a);
 d2. ``vn.color.apply_colormap(grey, "jet", vmin=0, vmax=255)`` (uint8 RGBA)
    computed fully (as a), grey made from the store in the same graph;
 d3. the round trip ``vn.color.invert_colormap(rgba, "jet", vmin=0, vmax=255)``
-   of d2's colours, computed fully and reduced to ``max |back - grey|`` and the
-   largest ``distance``: d3 - d2 is roughly the inverse alone.
-c1, c2 and d3 can be slow (a nearest-colour search per pixel: 0.01-0.03 GB/s
-when this script was written), so they are first timed on the leading 2 chunks
+   of d2's colours, computed fully and reduced to ``max |back - grey|`` (block by
+   block in one task) and the largest ``distance``: d3 - d2 is roughly the
+   inverse alone; its output (float64 value + float32 distance, 12 bytes a
+   pixel, 4x the RGB input) is most of its memory traffic;
+d4. d2's colours without alpha written to a store (untimed; the "rendering whose
+   raw data was lost", 1.1 GB RGB uint8, same chunks and codec) and its read pass;
+d5. ``vn.color.invert_colormap`` of that store computed fully (reduced to one
+   value per block, as a, and the largest distance): the inverse against its
+   own read pass (``x d4``). Check: volume 0's values within ``max_error`` of
+   the grey they were made from.
+c1, c2 and d3 were slow when this script was written (a nearest-colour search
+per pixel: 0.01-0.03 GB/s; now a 24-bit table, ~1x the read pass), so they are first timed on the leading 2 chunks
 (one per thread, 8% of the stack); if the whole stack would then take more
 than ``--budget`` s (default 60, as bench_voxel_hist.py's ``--xh-budget``) the
 full time is extrapolated linearly in bytes and the row says EXTRAPOLATED
@@ -300,19 +308,29 @@ def cpu(ctx: Ctx) -> str:
 
 
 def roundtrip(s: Any) -> tuple[float, float, dict]:
-    """d3: grey -> jet RGBA -> back, all lazy from the store; max |back - grey|, max distance."""
+    """d3: grey -> jet RGBA -> back, all lazy from the store; max |back - grey| and the max
+    distance, each reduced block by block in one task (``np.abs(d, out=d)``: the check adds
+    one temporary per block, not xarray's three)."""
     import dask
+    import dask.array as da
 
     import volnorm as vn
 
     grey = vn.color.to_grey(s)
     rgba = vn.color.apply_colormap(grey, CMAP, vmin=0, vmax=255)
     back = vn.color.invert_colormap(rgba, CMAP, vmin=0, vmax=255)
-    err, dist = dask.compute(abs(back - grey).max().data, back["distance"].max().data)
-    return float(err), float(dist), dict(back.attrs)
+
+    def err(b: np.ndarray, g: np.ndarray) -> np.ndarray:
+        d = b - g
+        return np.abs(d, out=d).max(keepdims=True).reshape((1,) * b.ndim)
+
+    per_block = da.map_blocks(err, back.data, grey.data, chunks=(1,) * back.ndim, dtype=np.float64)
+    e, dist = dask.compute(per_block.max(), back["distance"].data.max())
+    return float(e), float(dist), dict(back.attrs)
 
 
 def run_store(ctx: Ctx, path: Path) -> Any:
+    import dask
     import matplotlib
 
     import volnorm as vn
@@ -416,6 +434,30 @@ def run_store(ctx: Ctx, path: Path) -> Any:
             f"{okmiss(ok)}; max distance {dist:.3g}; d3 - d2 ~{w - w_cm:.0f} s; on {how}",
             gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext, cpu=ctx.cpu, max_abs_error=err, step=attrs["step"],
             max_error=attrs["max_error"], max_distance=dist)
+
+    # ---- d4, d5: a rendering whose data were lost: jet RGB in a store, and its inverse from there
+    rendering = ctx.workdir / "rendering.zarr"
+    rm(rendering)
+    write_store(cmapped(x).isel(channel=slice(0, 3)).data, DIMS, rendering, ctx.chunks)
+    rx = open_stack(rendering)
+    w_rr, pk, _, _, _ = timed(ctx, rx, lambda s: read_pass(s.data).compute())
+    tab.add(P, f"d4. read pass of a {CMAP} rendering (RGB store)", w_rr, rate(nb, w_rr), xread(w_rr), pk,
+            f"{cpu(ctx)}; (info) the inverse's I/O limit; {du(rendering) / GB:.2f} GB on disk, written from d2's colours",
+            gbs=gbs(nb, w_rr), xread=w_rr / w_read, cpu=ctx.cpu)
+
+    def inverse(s: Any) -> Any:
+        back = vn.color.invert_colormap(s, CMAP, vmin=0, vmax=255)
+        return dask.compute(read_pass(back.data), back["distance"].data.max())
+
+    back0 = vn.color.invert_colormap(rx[:1], CMAP, vmin=0, vmax=255)
+    err0 = float(np.abs(np.asarray(back0.values[0]) - grey0).max())
+    ok = err0 <= back0.attrs["max_error"]
+    w, pk, _, how, ext = timed(ctx, rx, inverse, budget=True)
+    tab.add(P, "d5. invert_colormap from the rendering's store", w, rate(nb, w), f"{w / w_rr:.2f}x d4", pk,
+            f"{cpu(ctx)}; {w / w_read:.2f}x a; float64 value + float32 distance; vol 0 max|back - grey| {err0:.3f} "
+            f"<= max_error {back0.attrs['max_error']:.3f}: {okmiss(ok)}; on {how}",
+            gbs=gbs(nb, w), xread=w / w_read, extrapolated=ext, cpu=ctx.cpu)
+    rm(rendering)
     return x
 
 
