@@ -114,8 +114,8 @@ at the start and at the end, and the load average: other processes on the
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python benchmarks/bench_color.py                # 1.1 GB store, ~4-5 min on 2 cores (+~1 min the first time)
-    PYTHONPATH=. python benchmarks/bench_color.py --quick        # 0.11 GB smoke run, ~2 min
+    PYTHONPATH=. python benchmarks/bench_color.py                # 1.1 GB store, ~2-3 min on 2 cores (+~1 min the first time)
+    PYTHONPATH=. python benchmarks/bench_color.py --quick        # 0.11 GB smoke run, < 1 min
     PYTHONPATH=. python benchmarks/bench_color.py --json /tmp/color.json --budget 1e9   # no extrapolation
 
 The page cache is not dropped: the store was just written (or is reused) and
@@ -529,7 +529,7 @@ def run_subset(ctx: Ctx, x: Any) -> None:
     w_vg, pk_vg, gv = measure(ctx.sampler, lambda: np.asarray(vn.color.to_grey(xn, method="rec709").values), fast)
     w_sg, pk, gs = measure(ctx.sampler, sk_grey, fast)
     diff = float(np.abs(gv / np.float32(255) - gs).max())
-    tab.add(P, "e3. vn.color.to_grey(rec709), numpy, 1 thr", w_vg, rate(nb, w_vg), "", pk_vg,
+    tab.add(P, "e3. vn.color.to_grey(rec709), eager, 1 thr", w_vg, rate(nb, w_vg), "", pk_vg,
             f"float32 0-255; max|vn/255 - skimage| {diff:.2g} (BT.709 weights rounded differently)", gbs=gbs(nb, w_vg))
     tab.add(P, "e4. skimage.color.rgb2gray loop, 1 thr", w_sg, rate(nb, w_sg), f"vn {w_sg / w_vg:.2f}x", pk,
             "float64 0-1, image by image", gbs=gbs(nb, w_sg), speedup=w_sg / w_vg)
