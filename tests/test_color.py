@@ -132,6 +132,10 @@ def test_invert_jet_quantization_error_and_nearest_colour():
     back3 = vn.color.invert_colormap(noisy / 255.0, "jet", vmin=1500, vmax=4500)
     np.testing.assert_allclose(back3.values, back2.values)
     np.testing.assert_allclose(back3["distance"].values, back2["distance"].values, rtol=1e-6, atol=1e-4)
+    holes = (noisy / 255.0).where(xr.DataArray(np.arange(noisy.sizes["x"]) % 7 != 0, dims="x"))  # NaN pixels
+    back4 = vn.color.invert_colormap(holes, "jet", vmin=1500, vmax=4500)
+    assert np.isnan(back4.values[::7]).all() and np.isnan(back4["distance"].values[::7]).all()
+    np.testing.assert_allclose(back4.values[1::7], back3.values[1::7])
 
 
 def test_chunking_invariance_and_laziness():
@@ -241,6 +245,9 @@ def test_quantize_rgba_clusters_alpha_and_float_data_use_the_same_rule():
     pf = vn.color.fit_quantize(f, 5, seed=1)
     np.testing.assert_allclose(pf.values["palette"].values, pal / 255.0, rtol=1e-5)  # the same sample, the same fit
     np.testing.assert_array_equal(vn.color.quantize(f, params=pf, labels=True).values.ravel(), want)
+    holes = f.where(f.x != 3)  # NaN pixels keep NaN colours
+    qh = vn.color.quantize(holes.chunk({"y": 9}), params=pf).values
+    assert np.isnan(qh[:, :, 3]).all() and not np.isnan(np.delete(qh, 3, axis=2)).any()
     h = f.astype(np.float16)  # numba has no float16: the same rule on its exact float32 values
     hv = h.values.reshape(-1, 4).astype(np.float64)
     want_h = np.argmin(((hv[:, None, :] - pf.values["palette"].values[None]) ** 2).sum(-1), axis=1)

@@ -288,6 +288,7 @@ def invert_colormap(
             i = _nearest(pts, colors)
             value[:] = centres[i]
             dist[:] = np.sqrt(((pts - colors[i]) ** 2).sum(axis=1))
+            value[np.isnan(dist)] = np.nan  # a pixel with a NaN has no value
         return value.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
 
     # two outputs of one task each (no stacked array to slice)
@@ -450,6 +451,7 @@ def quantize(
         A fitted palette (``fit_quantize``); no fit then.
     labels : bool
         Return each pixel's palette index (uint8, without ``dim``) instead of its colour.
+        (Float pixels with a NaN get NaN colours, or label 0: uint8 has no missing value.)
     dim : str
         The channel dim.
     fit
@@ -479,7 +481,12 @@ def quantize(
 
     def block(x: np.ndarray) -> np.ndarray:
         lab = _nearest(x.reshape(-1, x.shape[-1]), centres).reshape(x.shape[:-1])  # 8-bit RGB: the table
-        return lab.astype(np.uint8, copy=False) if labels else out_colors[lab]
+        if labels:
+            return lab.astype(np.uint8, copy=False)
+        out = out_colors[lab]
+        if x.dtype.kind == "f":  # a pixel with a NaN stays NaN
+            out[np.isnan(x).any(axis=-1)] = np.nan
+        return out
 
     x = rgb.transpose(..., dim)
     if labels:
