@@ -341,8 +341,11 @@ def test_per_image_cdfs_and_dataset_wide_cdfs_differ_as_they_should():
     stack = _stack(("astronaut", "coffee"))
     dark = (stack // 3).astype(np.uint8)
     both = xr.concat([stack, dark], dim="volume")
-    per = vn.color.equalize_color(both, space="hsv", per="volume")
+    per = vn.color.equalize_color(both, space="hsv", dim=("y", "x"))
     whole = vn.color.equalize_color(both, space="hsv")
+    xr.testing.assert_identical(whole, vn.color.equalize_color(both, space="hsv", dim=("volume", "y", "x")))
+    with pytest.raises(ValueError, match="channel"):
+        vn.color.equalize_color(both, dim=("channel", "y"))
     v = lambda a: a.astype(float).max("channel").mean(("y", "x")).values
     assert abs(v(per)[0] - v(per)[2]) < 0.1 * 255  # each image equalized on its own: alike
     assert v(whole)[2] < v(whole)[0] - 0.2 * 255  # one CDF: the dark copies stay darker

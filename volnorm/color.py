@@ -23,35 +23,35 @@ __all__ = [
 LUMA = {"rec601": (0.299, 0.587, 0.114), "rec709": (0.2126, 0.7152, 0.0722)}
 
 
-def _channels(rgb: xr.DataArray, dim: str) -> xr.DataArray:
+def _channels(rgb: xr.DataArray, channel_dim: str) -> xr.DataArray:
     if not isinstance(rgb, xr.DataArray):
-        raise TypeError(f"expected an xarray.DataArray with a {dim!r} dim; got {type(rgb).__name__}")
-    if dim not in rgb.dims or rgb.sizes[dim] not in (3, 4):
-        raise ValueError(f"colour data need a {dim!r} dim of size 3 (RGB) or 4 (RGBA); got dims {dict(rgb.sizes)}")
-    if rgb.chunks is not None and len(rgb.chunksizes[dim]) > 1:
-        rgb = rgb.chunk({dim: -1})  # a pixel's channels in one block
+        raise TypeError(f"expected an xarray.DataArray with a {channel_dim!r} dim; got {type(rgb).__name__}")
+    if channel_dim not in rgb.dims or rgb.sizes[channel_dim] not in (3, 4):
+        raise ValueError(f"colour data need a {channel_dim!r} dim of size 3 (RGB) or 4 (RGBA); got dims {dict(rgb.sizes)}")
+    if rgb.chunks is not None and len(rgb.chunksizes[channel_dim]) > 1:
+        rgb = rgb.chunk({channel_dim: -1})  # a pixel's channels in one block
     return rgb
 
 
-def to_grey(rgb: xr.DataArray, *, method: str = "rec601", dim: str = "channel") -> xr.DataArray:
+def to_grey(rgb: xr.DataArray, *, method: str = "rec601", channel_dim: str = "channel") -> xr.DataArray:
     """Greyscale from RGB(A): a weighted sum of the channels (luma), or the "perceived
     brightness" ``sqrt(0.299 R² + 0.587 G² + 0.114 B²)``. Alpha is ignored.
 
     Parameters
     ----------
     rgb : xarray.DataArray
-        Colour data with a ``dim`` of size 3 or 4, in any dtype (integer values keep their
+        Colour data with a ``channel_dim`` of size 3 or 4, in any dtype (integer values keep their
         scale: uint8 in, 0-255 floats out).
     method : {"rec601", "rec709", "perceived"}
         BT.601 luma (PIL's ``convert("L")`` and OpenCV's weights), BT.709 luma, or perceived
         brightness.
-    dim : str
-        The channel dim.
+    channel_dim : str
+        The name of the channel dim (R, G, B[, A]).
 
     Returns
     -------
     xarray.DataArray
-        float32 for inputs of up to 16 bits, float64 otherwise, without ``dim``; lazy when
+        float32 for inputs of up to 16 bits, float64 otherwise, without ``channel_dim``; lazy when
         the input is.
 
     Examples
@@ -61,7 +61,7 @@ def to_grey(rgb: xr.DataArray, *, method: str = "rec601", dim: str = "channel") 
     >>> [round(float(v), 3) for v in vn.color.to_grey(px).values]
     [76.245, 255.0]
     """
-    rgb = _channels(rgb, dim)
+    rgb = _channels(rgb, channel_dim)
     ft = np.float32 if rgb.dtype.itemsize <= 2 or rgb.dtype == np.float32 else np.float64
     if method not in ("perceived", *LUMA):
         raise ValueError(f"`method` must be one of rec601, rec709, perceived; got {method!r}")
@@ -76,8 +76,8 @@ def to_grey(rgb: xr.DataArray, *, method: str = "rec601", dim: str = "channel") 
         _kernels.luma_rows(flat, *w, method == "perceived", np.empty(3, ft), out)
         return out.reshape(x.shape[:-1])
 
-    out = xr.apply_ufunc(block, rgb.transpose(..., dim), input_core_dims=[[dim]], dask="parallelized", output_dtypes=[ft])
-    return out.transpose(*[d for d in rgb.dims if d != dim]).rename(rgb.name).assign_attrs(rgb.attrs)
+    out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[ft])
+    return out.transpose(*[d for d in rgb.dims if d != channel_dim]).rename(rgb.name).assign_attrs(rgb.attrs)
 
 
 def colormap_table(cmap: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +216,7 @@ def quantize_grey(
 
 
 def invert_colormap(
-    rgb: xr.DataArray, cmap: Any = "viridis", *, vmin: float = 0.0, vmax: float = 1.0, dim: str = "channel"
+    rgb: xr.DataArray, cmap: Any = "viridis", *, vmin: float = 0.0, vmax: float = 1.0, channel_dim: str = "channel"
 ) -> xr.DataArray:
     """Recover scalar data from a picture made with a colormap: each pixel takes the value of
     the nearest colour among all the colormap's entries (Euclidean in RGB; a pixel need not
@@ -234,20 +234,20 @@ def invert_colormap(
     Parameters
     ----------
     rgb : xarray.DataArray
-        uint8 (0-255) or float (0-1) colours with a ``dim`` of size 3 or 4 (alpha ignored).
+        uint8 (0-255) or float (0-1) colours with a ``channel_dim`` of size 3 or 4 (alpha ignored).
     cmap : str or matplotlib.colors.Colormap
         The colormap the picture was made with.
     vmin : float
         The value of the colormap's first colour.
     vmax : float
         The value of its last colour.
-    dim : str
-        The channel dim.
+    channel_dim : str
+        The name of the channel dim (R, G, B[, A]).
 
     Returns
     -------
     xarray.DataArray
-        float64 values without ``dim``, with a ``distance`` coord (float32 RGB distance to
+        float64 values without ``channel_dim``, with a ``distance`` coord (float32 RGB distance to
         the nearest colour, 0-255 scale) and ``attrs`` ``step``, ``max_error``, ``colormap``.
 
     Examples
@@ -258,7 +258,7 @@ def invert_colormap(
     >>> round(back.attrs["step"], 2), bool(np.all(np.abs(back - x) <= back.attrs["max_error"]))
     (11.72, True)
     """
-    rgb = _channels(rgb, dim)
+    rgb = _channels(rgb, channel_dim)
     table, cm = colormap_table(cmap)
     n = cm.N
     step = (float(vmax) - float(vmin)) / n
@@ -293,7 +293,7 @@ def invert_colormap(
 
     # two outputs of one task each (no stacked array to slice)
     out, dist = xr.apply_ufunc(
-        block, rgb.transpose(..., dim), input_core_dims=[[dim]], output_core_dims=[[], []], dask="parallelized",
+        block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], output_core_dims=[[], []], dask="parallelized",
         output_dtypes=[np.float64, np.float32],
     )
     out = out.assign_coords(distance=dist)
@@ -306,13 +306,13 @@ def invert_colormap(
 # ---------------------------------------------------------------------------
 
 
-def _pixels_sample(rgb: xr.DataArray, n: int, seed: int, dim: str) -> np.ndarray:
+def _pixels_sample(rgb: xr.DataArray, n: int, seed: int, channel_dim: str) -> np.ndarray:
     """About ``n`` pixels drawn uniformly from the whole stack, block by block (each block gives
     its share, with its own seed): ``(n, channels)`` float64. One pass; only the sample is kept."""
     import dask
     import dask.array as da
 
-    x = rgb.transpose(..., dim)
+    x = rgb.transpose(..., channel_dim)
     arr = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=x.shape)
     arr = arr.rechunk({arr.ndim - 1: -1})
     total = int(np.prod(arr.shape[:-1]))
@@ -330,7 +330,7 @@ def _pixels_sample(rgb: xr.DataArray, n: int, seed: int, dim: str) -> np.ndarray
 
 
 def fit_quantize(
-    rgb: xr.DataArray, n_colors: int = 16, *, sample: int = 200_000, seed: int = 0, dim: str = "channel"
+    rgb: xr.DataArray, n_colors: int = 16, *, sample: int = 200_000, seed: int = 0, channel_dim: str = "channel"
 ) -> Any:
     """Fit a palette of ``n_colors`` colours to a colour stack: k-means (k-means++ start,
     Lloyd iterations to a fixed point) on about ``sample`` pixels drawn uniformly from the
@@ -339,15 +339,15 @@ def fit_quantize(
     Parameters
     ----------
     rgb : xarray.DataArray
-        Colour data with ``dim`` of size 3 or 4 (alpha is clustered too when present).
+        Colour data with ``channel_dim`` of size 3 or 4 (alpha is clustered too when present).
     n_colors : int
         Palette size (2-256).
     sample : int
         About this many pixels are drawn (all of them for smaller stacks).
     seed : int
         The sample and the k-means++ start: the same seed, the same palette.
-    dim : str
-        The channel dim.
+    channel_dim : str
+        The name of the channel dim (R, G, B[, A]).
 
     Returns
     -------
@@ -367,10 +367,10 @@ def fit_quantize(
 
     from volnorm._transforms import Params
 
-    rgb = _channels(rgb, dim)
+    rgb = _channels(rgb, channel_dim)
     if not (isinstance(n_colors, (int, np.integer)) and 2 <= n_colors <= 256):
         raise ValueError(f"`n_colors` must be an int in 2..256; got {n_colors!r}")
-    pts = _pixels_sample(rgb, int(sample), int(seed), dim)
+    pts = _pixels_sample(rgb, int(sample), int(seed), channel_dim)
     pts = pts[np.all(np.isfinite(pts), axis=1)]
     if len(pts) < n_colors:
         raise ValueError(f"only {len(pts)} valid pixels to fit {n_colors} colours")
@@ -387,7 +387,7 @@ def fit_quantize(
         if np.array_equal(new, lab):
             break
         lab = new
-    values = xr.Dataset({"palette": (("color", dim), centres)}, coords={dim: rgb[dim].values if dim in rgb.coords else np.arange(rgb.sizes[dim])})
+    values = xr.Dataset({"palette": (("color", channel_dim), centres)}, coords={channel_dim: rgb[channel_dim].values if channel_dim in rgb.coords else np.arange(rgb.sizes[channel_dim])})
     return Params("quantize", values, {"n_colors": int(n_colors), "sample": len(pts), "seed": int(seed)})
 
 
@@ -435,7 +435,7 @@ def _rgb_table(key: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize(
-    rgb: xr.DataArray, n_colors: int = 16, *, params: Any = None, labels: bool = False, dim: str = "channel", **fit: Any
+    rgb: xr.DataArray, n_colors: int = 16, *, params: Any = None, labels: bool = False, channel_dim: str = "channel", **fit: Any
 ) -> xr.DataArray:
     """Reduce a colour stack to a palette: each pixel takes its nearest palette colour,
     block by block (lazy). The palette is fitted with :func:`fit_quantize` unless ``params``
@@ -444,16 +444,16 @@ def quantize(
     Parameters
     ----------
     rgb : xarray.DataArray
-        Colour data with ``dim`` of size 3 or 4.
+        Colour data with ``channel_dim`` of size 3 or 4.
     n_colors : int
         Palette size when fitting.
     params : volnorm.Params, optional
         A fitted palette (``fit_quantize``); no fit then.
     labels : bool
-        Return each pixel's palette index (uint8, without ``dim``) instead of its colour.
+        Return each pixel's palette index (uint8, without ``channel_dim``) instead of its colour.
         (Float pixels with a NaN get NaN colours, or label 0: uint8 has no missing value.)
-    dim : str
-        The channel dim.
+    channel_dim : str
+        The name of the channel dim (R, G, B[, A]).
     fit
         ``sample=`` and ``seed=`` for the fit.
 
@@ -472,11 +472,11 @@ def quantize(
     """
     from volnorm._transforms import _attach
 
-    rgb = _channels(rgb, dim)
-    p = params if params is not None else fit_quantize(rgb, n_colors, dim=dim, **fit)
+    rgb = _channels(rgb, channel_dim)
+    p = params if params is not None else fit_quantize(rgb, n_colors, channel_dim=channel_dim, **fit)
     centres = np.asarray(p.values["palette"].values, dtype=np.float64)
-    if centres.shape[1] != rgb.sizes[dim]:
-        raise ValueError(f"the palette has {centres.shape[1]} channels, the data {rgb.sizes[dim]}")
+    if centres.shape[1] != rgb.sizes[channel_dim]:
+        raise ValueError(f"the palette has {centres.shape[1]} channels, the data {rgb.sizes[channel_dim]}")
     out_colors = centres.round().clip(0, 255).astype(rgb.dtype) if rgb.dtype.kind in "iu" else centres.astype(rgb.dtype)
 
     def block(x: np.ndarray) -> np.ndarray:
@@ -488,11 +488,11 @@ def quantize(
             out[np.isnan(x).any(axis=-1)] = np.nan
         return out
 
-    x = rgb.transpose(..., dim)
+    x = rgb.transpose(..., channel_dim)
     if labels:
-        out = xr.apply_ufunc(block, x, input_core_dims=[[dim]], dask="parallelized", output_dtypes=[np.uint8])
+        out = xr.apply_ufunc(block, x, input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[np.uint8])
     else:
-        out = xr.apply_ufunc(block, x, input_core_dims=[[dim]], output_core_dims=[[dim]], dask="parallelized",
+        out = xr.apply_ufunc(block, x, input_core_dims=[[channel_dim]], output_core_dims=[[channel_dim]], dask="parallelized",
                              output_dtypes=[rgb.dtype]).transpose(*rgb.dims)
     return _attach(out, rgb, p)
 
@@ -503,7 +503,7 @@ def quantize(
 
 
 def exposure(
-    data: xr.DataArray, *, dark: float = 0.1, bright: float = 0.9, dim: str = "channel", scale: float | None = None
+    data: xr.DataArray, *, dark: float = 0.1, bright: float = 0.9, channel_dim: str = "channel", scale: float | None = None
 ) -> xr.Dataset:
     """An exposure report per image: mean luma, RMS contrast, perceived brightness, the
     fractions of under- and over-exposed pixels and a 0-10 brightness level. One pass.
@@ -522,15 +522,15 @@ def exposure(
         Pixels below this (0-1) count as under-exposed.
     bright : float
         Pixels above this (0-1) count as over-exposed.
-    dim : str
-        The channel dim of colour data.
+    channel_dim : str
+        The name of the channel dim of colour data.
     scale : float, optional
         The value of full white (default: the integer dtype's maximum, 1 for floats).
 
     Returns
     -------
     xarray.Dataset
-        Per image (the ``volume`` dim): ``mean``, ``rms_contrast`` (std of the luma),
+        Per image (the ``volume`` channel_dim): ``mean``, ``rms_contrast`` (std of the luma),
         ``brightness``, ``underexposed``, ``overexposed`` (fractions) and ``level``
         (``round(10 * brightness)``, 0 black to 10 white). ``report.to_dataframe()`` gives
         the table; ``vn.plot.plot_exposure`` draws it.
@@ -547,9 +547,9 @@ def exposure(
         raise TypeError(f"expected an xarray.DataArray; got {type(data).__name__}")
     if scale is None:
         scale = float(np.iinfo(data.dtype).max) if data.dtype.kind in "iu" else 1.0
-    if dim in data.dims:
-        luma = to_grey(data, method="rec601", dim=dim) / scale
-        perceived = to_grey(data, method="perceived", dim=dim) / scale
+    if channel_dim in data.dims:
+        luma = to_grey(data, method="rec601", channel_dim=channel_dim) / scale
+        perceived = to_grey(data, method="perceived", channel_dim=channel_dim) / scale
     else:
         luma = perceived = data.astype(np.float32 if data.dtype.itemsize <= 2 else np.float64) / scale
     over = [d for d in luma.dims if d != "volume"]
@@ -586,14 +586,14 @@ def _from_unit(x: xr.DataArray, like: xr.DataArray, scale: float) -> xr.DataArra
     return x.clip(0, 1).astype(like.dtype if like.dtype.kind == "f" else np.float64)
 
 
-def _convert(x: xr.DataArray, func: str, dim: str) -> xr.DataArray:
+def _convert(x: xr.DataArray, func: str, channel_dim: str) -> xr.DataArray:
     """skimage.color's ``func`` block by block over the channel dim (kept last in the block)."""
     import skimage.color
 
     f = getattr(skimage.color, func)
     order = x.dims
     if x.chunks is not None:
-        x = x.chunk({dim: -1})  # the three channels in one block
+        x = x.chunk({channel_dim: -1})  # the three channels in one block
     def block(b: np.ndarray) -> np.ndarray:
         import warnings
 
@@ -601,9 +601,9 @@ def _convert(x: xr.DataArray, func: str, dim: str) -> xr.DataArray:
             warnings.filterwarnings("ignore", message=".*negative Z values.*")
             return f(b[..., :3], channel_axis=-1)
 
-    out = xr.apply_ufunc(block, x.transpose(..., dim), input_core_dims=[[dim]],
-                         output_core_dims=[[dim]], dask="parallelized", output_dtypes=[np.float64],
-                         dask_gufunc_kwargs={"output_sizes": {dim: 3}}, exclude_dims={dim})
+    out = xr.apply_ufunc(block, x.transpose(..., channel_dim), input_core_dims=[[channel_dim]],
+                         output_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[np.float64],
+                         dask_gufunc_kwargs={"output_sizes": {channel_dim: 3}}, exclude_dims={channel_dim})
     return out.transpose(*order)
 
 
@@ -612,34 +612,36 @@ def equalize_color(
     *,
     mode: str = "luminance",
     space: str = "lab",
-    per: str | tuple[str, ...] | None = None,
+    dim: str | tuple[str, ...] | None = None,
     nbins: int = 256,
-    dim: str = "channel",
+    channel_dim: str = "channel",
 ) -> xr.DataArray:
     """Histogram equalization of colour images: of the lightness only, in a space that keeps
     hue (``mode="luminance"``: Lab's L, or HSV's V), or of each channel on its own
     (``mode="channels"``, which shifts colours).
 
-    The CDFs are exact and dataset-wide by default (one for the whole stack, computed out of
-    core with :func:`volnorm.equalize`); ``per="volume"`` gives one per image. Alpha is dropped.
+    The CDFs are exact and, by the ``dim`` rule, dataset-wide by default (one for the whole
+    stack, computed out of core with :func:`volnorm.equalize`); ``dim=("y", "x")`` gives one
+    per image. Alpha is dropped.
     Lab colours that a brighter L pushes out of the sRGB gamut are clipped (as
     ``skimage.color.lab2rgb`` does, without its warning for every block).
 
     Parameters
     ----------
     rgb : xarray.DataArray
-        Colour data with a ``dim`` of size 3 or 4; integers are read on their dtype's full
+        Colour data with a ``channel_dim`` of size 3 or 4; integers are read on their dtype's full
         scale (uint8: 0-255), floats in [0, 1].
     mode : {"luminance", "channels"}
         What is equalized.
     space : {"lab", "hsv"}
         ``mode="luminance"``: the colour space whose lightness is equalized.
-    per : str or tuple of str, optional
-        Dims that get their own CDF (e.g. ``"volume"``); default: one for everything.
+    dim : str or tuple of str, optional
+        The dims each CDF is computed over (never the channel dim): ``None`` (default) every
+        other dim, one CDF for the stack; ``("y", "x")`` one per image.
     nbins : int
         Bins of the float histogram, as ``skimage.exposure.equalize_hist``.
-    dim : str
-        The channel dim.
+    channel_dim : str
+        The name of the channel dim (R, G, B[, A]).
 
     Returns
     -------
@@ -656,12 +658,13 @@ def equalize_color(
     """
     from volnorm._transforms import equalize
 
-    rgb = _channels(rgb, dim)
-    rgb3 = rgb.isel({dim: slice(0, 3)})
+    rgb = _channels(rgb, channel_dim)
+    rgb3 = rgb.isel({channel_dim: slice(0, 3)})
     unit, scale = _as_unit(rgb3)
-    keep = (per,) if isinstance(per, str) else tuple(per or ())
-    if mode == "channels":
-        over = tuple(d for d in rgb3.dims if d != dim and d not in keep)
+    over = tuple(d for d in rgb3.dims if d != channel_dim) if dim is None else ((dim,) if isinstance(dim, str) else tuple(dim))
+    if channel_dim in over or not set(over) <= set(rgb3.dims):
+        raise ValueError(f"`dim` must name dims of the data other than {channel_dim!r}; got {dim!r} for dims {rgb3.dims}")
+    if mode == "channels":  # each channel its own CDF
         out = equalize(unit, nbins, dim=over)
         return _from_unit(out.transpose(*rgb3.dims), rgb3, scale).rename(rgb.name)
     if mode != "luminance":
@@ -669,14 +672,13 @@ def equalize_color(
     if space not in _SPACES:
         raise ValueError(f"`space` must be one of {', '.join(_SPACES)}; got {space!r}")
     to, back, li, rng = _SPACES[space]
-    conv = _convert(unit, to, dim)
-    light = conv.isel({dim: li}, drop=True)
-    over = tuple(d for d in light.dims if d not in keep)
+    conv = _convert(unit, to, channel_dim)
+    light = conv.isel({channel_dim: li}, drop=True)
     eq = equalize(light, nbins, dim=over, out_range=rng)
-    parts = [eq if i == li else conv.isel({dim: i}, drop=True) for i in range(3)]
-    merged = xr.concat(parts, dim=dim).transpose(*conv.dims)
-    out = _convert(merged, back, dim)
-    return _from_unit(out, rgb3, scale).assign_coords({dim: rgb3[dim]} if dim in rgb3.coords else {}).rename(rgb.name)
+    parts = [eq if i == li else conv.isel({channel_dim: i}, drop=True) for i in range(3)]
+    merged = xr.concat(parts, dim=channel_dim).transpose(*conv.dims)
+    out = _convert(merged, back, channel_dim)
+    return _from_unit(out, rgb3, scale).assign_coords({channel_dim: rgb3[channel_dim]} if channel_dim in rgb3.coords else {}).rename(rgb.name)
 
 
 def radial_weight(
@@ -718,7 +720,7 @@ def radial_weight(
     return xr.DataArray(np.clip((outer - r) / (outer - inner), 0.0, 1.0), dims=dims, name="weight")
 
 
-def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, dim: str = "channel") -> xr.DataArray:
+def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, channel_dim: str = "channel") -> xr.DataArray:
     """Fade colour towards grey gradually: HSV saturation multiplied by ``weight`` (1 keeps
     the colour, 0 gives grey of the same value), hue and value unchanged — not a blend of
     the RGB channels with a grey image.
@@ -726,11 +728,11 @@ def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, dim: str = "c
     Parameters
     ----------
     rgb : xarray.DataArray
-        Colour data with a ``dim`` of size 3 or 4 (alpha dropped).
+        Colour data with a ``channel_dim`` of size 3 or 4 (alpha dropped).
     weight : xarray.DataArray or float
         In [0, 1], broadcastable to the image grid (e.g. :func:`radial_weight`).
-    dim : str
-        The channel dim.
+    channel_dim : str
+        The name of the channel dim (R, G, B[, A]).
 
     Returns
     -------
@@ -744,14 +746,14 @@ def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, dim: str = "c
     >>> vn.color.desaturate(red, 0.0).values.tolist()   # grey with the same HSV value
     [[[200, 200, 200]]]
     """
-    rgb = _channels(rgb, dim)
-    rgb3 = rgb.isel({dim: slice(0, 3)})
+    rgb = _channels(rgb, channel_dim)
+    rgb3 = rgb.isel({channel_dim: slice(0, 3)})
     w = weight if isinstance(weight, xr.DataArray) else xr.DataArray(float(weight))
     if float(w.min()) < 0 or float(w.max()) > 1:
         raise ValueError("`weight` must be in [0, 1]")
     unit, scale = _as_unit(rgb3)
-    hsv = _convert(unit, "rgb2hsv", dim)
-    s = hsv.isel({dim: 1}, drop=True) * w
-    merged = xr.concat([hsv.isel({dim: 0}, drop=True), s.transpose(*hsv.isel({dim: 0}, drop=True).dims), hsv.isel({dim: 2}, drop=True)], dim=dim)
-    out = _convert(merged.transpose(*hsv.dims), "hsv2rgb", dim)
+    hsv = _convert(unit, "rgb2hsv", channel_dim)
+    s = hsv.isel({channel_dim: 1}, drop=True) * w
+    merged = xr.concat([hsv.isel({channel_dim: 0}, drop=True), s.transpose(*hsv.isel({channel_dim: 0}, drop=True).dims), hsv.isel({channel_dim: 2}, drop=True)], dim=channel_dim)
+    out = _convert(merged.transpose(*hsv.dims), "hsv2rgb", channel_dim)
     return _from_unit(out, rgb3, scale).rename(rgb.name)
