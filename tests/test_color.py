@@ -205,6 +205,10 @@ def test_quantize_assigns_the_nearest_palette_colour_lazily_and_reuses_the_palet
     frames = _stack(("astronaut",)).isel(x=slice(None, None, -1))
     out = vn.color.quantize(frames, params=p).values.reshape(-1, 3)
     assert {tuple(c) for c in np.unique(out, axis=0)} <= {tuple(c) for c in pal.round().astype(np.uint8)}
+    # the palette saved as JSON (e.g. next to a video's first frames) gives the same labels
+    again = vn.Params.from_json(p.to_json())
+    np.testing.assert_array_equal(vn.color.quantize(frames, params=again, labels=True).values,
+                                  vn.color.quantize(frames, params=p, labels=True).values)
     # chunking does not change the sample's blocks' draws within a chunk layout, nor the result
     np.testing.assert_array_equal(q.values, vn.color.quantize(stack, params=p).values)
 
