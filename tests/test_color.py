@@ -112,8 +112,9 @@ def test_round_trip_is_within_half_a_step(seed, cmap, lo, width):
 
 def test_invert_jet_quantization_error_and_nearest_colour():
     x = xr.DataArray(np.linspace(1500, 4500, 1001), dims="x")
-    rgba = vn.color.apply_colormap(x, "jet", vmin=1500, vmax=4500)
-    back = vn.color.invert_colormap(rgba, "jet", vmin=1500, vmax=4500)
+    rgba = vn.apply_colormap(x, "jet", vmin=1500, vmax=4500)  # the top-level names, as in vn.color
+    back = vn.invert_colormap(rgba, "jet", 1500, 4500)
+    xr.testing.assert_identical(back, vn.color.invert_colormap(rgba, "jet", vmin=1500, vmax=4500))
     assert back.attrs["step"] == pytest.approx(3000 / 256) and round(back.attrs["step"], 1) == 11.7
     assert np.max(np.abs(back.values - x.values)) <= back.attrs["max_error"] + 1e-9
     # colours that are not exactly in the colormap (JPEG-like noise): the nearest entry

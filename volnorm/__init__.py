@@ -34,6 +34,7 @@ from volnorm._transforms import (
     zscore,
 )
 from volnorm import color, fsl, plot
+from volnorm.color import apply_colormap, invert_colormap
 from volnorm.io.nifti import NiftiError, read_info
 from volnorm.io.readers import open_images, open_nifti, open_zarr
 from volnorm.io.store import IncompleteStoreError
@@ -68,6 +69,8 @@ __all__ = [
     "convert",
     "datasets",
     "color",
+    "apply_colormap",
+    "invert_colormap",
     "fsl",
     "plot",
     "histogram",

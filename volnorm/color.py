@@ -216,7 +216,7 @@ def quantize_grey(
 
 
 def invert_colormap(
-    rgb: xr.DataArray, cmap: Any = "viridis", *, vmin: float = 0.0, vmax: float = 1.0, channel_dim: str = "channel"
+    rgb: xr.DataArray, cmap: Any = "viridis", vmin: float = 0.0, vmax: float = 1.0, *, channel_dim: str = "channel"
 ) -> xr.DataArray:
     """Recover scalar data from a picture made with a colormap: each pixel takes the value of
     the nearest colour among all the colormap's entries (Euclidean in RGB; a pixel need not
