@@ -694,17 +694,20 @@ def rgb_nearest_table(centres, out, cells):  # pragma: no cover - compiled
                             out[(r << 16) | (g << 8) | b] = bi
 
 
+@numba.njit(inline="always")
+def _rgb_entry(table, cells, r, g, b):  # pragma: no cover - compiled
+    """The table's answer for the colour ``(r, g, b)``, through its cell first (most colours are
+    settled there, without a cache miss into the 16 MiB table); inlined into its callers."""
+    c = cells[((r >> 3) << 10) | ((g >> 3) << 5) | (b >> 3)]
+    return c if c >= 0 else table[(r << 16) | (g << 8) | b]
+
+
 @numba.njit(nogil=True, cache=True)
 def rgb_lookup(x, table, cells, out):  # pragma: no cover - compiled
     """``out[i] = table[(x[i, 0] << 16) | (x[i, 1] << 8) | x[i, 2]]`` for 8-bit colours ``x``
-    ``(n, >= 3)`` (a 4th channel is ignored), through ``cells`` first (:func:`rgb_nearest_table`):
-    most colours are settled by their cell, without a cache miss into the 16 MiB table."""
+    ``(n, >= 3)`` (a 4th channel is ignored), through ``cells`` first (:func:`rgb_nearest_table`)."""
     for i in range(x.shape[0]):
-        r = np.int64(x[i, 0])
-        g = np.int64(x[i, 1])
-        b = np.int64(x[i, 2])
-        c = cells[((r >> 3) << 10) | ((g >> 3) << 5) | (b >> 3)]
-        out[i] = c if c >= 0 else table[(r << 16) | (g << 8) | b]
+        out[i] = _rgb_entry(table, cells, np.int64(x[i, 0]), np.int64(x[i, 1]), np.int64(x[i, 2]))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -716,9 +719,7 @@ def rgb_invert(x, table, cells, colors, values, value, dist):  # pragma: no cove
         r = np.int64(x[i, 0])
         g = np.int64(x[i, 1])
         b = np.int64(x[i, 2])
-        j = cells[((r >> 3) << 10) | ((g >> 3) << 5) | (b >> 3)]
-        if j < 0:
-            j = table[(r << 16) | (g << 8) | b]
+        j = _rgb_entry(table, cells, r, g, b)
         v = r - colors[j, 0]
         d = v * v
         v = g - colors[j, 1]

@@ -33,6 +33,11 @@ def _channels(rgb: xr.DataArray, channel_dim: str) -> xr.DataArray:
     return rgb
 
 
+def _white(dtype: np.dtype) -> float:
+    """The value of full white: an integer dtype's maximum (uint8: 255), 1 for floats."""
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else 1.0
+
+
 def to_grey(rgb: xr.DataArray, *, method: str = "rec601", channel_dim: str = "channel") -> xr.DataArray:
     """Greyscale from RGB(A): a weighted sum of the channels (luma), or the "perceived
     brightness" ``sqrt(0.299 R² + 0.587 G² + 0.114 B²)``. Alpha is ignored.
@@ -530,7 +535,7 @@ def exposure(
     Returns
     -------
     xarray.Dataset
-        Per image (the ``volume`` channel_dim): ``mean``, ``rms_contrast`` (std of the luma),
+        Per image (the ``volume`` dim): ``mean``, ``rms_contrast`` (std of the luma),
         ``brightness``, ``underexposed``, ``overexposed`` (fractions) and ``level``
         (``round(10 * brightness)``, 0 black to 10 white). ``report.to_dataframe()`` gives
         the table; ``vn.plot.plot_exposure`` draws it.
@@ -546,7 +551,7 @@ def exposure(
     if not isinstance(data, xr.DataArray):
         raise TypeError(f"expected an xarray.DataArray; got {type(data).__name__}")
     if scale is None:
-        scale = float(np.iinfo(data.dtype).max) if data.dtype.kind in "iu" else 1.0
+        scale = _white(data.dtype)
     if channel_dim in data.dims:
         luma = to_grey(data, method="rec601", channel_dim=channel_dim) / scale
         perceived = to_grey(data, method="perceived", channel_dim=channel_dim) / scale
@@ -576,7 +581,7 @@ _SPACES = {"hsv": ("rgb2hsv", "hsv2rgb", 2, (0.0, 1.0)), "lab": ("rgb2lab", "lab
 
 def _as_unit(rgb: xr.DataArray) -> tuple[xr.DataArray, float]:
     """RGB as floats in [0, 1] (integers divided by their dtype's maximum) and that scale."""
-    scale = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "iu" else 1.0
+    scale = _white(rgb.dtype)
     return rgb.astype(np.float64) / scale, scale
 
 
