@@ -114,3 +114,55 @@ def native(dtype: Any) -> np.dtype:
     """The same dtype in native byte order."""
     dtype = np.dtype(dtype)
     return dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
+
+
+def plain_name(name: Any, what: str = "name", *, taken: Sequence[str] = ()) -> str:
+    """Check that ``name`` is a plain name for a node inside a store; return it.
+
+    A plain name is a non-empty string without path separators, not ``.`` or ``..``,
+    not hidden (no leading ``.``: volnorm's staging and lock files are hidden), without
+    control characters, and not one of ``taken`` (e.g. the store's volumes). Everything
+    volnorm creates or replaces inside a store is named this way, so that a name can
+    never reach outside the output the user named.
+
+    Parameters
+    ----------
+    name : str
+        The candidate.
+    what : str
+        What the name is for, in the error message (e.g. ``"outputs.voxel_histogram.name"``).
+    taken : sequence of str
+        Names already used in the store that this one may not replace.
+
+    Returns
+    -------
+    str
+        ``name``, unchanged.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem.
+
+    Examples
+    --------
+    >>> plain_name("voxel_histogram")
+    'voxel_histogram'
+    >>> plain_name("../victim.zarr", "--name")
+    Traceback (most recent call last):
+    ...
+    ValueError: --name '../victim.zarr': must be a plain name inside the store (no '/', '\\\\', '..', leading '.', or absolute path)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} {name!r}: must be a non-empty string")
+    if (
+        "/" in name or "\\" in name or name.startswith(".") or ":" in name
+        or any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name) > 255
+    ):
+        raise ValueError(
+            f"{what} {name!r}: must be a plain name inside the store "
+            "(no '/', '\\\\', '..', leading '.', or absolute path)"
+        )
+    if name in set(taken):
+        raise ValueError(f"{what} {name!r}: the store already has a volume of that name; choose another name")
+    return name

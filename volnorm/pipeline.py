@@ -717,11 +717,9 @@ def _voxel_histogram(store: Path, data: xr.DataArray, opts: Mapping[str, Any], m
 
     t0 = time.perf_counter()
     name = opts["name"]
-    if (store / name / "zarr.json").exists():  # from an earlier run of another spec: replaced
-        from volnorm.io.niftizarr import remove_tree
-
-        remove_tree(store / name)
-    vn.accumulate(store, data, bins=opts["bins"], range=tuple(opts["range"]), mask=mask, name=name, progress=show)
+    # a histogram of an earlier run of another spec is replaced (only a volnorm per-voxel
+    # histogram, and only once the new one is complete: accumulate's overwrite rule)
+    vn.accumulate(store, data, bins=opts["bins"], range=tuple(opts["range"]), mask=mask, name=name, progress=show, overwrite=True)
     g = zarr.open_group(store / name, mode="r+", zarr_format=3)
     g.attrs["pipeline_digest"] = p["digests"]["voxel_histogram"]
     say(f"  voxel histogram: {time.perf_counter() - t0:.1f} s -> {store / name}")
