@@ -152,7 +152,9 @@ def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram"
     path = Path(store) / name
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(f"{path}: no per-voxel histogram here (vn.accumulate writes one)")
-    ds = xr.open_zarr(path, consolidated=False)
+    from volnorm.integrity import checked_store
+
+    ds = xr.open_zarr(checked_store(path), consolidated=False, zarr_format=3)  # chunks checked on read
     if ds.attrs.get("format") != FORMAT:
         raise ValueError(f"{path}: not a volnorm per-voxel histogram (format {ds.attrs.get('format')!r})")
     h = ds["counts"]
@@ -185,6 +187,7 @@ def accumulate(
     mask: xr.DataArray | None = None,
     name: str = "voxel_histogram",
     progress: bool = False,
+    overwrite: bool = False,
 ) -> xr.DataArray:
     """Add volumes' per-voxel histograms to the one stored in ``store`` (created on first use).
 
@@ -204,9 +207,13 @@ def accumulate(
     mask : xarray.DataArray of bool, optional
         Voxels to count (broadcast to the stack); others are counted in ``n_masked_out``.
     name : str
-        The group's name.
+        The group's name: a plain name (no ``/``, ``..``, leading ``.``), not a volume of the store.
     progress : bool
         Show a progress bar while counting and writing.
+    overwrite : bool
+        Start a new histogram from ``volumes`` alone instead of adding to the stored one. Only a
+        volnorm per-voxel histogram is ever replaced, and only once the new one is complete;
+        anything else at ``store/name`` is refused.
 
     Returns
     -------
@@ -224,10 +231,12 @@ def accumulate(
     >>> h.values.tolist(), h.attrs["n_volumes"]
     ([[2, 1], [2, 1], [2, 1]], 3)
     """
-    from volnorm.io.store import now, versions
+    from volnorm._utils import plain_name
+    from volnorm.io.store import encoding, now, read_manifest, versions
     from volnorm.io.writers import _compute
 
     root = Path(store)
+    plain_name(name, "name", taken=(read_manifest(root) or {}).get("volumes") or ())
     target = root / name
     stack = _as_stack(volumes)
     grid = _grid(stack)
@@ -235,7 +244,12 @@ def accumulate(
     root.mkdir(parents=True, exist_ok=True)
     with _lock(target):
         _recover(target)
-        old = open_voxel_histogram(root, name) if (target / "zarr.json").exists() else None
+        if (target.exists() or target.is_symlink()) and not _is_voxel_histogram(target):
+            raise FileExistsError(f"{target}: exists and is not a volnorm per-voxel histogram; volnorm never replaces it (choose another name)")
+        old = open_voxel_histogram(root, name) if target.exists() else None
+        replaced = old is not None and overwrite
+        if replaced:
+            old = None
         if old is None:
             if stack.dtype.kind == "f" and range is None:
                 raise ValueError("float data: pass `range=` when the histogram is created, so that later volumes share its bins")
@@ -267,10 +281,14 @@ def accumulate(
         }
         staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
         retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
+        ds.attrs["arrays"] = {}  # the inventory, below, once every chunk is on disk
         try:
-            delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, compute=False, consolidated=False)
+            # every chunk stored (an all-zero count chunk too: a missing one is damage) with its checksum
+            delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, compute=False, consolidated=False,
+                                 encoding=encoding(ds), write_empty_chunks=True)
             _compute([delayed], progress, "count")
-            if old is not None:
+            _seal(staging)
+            if old is not None or replaced:
                 os.rename(target, retired)
             os.rename(staging, target)
         except BaseException:
@@ -285,14 +303,47 @@ def accumulate(
     return open_voxel_histogram(root, name)
 
 
+def _is_voxel_histogram(path: Path) -> bool:
+    """Whether ``path`` is a group volnorm's :func:`accumulate` wrote (its format marker)."""
+    import json
+
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
+
+
+def _seal(path: Path) -> None:
+    """Before a new version is swapped in: no temporary file inside, every chunk present, and
+    the inventory of its arrays in its attributes (what :func:`volnorm.integrity.verify` expects)."""
+    import zarr
+
+    from volnorm.integrity import inventory, remove_partial_files
+    from volnorm.io.store import verify_array
+
+    remove_partial_files(path)
+    arrays = inventory(path)
+    g = zarr.open_group(path, mode="r+", zarr_format=3)
+    for name in arrays:
+        verify_array(g[name], f"{path}/{name}")
+    g.attrs["arrays"] = arrays
+
+
 def _recover(target: Path) -> None:
     """A process killed between the two renames of :func:`accumulate` left the previous
-    version as ``.NAME.old-*`` and no ``NAME``: put it back (under the lock)."""
-    if (target / "zarr.json").exists():
-        for stale in target.parent.glob(f".{target.name}.old-*"):
+    version as ``.NAME.old-*`` and no ``NAME``: put it back (under the lock). Only volnorm's
+    own histograms are moved or removed; a killed writer's ``.NAME.partial-*`` too."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        if _is_voxel_histogram(partial):
+            shutil.rmtree(partial)
+    olds = sorted((p for p in target.parent.glob(f".{target.name}.old-*") if _is_voxel_histogram(p)), key=lambda p: p.stat().st_mtime)
+    if target.exists() or target.is_symlink():
+        for stale in olds:
             shutil.rmtree(stale)
         return
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
     if olds:
         os.rename(olds[-1], target)
 

@@ -321,7 +321,7 @@ def open_zarr(
         (default) or return the stored raw values.
     allow_incomplete : bool
         Open a store that lacks the completion marker (for inspection only;
-        unwritten chunks read as zeros).
+        reading an unwritten chunk raises :class:`~volnorm.integrity.DamagedStoreError`).
 
     Returns
     -------
@@ -333,6 +333,9 @@ def open_zarr(
     IncompleteStoreError
         The store was not completely written (an interrupted run): re-run the
         command that wrote it to finish it.
+    DamagedStoreError
+        When computed: a chunk is missing or fails its CRC-32C (the message names
+        the chunk; ``volnorm verify`` lists all).
 
     Examples
     --------
@@ -362,9 +365,12 @@ def open_zarr(
             "interrupted or is still running). Re-run the command to finish it, or pass "
             "allow_incomplete=True to inspect it."
         )
-    root = zarr.open_group(path, mode="r", zarr_format=3)
+    from volnorm.integrity import checked_store
+
+    store_ = checked_store(path)  # every chunk read is checked: missing or failing its CRC-32C is an error naming it
+    root = zarr.open_group(store_, mode="r", zarr_format=3)
     if m.get("kind") == "images":
-        ds = xr.open_zarr(path, zarr_format=3, decode_cf=False, mask_and_scale=False, consolidated=False)
+        ds = xr.open_zarr(store_, zarr_format=3, decode_cf=False, mask_and_scale=False, consolidated=False)
         arr = ds["image"]
         arr.attrs = {k: v for k, v in arr.attrs.items() if k != "_FillValue"}
         return arr

@@ -48,25 +48,50 @@ Codec = Literal["lz4", "zstd", "zarr-default", "none"]
 DEFAULT_CODEC: Codec = "lz4"
 
 
-def compressors(codec: Codec | Any = DEFAULT_CODEC) -> Any:
-    """The zarr v3 ``compressors=`` value for a codec name (or pass a codec through).
+def compressors(codec: Codec | Any = DEFAULT_CODEC, *, checksum: bool = True) -> tuple:
+    """The zarr v3 ``compressors=`` value for a codec name (or a codec, or codecs), followed by
+    a CRC-32C of each chunk (zarr v3's standard ``crc32c`` codec: any zarr v3 reader checks it,
+    and volnorm's reads name the damaged chunk, see :mod:`volnorm.integrity`).
 
-    >>> compressors("lz4")[0].cname.value
-    'lz4'
+    >>> [type(c).__name__ for c in compressors("lz4")]
+    ['BloscCodec', 'Crc32cCodec']
+    >>> [type(c).__name__ for c in compressors("none")]
+    ['Crc32cCodec']
     """
-    from zarr.codecs import BloscCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-    if not isinstance(codec, str):
-        return codec
     table = {
         "lz4": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
         "zstd": lambda: (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
         "zarr-default": lambda: (ZstdCodec(level=0, checksum=False),),
-        "none": lambda: None,
+        "none": lambda: (),
     }
-    if codec not in table:
-        raise ValueError(f"`codec` must be one of {sorted(table)!r}; got {codec!r}.")
-    return table[codec]()
+    if isinstance(codec, str):
+        if codec not in table:
+            raise ValueError(f"`codec` must be one of {sorted(table)!r}; got {codec!r}.")
+        chain: tuple = table[codec]()
+    elif codec is None:
+        chain = ()
+    elif isinstance(codec, (list, tuple)):
+        chain = tuple(codec)
+    else:
+        chain = (codec,)
+    if checksum and not any(isinstance(c, Crc32cCodec) for c in chain):
+        chain = (*chain, Crc32cCodec())
+    return chain
+
+
+def encoding(ds: Any, codec: Codec | Any = DEFAULT_CODEC, **per_var: dict) -> dict[str, dict]:
+    """xarray ``to_zarr`` encoding giving every variable of ``ds`` (coordinates too) volnorm's
+    compressors and chunk checksum; ``per_var`` adds settings (e.g. chunks) for some variables.
+
+    >>> import xarray as xr, numpy as np
+    >>> enc = encoding(xr.Dataset({"a": ("x", np.zeros(3))}, coords={"x": [1, 2, 3]}))
+    >>> sorted(enc), type(enc["x"]["compressors"][-1]).__name__
+    (['a', 'x'], 'Crc32cCodec')
+    """
+    names = [str(k) for k in ds.variables]
+    return {k: {"compressors": compressors(codec), **per_var.get(k, {})} for k in names}
 
 
 # ---------------------------------------------------------------------------
@@ -106,8 +131,13 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     """The volnorm manifest of a store, or None when it has none (not volnorm's)."""
     meta = Path(path) / "zarr.json"
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        doc = json.loads(meta.read_text())
     except (OSError, ValueError):
+        return None
+    except RecursionError:
+        raise ValueError(f"{meta}: the metadata are nested too deeply to be a volnorm store's (damaged or hostile)") from None
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
+    if not isinstance(attrs, dict):
         return None
     m = attrs.get("volnorm")
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
@@ -235,14 +265,15 @@ class Staging:
                     f"{self.path}: exists but is not a volnorm staging directory; remove it by hand."
                 )
             if m.get("plan_digest") == self.plan_digest:
+                from volnorm.integrity import remove_partial_files
+
                 self.resumed = True
-                logger.info("resuming the interrupted run staged at %s", self.path)
+                n = remove_partial_files(self.path)  # temporaries of the killed writer
+                logger.info("resuming the interrupted run staged at %s (%d temporary files removed)", self.path, n)
                 return self
-            if not self.overwrite:
-                raise FileExistsError(
-                    f"{self.path}: an interrupted run with other inputs or options is staged here; "
-                    "re-run it with the same arguments to finish it, or pass overwrite=True to discard it."
-                )
+            # volnorm's own staging of an interrupted run with other inputs or options (the plan's
+            # digest decides what is reused): never committed, derived from inputs; replaced
+            logger.warning("%s: discarding an interrupted run with other inputs or options staged here", self.path)
             shutil.rmtree(self.path)
         manifest = {
             "format": FORMAT,
@@ -276,7 +307,13 @@ class Staging:
         """Write the manifest with the completion marker last, then move into place."""
         import zarr
 
+        from volnorm.integrity import inventory, remove_partial_files
+
+        remove_partial_files(self.path)  # zarr's temporaries of killed tasks: never into a committed store
+        arrays = inventory(self.path)
         root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        for name in arrays:  # every chunk of every array, not only the volumes' voxels
+            verify_array(root[name], f"{self.path}/{name}")
         m = dict(root.attrs.get("volnorm", {}))
         m.update(manifest)
         m.update(
@@ -285,6 +322,7 @@ class Staging:
             plan_digest=self.plan_digest,
             finished=now(),
             versions=versions(),
+            arrays=arrays,
             complete=True,
         )
         root.attrs["volnorm"] = m
@@ -293,7 +331,9 @@ class Staging:
             if read_manifest(self.final) is None:
                 raise FileExistsError(f"{self.final}: appeared during the run and is not a volnorm store")
             old = self.final.parent / f".{self.final.name}.volnorm-old"
-            if old.exists():
+            if old.exists() or old.is_symlink():
+                if old.is_symlink() or read_manifest(old) is None:
+                    raise FileExistsError(f"{old}: exists and volnorm did not create it; move it away and run again")
                 shutil.rmtree(old)
             os.replace(self.final, old)
         os.replace(self.path, self.final)

@@ -17,7 +17,7 @@ import xarray as xr
 
 from volnorm._utils import native, slab_chunks
 from volnorm.io.nifti import SUPPORTED_DTYPES, apply_scaling, header_from_bytes, scaled_dtype
-from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, compressors, verify_array
+from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding, verify_array
 
 logger = logging.getLogger(__name__)
 
@@ -360,9 +360,10 @@ def _write_staged(
             ds = arr.copy(data=raw).to_dataset(name="image")
             ds["image"].attrs = {k: v for k, v in arr.attrs.items() if _jsonable(v)}
             ds.attrs = {"volnorm": staging.manifest()}  # to_zarr rewrites the root's attributes: keep the manifest
-            enc = {"image": {"chunks": chunks, "compressors": compressors(codec)}}
+            enc = encoding(ds, codec, image={"chunks": chunks})  # every array checksummed, coords too
             ds.to_zarr(staging.path, mode="a", zarr_format=3, encoding=enc, compute=False, consolidated=False, write_empty_chunks=True)
-        target = zarr.open_array(staging.path / "image", mode="r+")
+        # write_empty_chunks is forgotten on reopening: an all-fill chunk must be stored too
+        target = zarr.open_array(staging.path / "image", mode="r+").with_config({"write_empty_chunks": True})
         axis = arr.dims.index("volume")
         bounds = np.cumsum((0, *raw.chunks[axis]))
         per_volume = raw.nbytes / max(1, raw.shape[axis])

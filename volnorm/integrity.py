@@ -1,0 +1,488 @@
+"""Chunk integrity: every array volnorm writes carries a checksum, every read checks it.
+
+A finished volnorm store is complete by construction (every chunk is written, even an
+all-fill one, and verified before the completion marker), so on reading:
+
+- a **missing chunk** is damage, never fill values: zarr would silently return the fill
+  value (a deleted chunk of a brain scan reads as zeros, and every statistic is wrong);
+- a **flipped or truncated chunk** is damage: each chunk ends with a CRC-32C (zarr v3's
+  standard ``crc32c`` codec, after the compressor, so any zarr v3 reader checks it too),
+  and the check here names the array and the chunk.
+
+:class:`CheckedStore` wraps any zarr v3 store (local files, object storage) and raises
+:class:`DamagedStoreError` naming the chunk; every read through volnorm goes through it.
+:func:`verify` checks a whole store (presence, checksums, the recorded inventory and the
+source files' digests) with a progress bar; :func:`quick_check` is the cheap listing-only
+check that ``volnorm info`` uses. Stores written before checksums existed still open:
+their chunks are checked for presence only (``info`` says "no checksums").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import AsyncGenerator, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.storage import LocalStore, WrapperStore
+
+__all__ = ["CheckedStore", "DamagedStoreError", "VerifyReport", "checked_store", "inventory", "quick_check", "verify"]
+
+#: A chunk key of zarr v3's default encoding: ``<array>/c/<i>/<j>...`` (``<array>/c`` for 0-d).
+_CHUNK_KEY = re.compile(r"^(?:(?P<array>.*)/)?c(?P<coords>(?:/\d+)*)$")
+#: The temporary files zarr's LocalStore writes before renaming (``<key>.<uuid hex>.partial``).
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+class DamagedStoreError(OSError):
+    """A chunk of a finished store is missing, truncated or fails its checksum.
+
+    The message names the store, the array and the chunk; ``volnorm verify STORE`` lists
+    every damaged chunk. Restore the store from a copy, or re-run the command that wrote it.
+    """
+
+
+def _crc32c(data: Any) -> bytes:
+    import google_crc32c
+
+    return np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def _split_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
+    """``(array path, chunk coords)`` of a chunk key, or None for metadata and other keys."""
+    if key.endswith("zarr.json"):
+        return None
+    m = _CHUNK_KEY.match(key)
+    if m is None:
+        return None
+    coords = tuple(int(c) for c in m["coords"].split("/")[1:]) if m["coords"] else ()
+    return m["array"] or "", coords
+
+
+def _has_checksum(meta: dict) -> bool:
+    return any(isinstance(c, dict) and c.get("name") == "crc32c" for c in meta.get("codecs", []))
+
+
+class CheckedStore(WrapperStore[Store]):
+    """A zarr store whose reads refuse damage: a missing chunk of an array, or a chunk whose
+    CRC-32C does not match, raises :class:`DamagedStoreError` naming ``where`` and the chunk.
+
+    Only arrays are checked (metadata reads pass through); arrays written without the
+    ``crc32c`` codec (older stores) are checked for presence only. Writes pass through.
+
+    Parameters
+    ----------
+    store : zarr.abc.store.Store
+        The store to wrap.
+    where : str, optional
+        How to name the store in messages (default: the store's own description).
+
+    Examples
+    --------
+    >>> import os, tempfile, zarr, numpy as np
+    >>> from zarr.storage import LocalStore
+    >>> from volnorm.io.store import compressors
+    >>> d = tempfile.mkdtemp()
+    >>> a = zarr.create_array(LocalStore(d), shape=(4,), chunks=(2,), dtype="i2", compressors=compressors("lz4"))
+    >>> a[:] = np.arange(4)
+    >>> os.remove(os.path.join(d, "c", "1"))
+    >>> zarr.open_array(CheckedStore(LocalStore(d), where="demo"))[:]
+    Traceback (most recent call last):
+    ...
+    volnorm.integrity.DamagedStoreError: demo: chunk c/1 (index (1,)) is missing; ...
+    """
+
+    def __init__(self, store: Store, *, where: str | None = None) -> None:
+        super().__init__(store)
+        self.where = where if where is not None else str(store)
+        self._meta: dict[str, dict | None] = {}
+
+    def _with_store(self, store: Store) -> CheckedStore:
+        return type(self)(store, where=self.where)
+
+    def __getstate__(self) -> dict:
+        return {"_store": self._store, "where": self.where, "_meta": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"CheckedStore({self._store!r})"
+
+    async def _array_meta(self, path: str) -> dict | None:
+        if path not in self._meta:
+            key = f"{path}/zarr.json" if path else "zarr.json"
+            buf = await self._store.get(key, default_buffer_prototype())
+            meta = None
+            if buf is not None:
+                try:
+                    meta = json.loads(buf.to_bytes())
+                except (ValueError, RecursionError):
+                    meta = None
+            self._meta[path] = meta if isinstance(meta, dict) and meta.get("node_type") == "array" else None
+        return self._meta[path]
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        buf = await self._store.get(key, prototype, byte_range)
+        parts = _split_chunk_key(key)
+        if parts is None:
+            return buf
+        meta = await self._array_meta(parts[0])
+        if meta is None:  # not a chunk of a zarr v3 array (e.g. a user file): as is
+            return buf
+        if buf is None:
+            raise DamagedStoreError(
+                f"{self.where}: chunk {key} (index {parts[1]}) is missing; a finished volnorm store has every "
+                "chunk, so the store is damaged (restore it, or re-run the command that wrote it; "
+                "`volnorm verify` lists every damaged chunk)"
+            )
+        if byte_range is None and _has_checksum(meta):
+            data = buf.as_numpy_array()
+            if len(data) < 4 or _crc32c(data[:-4]) != bytes(data[-4:]):
+                raise DamagedStoreError(
+                    f"{self.where}: chunk {key} (index {parts[1]}) fails its CRC-32C checksum ({len(data)} bytes: "
+                    "truncated or changed on disk); the store is damaged (restore it, or re-run the command "
+                    "that wrote it; `volnorm verify` lists every damaged chunk)"
+                )
+        return buf
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return [await self.get(k, prototype, r) for k, r in key_ranges]
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        for key, proto, rng in requests:
+            yield key, await self.get(key, proto, rng)
+
+
+def checked_store(path: str | os.PathLike | Store, *, read_only: bool = True) -> CheckedStore:
+    """A :class:`CheckedStore` over a local directory (or a given zarr store).
+
+    Parameters
+    ----------
+    path : path or zarr store
+        The store's directory, or a zarr v3 store object to wrap.
+    read_only : bool
+        Open a local directory read-only (default).
+
+    Returns
+    -------
+    CheckedStore
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> checked_store(tempfile.mkdtemp()).read_only
+    True
+    """
+    if isinstance(path, Store):
+        return path if isinstance(path, CheckedStore) else CheckedStore(path)
+    return CheckedStore(LocalStore(os.fspath(path), read_only=read_only), where=os.fspath(path))
+
+
+# ---------------------------------------------------------------------------
+# the arrays of a store
+# ---------------------------------------------------------------------------
+
+
+def _arrays(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every array below a zarr group, as (path relative to the group, array)."""
+    for name, member in sorted(group.members(), key=lambda kv: kv[0]):
+        path = f"{prefix}{name}"
+        if hasattr(member, "shape"):
+            yield path, member
+        else:
+            yield from _arrays(member, f"{path}/")
+
+
+def inventory(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """What a store holds: for each array (path inside the store) its shape, chunks, the
+    number of chunks and whether they carry checksums. Recorded in the manifest at commit,
+    so that :func:`verify` notices a whole array missing.
+
+    Parameters
+    ----------
+    path : path
+        A zarr v3 group on disk.
+
+    Returns
+    -------
+    dict
+        ``{array path: {"shape": [...], "chunks": [...], "nchunks": int, "checksum": "crc32c" | None}}``.
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> d = tempfile.mkdtemp()
+    >>> g = zarr.open_group(d, mode="w", zarr_format=3)
+    >>> _ = g.create_array("a", shape=(4,), chunks=(2,), dtype="u1")
+    >>> inventory(d)["a"]["nchunks"]
+    2
+    """
+    import zarr
+
+    root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
+    out = {}
+    for name, arr in _arrays(root):
+        meta = arr.metadata.to_dict()
+        out[name] = {
+            "shape": list(arr.shape),
+            "chunks": list(arr.chunks),
+            "nchunks": int(arr.nchunks),
+            "checksum": "crc32c" if _has_checksum(meta) else None,
+        }
+    return out
+
+
+def partial_files(path: str | os.PathLike) -> list[Path]:
+    """zarr's temporary files (``*.<uuid>.partial``) under ``path``: left by a killed writer.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> partial_files(tempfile.mkdtemp())
+    []
+    """
+    return sorted(p for p in Path(path).rglob("*.partial") if _PARTIAL.search(p.name) and p.is_file())
+
+
+def remove_partial_files(path: str | os.PathLike) -> int:
+    """Delete zarr's temporaries (:func:`partial_files`) under a staging directory volnorm
+    owns; returns how many. Never called on a user's path: only on volnorm's staging and on
+    groups volnorm writes."""
+    n = 0
+    for p in partial_files(path):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def quick_check(path: str | os.PathLike) -> dict[str, Any]:
+    """Presence of every chunk by listing the store (no chunk is read).
+
+    Parameters
+    ----------
+    path : path
+        A volnorm store.
+
+    Returns
+    -------
+    dict
+        ``missing`` (``{array: number of chunks missing}``), ``arrays`` (how many), ``chunks``
+        (how many expected), ``checksums`` (``"all"``, ``"none"`` or ``"some"``) and
+        ``partial`` (temporary files left inside).
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> d = tempfile.mkdtemp()
+    >>> g = zarr.open_group(d, mode="w", zarr_format=3)
+    >>> g.create_array("a", shape=(4,), chunks=(2,), dtype="u1", config={"write_empty_chunks": True})[:] = 0
+    >>> quick_check(d)["missing"]
+    {}
+    """
+    import zarr
+
+    root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
+    missing: dict[str, int] = {}
+    n_arrays = n_chunks = n_crc = 0
+    for name, arr in _arrays(root):
+        n_arrays += 1
+        n_chunks += arr.nchunks
+        have = arr.nchunks_initialized
+        if have < arr.nchunks:
+            missing[name] = int(arr.nchunks - have)
+        n_crc += _has_checksum(arr.metadata.to_dict())
+    checks = "all" if n_crc == n_arrays else "none" if n_crc == 0 else "some"
+    return {"arrays": n_arrays, "chunks": int(n_chunks), "missing": missing, "checksums": checks,
+            "partial": [str(p) for p in partial_files(path)]}
+
+
+# ---------------------------------------------------------------------------
+# volnorm verify
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``ok`` is True when every chunk is present and matches its
+    checksum and every array of the inventory exists; ``damaged`` lists each problem (one line
+    naming the array and the chunk); ``warnings`` lists what is not damage to the store (files
+    left by a killed writer, a source file that changed or is gone since the conversion).
+
+    Examples
+    --------
+    >>> r = VerifyReport("/data/cohort.zarr", arrays=2, chunks=10, checked=10, checksums=10)
+    >>> r.ok, str(r).splitlines()[0]
+    (True, '/data/cohort.zarr: ok - 10 of 10 chunks in 2 arrays present, 10 checksums match')
+    """
+
+    store: str
+    arrays: int = 0
+    chunks: int = 0
+    checked: int = 0
+    checksums: int = 0
+    damaged: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "ok": self.ok, "arrays": self.arrays, "chunks": self.chunks,
+                "checked": self.checked, "checksums": self.checksums, "damaged": list(self.damaged),
+                "warnings": list(self.warnings), "sources": dict(self.sources)}
+
+    def __str__(self) -> str:
+        state = "ok" if self.ok else f"DAMAGED ({len(self.damaged)} problem{'s' if len(self.damaged) != 1 else ''})"
+        crc = f"{self.checksums} checksums match" if self.checksums else "no checksums (written before volnorm checksummed chunks: presence only)"
+        present = self.checked - sum(1 for d in self.damaged if "is missing" in d)
+        lines = [f"{self.store}: {state} - {present} of {self.chunks} chunks in {self.arrays} arrays present, {crc}"]
+        lines += [f"  damaged  {d}" for d in self.damaged[:50]]
+        if len(self.damaged) > 50:
+            lines.append(f"  ... and {len(self.damaged) - 50} more")
+        lines += [f"  warning  {w}" for w in self.warnings]
+        lines += [f"  source   {k}: {v}" for k, v in self.sources.items()]
+        return "\n".join(lines)
+
+
+def _chunk_keys(arr: Any) -> Iterator[tuple[str, tuple[int, ...]]]:
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks)]
+    for coords in itertools.product(*(range(g) for g in grid)):
+        yield arr.metadata.encode_chunk_key(coords), coords
+
+
+async def _fetch(store: Store, keys: list[str]) -> list[Buffer | None]:
+    proto = default_buffer_prototype()
+    return list(await asyncio.gather(*(store.get(k, proto) for k in keys)))
+
+
+def _blake3(path: Path) -> str:
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h.update_mmap(path)
+    return h.hexdigest()
+
+
+def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = True, batch: int = 64) -> VerifyReport:
+    """Check a whole store: every chunk present and matching its checksum, every array the
+    manifest records present, no temporary file left inside, and (``sources=True``) each source
+    file whose digest the manifest records still hashes to it.
+
+    Reads every chunk once (compressed bytes; nothing is decompressed for arrays with
+    checksums; arrays without, from older stores, are decoded so that a truncated chunk is
+    still caught).
+
+    Parameters
+    ----------
+    store : path
+        A volnorm store (a per-voxel histogram group inside it is checked too).
+    progress : bool
+        Show a progress bar (chunks).
+    sources : bool
+        Also hash the source files recorded in the manifest (BLAKE3); a changed or missing
+        source is a warning, not damage to the store.
+    batch : int
+        Chunks fetched concurrently.
+
+    Returns
+    -------
+    VerifyReport
+        ``report.ok``, and one line per damaged chunk naming it.
+
+    Examples
+    --------
+    >>> import os, tempfile, volnorm as vn
+    >>> out = os.path.join(tempfile.mkdtemp(), "anat.zarr")
+    >>> vn.to_zarr(vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"]), out)
+    >>> vn.integrity.verify(out).ok
+    True
+    """
+    import zarr
+    from zarr.core.sync import sync
+
+    from volnorm.io.store import read_manifest
+
+    path = Path(store)
+    if not (path / "zarr.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Zarr store (no zarr.json)")
+    report = VerifyReport(str(path))
+    manifest = read_manifest(path)
+    if manifest is None:
+        report.warnings.append("not a volnorm store (no volnorm manifest): chunks checked, nothing else")
+    elif not manifest.get("complete"):
+        report.damaged.append("the store is incomplete (no completion marker): re-run the command that wrote it")
+    raw = LocalStore(os.fspath(path), read_only=True)
+    root = zarr.open_group(raw, mode="r", zarr_format=3)
+    arrays = list(_arrays(root))
+    report.arrays = len(arrays)
+    report.chunks = sum(a.nchunks for _, a in arrays)
+    recorded = (manifest or {}).get("arrays") or {}
+    present = {name for name, _ in arrays}
+    for name in sorted(set(recorded) - present):
+        report.damaged.append(f"{name}: the array is missing (the manifest records {recorded[name].get('nchunks')} chunks)")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=report.chunks, unit="chunk", desc=f"verify {path.name}", leave=False)
+    try:
+        for name, arr in arrays:
+            crc = _has_checksum(arr.metadata.to_dict())
+            keys = list(_chunk_keys(arr))
+            for i in range(0, len(keys), batch):
+                part = keys[i: i + batch]
+                bufs = sync(_fetch(raw, [f"{name}/{k}" for k, _ in part]))
+                for (key, coords), buf in zip(part, bufs):
+                    report.checked += 1
+                    where = f"{name}/{key} (index {coords})"
+                    if buf is None:
+                        report.damaged.append(f"{where}: chunk is missing")
+                    elif crc:
+                        data = buf.as_numpy_array()
+                        if len(data) < 4 or _crc32c(data[:-4]) != bytes(data[-4:]):
+                            report.damaged.append(f"{where}: checksum mismatch ({len(data)} bytes: truncated or changed)")
+                        else:
+                            report.checksums += 1
+                    else:
+                        try:
+                            arr.get_block_selection(coords)
+                        except Exception as e:  # noqa: BLE001 - any decoding failure is damage
+                            report.damaged.append(f"{where}: cannot be decoded ({type(e).__name__}: {e})")
+                if bar is not None:
+                    bar.update(len(part))
+    finally:
+        if bar is not None:
+            bar.close()
+    for p in partial_files(path):
+        report.warnings.append(f"{p.relative_to(path)}: a temporary file left by a killed writer (not data; safe to delete)")
+    if sources and manifest:
+        for inp in manifest.get("inputs") or []:
+            if not isinstance(inp, dict) or not inp.get("path") or not inp.get("blake3"):
+                continue
+            src = Path(inp["path"])
+            if not src.is_file():
+                report.sources[str(src)] = "not found (not checked)"
+            elif inp.get("size") is not None and src.stat().st_size != inp["size"]:
+                report.sources[str(src)] = f"CHANGED since conversion: {src.stat().st_size} bytes, {inp['size']} recorded"
+            else:
+                report.sources[str(src)] = "matches" if _blake3(src) == inp["blake3"] else "CHANGED since conversion (BLAKE3 differs)"
+        changed = [k for k, v in report.sources.items() if v.startswith("CHANGED")]
+        if changed:
+            report.warnings.append(f"{len(changed)} source file(s) changed since the store was written: {changed[:3]}")
+    return report
