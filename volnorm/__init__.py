@@ -43,6 +43,8 @@ from volnorm.conversion import convert
 from volnorm.normative import normative_score, voxel_cdf, voxel_quantile, voxel_stats
 from volnorm.voxel import accumulate, open_voxel_histogram
 from volnorm import pipeline
+from volnorm import integrity
+from volnorm.integrity import DamagedStoreError, verify
 
 __all__ = [
     "Params",
@@ -64,6 +66,9 @@ __all__ = [
     "rescale",
     "zscore",
     "IncompleteStoreError",
+    "DamagedStoreError",
+    "integrity",
+    "verify",
     "NiftiError",
     "VolnormWarning",
     "convert",

@@ -89,22 +89,45 @@ def _describe_store(path: Path) -> tuple[str, dict]:
 
     from volnorm.io.store import read_manifest, staging_path
 
+    from volnorm.integrity import checked_store, quick_check
+
     m = read_manifest(path)
     if m is None:
         staged = staging_path(path.absolute())
         if not path.exists() and staged.exists():
             return _describe_store(staged)
-        raise ValueError(f"{path}: not a volnorm store (no volnorm manifest)")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or store")
+        if (path / ".zgroup").exists() or (path / ".zarray").exists():
+            raise ValueError(f"{path}: a Zarr v2 store, not a volnorm store (volnorm writes Zarr v3; "
+                             "`volnorm convert` or vn.to_zarr makes one from its data)")
+        raise ValueError(f"{path}: not a volnorm store (no volnorm manifest in its zarr.json)")
     complete = bool(m.get("complete"))
-    root = zarr.open_group(path, mode="r", zarr_format=3)
+    check = quick_check(path)  # listing only: every chunk present?
+    damaged = complete and bool(check["missing"])
+    root = zarr.open_group(checked_store(path), mode="r", zarr_format=3)
+    if damaged:
+        missing = ", ".join(f"{a} ({n} missing)" for a, n in sorted(check["missing"].items())[:5])
+        state = f"DAMAGED: chunks missing in {missing} (`volnorm verify {path}` lists them)"
+    elif complete:
+        state = "complete"
+    else:
+        state = "INCOMPLETE (interrupted run: re-run the command to finish it)"
+    crc = {"all": "CRC-32C on every chunk (checked on every read; `volnorm verify` checks them all)",
+           "none": "no checksums (written before volnorm checksummed chunks: missing chunks are still detected)",
+           "some": "on some arrays only"}[check["checksums"]]
     lines = [
         f"{path}",
-        f"  state       {'complete' if complete else 'INCOMPLETE (interrupted run: re-run the command to finish it)'}",
+        f"  state       {state}",
         f"  kind        {m.get('kind', '?')}, volnorm format {m.get('format_version')}",
+        f"  checksums   {crc}",
     ]
+    if check["partial"]:
+        lines.append(f"  note        {len(check['partial'])} temporary file(s) of a killed writer inside (not data)")
     if m.get("finished"):
         lines.append(f"  written     {m.get('started')} .. {m.get('finished')} by volnorm {m.get('versions', {}).get('volnorm')}")
-    facts: dict[str, Any] = {"path": str(path), "complete": complete, "manifest": m, "volumes": {}}
+    facts: dict[str, Any] = {"path": str(path), "complete": complete, "damaged": damaged, "state": state.split(":")[0].split(" (")[0].lower(),
+                             "checksums": check["checksums"], "missing_chunks": check["missing"], "manifest": m, "volumes": {}}
     if m.get("kind") == "images":
         arr = root["image"]
         lines.append(f"  image       shape {arr.shape} {arr.dtype}, chunks {arr.chunks}")
@@ -137,10 +160,15 @@ def _describe_store(path: Path) -> tuple[str, dict]:
             "source": inputs.get(name, v.get("source")),
         }
         if "nifti" in grp:
+            from volnorm.integrity import DamagedStoreError
             from volnorm.io.niftizarr import group_header
             from volnorm.io.nifti import header_from_bytes
 
-            vf["affine"] = header_from_bytes(group_header(grp)).get_best_affine().tolist()
+            try:
+                vf["affine"] = header_from_bytes(group_header(grp)).get_best_affine().tolist()
+            except DamagedStoreError as e:
+                vf["damaged"] = str(e)
+                lines.append(f"  {name}: DAMAGED header: {e}")
         facts["volumes"][name] = vf
         lines += [
             f"  {name}{'' if vf['complete'] else '  [INCOMPLETE]'}",
@@ -153,6 +181,6 @@ def _describe_store(path: Path) -> tuple[str, dict]:
             lines.append(f"    source {src.get('path')} ({format_bytes(src.get('size', 0))}, blake3 {src['blake3'][:16]}...)")
         if vf["affine"]:
             lines += ["    affine", *_affine_lines(vf["affine"], "      ")]
-    lines.insert(3, f"  volumes     {len(names)} ({done} complete)")
+    lines.insert(4, f"  volumes     {len(names)} ({done} complete)")
     json.dumps(facts, default=str)
     return "\n".join(lines), facts
