@@ -345,9 +345,15 @@ def open_zarr(
     >>> vn.open_zarr(out).sizes["z"]
     25
     """
+    try:
+        return _open_zarr(Path(store), scaled=scaled, allow_incomplete=allow_incomplete)
+    except RecursionError:  # json of a hostile or damaged zarr.json, anywhere in the store
+        raise ValueError(f"{store}: metadata nested too deeply to be a volnorm store's (damaged or not volnorm's)") from None
+
+
+def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataArray | xr.DataTree:
     import zarr
 
-    path = Path(store)
     if not path.exists():
         staged = staging_path(path.absolute())
         if staged.exists():

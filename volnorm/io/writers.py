@@ -227,6 +227,7 @@ def to_zarr(
     vols = _volumes(data)
     token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec))
     plan = {"kind": "cohort" if _is_nifti_derived(vols) else "images", "token": token}
+    _check_names(data, vols)  # before anything exists on disk
     staging = Staging(Path(store), plan, overwrite=overwrite).prepare()
     try:
         write_staged(data, staging, codec=codec, steps=steps, progress=progress)
@@ -256,6 +257,19 @@ def _batches(items: list, limit: int) -> list[list]:
 #: their index along ``volume``, it returns the lazy arrays to compute with the batch and a
 #: function of their values that gives one JSON-able dict per volume.
 Alongside = Callable[[xr.DataArray, Any], tuple[list, Callable[[Sequence[Any]], list[dict]]]]
+
+
+def _check_names(data: xr.DataArray | xr.DataTree, vols: list[tuple[str, xr.DataArray]], nifti: bool | None = None) -> bool:
+    """Whether each volume becomes a group of the store (a cohort); if so, check that every
+    name is a plain name (a volume name such as ``../x`` must never become a path out of it)."""
+    from volnorm._utils import plain_name
+
+    nifti = _is_nifti_derived(vols) if nifti is None else nifti
+    groups = nifti or isinstance(data, xr.DataTree) or data.ndim >= 4 or "volume" not in getattr(data, "dims", ())
+    if groups:
+        for name, _ in vols:
+            plain_name(name, "volume name")
+    return groups
 
 
 def write_staged(
@@ -314,7 +328,7 @@ def _write_staged(
     from volnorm.io.niftizarr import create_volume_group, data_array, finish_volume
 
     sources: list[dict] = []
-    if nifti or isinstance(data, xr.DataTree) or data.ndim >= 4 or "volume" not in getattr(data, "dims", ()):
+    if _check_names(data, vols, nifti):
         root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
         arrays, targets = [], []
         for name, vol in vols:
@@ -390,7 +404,7 @@ def _jsonable(v: Any) -> bool:
     try:
         json.dumps(v)
         return True
-    except TypeError:
+    except (TypeError, ValueError, RecursionError):  # not JSON, NaN-free or shallow enough: not stored
         return False
 
 
