@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from typing import Any
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +20,36 @@ def _add_engine(p: argparse.ArgumentParser, default: str | None = None) -> None:
         default=default,
         help="where to run: 'local' (a local dask cluster on 127.0.0.1), 'threads', 'sync', "
         "or a scheduler address such as tcp://host:8786 or tls://host:8786 "
-        f"(default: {default or 'local'})",
+        f"(default: {default or 'local'}); a plain tcp:// address of another machine is refused "
+        "(unencrypted) unless --allow-insecure",
     )
+    _add_allow_insecure(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _add_allow_insecure(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-insecure", action="store_true",
+        help="allow a plain (unencrypted) tcp:// or ws:// --scheduler on another machine, on a network you trust; "
+        "without it only tls:// (wss://) or an address on this machine is accepted",
+    )
+
+
+@contextlib.contextmanager
+def _connected(args: argparse.Namespace) -> Iterator[Any]:
+    """``args.scheduler`` as ``vn.convert`` takes it: a scheduler address becomes a
+    ``distributed.Client``, connected after the security rule (and ``--allow-insecure``) was
+    applied; names (local, threads, sync) are passed on. A client opened here is closed on exit."""
+    sched = args.scheduler
+    if not (isinstance(sched, str) and "://" in sched):
+        yield sched
+        return
+    from volnorm.engine import executor
+
+    with executor(sched, allow_insecure=args.allow_insecure) as ex:
+        yield ex.backend
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
                        "2 usage; 3 interrupted (run again to resume); 4 the cluster was lost (run again).")
     r.add_argument("spec", help="the YAML spec (see workflows/)")
     r.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run on this dask scheduler (tcp://host:8786, tls://...; or local, threads, sync) instead of the spec's engine")
+                   help="run on this dask scheduler (tcp://host:8786, tls://...; or local, threads, sync) instead of the spec's engine; "
+                   "a plain tcp:// address of another machine is refused (unencrypted) unless --allow-insecure")
+    _add_allow_insecure(r)
     r.add_argument("--dry-run", action="store_true", help="validate, print the plan, write nothing")
     r.add_argument("--overwrite", action="store_true", help="replace outputs written by another spec or from other inputs")
     r.add_argument("--resume", action="store_true", help="resume an interrupted run (the default; accepted for clarity)")
@@ -162,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.fsl_ops = fsl_ops
     level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "scheduler", None) is not None:  # the security rule, before anything is read, started or imported
+        from volnorm.engine import check_address
+
+        try:
+            check_address(args.scheduler, allow_insecure=args.allow_insecure, what="engine.scheduler" if args.command == "run" else "--scheduler")
+        except ValueError as e:
+            print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
+            return 1
     _quiet_distributed(logging.DEBUG if args.verbose >= 2 else max(level, logging.WARNING))
     if args.version:
         import volnorm
@@ -180,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from volnorm.engine import dask_scheduler
 
             show = args.progress if args.progress is not None else sys.stderr.isatty()
-            with dask_scheduler(args.scheduler, progress=show) as where:
+            with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure) as where:
                 logger.info("computing on %s", where)
                 return commands[args.command](args)
         return commands[args.command](args)
@@ -226,10 +262,11 @@ def _convert(args: argparse.Namespace) -> int:
         return 0
     if args.step:
         return _convert_with_steps(args, inputs, store)
-    result = vn.convert(
-        inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec,
-        scheduler=args.scheduler, progress=args.progress,
-    )
+    with _connected(args) as scheduler:
+        result = vn.convert(
+            inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec,
+            scheduler=scheduler, progress=args.progress,
+        )
     if not args.quiet:
         print(result)
     return 0
@@ -246,7 +283,7 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
         raise ValueError(f"{args.save_params} exists; pass --overwrite to replace it")
     data = _open_stack(inputs, "--step")
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    with dask_scheduler(args.scheduler, progress=show) as where:
+    with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure) as where:
         logger.info("fitting and writing on %s", where)
         out = run_steps(data, steps)
         history = json.loads(out.attrs.get("volnorm_params", "[]"))
@@ -347,6 +384,8 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.scheduler:
         spec.data["engine"]["scheduler"] = args.scheduler
+    if args.allow_insecure:
+        spec.data["engine"]["allow_insecure"] = True
     if args.progress is not None:
         spec.data["engine"]["progress"] = args.progress
 
@@ -388,7 +427,7 @@ def _apply(args: argparse.Namespace) -> int:
     history = load_history(args.params)
     data = _open_stack(inputs, "apply")
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    with dask_scheduler(args.scheduler, progress=show):
+    with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure):
         out = replay(data, history)
         vn.to_zarr(out, store, overwrite=args.overwrite, steps=json.loads(out.attrs.get("volnorm_params", "[]")), progress=show)
     if not args.quiet:
@@ -596,9 +635,8 @@ def _demo(args: argparse.Namespace) -> int:
     if not cohort.exists():
         vn.datasets.make_cohort(cohort, n_subjects=args.subjects, compressed="mixed", seed=0)
     store = out / "cohort.zarr"
-    result = vn.convert(
-        [src, cohort], store, overwrite=True, scheduler=args.scheduler, progress=args.progress,
-    )
+    with _connected(args) as scheduler:
+        result = vn.convert([src, cohort], store, overwrite=True, scheduler=scheduler, progress=args.progress)
     print(result)
     print(f"\nopen it in Python:  vn.open_zarr({str(store)!r})")
     print(f"or inspect it:      volnorm info {store}")

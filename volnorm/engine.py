@@ -30,9 +30,112 @@ logger = logging.getLogger(__name__)
 #: killed worker pickles dask's config for the new process, and a Client does not pickle.
 DISTRIBUTED = "dask.distributed"
 
-__all__ = ["DISTRIBUTED", "Executor", "dask_scheduler", "executor", "import_keeping_sigint", "job_cluster", "local_cluster", "usable_cpus"]
+__all__ = [
+    "DISTRIBUTED", "ENCRYPTED_SCHEMES", "Executor", "InsecureSchedulerError", "check_address", "dask_scheduler", "executor",
+    "import_keeping_sigint", "is_loopback", "job_cluster", "local_cluster", "usable_cpus",
+]
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+#: Schemes of ``distributed`` addresses whose traffic is encrypted (``inproc``: this process only).
+ENCRYPTED_SCHEMES = ("tls", "wss", "inproc")
+
+
+class InsecureSchedulerError(ValueError):
+    """A scheduler address that would carry the data in clear text to another machine."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether every address the host of ``address`` resolves to is a loopback address.
+
+    Parameters
+    ----------
+    address : str
+        A ``distributed`` address such as ``"tcp://127.0.0.1:8786"``.
+
+    Returns
+    -------
+    bool
+        False for an empty host (``tcp://:8786``, every interface), ``0.0.0.0``, a name that
+        does not resolve, or anything that is not an address.
+
+    Examples
+    --------
+    >>> is_loopback("tcp://127.0.0.1:8786"), is_loopback("tcp://[::1]:8786"), is_loopback("tcp://192.0.2.1:8786")
+    (True, True, False)
+    """
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(address).hostname or ""
+        if not host:
+            return False
+        try:  # a literal IP needs no resolver (and no wait for one)
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            pass
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def check_address(address: Any, *, allow_insecure: bool = False, what: str = "scheduler") -> None:
+    """The one security rule for where volnorm sends data: refuse, before any connection, a
+    scheduler that would carry it in clear text beyond this machine.
+
+    Allowed: names that are not addresses (``"local"``, ``"threads"``, ``"sync"``, ``"slurm"``,
+    ``"pbs"``, ``None``), a ``distributed.Client`` (connected by the caller), an encrypted
+    address (``tls://``, ``wss://``, ``inproc://``) and any address on the loopback interface.
+    Refused unless ``allow_insecure``: a plain ``tcp://``, ``ws://`` (or other unencrypted)
+    address of another machine, and ``"kubernetes"`` (the dask-kubernetes operator's
+    scheduler and workers talk plain ``tcp://`` inside the cluster network). Only a literal
+    IP address or a host name is looked at: the check itself never connects.
+
+    Parameters
+    ----------
+    address : str, distributed.Client or None
+        What the user named as the scheduler.
+    allow_insecure : bool
+        The user's explicit opt-in (CLI ``--allow-insecure``, YAML ``engine.allow_insecure``)
+        for a trusted network.
+    what : str
+        How the user named it, for the message (``"--scheduler"``, ``"engine.scheduler"``;
+        default ``"scheduler"``, the Python argument).
+
+    Raises
+    ------
+    InsecureSchedulerError
+        A ``ValueError`` saying to use ``tls://`` or ``--allow-insecure``.
+
+    Examples
+    --------
+    >>> check_address("tls://192.0.2.1:8786")
+    >>> check_address("tcp://127.0.0.1:8786")
+    >>> check_address("tcp://192.0.2.1:8786", allow_insecure=True)
+    >>> check_address("tcp://192.0.2.1:8786")
+    Traceback (most recent call last):
+    ...
+    volnorm.engine.InsecureSchedulerError: scheduler tcp://192.0.2.1:8786: a plain tcp:// connection to another machine is not encrypted; use tls:// (dask's TLS config), or on a trusted network --allow-insecure (YAML: engine.allow_insecure: true; Python: allow_insecure=True)
+    """
+    if allow_insecure or not isinstance(address, str):
+        return
+    if address == "kubernetes":
+        raise InsecureSchedulerError(
+            f"{what} kubernetes: the dask-kubernetes operator's scheduler and workers talk plain tcp:// inside the "
+            "Kubernetes network; if that network is trusted: --allow-insecure (YAML: engine.allow_insecure: true; Python: allow_insecure=True)"
+        )
+    if "://" not in address:
+        return
+    scheme = address.split("://", 1)[0].lower()
+    if scheme in ENCRYPTED_SCHEMES or is_loopback(address):
+        return
+    raise InsecureSchedulerError(
+        f"{what} {address}: a plain {scheme}:// connection to another machine is not encrypted; "
+        "use tls:// (dask's TLS config), or on a trusted network --allow-insecure (YAML: engine.allow_insecure: true; Python: allow_insecure=True)"
+    )
 
 
 def usable_cpus() -> int:
@@ -264,7 +367,7 @@ class Executor:
 
 
 @contextlib.contextmanager
-def executor(scheduler: Any = None) -> Iterator[Executor]:
+def executor(scheduler: Any = None, *, allow_insecure: bool = False) -> Iterator[Executor]:
     """Yield an :class:`Executor` for ``scheduler``.
 
     Parameters
@@ -275,6 +378,9 @@ def executor(scheduler: Any = None) -> Iterator[Executor]:
         ``"threads"``/``"sync"``: a thread pool / this thread. A string with
         ``://`` is a scheduler address (``tls://`` works with dask's TLS config).
         A ``distributed.Client`` is used as is.
+    allow_insecure : bool
+        Connect to a plain ``tcp://`` address of another machine (see :func:`check_address`,
+        checked before any connection).
 
     Yields
     ------
@@ -288,6 +394,8 @@ def executor(scheduler: Any = None) -> Iterator[Executor]:
     ...     [f.result() for f in ex.as_completed([fut])]
     [6]
     """
+    if isinstance(scheduler, str) and "://" in scheduler:  # before any connection
+        check_address(scheduler, allow_insecure=allow_insecure)
     if scheduler is None:
         try:
             from distributed import get_client
@@ -330,7 +438,7 @@ def executor(scheduler: Any = None) -> Iterator[Executor]:
 
 
 @contextlib.contextmanager
-def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Iterator[str]:
+def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False, allow_insecure: bool = False) -> Iterator[str]:
     """Run the dask graphs computed inside the block on ``scheduler``; yields its description.
 
     Parameters
@@ -344,6 +452,9 @@ def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Ite
     progress : bool
         Show dask's progress bar on stderr for computations longer than a second (``"threads"``
         and ``"sync"`` only).
+    allow_insecure : bool
+        Connect to a plain ``tcp://`` address of another machine (see :func:`check_address`,
+        checked before any connection).
 
     Yields
     ------
@@ -360,6 +471,8 @@ def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Ite
     """
     import dask
 
+    if isinstance(scheduler, str) and "://" in scheduler:  # before any connection
+        check_address(scheduler, allow_insecure=allow_insecure)
     if scheduler in (None, "threads", "sync"):
         name = scheduler or "threads"
         where = "synchronous (this thread)" if name == "sync" else f"{usable_cpus()} threads"
@@ -370,7 +483,7 @@ def dask_scheduler(scheduler: Any = "threads", *, progress: bool = False) -> Ite
                 stack.enter_context(ProgressBar(minimum=1.0, out=sys.stderr))
             yield where
         return
-    with executor(scheduler) as ex:
+    with executor(scheduler, allow_insecure=allow_insecure) as ex:
         if not ex.distributed:  # pragma: no cover - executor() maps these names above
             raise ValueError(f"unknown scheduler {scheduler!r}")
         client = ex.backend

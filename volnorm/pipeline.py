@@ -323,18 +323,13 @@ def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
 
 
 def _loopback(address: str) -> bool:
-    import ipaddress
-    import socket
-    from urllib.parse import urlsplit
+    """Whether ``address`` is on this machine (:func:`volnorm.engine.is_loopback`; kept for callers of this name)."""
+    from volnorm.engine import is_loopback
 
-    host = urlsplit(address).hostname or ""
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
+    return is_loopback(address)
 
 
-#: Schemes of ``distributed`` addresses whose traffic is encrypted (``inproc``: this process only).
+#: Schemes of ``distributed`` addresses whose traffic is encrypted (:data:`volnorm.engine.ENCRYPTED_SCHEMES`).
 ENCRYPTED_SCHEMES = ("tls", "wss", "inproc")
 
 
@@ -343,10 +338,10 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
     """Run the dask graphs computed inside the block where the spec's ``engine`` says; yields a
     description (with the dashboard link). A given ``client`` wins. An unencrypted address
     (``tcp://``, ``ws://``) that is not on this machine is refused unless ``allow_insecure``
-    (use ``tls://``)."""
+    (use ``tls://``), before any connection: :func:`volnorm.engine.check_address`."""
     import dask
 
-    from volnorm.engine import DISTRIBUTED, dask_scheduler, local_cluster
+    from volnorm.engine import DISTRIBUTED, check_address, dask_scheduler, local_cluster
 
     timeout = float(eng.get("stall_timeout") or 600)
     if client is not None:
@@ -354,18 +349,8 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[str]:
             yield f"client {client.scheduler.address}" + (f" (dashboard {client.dashboard_link})" if getattr(client, "dashboard_link", None) else "")
         return
     sched = eng.get("scheduler", "local")
-    scheme = sched.split("://", 1)[0] if "://" in sched else ""
-    if scheme and scheme not in ENCRYPTED_SCHEMES and not eng.get("allow_insecure") and not _loopback(sched):
-        raise ValueError(
-            f"engine.scheduler {sched}: a plain {scheme}:// connection to another machine is not encrypted; "
-            "use tls:// (dask's TLS config), or set engine.allow_insecure: true on a trusted network"
-        )
+    check_address(sched, allow_insecure=bool(eng.get("allow_insecure")), what="engine.scheduler")
     if sched in JOB_CLUSTERS:
-        if sched == "kubernetes" and not eng.get("allow_insecure"):
-            raise ValueError(
-                "engine.scheduler kubernetes: the dask-kubernetes operator's scheduler and workers talk plain tcp:// "
-                "inside the Kubernetes network; set engine.allow_insecure: true if that network is trusted"
-            )
         yield from _on_job_cluster(sched, eng, timeout)
         return
     if sched == "local" or "://" in sched:
@@ -393,16 +378,14 @@ def _on_job_cluster(kind: str, eng: Mapping[str, Any], timeout: float) -> Iterat
     import dask
     from distributed import Client
 
-    from volnorm.engine import DISTRIBUTED, job_cluster
+    from volnorm.engine import DISTRIBUTED, check_address, job_cluster
 
     cluster = job_cluster(kind, dict(eng.get("cluster") or {}))
     try:
-        address = cluster.scheduler_address
-        if kind != "kubernetes" and not address.startswith(("tls://", "inproc://")) and not eng.get("allow_insecure") and not _loopback(address):
-            raise ValueError(
-                f"engine.cluster: the {kind} cluster's scheduler {address} is not encrypted (security: false) and listens "
-                "beyond this machine; keep the default TLS, or set engine.allow_insecure: true on a trusted network"
-            )
+        if kind != "kubernetes":  # kubernetes: refused above unless allow_insecure
+            # nothing is submitted before this check (the cluster is scaled below)
+            check_address(cluster.scheduler_address, allow_insecure=bool(eng.get("allow_insecure")),
+                          what=f"engine.cluster (security: false): the {kind} cluster's scheduler")
         if kind == "kubernetes":
             cluster.scale(int(eng.get("jobs", 1)))
         else:

