@@ -9,7 +9,6 @@ values or a corrupted number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import xarray as xr
 import volnorm as vn
 from volnorm.cli import main
 from volnorm.integrity import DamagedStoreError, partial_files, verify
+from volnorm.testing import snapshot
 
 DAMAGES = ["delete", "truncate", "flip"]
 
@@ -44,14 +44,6 @@ def _chunks(array_dir: Path) -> list[Path]:
 
 def _key(store: Path, chunk: Path) -> str:
     return chunk.relative_to(store).as_posix()
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    """Every file under ``root``: size and sha256 (what a run must leave untouched)."""
-    return {
-        p.relative_to(root).as_posix(): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in sorted(root.rglob("*")) if p.is_file()
-    }
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import dask
@@ -40,3 +41,45 @@ def raise_if_dask_computes(max_computes: int = 0) -> Iterator[CountingScheduler]
     scheduler = CountingScheduler(max_computes)
     with dask.config.set(scheduler=scheduler):
         yield scheduler
+
+
+def snapshot(root: str | os.PathLike) -> dict[str, tuple]:
+    """Every entry under ``root`` (names relative to it): files as ``("file", size, sha256)``,
+    symlinks as ``("link", target)`` (not followed), directories as ``("dir",)``.
+
+    Compare a snapshot taken before and after a run to prove that the run left every byte it
+    did not create untouched.
+
+    Parameters
+    ----------
+    root : path
+        A directory.
+
+    Returns
+    -------
+    dict
+        ``{relative posix path: entry}``.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "a.txt").write_text("hi")
+    >>> snapshot(d)["a.txt"][:2]
+    ('file', 2)
+    """
+    import hashlib
+    from pathlib import Path
+
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return dict(sorted(out.items()))
