@@ -163,3 +163,30 @@ def test_pipeline_keeps_its_names():
 
     assert pipeline._loopback("tcp://127.0.0.1:1") and not pipeline._loopback(REMOTE)
     assert pipeline.ENCRYPTED_SCHEMES == engine.ENCRYPTED_SCHEMES
+
+
+# ---------------------------------------------------------------------------
+# 6. --name is a plain name
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../victim.zarr", "/tmp/victim.zarr", "a/b", "..", ".", ".hidden", ""])
+@pytest.mark.parametrize("command", ["voxel-hist", "normative"])
+def test_name_must_be_a_plain_name(inputs, tmp_path, capsys, monkeypatch, command, name):
+    import volnorm.engine
+
+    started = []
+    monkeypatch.setattr(volnorm.engine, "dask_scheduler", lambda *a, **k: started.append(a) or pytest.fail("started"))
+    victim = tmp_path / "victim.zarr"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    before = sorted(p.name for p in Path(inputs["store"]).iterdir())
+    argv = {"voxel-hist": ["voxel-hist", inputs["store"]], "normative": _commands(inputs)["normative"]}[command]
+    assert main([*argv, "--name", name]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"volnorm {command}: error: --name"), err
+    assert "plain name" in err or "non-empty" in err, err
+    assert started == []
+    assert (victim / "keep").read_text() == "x"
+    assert sorted(p.name for p in Path(inputs["store"]).iterdir()) == before
+    assert not Path(inputs["out"] + ".nii.gz").exists()

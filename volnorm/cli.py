@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     vh.add_argument("--range", default=None, help="LO,HI of the bins (needed for float data when the histogram is created)")
     vh.add_argument("--append", nargs="+", default=None, metavar="NEW", help="NIfTI files (or a store) to add to the stored histogram")
     vh.add_argument("--mask", default=None, help="a boolean NIfTI mask on the volumes' grid")
-    vh.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store")
+    vh.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store (a plain name: no '/', '..' or leading '.')")
     vh.add_argument("--json", action="store_true")
     _add_engine(vh, default="threads")
 
@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     nm.add_argument("volume", help="the new volume (NIfTI) on the cohort's grid")
     nm.add_argument("--out", required=True, help="NIfTI file for the percentile ranks (0-100), the z-scores beside it as <name>_z.nii.gz; "
                     "or a .zarr store (NIfTI-Zarr) holding both")
-    nm.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store")
+    nm.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store (a plain name: no '/', '..' or leading '.')")
     nm.add_argument("--overwrite", action="store_true")
     _add_engine(nm, default="threads")
 
@@ -195,6 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             check_address(args.scheduler, allow_insecure=args.allow_insecure, what="engine.scheduler" if args.command == "run" else "--scheduler")
+        except ValueError as e:
+            print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
+            return 1
+    if args.command in ("voxel-hist", "normative"):  # a group inside the store: a plain name, checked before anything runs
+        from volnorm._utils import plain_name
+
+        try:
+            plain_name(args.name, "--name")
         except ValueError as e:
             print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
             return 1
