@@ -190,3 +190,54 @@ def test_name_must_be_a_plain_name(inputs, tmp_path, capsys, monkeypatch, comman
     assert (victim / "keep").read_text() == "x"
     assert sorted(p.name for p in Path(inputs["store"]).iterdir()) == before
     assert not Path(inputs["out"] + ".nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------
+# 5. volnorm verify
+# ---------------------------------------------------------------------------
+
+
+def test_verify_arguments():
+    p = _subparsers()["verify"]
+    a = p.parse_args(["s.zarr"])
+    assert (a.store, a.json, a.sources, a.progress) == ("s.zarr", False, True, None)
+    a = p.parse_args(["s.zarr", "--json", "--no-sources", "--no-progress"])
+    assert (a.json, a.sources, a.progress) == (True, False, False)
+    assert p.parse_args(["s.zarr", "--progress"]).progress is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["s.zarr", "--progress", "--no-progress"])
+    assert "Exit codes" in p.format_help()
+
+
+def test_verify_a_whole_store_then_a_damaged_one(tmp_path, capsys):
+    import json
+
+    store = tmp_path / "a.zarr"
+    vn.convert([vn.datasets.nibabel_files()["anatomical.nii"]], store, scheduler="sync")
+    assert main(["verify", str(store), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{store}: ok") and "source" in out
+    assert main(["verify", str(store), "--json", "--no-sources"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["ok"] is True and facts["store"] == str(store)
+    chunk = next(p for p in store.rglob("*") if p.is_file() and "/c/" in str(p) and p.parent.parent.name != "nifti")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert main(["verify", str(store)]) == 1
+    cap = capsys.readouterr()
+    assert "DAMAGED" in cap.out and "checksum mismatch" in cap.out and "is damaged" in cap.err
+    assert main(["verify", str(store), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "plain directory"])
+def test_verify_something_that_is_not_a_store(tmp_path, capsys, what):
+    path = tmp_path / "x.zarr"
+    if what == "file":
+        path.write_text("not a store")
+    elif what == "plain directory":
+        path.mkdir()
+    assert main(["verify", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"volnorm verify: error: {path} ") and "volnorm store" in err and "Traceback" not in err

@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
 
+    ve = sub.add_parser(
+        "verify", help="check a whole store: every chunk present and matching its checksum, the recorded sources unchanged",
+        description="Check a whole store: every chunk present and matching its checksum, every recorded array present, "
+        "and (unless --no-sources) the source files recorded in its manifest unchanged. "
+        "Exit codes: 0 ok; 1 damaged (the report names each problem) or not a store; 2 usage; 3 interrupted.",
+    )
+    ve.add_argument("store", help="a volnorm store")
+    ve.add_argument("--json", action="store_true", help="print the report as JSON")
+    ve.add_argument("--no-sources", dest="sources", action="store_false", help="do not re-hash the source files recorded in the manifest")
+    gv = ve.add_mutually_exclusive_group()
+    gv.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)")
+    gv.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
     e = sub.add_parser("export", help="write the volumes of a store back to NIfTI")
     e.add_argument("store")
     e.add_argument("output", help="a .nii/.nii.gz file for one volume, or a folder")
@@ -219,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {
             "convert": _convert, "info": _info, "export": _export, "demo": _demo, "stats": _stats, "threshold": _threshold,
             "hist": _hist, "preview": _preview, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative, "run": _run,
+            "verify": _verify,
         }
         if args.command in ("stats", "threshold", "hist", "preview", "voxel-hist", "normative"):
             from volnorm.engine import dask_scheduler
@@ -448,6 +462,26 @@ def _info(args: argparse.Namespace) -> int:
 
     text, data = describe(Path(args.path))
     print(json.dumps(data, indent=2, default=str) if args.json else text)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """``volnorm verify STORE``: 0 when the store is whole, 1 (with the report) when it is damaged."""
+    from volnorm.integrity import verify
+
+    store = Path(args.store)
+    if not store.is_dir() or not (store / "zarr.json").is_file():
+        what = "does not exist" if not store.exists() else "is not a Zarr store (no zarr.json)"
+        raise ValueError(f"{store} {what}; give the path of a volnorm store (a .zarr directory)")
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    report = verify(store, progress=show, sources=args.sources)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, default=str))
+    else:
+        print(report)
+    if not report.ok:
+        print(f"volnorm verify: {store} is damaged (see the report above)", file=sys.stderr)
+        return 1
     return 0
 
 
