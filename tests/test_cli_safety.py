@@ -241,3 +241,112 @@ def test_verify_something_that_is_not_a_store(tmp_path, capsys, what):
     assert main(["verify", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"volnorm verify: error: {path} ") and "volnorm store" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# 2. SIGTERM: a graceful interrupt, exit code 3, resumable
+# ---------------------------------------------------------------------------
+
+SLOW_CLI = textwrap.dedent(
+    """
+    # the volnorm command, each finished volume taking a little longer (a window to interrupt it in);
+    # the patch runs in the worker processes too (they import this module as __mp_main__)
+    import sys, time
+    import volnorm.io.niftizarr as nz
+    finish = nz.finish_volume
+    def slow_finish(*a, **k):
+        out = finish(*a, **k)
+        time.sleep(0.3)
+        return out
+    nz.finish_volume = slow_finish
+    if __name__ == "__main__":
+        from volnorm.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def _finished_volumes(staged: Path) -> int:
+    import zarr
+
+    if not (staged / "zarr.json").exists():
+        return 0
+    try:
+        root = zarr.open_group(staged, mode="r")
+        return sum(bool(g.attrs.get("volnorm", {}).get("complete")) for _, g in root.groups())
+    except Exception:  # noqa: BLE001 - being written
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["threads", "local"])
+def test_sigterm_interrupts_convert_with_exit_code_3_and_a_rerun_completes(tmp_path, scheduler):
+    import psutil
+
+    from volnorm.io.store import staging_path
+
+    files = vn.datasets.make_cohort(tmp_path / "in", n_subjects=10, shape=(40, 48, 36), compressed="mixed", seed=3)
+    out = tmp_path / "c.zarr"
+    (tmp_path / "slow_cli.py").write_text(SLOW_CLI)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, str(tmp_path / "slow_cli.py"), "convert", *map(str, files), str(out), "--scheduler", scheduler, "--no-progress"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staged = staging_path(out.absolute())
+    try:
+        t0 = time.monotonic()
+        while _finished_volumes(staged) < 1:  # it is writing
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.02)
+        children = _children(p.pid)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 3, err
+    assert "volnorm convert: interrupted: run the same command again to resume" in err, err
+    assert "Traceback" not in err, err
+    assert not out.exists()  # nothing a reader could take for the output
+    assert staged.exists() and _finished_volumes(staged) < len(files)
+    assert not (tmp_path / ".c.zarr.volnorm-lock").exists()  # the lock is given back
+    deadline = time.monotonic() + 10  # the cluster it started was closed: no worker process outlives it
+    while any(psutil.pid_exists(c) and psutil.Process(c).status() != psutil.STATUS_ZOMBIE for c in children):
+        assert time.monotonic() < deadline, [c for c in children if psutil.pid_exists(c)]
+        time.sleep(0.1)
+    r = subprocess.run([sys.executable, "-m", "volnorm", *cmd[2:]], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert vn.open_zarr(out).sizes["volume"] == len(files)
+    assert not staged.exists()
+
+
+@pytest.mark.parametrize(("command", "said"), [("stats", "interrupted: nothing was written"), ("threshold", "interrupted: nothing was written")])
+def test_sigterm_during_a_read_only_command(monkeypatch, capsys, command, said):
+    f = str(vn.datasets.nibabel_files()["anatomical.nii"])
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        pytest.fail("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr(vn, "summarize", terminated)
+    monkeypatch.setattr(vn, "threshold", terminated)
+    t0 = time.monotonic()
+    assert main([command, f, "--scheduler", "sync"]) == 3
+    assert time.monotonic() - t0 < 4
+    assert capsys.readouterr().err == f"volnorm {command}: {said}\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+
+def test_the_exit_codes_are_in_the_top_level_help():
+    text = _parser().format_help()
+    assert "exit codes" in text and "3 interrupted" in text and "SIGTERM" in text

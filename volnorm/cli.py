@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="volnorm",
         description="Exact dataset-wide intensity statistics and normalization for MRI volumes and image stacks, out of core.",
+        epilog="exit codes: 0 done (or already up to date); 1 refused or failed (bad input, an output that exists, "
+        "an insecure scheduler, a damaged store); 2 command-line usage; 3 interrupted (Ctrl-C or SIGTERM: the "
+        "command stops cleanly, closes any cluster it started and leaves no incomplete output that looks complete; "
+        "run the same command again to resume); 4 the cluster was lost (volnorm run: run it again).",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -191,6 +195,56 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a batch system's walltime, ``kill``): stop like Ctrl-C, leaving a resumable run."""
+
+
+#: What an interrupted command says (exit code 3), by command.
+INTERRUPTED = {
+    "convert": "interrupted: run the same command again to resume (nothing incomplete was left as a store)",
+    "apply": "interrupted: run the same command again to resume (nothing incomplete was left as a store)",
+    "demo": "interrupted: run the same command again to resume",
+    "voxel-hist": "interrupted: the stored histogram is unchanged; run the same command again",
+    "run": "interrupted; nothing incomplete was committed; run the same command again to resume",
+    "stats": "interrupted: nothing was written",
+    "threshold": "interrupted: nothing was written",
+    "info": "interrupted: nothing was written",
+    "verify": "interrupted: nothing was written; the store was not fully checked",
+    "export": "interrupted: the files already written are complete and no partial file was left; "
+    "run the same command with --overwrite to write them all",
+    "hist": "interrupted: run the same command again (with --overwrite if a picture was left)",
+    "preview": "interrupted: run the same command again (with --overwrite if a picture was left)",
+    "normative": "interrupted: no incomplete map was left; run the same command again",
+}
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Interrupted` in the main thread, as Ctrl-C raises
+    ``KeyboardInterrupt``: the command unwinds (clusters closed, locks released, staging kept
+    for a resume). Later SIGTERMs, while it unwinds, are ignored (SIGKILL still ends it);
+    the previous handler is put back on exit. Nothing is changed outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        if fired:
+            return  # already stopping: let the clean-up finish
+        fired.append(signum)
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``volnorm`` command line; returns the exit code."""
     parser = _parser()
@@ -234,17 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hist": _hist, "preview": _preview, "apply": _apply, "voxel-hist": _voxel_hist, "normative": _normative, "run": _run,
             "verify": _verify,
         }
-        if args.command in ("stats", "threshold", "hist", "preview", "voxel-hist", "normative"):
-            from volnorm.engine import dask_scheduler
+        with _sigterm_interrupts():
+            if args.command in ("stats", "threshold", "hist", "preview", "voxel-hist", "normative"):
+                from volnorm.engine import dask_scheduler
 
-            show = args.progress if args.progress is not None else sys.stderr.isatty()
-            with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure) as where:
-                logger.info("computing on %s", where)
-                return commands[args.command](args)
-        return commands[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+                show = args.progress if args.progress is not None else sys.stderr.isatty()
+                with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure) as where:
+                    logger.info("computing on %s", where)
+                    return commands[args.command](args)
+            return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Interrupted), after every cluster and lock was given back
+        print(f"volnorm {args.command}: {INTERRUPTED.get(args.command, INTERRUPTED['convert'])}", file=sys.stderr)
+        return 3
     except BrokenPipeError:  # e.g. `volnorm info ... | head`
         sys.stderr.close()
         return 0
@@ -393,13 +448,7 @@ def _normative(args: argparse.Namespace) -> int:
     return 0
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (a batch system's walltime): stop like Ctrl-C, leaving a resumable run."""
-
-
 def _run(args: argparse.Namespace) -> int:
-    import signal
-
     from volnorm import pipeline
     from volnorm._spec import load_spec
 
@@ -411,11 +460,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.progress is not None:
         spec.data["engine"]["progress"] = args.progress
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    previous = signal.signal(signal.SIGTERM, on_term) if threading_main() else None
-    try:
+    try:  # SIGTERM arrives as KeyboardInterrupt (main's _sigterm_interrupts)
         res = pipeline.run(spec, dry_run=args.dry_run, overwrite=args.overwrite, echo=None if args.quiet else print)
     except pipeline.ClusterLostError as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
@@ -423,19 +468,7 @@ def _run(args: argparse.Namespace) -> int:
     except (pipeline.PoisonInputError, pipeline.RunStalledError) as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("volnorm run: interrupted; nothing incomplete was committed; run the same command again to resume", file=sys.stderr)
-        return 3
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0 if res.status in ("done", "up to date", "planned") else 1
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _apply(args: argparse.Namespace) -> int:

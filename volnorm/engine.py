@@ -409,8 +409,16 @@ def executor(scheduler: Any = None, *, allow_insecure: bool = False) -> Iterator
         if scheduler == "sync":
             yield Executor(_Sync(), "synchronous (this thread)")
         elif scheduler == "threads":
-            with cf.ThreadPoolExecutor(usable_cpus()) as pool:
+            pool = cf.ThreadPoolExecutor(usable_cpus())
+            try:
                 yield Executor(pool, f"{usable_cpus()} threads")
+            except BaseException:
+                # interrupted or failed: the tasks not started are dropped (the running ones,
+                # which cannot be stopped, finish), instead of running every task left
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            else:
+                pool.shutdown(wait=True)
         elif scheduler == "local":
             client = local_cluster()
             try:
