@@ -350,3 +350,68 @@ def test_sigterm_during_a_read_only_command(monkeypatch, capsys, command, said):
 def test_the_exit_codes_are_in_the_top_level_help():
     text = _parser().format_help()
     assert "exit codes" in text and "3 interrupted" in text and "SIGTERM" in text
+
+
+# ---------------------------------------------------------------------------
+# 3. a second concurrent run is refused before its engine starts
+# ---------------------------------------------------------------------------
+
+BLOCKED_RUN = textwrap.dedent(
+    """
+    # volnorm run, sleeping (its output's lock held) once the first volume is written
+    import os, sys, time
+    from pathlib import Path
+    import volnorm.io.writers as w
+    from volnorm.io import niftizarr
+    w.WRITE_BATCH_BYTES = 1
+    finish = niftizarr.finish_volume
+    def finish_then_block(grp, name, summary):
+        finish(grp, name, summary)
+        Path(os.environ["VN_BLOCKED"]).write_text(str(os.getpid()))
+        time.sleep(120)
+    niftizarr.finish_volume = finish_then_block
+    if __name__ == "__main__":
+        from volnorm.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_second_concurrent_run_is_refused_before_its_cluster_starts(tmp_path, capsys, monkeypatch):
+    import volnorm.engine
+
+    vn.datasets.make_cohort(tmp_path / "data", n_subjects=3, shape=(40, 48, 36), seed=7)
+    spec = tmp_path / "twice.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        version: 1
+        input: {{nifti: "{tmp_path}/data/sub-*.nii"}}
+        steps: [{{rescale: {{percentiles: [1, 99]}}}}]
+        output: {{store: {tmp_path}/twice.zarr}}
+        engine: {{scheduler: threads, progress: false}}
+    """))
+    (tmp_path / "blocked_run.py").write_text(BLOCKED_RUN)
+    blocked = tmp_path / "blocked"
+    env = {**os.environ, "VN_BLOCKED": str(blocked),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, str(tmp_path / "blocked_run.py"), "run", str(spec)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = []
+    monkeypatch.setattr(volnorm.engine, "local_cluster", lambda *a, **k: started.append(a) or pytest.fail("a cluster was started"))
+    try:
+        t0 = time.monotonic()
+        while not blocked.exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        rc = main(["run", str(spec), "--scheduler", "local"])  # would start a cluster: seconds to tens of seconds
+        took = time.monotonic() - t0
+    finally:
+        p.kill()
+        p.communicate()
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "another volnorm run" in err and f"pid {p.pid}" in err
+    assert started == []
+    assert took < 3, took

@@ -622,11 +622,12 @@ def run(
         say("nothing to do: every output is up to date")
         return RunResult("up to date", p, skipped=list(done), seconds=time.perf_counter() - t_start)
     result = RunResult("done", p, skipped=[k for k in done if done[k]])
+    staging = _lock_output(spec, p, done, overwrite)  # before the engine starts (a cluster takes seconds)
     try:
         with engine(spec["engine"], client) as where:
             say(f"running on {where}")
             try:
-                _run(spec, p, done, result, overwrite, show, say)
+                _run(spec, p, done, result, overwrite, show, say, staging)
             except BaseException as e:
                 poison = _poison(e, p)
                 if poison is not None:
@@ -638,14 +639,33 @@ def run(
         kept = f" Committed before it stopped, and kept: {', '.join(result.written)}." if result.written else ""
         e.args = (f"{e.args[0]} Nothing incomplete was committed.{kept}",)
         raise
+    finally:
+        if staging is not None:
+            staging.release()
     result.seconds = time.perf_counter() - t_start
     say(str(result))
     return result
 
 
-def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, show: bool, say: Callable[[str], None]) -> None:
+def _lock_output(spec: Spec, p: dict, done: Mapping[str, bool], overwrite: bool) -> Any:
+    """The output store's :class:`~volnorm.io.store.Staging`, its lock taken (None when the
+    images are up to date): a second run on the same output is refused here, in a second,
+    not after its cluster has started. Release it when the run ends."""
+    if done.get("images", True):
+        return None
+    from volnorm.io.store import Staging
+
+    staging = Staging(Path(spec["output"]["store"]), {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite,
+                      inputs=[Path(f) for f in p["files"]])
+    staging.check_output()
+    staging._acquire()
+    return staging
+
+
+def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, show: bool, say: Callable[[str], None],
+         staging: Any = None) -> None:
     import volnorm as vn
-    from volnorm.io.store import Staging, read_manifest
+    from volnorm.io.store import read_manifest
     from volnorm.io.writers import write_staged
     from volnorm.steps import load_history
 
@@ -655,9 +675,10 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
     mask = _mask(spec, data)
     fitted = load_history(spec["params_from"]) if "params_from" in spec.data else None
     if not done.get("images", True):
-        inputs = [Path(f) for f in p["files"]]
-        staging = Staging(store, {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite, inputs=inputs).prepare()
+        if staging is None:
+            staging = _lock_output(spec, p, done, overwrite)
         try:
+            staging._prepare(None)  # the lock is held since _lock_output: create or resume the staging group
             saved = staging.manifest().get("pipeline_fitted") if staging.resumed else None
             if saved is not None:
                 say("  resuming: the fitted parameters of the interrupted run are reused")
