@@ -447,7 +447,7 @@ def test_unknown_key_without_a_close_match_lists_the_keys():
 
 def test_step_name_typo_suggests_the_step():
     msg = refused(VALID + "steps:\n  - equalize\n  - rescal: {percentiles: [1, 99]}\n")
-    assert msg.startswith("<spec>, line 6: steps: [1]: unknown step 'rescal' (steps: rescale, zscore,")
+    assert msg.startswith("<spec>, line 8: steps[1]: unknown step 'rescal' (steps: rescale, zscore,")
     assert msg.endswith("; did you mean 'rescale'?")
 
 
@@ -513,7 +513,8 @@ def test_wrong_values_name_path_and_line(text, expected):
          "<spec>, line 7: engine.memory_limit: expected a size such as '2GiB', a number of bytes, or 'auto'"),
         ("name: true\n", "<spec>, line 6: name: expected str, got a boolean"),
         ("outputs:\n  images: 1\n", "<spec>, line 7: outputs.images: expected bool, got int 1"),
-        ("engine:\n  allow_insecure: 'yes'\n", "<spec>, line 7: engine.allow_insecure: expected bool, got str 'yes'"),
+        ("engine:\n  allow_insecure: 'yes'\n",
+         "<spec>, line 7: engine.allow_insecure: expected bool, got str 'yes'; write true or false"),
     ],
 )
 def test_booleans_and_numbers_are_not_interchangeable(extra, expected):
@@ -561,22 +562,22 @@ def test_steps_and_params_from_are_exclusive():
 @pytest.mark.parametrize("option", ["mask", "params", "data"])
 def test_step_options_set_by_the_pipeline_are_refused(option):
     msg = refused(VALID + f"steps:\n  - rescale:\n      {option}: x\n")
-    assert msg == (f"<spec>, line 6: steps: [0]: step 'rescale': {option!r} is set by the pipeline "
-                   "(use the spec's `mask` / `params_from`)")
+    assert msg == (f"<spec>, line 8: steps[0].rescale.{option}: step 'rescale': {option!r} is set by the pipeline, "
+                   "not an option (use the spec's `mask` / `params_from`)")
 
 
 @pytest.mark.parametrize(
     ("steps", "expected"),
     [
-        ("steps: equalize\n", "steps: expected a list of steps"),
-        ("steps:\n  - rescale: 3\n", "steps: [0]: the options of step 'rescale' must be a mapping"),
-        ("steps:\n  - {rescale: {}, zscore: {}}\n", "steps: [0]: a step is a name or a one-key mapping {name: {options}}"),
-        ("steps:\n  - 5\n", "steps: [0]: a step is a name or a one-key mapping {name: {options}}"),
+        ("steps: equalize\n", "line 6: steps: expected a list of steps"),
+        ("steps:\n  - rescale: 3\n", "line 7: steps[0].rescale: the options of step 'rescale' must be a mapping"),
+        ("steps:\n  - {rescale: {}, zscore: {}}\n", "line 7: steps[0]: a step is a name or a one-key mapping {name: {options}}"),
+        ("steps:\n  - 5\n", "line 7: steps[0]: a step is a name or a one-key mapping {name: {options}}"),
     ],
 )
 def test_malformed_steps(steps, expected):
     msg = refused(VALID + steps)
-    assert msg.startswith(f"<spec>, line 6: {expected}")
+    assert msg.startswith(f"<spec>, {expected}")
 
 
 @pytest.mark.parametrize(
@@ -845,10 +846,10 @@ def test_lines_of_key_paths():
 
 
 def test_yaml_scalars_are_plain_values():
-    data, _ = parse_yaml("a: yes\nb: ~\nc: 0x10\nd: 1_000\ne: .inf\nf: '007'\ng: 2001-12-14\n")
+    data, _ = parse_yaml("a: yes\nb: ~\nc: 0x10\nd: 1_000\ne: .inf\nf: '007'\ng: 2001-12-14\nh: true\n")
     import datetime
 
-    assert data == {"a": True, "b": None, "c": 16, "d": 1000, "e": float("inf"), "f": "007",
+    assert data == {"a": "yes", "h": True, "b": None, "c": 16, "d": 1000, "e": float("inf"), "f": "007",
                     "g": datetime.date(2001, 12, 14)}
 
 
@@ -878,7 +879,7 @@ def test_dict_input_missing_top_level_key():
          "<spec>: unknown key 'output.stor'; did you mean 'store'?"),
         ({**DICT, "bogus": 1}, "<spec>: unknown key 'bogus'"),
         ({**DICT, "version": 2}, "<spec>: version: only version 1 exists"),
-        ({**DICT, "steps": ["rescal"]}, "<spec>: steps: [0]: unknown step 'rescal'"),
+        ({**DICT, "steps": ["rescal"]}, "<spec>: steps[0]: unknown step 'rescal'"),
         ({**DICT, "input": {"nifti": "a.nii", "store": "s.zarr"}}, "<spec>: input needs exactly one of"),
     ],
 )

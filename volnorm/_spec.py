@@ -7,7 +7,13 @@ The loader builds plain Python values from YAML's node tree itself, so that:
 * anchors and aliases are refused (no alias bombs, no shared mutable values);
 * a key given twice in one mapping is refused (PyYAML keeps the last one silently);
 * documents larger than :data:`MAX_SPEC_BYTES` are refused unread;
-* every key path keeps its line, so an error says where it is.
+* every key path keeps its line, so an error says where it is;
+* booleans are YAML 1.2's: only ``true`` and ``false`` (YAML 1.1's ``yes``/``no``/``on``/``off``
+  and capitalised forms are strings, which a boolean option refuses with "write true or false").
+
+Each step's options are bound to the function the step calls (:func:`volnorm.steps.check_options`):
+an unknown or misspelt option, a wrong type or a value out of the documented range is refused
+here, with its key path and line, before anything runs.
 """
 
 from __future__ import annotations
@@ -31,6 +37,34 @@ _STD_TAGS = {
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+#: the spec loader class, built on first use (yaml is imported lazily)
+_LOADER: type | None = None
+
+
+def _loader_class() -> type:
+    """``yaml.SafeLoader`` with YAML 1.2's booleans: only ``true`` and ``false`` resolve (and
+    construct, also under an explicit ``!!bool``) to booleans; ``yes``, ``No``, ``ON`` ... are strings."""
+    import yaml
+
+    global _LOADER
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            yaml_implicit_resolvers = {
+                first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+            }
+
+            def construct_yaml_bool(self, node: Any) -> bool:
+                value = self.construct_scalar(node)
+                if value not in ("true", "false"):
+                    raise ValueError(f"{value!r} is not a boolean: write true or false")
+                return value == "true"
+
+        Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|false)$"), list("tf"))
+        Loader.add_constructor(_BOOL_TAG, Loader.construct_yaml_bool)
+        _LOADER = Loader
+    return _LOADER
 
 
 class SpecError(ValueError):
@@ -67,6 +101,8 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
     --------
     >>> parse_yaml("a: 1\\nb: [x, y]\\n")
     ({'a': 1, 'b': ['x', 'y']}, {'': 1, 'a': 1, 'b': 2, 'b[0]': 2, 'b[1]': 2})
+    >>> parse_yaml("a: true\\nb: yes\\nc: NO\\n")[0]  # YAML 1.2: only true/false are booleans
+    {'a': True, 'b': 'yes', 'c': 'NO'}
     >>> parse_yaml("a: &x 1\\nb: *x\\n")
     Traceback (most recent call last):
     ...
@@ -76,7 +112,8 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
 
     if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: the spec is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a page of text")
-    loader = yaml.SafeLoader(text)
+    Loader = _loader_class()
+    loader = Loader(text)
     depth = 0
     try:
         for ev in _events(loader):  # the parser is iterative: the depth is checked before the
@@ -95,7 +132,7 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
         raise SpecError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     finally:
         loader.dispose()
-    loader = yaml.SafeLoader(text)
+    loader = Loader(text)
     try:
         nodes = loader.get_single_node()
     except yaml.YAMLError as e:
@@ -105,7 +142,7 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
     if nodes is None:
         raise SpecError(f"{source}: the spec is empty")
     lines: dict[str, int] = {}
-    return _value(nodes, "", lines, source, yaml.SafeLoader(""), 0), lines
+    return _value(nodes, "", lines, source, Loader(""), 0), lines
 
 
 def _events(loader: Any) -> Any:
@@ -150,7 +187,8 @@ def _scalar(node: Any, source: str, ctor: Any) -> Any:
         return ctor.construct_object(node)
     except Exception as e:  # noqa: BLE001 - KeyError (!!bool), ValueError (!!int), ... all mean a bad value
         tag = node.tag.rsplit(":", 1)[-1]
-        raise SpecError(f"{source}, line {node.start_mark.line + 1}: {node.value!r} is not a valid !!{tag} ({type(e).__name__})") from None
+        why = "write true or false" if node.tag == _BOOL_TAG else type(e).__name__
+        raise SpecError(f"{source}, line {node.start_mark.line + 1}: {node.value!r} is not a valid !!{tag} ({why})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -241,31 +279,62 @@ def _cluster_options(v: Any) -> dict[str, Any]:
     raise ValueError("expected a mapping of the cluster class's options, e.g. {cores: 8, memory: 32GB, walltime: '02:00:00'}")
 
 
+class _At(ValueError):
+    """A field check's error about a part of the value: ``at`` is that part's path below the
+    field's (``"[0].rescale.percentiles"``), so the message names it and its line."""
+
+    def __init__(self, at: str, message: str) -> None:
+        super().__init__(message)
+        self.at = at
+
+
 def _steps(v: Any) -> list[dict[str, Any]]:
-    """Each step: ``name`` or ``{name: {option: value, ...}}`` -> ``{"name": ..., "options": {...}}``."""
-    from volnorm.steps import PIPELINE_STEPS
+    """Each step: ``name`` or ``{name: {option: value, ...}}`` -> ``{"name": ..., "options": {...}}``,
+    its options bound to the function the step calls (:func:`volnorm.steps.check_options`)."""
+    from volnorm.steps import PIPELINE_STEPS, OptionError, check_options
 
     if not isinstance(v, list):
         raise ValueError("expected a list of steps, e.g. [{rescale: {percentiles: [1, 99]}}, equalize]")
     out = []
     for i, item in enumerate(v):
         if isinstance(item, str):
-            name, opts = item, {}
+            name, opts, at = item, {}, f"[{i}]"
         elif isinstance(item, dict) and len(item) == 1:
             name, opts = next(iter(item.items()))
             opts = {} if opts is None else opts
+            at = f"[{i}].{name}"
             if not isinstance(opts, dict):
-                raise ValueError(f"[{i}]: the options of step {name!r} must be a mapping")
+                raise _At(at, f"the options of step {name!r} must be a mapping, e.g. {{{name}: {{option: value}}}}")
         else:
-            raise ValueError(f"[{i}]: a step is a name or a one-key mapping {{name: {{options}}}}")
+            raise _At(f"[{i}]", "a step is a name or a one-key mapping {name: {options}}")
         if name not in PIPELINE_STEPS:
             hint = difflib.get_close_matches(str(name), PIPELINE_STEPS, n=1)
-            raise ValueError(f"[{i}]: unknown step {name!r} (steps: {', '.join(PIPELINE_STEPS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        bad = [k for k in opts if k in ("params", "mask", "data")]
-        if bad:
-            raise ValueError(f"[{i}]: step {name!r}: {bad[0]!r} is set by the pipeline (use the spec's `mask` / `params_from`)")
+            raise _At(f"[{i}]", f"unknown step {name!r} (steps: {', '.join(PIPELINE_STEPS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        try:
+            check_options(name, opts)
+        except OptionError as e:
+            raise _At(at if e.option is None else f"{at}.{e.option}", str(e)) from None
         out.append({"name": name, "options": opts})
     return out
+
+
+def _threshold_options(v: Any) -> dict[str, Any]:
+    """``mask.threshold``: options of :func:`volnorm.threshold` (``dim: volume`` = one per volume)."""
+    from volnorm.steps import OptionError, check_threshold_options
+
+    if not isinstance(v, dict):
+        raise ValueError(f"expected dict, got {type(v).__name__} {v!r}")
+    try:
+        return check_threshold_options(v)
+    except OptionError as e:
+        raise _At("" if e.option is None else f".{e.option}", str(e)) from None
+
+
+def _store_name(v: Any) -> str:
+    """``outputs.voxel_histogram.name``: a plain name inside the output store."""
+    from volnorm._utils import plain_name
+
+    return plain_name(v, "outputs.voxel_histogram.name")
 
 
 SCHEMA: dict[str, Field] = {
@@ -280,7 +349,7 @@ SCHEMA: dict[str, Field] = {
     }),
     "mask": Field(fields={
         "file": Field(str, help="a NIfTI mask on the input's grid, applied to every volume"),
-        "threshold": Field(dict, help="a mask from the data: {method: otsu|li|yen|..., dim: volume}"),
+        "threshold": Field(_threshold_options, help="a mask from the data: {method: otsu|li|yen|..., dim: volume}"),
     }),
     "steps": Field(_steps, default=[], help="transforms, in order, as in the Python API"),
     "params_from": Field(str, help="a previous run's output store (or --save-params JSON): its fitted steps are applied, not refitted"),
@@ -294,7 +363,7 @@ SCHEMA: dict[str, Field] = {
         "voxel_histogram": Field(fields={
             "bins": Field(_positive_int, default=100),
             "range": Field(_pair, required=True),
-            "name": Field(str, default="voxel_histogram"),
+            "name": Field(_store_name, default="voxel_histogram"),
         }, help="per-voxel histograms across volumes, into output.store"),
         "statistics": Field(fields={
             "path": Field(str, required=True, help="a .json or .csv file"),
@@ -328,7 +397,8 @@ def _check_value(f: Field, v: Any) -> Any:
         if isinstance(v, bool) and bool not in types:
             raise ValueError(f"expected {' or '.join(t.__name__ for t in types)}, got a boolean")
         if not isinstance(v, types):
-            raise ValueError(f"expected {' or '.join(t.__name__ for t in types)}, got {type(v).__name__} {v!r}")
+            write = "; write true or false" if bool in types and isinstance(v, str) else ""
+            raise ValueError(f"expected {' or '.join(t.__name__ for t in types)}, got {type(v).__name__} {v!r}{write}")
         return v
     return chk(v)
 
@@ -364,7 +434,9 @@ def _validate(fields: Mapping[str, Field], data: Any, path: str, lines: Mapping[
         try:
             out[key] = _check_value(f, v)
         except ValueError as e:
-            raise SpecError(f"{_where(sub, lines, source)}: {sub}: {e}") from None
+            at = sub + getattr(e, "at", "")
+            text = str(e)  # a message that already names the key is not prefixed again
+            raise SpecError(f"{_where(at, lines, source)}: " + (text if text.startswith(f"{at} ") else f"{at}: {text}")) from None
     return out
 
 

@@ -4,18 +4,31 @@
 left to right, each fitting on the output of the previous one (or taking ``params=``
 from a saved list), and each records its fitted parameters, so a list of steps is
 reproducible on new data (``volnorm apply``).
+
+A step's options are checked whole before any data is read (:func:`check_options`): they
+are bound to the signature of the function the step calls (:data:`STEP_FUNCTIONS`), typed
+by its annotations, and range-checked by :data:`OPTION_RULES`, the ranges the functions'
+docstrings document.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import logging
-from collections.abc import Sequence
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import xarray as xr
+
+from volnorm._threshold import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +40,417 @@ UNFITTED = ("equalize_adaptive", "dither", "binarize")
 STEPS = tuple(FITTED) + UNFITTED
 #: A pipeline spec's steps: the command line's, and Nyúl standardization (fit, then apply).
 PIPELINE_STEPS = (*STEPS, "nyul")
+
+# ---------------------------------------------------------------------------
+# options: bound to the signature of the function a step calls
+# ---------------------------------------------------------------------------
+
+#: The ``volnorm`` function each step calls: its signature is the step's options.
+STEP_FUNCTIONS: dict[str, str] = {**{name: name for name in STEPS}, "nyul": "nyul_fit"}
+#: Arguments the runner gives a step itself; never options.
+RUNNER_SUPPLIED = ("data", "mask", "params")
+#: Steps whose ``**kwargs`` go on to another function: its keyword options are the step's too.
+PASSED_ON = {"binarize": "threshold"}
+#: Option values the runner translates before the call, accepted whatever the annotation
+#: says: ``dim: per-volume`` is every dim but ``volume`` (:func:`run_steps`).
+RUNNER_WORDS: dict[str, tuple[str, ...]] = {"dim": ("per-volume",)}
+#: YAML 1.1's booleans, strings in a spec (only ``true`` / ``false`` are booleans).
+YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n", "true", "false"})
+
+
+def _integer_dtype(name: str) -> bool:
+    import numpy as np
+
+    try:
+        return np.dtype(name).kind in "iu"
+    except Exception:  # noqa: BLE001 - numpy refuses a name that is no dtype in several ways
+        return False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a step function's docstring documents about one option beyond its annotation.
+
+    Numbers (the value, or each number of a list) lie within ``lo``..``hi`` (``open_lo`` /
+    ``open_hi``: the bound itself excluded); a list's numbers increase (``increasing``:
+    ``"<"`` strictly, ``"<="`` or equal); a list has ``length`` = (min, max or None)
+    entries; a string is one of ``words`` (a tuple, or a test described by ``words_text``).
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    increasing: str = ""
+    length: tuple[int, int | None] | None = None
+    words: tuple[str, ...] | Callable[[str], bool] | None = None
+    words_text: str = ""
+
+    def describe(self) -> str:
+        """The rule in words.
+
+        Returns
+        -------
+        str
+            E.g. ``'within [0, 100], increasing'``.
+
+        Examples
+        --------
+        >>> Rule(lo=0, hi=100, increasing="<").describe()
+        'within [0, 100], increasing'
+        >>> Rule(lo=0, open_lo=True).describe()
+        '> 0'
+        """
+        parts = []
+        if self.lo is not None and self.hi is not None:
+            parts.append(f"within {'(' if self.open_lo else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.open_hi else ']'}")
+        elif self.lo is not None:
+            parts.append(f"{'>' if self.open_lo else '>='} {_num(self.lo)}")
+        elif self.hi is not None:
+            parts.append(f"{'<' if self.open_hi else '<='} {_num(self.hi)}")
+        if self.increasing:
+            parts.append("increasing" if self.increasing == "<" else "non-decreasing")
+        if self.length is not None:
+            lo, hi = self.length
+            parts.append(f"{lo} entries" if lo == hi else f"{lo} or {hi} entries" if hi == lo + 1
+                         else f"at least {lo} entries" if hi is None else f"{lo} to {hi} entries")
+        return ", ".join(parts)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+#: The ranges and choices the step functions' docstrings document (their types come from the
+#: signatures). Keyed by option, or ``"step.option"`` where one step's option differs; a
+#: function's own check at run time stays (these only move the refusal before the run).
+OPTION_RULES: dict[str, Rule] = {
+    # rescale: "percentiles : (lo, hi) - In 0-100" (and lo < hi); nyul_fit: "The landmarks,
+    # increasing within [0, 100], at least two"
+    "percentiles": Rule(lo=0, hi=100, increasing="<", length=(2, None)),
+    # rescale / dither: 'in_range : "minmax" or (lo, hi)' (lo <= hi: a constant window is allowed)
+    "in_range": Rule(increasing="<=", words=("minmax",)),
+    # rescale / equalize: "out_range : (lo, hi) or integer dtype" (a float range: lo < hi)
+    "out_range": Rule(increasing="<", words=_integer_dtype, words_text="an integer dtype such as 'uint8'"),
+    # nyul_fit: "standard_range : (lo, hi) - ... lo < hi"
+    "standard_range": Rule(increasing="<"),
+    # gamma: "The exponent, a positive number"
+    "gamma": Rule(lo=0, open_lo=True),
+    # equalize / equalize_adaptive: "nbins : int - Histogram bins"; threshold: "bins : int -
+    # Histogram bins": a histogram of one bin maps (or splits) nothing
+    "nbins": Rule(lo=2),
+    "bins": Rule(lo=2),
+    # equalize_adaptive: "clip_limit : float - Contrast clipping limit in [0, 1]" (0: no clipping)
+    "clip_limit": Rule(lo=0, hi=1),
+    # equalize_adaptive: "kernel_size : int or sequence of int - Shape of the contextual regions"
+    "kernel_size": Rule(lo=1),
+    # equalize_adaptive: "dim : sequence of str - The 2 or 3 dims of each plane or volume"
+    "equalize_adaptive.dim": Rule(length=(2, 3)),
+    # dither: 'method : {"bayer", "floyd-steinberg"}'
+    "dither.method": Rule(words=("bayer", "floyd-steinberg")),
+    # binarize: "method : str - One of volnorm.threshold's methods that gives one threshold (not
+    # "multiotsu")"; the pipeline's mask threshold (mask.threshold) is one threshold too
+    "binarize.method": Rule(words=tuple(m for m in METHODS if m != "multiotsu")),
+    "threshold.method": Rule(words=tuple(m for m in METHODS if m != "multiotsu")),
+    # threshold: "q : float - For percentile and robust_range*, in [0, 1]"; "classes : int - For
+    # multiotsu" (an int >= 2 at run time)
+    "q": Rule(lo=0, hi=1),
+    "classes": Rule(lo=2),
+}
+
+
+class OptionError(ValueError):
+    """A step option that the step's function would refuse; ``option`` is its key (``None``:
+    the step as a whole, e.g. a required option missing)."""
+
+    def __init__(self, option: str | None, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def step_function(name: str) -> Callable[..., Any]:
+    """The ``volnorm`` function step ``name`` calls (:data:`STEP_FUNCTIONS`).
+
+    Parameters
+    ----------
+    name : str
+        A step of :data:`PIPELINE_STEPS`.
+
+    Returns
+    -------
+    callable
+        E.g. :func:`volnorm.rescale`; :func:`volnorm.nyul_fit` for ``"nyul"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown step, with the closest one.
+
+    Examples
+    --------
+    >>> step_function("nyul").__name__, step_function("rescale").__name__
+    ('nyul_fit', 'rescale')
+    """
+    import volnorm as vn
+
+    if name not in STEP_FUNCTIONS:
+        hint = difflib.get_close_matches(str(name), PIPELINE_STEPS, n=1)
+        raise ValueError(f"unknown step {name!r} (steps: {', '.join(PIPELINE_STEPS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    return getattr(vn, STEP_FUNCTIONS[name])
+
+
+def step_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options step ``name`` takes: its function's parameters but the ones the runner
+    supplies (:data:`RUNNER_SUPPLIED`), plus the keyword options of a function its ``**kwargs``
+    go on to (:data:`PASSED_ON`).
+
+    Parameters
+    ----------
+    name : str
+        A step of :data:`PIPELINE_STEPS`.
+
+    Returns
+    -------
+    dict of str to inspect.Parameter
+        In the function's order (then the passed-on function's keyword options).
+
+    Examples
+    --------
+    >>> list(step_options("rescale"))
+    ['in_range', 'percentiles', 'out_range', 'dim', 'clip']
+    >>> list(step_options("binarize"))[-3:]
+    ['bins', 'classes', 'q']
+    """
+    return _options(step_function(name), PASSED_ON.get(name))
+
+
+def _options(func: Callable[..., Any], passed_on: str | None = None) -> dict[str, inspect.Parameter]:
+    import volnorm as vn
+
+    params = list(inspect.signature(func).parameters.values())[1:]  # the first one is the data
+    out = {p.name: p for p in params if p.name not in RUNNER_SUPPLIED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if passed_on is not None and any(p.kind is p.VAR_KEYWORD for p in params):
+        for p in list(inspect.signature(getattr(vn, passed_on)).parameters.values())[1:]:
+            if p.name not in out and p.name not in RUNNER_SUPPLIED and p.kind is p.KEYWORD_ONLY:
+                out[p.name] = p
+    return out
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check step ``name``'s ``options`` against the function it calls, before any data is read.
+
+    Every key must be a parameter of the function (:func:`step_options`; the runner's own
+    arguments ``data``, ``mask`` and ``params`` are refused), every required parameter must be
+    given, every value must have the parameter's annotated type (a number is not a boolean or
+    a string; a boolean is ``true`` or ``false``; a tuple is a list of that length) and lie
+    in the range the function's docstring documents (:data:`OPTION_RULES`).
+
+    Parameters
+    ----------
+    name : str
+        A step of :data:`PIPELINE_STEPS`.
+    options : mapping
+        The step's options as a spec (lists) or the command line (tuples) gives them.
+
+    Returns
+    -------
+    dict
+        ``options``, unchanged (a new dict).
+
+    Raises
+    ------
+    OptionError
+        Naming the option (``.option``) and the problem: for an unknown key the step's options
+        and the closest one.
+
+    Examples
+    --------
+    >>> check_options("rescale", {"percentiles": [1, 99]})
+    {'percentiles': [1, 99]}
+    >>> check_options("rescale", {"percentile": [1, 99]})
+    Traceback (most recent call last):
+    ...
+    volnorm.steps.OptionError: unknown option 'percentile' of step 'rescale'; did you mean 'percentiles'? (options: in_range, percentiles, out_range, dim, clip)
+    >>> check_options("gamma", {"gamma": ".5e3"})
+    Traceback (most recent call last):
+    ...
+    volnorm.steps.OptionError: expected a number > 0, got str '.5e3'
+    """
+    return _bind(step_function(name), options, rules=name, what=f"step {name!r}", passed_on=PASSED_ON.get(name))
+
+
+def check_threshold_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the options of a mask from the data (a spec's ``mask.threshold``) against
+    :func:`volnorm.threshold`, as :func:`check_options` does for a step (``dim: volume``, the
+    pipeline's word for one threshold per volume, is a dim name like any other here).
+
+    Parameters
+    ----------
+    options : mapping
+        ``method``, ``dim`` and the keyword options of :func:`volnorm.threshold` (``bins``,
+        ``classes``, ``q``).
+
+    Returns
+    -------
+    dict
+        ``options``, unchanged (a new dict).
+
+    Raises
+    ------
+    OptionError
+        Naming the option and the problem; ``method`` must give one threshold (not ``multiotsu``).
+
+    Examples
+    --------
+    >>> check_threshold_options({"method": "otsu", "dim": "volume"})
+    {'method': 'otsu', 'dim': 'volume'}
+    >>> check_threshold_options({"method": "otsuu"})
+    Traceback (most recent call last):
+    ...
+    volnorm.steps.OptionError: expected one of 'otsu', 'li', 'yen', 'triangle', 'isodata', 'mean', 'minimum', 'percentile', 'robust_range', 'robust_range_positive', got str 'otsuu'; did you mean 'otsu'?
+    """
+    import volnorm as vn
+
+    return _bind(vn.threshold, options, rules="threshold", what="mask.threshold")
+
+
+def _bind(func: Callable[..., Any], options: Mapping[str, Any], *, rules: str, what: str, passed_on: str | None = None) -> dict[str, Any]:
+    params = _options(func, passed_on)
+    hints = _hints(func)
+    if passed_on is not None:
+        import volnorm as vn
+
+        hints = {**_hints(getattr(vn, passed_on)), **hints}
+    for key in options:
+        if key in RUNNER_SUPPLIED:
+            raise OptionError(key, f"{what}: {key!r} is set by the pipeline, not an option (use the spec's `mask` / `params_from`)")
+        if key not in params:
+            hint = difflib.get_close_matches(str(key), list(params), n=1)
+            raise OptionError(
+                str(key), f"unknown option {key!r} of {what}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (options: {', '.join(params) or 'none'})"
+            )
+    for key, p in params.items():
+        rule = OPTION_RULES.get(f"{rules}.{key}") or OPTION_RULES.get(key) or Rule()
+        tp = hints.get(key, Any)
+        if key not in options:
+            if p.default is inspect.Parameter.empty:
+                raise OptionError(None, f"{what} needs the option {key!r} ({_expected(tp, rule)})")
+            continue
+        problem = _problem(options[key], tp, rule, RUNNER_WORDS.get(key, ()))
+        if problem:
+            raise OptionError(key, problem)
+    return dict(options)
+
+
+def _hints(func: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve is not checked
+        return {}
+
+
+#: (one, many) for the types a spec can write
+_NOUNS: dict[Any, tuple[str, str]] = {
+    bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+    str: ("a string", "strings"), Hashable: ("a dim name", "dim names"),
+}
+
+
+def _is(v: Any, tp: Any) -> bool:
+    """Whether a spec value ``v`` has the annotated type ``tp`` (lists for tuples and sequences;
+    types a spec cannot write, e.g. a DataArray, match nothing)."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if origin is Literal:
+        return any(type(v) is type(a) and v == a for a in args)
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if tp is float:
+        try:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        except OverflowError:  # an integer too large for a float
+            return False
+    if tp is str or tp is Hashable:
+        return isinstance(v, str)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return isinstance(v, (list, tuple)) and len(v) == len(args) and all(_is(x, a) for x, a in zip(v, args))
+    if origin in (tuple, list, Sequence):
+        return isinstance(v, (list, tuple)) and all(_is(x, args[0] if args else Any) for x in v)
+    return False
+
+
+def _expected(tp: Any, rule: Rule) -> str:
+    """What the option takes, in words: ``'a number > 0'``, ``'a list of 2 numbers'``, ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        parts = [d for a in args if a is not type(None) for d in [_expected(a, rule)] if d]
+        parts = list(dict.fromkeys(parts))
+        return " or ".join(parts + (["null"] if type(None) in args else []))
+    if origin is Literal and not isinstance(rule.words, tuple):
+        return "one of " + ", ".join(map(repr, args))
+    if (tp is str or origin is Literal) and isinstance(rule.words, tuple):
+        return ("one of " if len(rule.words) > 1 else "") + ", ".join(map(repr, rule.words))
+    if tp is str and rule.words is not None:
+        return rule.words_text
+    ranged = rule.describe() if rule.lo is not None or rule.hi is not None else ""
+    if tp in _NOUNS:
+        return _NOUNS[tp][0] + (f" {ranged}" if ranged and tp in (int, float) else "")
+    if origin is tuple and args and args[-1] is not Ellipsis or origin in (tuple, list, Sequence):
+        elem = args[0] if args else Any
+        many = _NOUNS.get(elem, ("", "values"))[1]
+        fixed = origin is tuple and args[-1] is not Ellipsis
+        n = f"{len(args)} " if fixed else ""
+        extra = (replace(rule, length=None) if fixed else rule).describe()
+        return f"a list of {n}{many}" + (f" ({extra})" if extra else "")
+    return ""
+
+
+def _problem(v: Any, tp: Any, rule: Rule, runner_words: tuple[str, ...] = ()) -> str | None:
+    """Why ``v`` does not fit the annotation ``tp`` and ``rule``; ``None`` if it does."""
+    if isinstance(v, str) and v in runner_words:
+        return None
+    got = f"{type(v).__name__} {v!r}" if v is not None else "null"
+    if not _is(v, tp):
+        msg = f"expected {_expected(tp, rule) or 'a value a spec cannot write'}, got {got}"
+        choices = rule.words if isinstance(rule.words, tuple) else [
+            a for t in (typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,))
+            if typing.get_origin(t) is Literal for a in typing.get_args(t)]
+        hint = difflib.get_close_matches(v, choices, n=1) if isinstance(v, str) and choices else []
+        if hint:
+            msg += f"; did you mean {hint[0]!r}?"
+        if isinstance(v, str) and _is(True, tp):
+            msg += "; write true or false" + (" (YAML 1.1's yes/no/on/off are not booleans in a spec)"
+                                              if v.lower() in YAML11_BOOLEANS else "")
+        return msg
+    if isinstance(v, str) and rule.words is not None:
+        ok = v in rule.words if isinstance(rule.words, tuple) else rule.words(v)
+        if not ok:
+            hint = difflib.get_close_matches(v, rule.words, n=1) if isinstance(rule.words, tuple) else []
+            return f"expected {_expected(tp, rule)}, got {got}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        return None
+    values = list(v) if isinstance(v, (list, tuple)) else [v]
+    nums = [x for x in values if isinstance(x, numbers.Real) and not isinstance(x, bool)]
+    bad = [x for x in nums if (rule.lo is not None and (x <= rule.lo if rule.open_lo else x < rule.lo))
+           or (rule.hi is not None and (x >= rule.hi if rule.open_hi else x > rule.hi))]
+    if isinstance(v, (list, tuple)):
+        n_lo, n_hi = rule.length or (0, None)
+        if len(v) < n_lo or (n_hi is not None and len(v) > n_hi):
+            bad.append(v)
+        if rule.increasing and len(nums) == len(v):
+            step_ok = (lambda a, b: a < b) if rule.increasing == "<" else (lambda a, b: a <= b)
+            if not all(step_ok(a, b) for a, b in zip(nums, nums[1:])):
+                bad.append(v)
+    if bad:
+        return f"expected {_expected(tp, rule)}, got {got}"
+    return None
 
 
 def _value(text: str) -> Any:
@@ -47,7 +471,8 @@ def _value(text: str) -> Any:
 
 
 def parse_step(text: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,...;key=value"`` (``;`` or ``:`` between keys) -> ``(name, kwargs)``.
+    """``"name:key=value,...;key=value"`` (``;`` or ``:`` between keys) -> ``(name, kwargs)``,
+    the options checked as a spec's are (:func:`check_options`).
 
     Examples
     --------
@@ -55,6 +480,10 @@ def parse_step(text: str) -> tuple[str, dict[str, Any]]:
     ('rescale', {'percentiles': (1, 99), 'out_range': 'uint8'})
     >>> parse_step("equalize")
     ('equalize', {})
+    >>> parse_step("rescale:percentile=1,99")
+    Traceback (most recent call last):
+    ...
+    ValueError: step 'rescale:percentile=1,99': percentile: unknown option 'percentile' of step 'rescale'; did you mean 'percentiles'? (options: in_range, percentiles, out_range, dim, clip)
     """
     name, _, rest = text.partition(":")
     name = name.strip().replace("-", "_")
@@ -71,6 +500,10 @@ def parse_step(text: str) -> tuple[str, dict[str, Any]]:
         kwargs[key.strip().replace("-", "_")] = _value(val.strip())
     if kwargs.get("dim") in ("volume", "slice"):  # the command line's words for per volume / per slice
         kwargs["dim"] = {"volume": "per-volume", "slice": ("y", "x")}[kwargs["dim"]]
+    try:
+        check_options(name, kwargs)
+    except OptionError as e:
+        raise ValueError(f"step {text!r}: " + (f"{e.option}: " if e.option else "") + str(e)) from None
     return name, kwargs
 
 
