@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -58,6 +59,78 @@ def _num(x: Any) -> str:
     if x is None:
         return "-"
     return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+#: errno values that mean the output cannot be written (disk full, quota, read-only file system)
+_WRITE_ERRNOS = frozenset(
+    e for e in (getattr(errno, n, None) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS")) if e is not None
+)
+
+
+class OutputWriteError(OSError):
+    """The output could not be written (disk full, quota exceeded, read-only file system).
+
+    ``errno`` is the cause's; the message names the path being written and
+    what happened to the output (not created, or the existing store kept).
+    """
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _is_write_error(e: BaseException, staging: Staging) -> bool:
+    """Whether ``e`` is a failure to write the output rather than a problem of an input."""
+    if isinstance(e, OutputWriteError):
+        return True
+    if not isinstance(e, OSError) or isinstance(e, NiftiError):
+        return False
+    if e.errno in _WRITE_ERRNOS:
+        return True
+    name = getattr(e, "filename", None)
+    if name is None:
+        return False
+    try:
+        p = Path(os.fsdecode(name)).absolute()
+    except (TypeError, ValueError):
+        return False
+    return p == staging.path or staging.path in p.parents
+
+
+def _describe_write_error(e: OSError, staging: Staging, source: Path | None = None) -> str:
+    """``PATH: cannot write the new store: CAUSE (...)`` for an output write failure.
+
+    An OSError from ``write()`` carries no file name (ENOSPC says only "No
+    space left on device"), so the staging directory being written is named.
+
+    >>> from volnorm.io.store import Staging
+    >>> st = Staging(Path("/data/out.zarr"), {})
+    >>> _describe_write_error(OSError(errno.ENOSPC, "No space left on device"), st)
+    '/data/.out.zarr.volnorm-partial: cannot write the new store: no space left on device'
+    """
+    cause = os.strerror(e.errno).lower() if e.errno else (e.strerror or str(e))
+    details = []
+    if source is not None:
+        details.append(f"converting {source}")
+    name = getattr(e, "filename", None)
+    if name is not None:
+        details.append(f"writing {os.fsdecode(name)}")
+    return f"{staging.path}: cannot write the new store: {cause}" + (f" ({'; '.join(details)})" if details else "")
+
+
+def _output_fate(staging: Staging, store: Any, existed: bool) -> str:
+    """What became of the output after a failed run, checked on disk, not assumed."""
+    from volnorm.io.store import read_manifest
+
+    final = staging.final
+    if existed:
+        if read_manifest(final) is not None:
+            return f"the existing store {store} was kept unchanged (it is replaced only once the new one is complete)"
+        old = final.parent / f".{final.name}.volnorm-old"
+        if read_manifest(old) is not None:
+            return f"the existing store was moved to {old} and the new one not put in place; move it back to {final}"
+        return f"the existing store {store} is gone"  # pragma: no cover - only if someone else removed it
+    return f"the output {store} was not created"
 
 
 def validate_inputs(paths: Sequence[Path]) -> list[NiftiInfo]:
@@ -166,9 +239,29 @@ def convert(
         "chunks": plan_chunks,
         "codec": str(codec),
     }
-    staging = Staging(Path(store), plan, overwrite=overwrite, inputs=files).prepare()
+    staging = Staging(Path(store), plan, overwrite=overwrite, inputs=files)
+    existed = staging.final.exists()
     try:
-        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0)
+        staging.prepare()
+    except OSError as e:
+        if not _is_write_error(e, staging):
+            raise
+        raise OutputWriteError(
+            f"{_describe_write_error(e, staging)}; {_output_fate(staging, store, existed)}", e.errno
+        ) from e
+    try:
+        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0, existed)
+    except OutputWriteError:
+        raise
+    except OSError as e:
+        # e.g. the disk fills while the manifest is written in commit()
+        if not _is_write_error(e, staging):
+            raise
+        raise OutputWriteError(
+            f"{_describe_write_error(e, staging)}; {_output_fate(staging, store, existed)} "
+            f"(fix that and re-run to finish; work done is kept in {staging.path})",
+            e.errno,
+        ) from e
     finally:
         staging.release()
 
@@ -184,6 +277,7 @@ def _run(
     progress: bool,
     steps: list | None,
     t0: float,
+    existed: bool = False,
 ) -> ConvertResult:
     import sys
 
@@ -203,7 +297,7 @@ def _run(
     todo.sort(key=lambda x: -x[0].data_bytes)  # biggest first balances the workers
     total = sum(i.data_bytes for i, _ in todo)
     results: dict[str, dict] = dict(done)
-    failures: list[BaseException] = []
+    failures: list[tuple[NiftiInfo, BaseException]] = []
     with executor(scheduler) as ex:
         logger.info("converting %d files (%s) on %s", len(todo), format_bytes(total), ex.description)
         futures = {}
@@ -224,17 +318,30 @@ def _run(
             try:
                 results[name] = fut.result()
             except (OSError, ValueError) as e:
-                failures.append(e)
+                failures.append((info, e))
             if bar is not None:
                 bar.update(info.data_bytes)
         if bar is not None:
             bar.close()
     if failures:
-        msg = "\n".join(f"  {e}" for e in failures)
-        raise NiftiError(
-            f"{len(failures)} of {len(infos)} inputs failed; the output {store} was not created "
-            f"(finished volumes are kept in {staging.path}; re-run to resume):\n{msg}"
+        lines, write_errno = [], None
+        for info, e in failures:
+            if _is_write_error(e, staging):
+                write_errno = write_errno or getattr(e, "errno", None) or errno.EIO
+                lines.append(f"  {_describe_write_error(e, staging, info.path)}")  # type: ignore[arg-type]
+            else:
+                lines.append(f"  {e}")
+        if write_errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            fix = "free space and re-run to resume"
+        else:
+            fix = "fix the output location and re-run to resume" if write_errno else "re-run to resume"
+        msg = (
+            f"{len(failures)} of {len(infos)} inputs failed; {_output_fate(staging, store, existed)} "
+            f"(finished volumes are kept in {staging.path}; {fix}):\n" + "\n".join(lines)
         )
+        if write_errno:
+            raise OutputWriteError(msg, write_errno)
+        raise NiftiError(msg)
     # trust nothing the workers said: every volume must be complete in the staging store
     root = zarr.open_group(staging.path, mode="r", zarr_format=3)
     missing = [n for n in names if n not in root or not root[n].attrs.get("volnorm", {}).get("complete")]

@@ -7,6 +7,15 @@ sizes, scaling) and that the file holds all the bytes the header promises
 truncated and corrupt files silently; a corrupt .nii.gz is only caught by its
 CRC, which the conversion checks on its single streaming read.
 
+A .nii.gz must decompress to exactly the bytes its header needs (``vox_offset``
+plus the voxel data; extensions lie before ``vox_offset``). gzip's trailer
+keeps the size modulo 4 GiB, so a stream that runs on by a multiple of 4 GiB
+(a gzip bomb) passes the trailer check; every streaming read stops and fails
+at the first byte past the needed size instead. Several gzip members in a row
+(``bgzip``) are accepted, as gzip defines them; anything else after the last
+member (trailing garbage, zero padding) is refused. A .nii may be longer than
+its header needs (bytes after the data are ignored, as nibabel does).
+
 Voxels are read through nibabel's ``ArrayProxy`` (so scaling is bit-identical
 to nibabel's) behind a small picklable view that reverses the axes: NIfTI's
 Fortran-order (i, j, k, t) becomes C-order (t, z, y, x).
@@ -108,7 +117,16 @@ class NiftiInfo:
 
     @property
     def data_bytes(self) -> int:
+        """Bytes of voxel data the header describes."""
         return math.prod(self.shape) * self.raw_dtype.itemsize
+
+    @property
+    def needed_bytes(self) -> int:
+        """Bytes the header needs: ``vox_offset`` (header and extensions) plus the voxel data.
+
+        A .nii.gz decompresses to exactly this many bytes.
+        """
+        return self.offset + self.data_bytes
 
     @property
     def scaled(self) -> bool:
@@ -163,35 +181,84 @@ def is_nifti_path(p: str | os.PathLike) -> bool:
     return str(p).endswith(NIFTI_SUFFIXES)
 
 
+def _dangling(p: Path) -> str | None:
+    """Why ``p`` is a symlink to nothing (naming its target), or None."""
+    if p.is_symlink() and not p.exists():
+        return f"{p}: is a symlink to {os.readlink(p)}, which does not exist"
+    return None
+
+
 def expand_paths(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     suffixes: Sequence[str] = NIFTI_SUFFIXES,
     what: str = "NIfTI",
 ) -> list[Path]:
-    """Expand globs and directories into an ordered list of files.
+    """Expand globs and directories into an ordered list of absolute file paths.
 
-    A glob matching nothing, a directory with no matching file or the same
-    file listed twice is an error naming the culprit.
+    Paths are made absolute here, on the client, so that tasks work on
+    workers started in another folder (symlink names are kept as given).
+
+    Parameters
+    ----------
+    paths : path, glob, directory or iterable of them
+        Explicit files, glob patterns (``*``, ``?``, ``[...]``) or
+        directories (their files ending with one of ``suffixes``, sorted).
+    suffixes : sequence of str
+        File name endings a directory's files must have to be inputs.
+    what : str
+        What the files are, for messages.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Absolute paths in the order given (each glob and directory sorted).
+
+    Raises
+    ------
+    FileNotFoundError
+        A glob matching nothing, a directory with no matching file, an
+        explicit path that does not exist, or a symlink (given, matched or in
+        a directory) to something that does not exist; one error lists every
+        such path.
+    ValueError
+        No input at all, or the same file given twice.
+
+    Examples
+    --------
+    >>> from volnorm import datasets
+    >>> folder = datasets.nibabel_files()["anatomical.nii"].parent
+    >>> files = expand_paths(folder)
+    >>> all(p.is_absolute() for p in files), "anatomical.nii" in [p.name for p in files]
+    (True, True)
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Path] = []
+    problems: list[str] = []
     for p in paths:
         s = os.fspath(p)
         if glob.has_magic(s):
             matches = sorted(glob.glob(s))
             if not matches:
                 raise FileNotFoundError(f"{s}: the pattern matches no file")
-            out.extend(Path(m) for m in matches)
+            out.extend(Path(m).absolute() for m in matches)
         elif os.path.isdir(s):
-            matches = sorted(
-                q for q in Path(s).iterdir() if q.is_file() and q.name.endswith(tuple(suffixes))
-            )
-            if not matches:
+            entries = sorted(q for q in Path(s).absolute().iterdir() if q.name.endswith(tuple(suffixes)))
+            dangling = [d for q in entries if (d := _dangling(q))]
+            problems.extend(dangling)
+            matches = [q for q in entries if q.is_file()]
+            if not matches and not dangling:
                 raise FileNotFoundError(f"{s}: the directory holds no {what} file ({', '.join(suffixes)})")
             out.extend(matches)
+        elif os.path.lexists(s):
+            out.append(Path(s).absolute())
         else:
-            out.append(Path(s))
+            problems.append(f"{s}: no such file")
+    problems.extend(d for q in out if (d := _dangling(q)))
+    if problems:
+        raise FileNotFoundError(
+            problems[0] if len(problems) == 1 else "\n".join([f"{len(problems)} inputs are missing:", *(f"  {x}" for x in problems)])
+        )
     if not out:
         raise ValueError(f"no {what} input given")
     seen: dict[Path, Path] = {}
@@ -324,13 +391,8 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
         if isize != expected % 2**32:
             # a multi-member gzip (bgzip, concatenated streams) records only its last
             # member's size: decompress once to tell it from a truncated or corrupt file
-            total = _decompressed_size(path)
-            if total != expected:
-                raise _fail(
-                    path,
-                    f"the gzip data hold {total} uncompressed bytes but the header needs "
-                    f"{expected}: the file is truncated or corrupt",
-                )
+            # (stopping at the first byte past `expected`: a bomb costs nothing)
+            _check_gzip_size(path, expected, st.st_size)
     elif st.st_size < expected:
         raise _fail(
             path,
@@ -380,20 +442,52 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
     )
 
 
-def _decompressed_size(path: Path) -> int | str:
-    """Decompressed byte count of a gzip file, or a description of why it fails."""
-    from volnorm.io.niftizarr import _Inflater
+def _check_gzip_size(path: Path, expected: int, file_size: int) -> None:
+    """Decompress a gzip file to check it holds exactly ``expected`` bytes (CRCs checked too).
+
+    Stops at the first 16 MiB block past ``expected``, so a gzip bomb is
+    refused after decompressing at most ``expected`` + 16 MiB.
+
+    Raises
+    ------
+    NiftiError
+        Naming the file: fewer or more bytes than ``expected``, truncated or
+        corrupt gzip data, or trailing bytes that are not a gzip member.
+    """
+    from volnorm.io.niftizarr import GzipTooLongError, GzipTrailingDataError, _Inflater
 
     total = 0
     buf = bytearray(16 * 2**20)
     try:
         with open(path, "rb") as f:
-            inflater = _Inflater(f)
+            inflater = _Inflater(f, limit=expected)
             while n := inflater.readinto(buf):
                 total += n
+    except GzipTooLongError as e:
+        raise _fail(
+            path,
+            f"the gzip data hold more than the {expected} uncompressed bytes the header needs "
+            f"(stopped after {e.seen}): the file is corrupt or not what its header says",
+        ) from None
+    except GzipTrailingDataError as e:
+        raise _fail(
+            path,
+            f"{file_size - e.offset} bytes of trailing data after the end of the gzip data (from offset "
+            f"{e.offset}) that are not a gzip member: the file is truncated or corrupt, or padded; "
+            "refused (re-compress the file)",
+        ) from None
     except (OSError, EOFError) as e:
-        return f"{total} (then: {e})"
-    return total
+        raise _fail(
+            path,
+            f"the gzip data hold {total} uncompressed bytes (then: {e}) but the header needs "
+            f"{expected}: the file is truncated or corrupt",
+        ) from None
+    if total != expected:
+        raise _fail(
+            path,
+            f"the gzip data hold {total} uncompressed bytes but the header needs "
+            f"{expected}: the file is truncated or corrupt",
+        )
 
 
 def header_from_bytes(header_bytes: bytes):
