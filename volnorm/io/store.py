@@ -336,7 +336,12 @@ class Staging:
                     raise FileExistsError(f"{old}: exists and volnorm did not create it; move it away and run again")
                 shutil.rmtree(old)
             os.replace(self.final, old)
-        os.replace(self.path, self.final)
+        try:
+            os.replace(self.path, self.final)
+        except BaseException:
+            if old is not None and not self.final.exists():  # put the previous store back in place
+                os.replace(old, self.final)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.release()
