@@ -185,3 +185,21 @@ def test_a_spec_cannot_name_its_voxel_histogram_after_a_volume(tmp_path, capsys)
     assert main(["run", str(spec), "--dry-run"]) == 1
     assert "sub-001" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+def test_overwrite_that_fails_at_the_last_rename_keeps_the_old_store(store, tmp_path, monkeypatch):
+    files = vn.datasets.make_cohort(tmp_path / "new", n_subjects=2, shape=(8, 8, 8))
+    before = snapshot(store)
+    import volnorm.io.store as st
+
+    real = st.os.replace
+
+    def fail_into_place(src, dst):
+        if Path(src).name.endswith(".volnorm-partial"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(st.os, "replace", fail_into_place)
+    with pytest.raises(OSError):
+        vn.convert(files, store, scheduler="sync", overwrite=True)
+    assert snapshot(store) == before and vn.verify(store).ok
