@@ -15,7 +15,22 @@ Measures, in one run and on the same files:
   process tree, sampled every 50 ms);
 * a peak-memory scaling check with files 2x larger;
 * the effect of dask's worker ``MALLOC_TRIM_THRESHOLD_=65536`` (which volnorm
-  leaves unset) on convert throughput.
+  leaves unset) on convert throughput;
+* what the per-chunk CRC-32C costs (zarr v3's ``crc32c`` codec after the
+  compressor, volnorm's default): convert with checksums (the default) and the
+  same convert without them, in the same round; ``volnorm.integrity.verify``
+  of the converted store against a read pass of it; and, in one process, the
+  CRC-32C and the copy zarr's ``Crc32cCodec`` encode makes against the lz4
+  compression of the same chunk.
+
+No public argument writes a store without checksums: ``convert(codec=...)``
+goes through ``volnorm.io.store.compressors(codec)`` with ``checksum=True``,
+which appends ``Crc32cCodec`` to any codec or tuple of codecs that lacks one
+(``compressors("lz4", checksum=False)`` passed as ``codec=`` comes back with
+the CRC). The "without" runs therefore swap ``volnorm.io.niftizarr.compressors``
+for ``compressors(..., checksum=False)`` in this process and in the workers for
+the duration of those runs (:func:`_set_chunk_checksums`), and check that the
+store they wrote has no checksum.
 
 Usage (from the repository root)::
 
@@ -272,6 +287,21 @@ def _warm_worker() -> int:
     return os.getpid()
 
 
+def _set_chunk_checksums(on: bool) -> str:
+    """Benchmark-only switch: make volnorm's NIfTI writer use ``compressors(codec, checksum=on)``.
+
+    ``convert(codec=...)`` cannot turn the CRC-32C off (``compressors`` re-appends it), so the
+    "without checksums" runs swap the name ``compressors`` that ``volnorm.io.niftizarr`` imported.
+    Run in the client and in every worker (``client.run``); ``on=True`` restores the original.
+    """
+    import functools
+
+    from volnorm.io import niftizarr, store
+
+    niftizarr.compressors = store.compressors if on else functools.partial(store.compressors, checksum=False)
+    return "crc32c" if on else "none"
+
+
 def codec_name(codec: str) -> str:
     from volnorm.io.store import compressors
 
@@ -472,6 +502,63 @@ def task_codec_table(path: str, outdir: str, codecs: list[str], repeats: int) ->
     return rows
 
 
+def crc_costs(path: str, codec: str, repeats: int = 5) -> dict:
+    """One process, one thread, one chunk of ``path`` as volnorm writes it: seconds of the codec's
+    encode (compressors(codec, checksum=False)), of the CRC-32C of the encoded bytes
+    (google_crc32c, what zarr's Crc32cCodec calls) and of ``np.append(encoded, crc)``, the copy
+    Crc32cCodec's encode makes. Best of ``repeats``."""
+    import asyncio
+
+    import google_crc32c
+    from zarr.core.array_spec import ArrayConfig, ArraySpec
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.buffer.cpu import NDBuffer
+
+    from volnorm._utils import slab_chunks
+    from volnorm.io.store import compressors
+
+    data = load_c_order(path)
+    chunks = slab_chunks(data.shape, data.itemsize)
+    chunk = np.ascontiguousarray(data[tuple(slice(0, c) for c in chunks)])
+    spec = ArraySpec(shape=chunk.shape, dtype=zarr_dtype(chunk.dtype), fill_value=0,
+                     config=ArrayConfig.from_dict({}), prototype=default_buffer_prototype())
+    from zarr.codecs import BytesCodec
+
+    chain = compressors(codec, checksum=False)
+    raw_buf = asyncio.run(BytesCodec().encode([(NDBuffer.from_numpy_array(chunk), spec)]))
+    raw_buf = list(raw_buf)[0]
+
+    def encode() -> Any:
+        b = raw_buf
+        for c in chain:
+            c2 = c.evolve_from_array_spec(spec)
+            b = c2._encode_sync(b, spec)
+        return b
+
+    def best(fn: Callable[[], Any]) -> tuple[float, Any]:
+        t, out = math.inf, None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            t = min(t, time.perf_counter() - t0)
+        return t, out
+
+    t_enc, enc = best(encode)
+    enc_np = enc.as_numpy_array()
+    t_crc, crc = best(lambda: google_crc32c.value(enc_np))
+    tail = np.array([crc], dtype=np.uint32).view("B")
+    t_app, _ = best(lambda: np.append(enc_np, tail))
+    return {"chunk_bytes": int(chunk.nbytes), "encoded_bytes": int(enc_np.nbytes), "t_encode": t_enc,
+            "t_crc": t_crc, "t_append": t_app, "crc_impl": str(google_crc32c.implementation)}
+
+
+def zarr_dtype(dtype: np.dtype) -> Any:
+    """zarr 3's dtype object for a numpy dtype (ArraySpec wants it)."""
+    from zarr.core.dtype import parse_dtype
+
+    return parse_dtype(dtype, zarr_format=3)
+
+
 # ---------------------------------------------------------------------------
 # memory sampling of the process tree
 # ---------------------------------------------------------------------------
@@ -588,9 +675,14 @@ class Bench:
         shutil.rmtree(self.workdir / "wlimit", ignore_errors=True)
         return sum(r[2] for r in res) / (max(r[1] for r in res) - min(r[0] for r in res)) / MB
 
-    def convert_once(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None, exclude: set[int] | None = None) -> dict:
+    def convert_once(self, files: list[Path], label: str, scheduler: Any, worker_pids: set[int] | None, exclude: set[int] | None = None,
+                     *, keep: bool = False, checksums: str | None = None) -> dict:
+        """One timed convert. ``keep``: leave the output store (``r["out"]``) for the caller to
+        measure and remove. ``checksums``: what ``quick_check`` must say of the output
+        ("all" or "none"), else the run is refused (the no-checksum switch did not take)."""
         import volnorm
         import zarr
+        from volnorm.integrity import quick_check
 
         out = self.workdir / "out" / f"{label.replace(' ', '_').replace('/', '_')}.zarr"
         shutil.rmtree(out, ignore_errors=True)
@@ -610,7 +702,11 @@ class Bench:
         missing = [v["name"] for v in res.volumes if v["name"] not in root or root[v["name"]]["0"].nchunks_initialized != root[v["name"]]["0"].nchunks]
         if len(res.volumes) != len(files) or missing:
             raise RuntimeError(f"{label}: incomplete output ({len(res.volumes)} volumes; missing/incomplete: {missing})")
-        shutil.rmtree(out, ignore_errors=True)
+        crc = quick_check(out)["checksums"]
+        if checksums is not None and crc != checksums:
+            raise RuntimeError(f"{label}: the output's chunk checksums are {crc!r}, expected {checksums!r}")
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
         wp = sampler.worker_peaks(worker_pids)
         r = {
             "mbps": res.bytes_in / wall / MB,
@@ -625,12 +721,49 @@ class Bench:
             "worker_peak": max(wp, default=0),
             "samples": sampler.samples,
             "engine": res.engine,
+            "checksums": crc,
+            "out": str(out) if keep else None,
         }
         say(
             f"  {label:<46} {r['mbps']:7.0f} MB/s  peak tree {fmt_mem(r['peak'])} (idle {fmt_mem(r['baseline'])}), "
             f"workers {', '.join(fmt_mem(w) for w in wp)}; stored ratio {r['stored_ratio']:.2f}"
         )
         return r
+
+    def read_store_once(self, out: str, nbytes: int) -> float:
+        """MB/s (voxels) of a read pass of a converted store through ``vn.open_zarr`` (checked
+        reads: every chunk's presence and CRC-32C, then zarr's decode) on 2 threads."""
+        import dask
+
+        import volnorm
+
+        x = volnorm.open_zarr(out)
+        a = x.data
+
+        def first(b: np.ndarray) -> np.ndarray:
+            return np.full((1,) * b.ndim, float(b.flat[0]) if b.size else 0.0)
+
+        lazy = a.map_blocks(first, chunks=tuple((1,) * len(c) for c in a.chunks), dtype=np.float64).sum()
+        self.cache.drop()
+        t0 = time.perf_counter()
+        with dask.config.set(scheduler="threads", num_workers=N_PROCS):
+            lazy.compute()
+        return nbytes / (time.perf_counter() - t0) / MB
+
+    def verify_once(self, out: str, nbytes: int, sources: bool) -> float:
+        """MB/s (voxels) of ``volnorm.integrity.verify(out, sources=...)``; it must say ok with
+        every chunk's checksum matching."""
+        from volnorm.integrity import verify
+
+        self.cache.drop()
+        t0 = time.perf_counter()
+        rep = verify(out, progress=False, sources=sources)
+        wall = time.perf_counter() - t0
+        if not rep.ok or rep.checksums != rep.chunks:
+            raise RuntimeError(f"verify({out}) did not pass: {rep}")
+        if sources and not all(v == "matches" for v in rep.sources.values()):
+            raise RuntimeError(f"verify({out}): sources {rep.sources}")
+        return nbytes / wall / MB
 
     def record(self, key: str, value: Any) -> Any:
         self.runs[key].append(value)
@@ -794,6 +927,8 @@ class Bench:
             cdir.mkdir(exist_ok=True)
             self.results["codecs"] = pool.submit(task_codec_table, str(nii[0]), str(cdir), ["lz4", "zstd", "zarr-default", "none"], 2).result()
             shutil.rmtree(cdir, ignore_errors=True)
+            if not args.skip_checksums:
+                self.results["crc_costs"] = pool.submit(crc_costs, str(nii[0]), args.codec).result()
             for row in self.results["codecs"]:
                 say(f"  {row['codec']:<13} write {row['write_mbps']:6.0f} MB/s  ratio {row['ratio']:5.2f}  read-back {row['read_mbps']:6.0f} MB/s")
 
@@ -838,10 +973,38 @@ class Bench:
                     v = self.record("write", self.write_limit_once(pool, manager, nii, args.codec, wrep))
                     say(f"  {f'd compressed write ({args.codec}), {N_PROCS} procs x {wrep}':<46} {v:7.0f} MB/s")
                     ex = helpers | tpids
-                    self.record("c_nii", self.convert_once(nii, "convert .nii", client, pids, ex))
+
+                    def crc_pair(key: str, files: list[Path], label: str, keep: bool = False) -> None:
+                        """The convert with checksums (volnorm's default) and without, in alternating
+                        order from round to round (drift does not favour either)."""
+                        runs = [(key, label, True), (f"{key}_nocrc", f"{label}, no chunk checksums", False)]
+                        if args.skip_checksums:
+                            runs = runs[:1]
+                        for k, lab, on in runs if rnd % 2 == 0 else runs[::-1]:
+                            if not on:
+                                client.run(_set_chunk_checksums, False)
+                                _set_chunk_checksums(False)
+                            try:
+                                self.record(k, self.convert_once(files, lab, client, pids, ex, keep=keep and on,
+                                                                 checksums="all" if on else "none"))
+                            finally:
+                                if not on:
+                                    client.run(_set_chunk_checksums, True)
+                                    _set_chunk_checksums(True)
+
+                    crc_pair("c_nii", nii, "convert .nii", keep=not args.skip_checksums)
+                    if not args.skip_checksums:
+                        out = self.runs["c_nii"][-1]["out"]
+                        v = self.record("read_store", self.read_store_once(out, nbytes))
+                        say(f"  {'read pass of that store (vn.open_zarr, 2 thr)':<46} {v:7.0f} MB/s")
+                        v = self.record("verify", self.verify_once(out, nbytes, sources=False))
+                        say(f"  {'verify(store, sources=False)':<46} {v:7.0f} MB/s")
+                        v = self.record("verify_src", self.verify_once(out, nbytes, sources=True))
+                        say(f"  {'verify(store) (+ BLAKE3 of the sources)':<46} {v:7.0f} MB/s")
+                        shutil.rmtree(out, ignore_errors=True)
                     if big:
                         self.record("c_big", self.convert_once(big, "convert .nii, 2x larger files", client, pids, ex))
-                    self.record("c_gz", self.convert_once(gzs, "convert .nii.gz", client, pids, ex))
+                    crc_pair("c_gz", gzs, "convert .nii.gz")
                     if tclient is not None:
                         ex = helpers | pids
                         self.record("t_nii", self.convert_once(nii, "convert .nii, MALLOC_TRIM_THRESHOLD_=65536", tclient, tpids, ex))
@@ -939,7 +1102,8 @@ class Bench:
         def row(op: str, mbps: float | None, vs: str = "", ratio: float | None = None, target: str = "", peak: Any = None, wpeak: Any = None) -> None:
             ok = ""
             if ratio is not None and target:
-                ok = " ok" if ratio >= float(target.lstrip(">=")) else " MISS"
+                bound = float(target.lstrip("<>="))
+                ok = " ok" if (ratio <= bound if target.startswith("<=") else ratio >= bound) else " MISS"
             say(
                 f"{op:<50} {'' if mbps is None else f'{mbps:7.0f}':>7}  {vs:<30} {'' if ratio is None else f'{ratio:6.2f}':>6} "
                 f"{target + ok:>9}  {fmt_mem(peak) if peak else '':>10} {fmt_mem(wpeak) if wpeak else '':>11}"
@@ -978,6 +1142,34 @@ class Bench:
             row(f"convert .nii, files 2x larger {BIG_SHAPE}", b["mbps"], "raw read + compressed write",
                 rr(["c_big", "raw_read", "write"], lambda i: m("c_big", i) / comb(m("raw_read", i), m("write", i))), "", b["peak"], b["worker_peak"])
         say("-" * W)
+        if runs.get("c_nii_nocrc"):
+            say("checksums: a CRC-32C per chunk (zarr v3 crc32c codec after the compressor; volnorm's default).")
+            say("  cost = time with / time without, same round (median over rounds); the 'without' store has no crc32c codec")
+            for key, what in (("c_nii", ".nii"), ("c_gz", ".nii.gz")):
+                c, n = self.agg(key), self.agg(f"{key}_nocrc")
+                row(f"convert {what}, with checksums (default)", c["mbps"], "", None, "", c["peak"], c["worker_peak"])
+                row(f"convert {what}, no checksums", n["mbps"], "", None, "", n["peak"], n["worker_peak"])
+                cost = rr([key, f"{key}_nocrc"], lambda i, k=key: m(f"{k}_nocrc", i) / m(k, i))
+                row(f"  checksum cost {what} (time with / without)", None, "convert without checksums", cost, "<=1.05")
+                R[f"checksum_cost_{key}"] = cost
+            rd = med("read_store")
+            row("read pass of the converted .nii store", rd, "(vn.open_zarr: checked, 2 threads)")
+            row("verify(store, sources=False): chunks + CRC", med("verify"), "read pass (speed ratio)",
+                rr(["verify", "read_store"], lambda i: m("verify", i) / m("read_store", i)))
+            row(f"verify(store) (+ BLAKE3 of the {S['n_files']} sources)", med("verify_src"), "read pass (speed ratio)",
+                rr(["verify_src", "read_store"], lambda i: m("verify_src", i) / m("read_store", i)))
+            cc = R.get("crc_costs")
+            if cc:
+                extra = cc["t_crc"] + cc["t_append"]
+                say(
+                    f"  one chunk, 1 thread ({fmt_mem(cc['chunk_bytes'])} of int16 -> {cc['encoded_bytes'] / MB:.0f} MB encoded): "
+                    f"encode {1e3 * cc['t_encode']:.1f} ms, CRC-32C {1e3 * cc['t_crc']:.1f} ms "
+                    f"({cc['encoded_bytes'] / cc['t_crc'] / 1e9:.1f} GB/s, google_crc32c '{cc['crc_impl']}'), "
+                    f"np.append copy {1e3 * cc['t_append']:.1f} ms"
+                )
+                say(f"  -> zarr's Crc32cCodec encode adds {100 * extra / cc['t_encode']:.1f}% to the chunk's encode "
+                    f"({100 * cc['t_crc'] / cc['t_encode']:.1f}% CRC, {100 * cc['t_append'] / cc['t_encode']:.1f}% copy), best of 5")
+            say("-" * W)
         if runs.get("c_big"):
             b = self.agg("c_big")
             say(
@@ -1030,6 +1222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the workers in extra untimed convert runs")
     ap.add_argument("--skip-scaling", action="store_true", help="skip the 2x-larger-files memory check")
     ap.add_argument("--skip-malloc", action="store_true", help="skip the MALLOC_TRIM_THRESHOLD_ comparison")
+    ap.add_argument("--skip-checksums", action="store_true", help="skip the checksum rows (convert without CRC-32C, verify)")
     ap.add_argument("--json", type=Path, help="also write all results as JSON here")
     args = ap.parse_args(argv)
     if args.quick:

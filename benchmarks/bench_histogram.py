@@ -27,6 +27,22 @@ e. ``volnorm.quantile(x, [.02, .5, .98])`` (exact) vs ``dask.array.percentile``
    of the raveled data (NaNs dropped first for float data: with them dask's
    answer is NaN), with dask's absolute error.
 
+Checksums (``--skip-checksums`` to leave out, ``--checksums-only`` for just these): each
+store is also written twice with ``volnorm.to_zarr`` (a NIfTI-Zarr cohort, one group per
+volume, blosc-lz4): once as volnorm writes now (a CRC-32C after the compressor, zarr v3's
+``crc32c`` codec) and once without it (``volnorm.io.niftizarr.compressors`` swapped for
+``compressors(..., checksum=False)`` while writing: no public argument turns the CRC off).
+The read pass and the histogram pass are timed, interleaved round by round, on four reads
+of the same voxels:
+
+k1. no CRC, read directly: ``dask.array.from_zarr(zarr.open_array(<path>))`` per volume,
+    stacked as ``vn.open_zarr`` does (the baseline);
+k2. no CRC, ``vn.open_zarr`` (its ``CheckedStore``: a missing-chunk check only);
+k3. CRC, read directly (zarr's ``Crc32cCodec`` verifies it on decode);
+k4. CRC, ``vn.open_zarr`` (``CheckedStore`` checks the CRC, then zarr's codec again).
+
+Target: k4 <= 1.05 x k1 for both passes.
+
 GB/s = uncompressed GB / wall. ``x read`` = wall / read-pass wall of the same
 store and scheduler. Peak RSS is the sum over this process and all its
 children (the workers), sampled every 50 ms during the measurement.
@@ -58,6 +74,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import threading
 import time
 import warnings
@@ -239,6 +256,7 @@ class Bench:
         self.sampler = sampler
         self.repeat = repeat
         self.rows: list[dict] = []
+        self.crc_rows: list[dict] = []
 
     def time(self, fn: Callable[[], Any]) -> tuple[float, int, Any]:
         best, peak, out = math.inf, 0, None
@@ -251,6 +269,145 @@ class Bench:
             best = min(best, dt)
             peak = max(peak, self.sampler.peak)
         return best, peak, out
+
+
+def _set_chunk_checksums(on: bool) -> None:
+    """Benchmark-only switch: volnorm's NIfTI-Zarr writer with or without the chunk CRC-32C
+    (``vn.to_zarr(codec=...)`` always appends it: ``compressors`` re-adds ``Crc32cCodec``)."""
+    import functools
+
+    from volnorm.io import niftizarr, store
+
+    niftizarr.compressors = store.compressors if on else functools.partial(store.compressors, checksum=False)
+
+
+def make_checksum_stores(workdir: Path, paths: dict[str, Path], keep_existing: bool) -> dict[str, dict[str, Path]]:
+    """For each plain store, two volnorm stores of its voxels (``vn.to_zarr``): ``crc`` (the
+    default, CRC-32C per chunk) and ``nocrc`` (written with the checksum switched off)."""
+    import dask
+    import xarray as xr
+
+    import volnorm
+    from volnorm.integrity import quick_check
+
+    out = {dt: {kind: workdir / f"{p.stem}-{kind}.zarr" for kind in ("crc", "nocrc")} for dt, p in paths.items()}
+    marker = workdir / "checksum-stores.json"
+    want = {"from": json.loads((workdir / "stores.json").read_text()), "version": 1}
+    if keep_existing and marker.exists():
+        try:
+            if json.loads(marker.read_text()) == want and all(q.exists() for d in out.values() for q in d.values()):
+                say(f"reusing checksum stores in {workdir}")
+                return out
+        except ValueError:
+            pass
+    marker.unlink(missing_ok=True)
+    for dt, p in paths.items():
+        src = xr.open_zarr(p, consolidated=False)["image"]
+        for kind, q in out[dt].items():
+            shutil.rmtree(q, ignore_errors=True)
+            t0 = time.perf_counter()
+            _set_chunk_checksums(kind == "crc")
+            try:
+                with dask.config.set(scheduler="threads", num_workers=2):
+                    volnorm.to_zarr(src, q)
+            finally:
+                _set_chunk_checksums(True)
+            got = quick_check(q)["checksums"]
+            want_crc = "all" if kind == "crc" else "none"
+            if got != want_crc:
+                raise RuntimeError(f"{q}: chunk checksums {got!r}, expected {want_crc!r}")
+            say(f"  wrote {q.name} with vn.to_zarr ({'CRC-32C per chunk' if kind == 'crc' else 'no checksum'}) "
+                f"in {time.perf_counter() - t0:.0f} s")
+    marker.write_text(json.dumps(want))
+    return out
+
+
+def open_direct(path: Path) -> Any:
+    """The stack ``vn.open_zarr(path)`` gives, read without volnorm's ``CheckedStore``: each
+    volume's array opened with plain ``zarr.open_array`` (a ``LocalStore``), stacked the same way."""
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    from volnorm.io.store import read_manifest
+
+    names = read_manifest(path)["volumes"]
+    arrays = [da.from_zarr(zarr.open_array(str(path / n / "0"), mode="r")) for n in names]
+    first = zarr.open_array(str(path / names[0] / "0"), mode="r")
+    return xr.DataArray(da.stack(arrays), dims=("volume", *first.metadata.dimension_names),
+                        coords={"volume": names}, name="image")
+
+
+CRC_VARIANTS = (
+    ("k1", "nocrc", False, "no CRC, zarr direct (baseline)"),
+    ("k2", "nocrc", True, "no CRC, vn.open_zarr (presence)"),
+    ("k3", "crc", False, "CRC, zarr direct (zarr decode)"),
+    ("k4", "crc", True, "CRC, vn.open_zarr (checked)"),
+)
+
+
+def run_checksums(b: Bench, sched: str, dt: str, stores: dict[str, Path], repeat: int) -> None:
+    """The read pass and the histogram pass over k1-k4 (see the module docstring), interleaved:
+    each round times every variant once, in an order rotated from round to round."""
+    import volnorm
+
+    xs = {}
+    for tag, kind, checked, _ in CRC_VARIANTS:
+        xs[tag] = volnorm.open_zarr(stores[kind]) if checked else open_direct(stores[kind])
+    nbytes = xs["k1"].nbytes
+    for tag, x in xs.items():  # same voxels, same chunks in every variant
+        assert x.shape == xs["k1"].shape and x.data.chunks == xs["k1"].data.chunks, (tag, x.data.chunks)
+    # warm-up (untimed): numba, zarr metadata, the range of the uint16 data
+    for x in xs.values():
+        volnorm.histogram(x.isel(volume=slice(0, 1))).compute()
+    from volnorm._histogram import value_range as vr
+
+    lo, hi = vr(xs["k1"])
+    if dt == "uint16":
+        passes = {"read pass": lambda x: read_pass(x.data).compute(),
+                  "histogram (range= given)": lambda x: volnorm.histogram(x, range=(lo, hi)).compute()}
+    else:
+        passes = {"read pass": lambda x: read_pass(x.data).compute(),
+                  "histogram (range pass + hist)": lambda x: volnorm.histogram(x).compute()}
+    times: dict[tuple[str, str], list[float]] = {(p, t): [] for p in passes for t in xs}
+    peaks: dict[tuple[str, str], int] = {k: 0 for k in times}
+    results: dict[tuple[str, str], Any] = {}
+    tags = list(xs)
+    for r in range(repeat):
+        order = tags[r % len(tags):] + tags[: r % len(tags)]
+        for pname, fn in passes.items():
+            for tag in order:
+                b.sampler.reset()
+                t0 = time.perf_counter()
+                out = fn(xs[tag])
+                dt_s = time.perf_counter() - t0
+                time.sleep(0.06)
+                times[(pname, tag)].append(dt_s)
+                peaks[(pname, tag)] = max(peaks[(pname, tag)], b.sampler.peak)
+                if pname != "read pass":
+                    results[(pname, tag)] = np.asarray(out.values)
+        say(f"  {sched:<7} {dt:<7} round {r + 1}/{repeat}: " + "; ".join(
+            f"{p[:4]} {t} {times[(p, t)][-1]:.2f} s" for p in passes for t in tags))
+    for pname in passes:
+        base = times[(pname, "k1")]
+        for tag, kind, checked, label in CRC_VARIANTS:
+            ts = times[(pname, tag)]
+            best = min(ts)
+            ratio = best / min(base)
+            med = statistics.median(t / u for t, u in zip(ts, base))
+            check = ""
+            if pname != "read pass":
+                same = np.array_equal(results[(pname, tag)], results[(pname, "k1")])
+                check = f"counts == k1: {same}"
+            if tag == "k4":
+                ok = ratio <= 1.05
+                check = (check + "; " if check else "") + f"target <=1.05x k1: {'ok' if ok else 'MISS'}"
+            if tag in ("k3", "k4"):
+                prev = "k1" if tag == "k3" else "k3"
+                check = (check + "; " if check else "") + f"{best / min(times[(pname, prev)]):.3f}x {prev}"
+            b.crc_rows.append({"sched": sched, "dtype": dt, "pass": pname, "tag": tag, "variant": label,
+                               "wall": best, "walls": ts, "gbs": nbytes / GB / best, "x_base": ratio,
+                               "x_base_median": med, "peak": peaks[(pname, tag)], "check": check})
 
 
 def run_store(b: Bench, sched: str, dt: str, path: Path, notes: list[str]) -> None:
@@ -346,9 +503,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="time each measurement N times, report the best (default 1)")
     ap.add_argument("--skip-distributed", action="store_true")
     ap.add_argument("--skip-threads", action="store_true")
+    ap.add_argument("--skip-checksums", action="store_true", help="leave out the checksum rows (k1-k4)")
+    ap.add_argument("--checksums-only", action="store_true", help="only the checksum rows (k1-k4)")
+    ap.add_argument("--checksum-repeat", type=int, default=None,
+                    help="rounds of the checksum rows (default max(3, --repeat); 1 with --quick)")
     ap.add_argument("--json", type=Path, help="save the rows as JSON")
     args = ap.parse_args()
     size = 0.3 if args.quick else args.size_gb
+    if args.checksum_repeat is None:
+        args.checksum_repeat = 1 if args.quick else max(3, args.repeat)
+    if args.skip_checksums and args.checksums_only:
+        ap.error("--skip-checksums and --checksums-only exclude each other")
     nvols = {dt: max(1, math.ceil(size * GB / (math.prod(SHAPE3) * np.dtype(dt).itemsize))) for dt in CHUNKS}
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # dask/numpy all-NaN-slice noise
@@ -368,6 +533,9 @@ def main() -> None:
     say(f"making stores: {nvols} volumes of {SHAPE3} in {args.workdir}")
     t0 = time.perf_counter()
     paths = make_stores(args.workdir, nvols, keep_existing=args.keep)
+    crc_stores: dict[str, dict[str, Path]] = {}
+    if not args.skip_checksums:
+        crc_stores = make_checksum_stores(args.workdir, paths, keep_existing=args.keep)
     t_make = time.perf_counter() - t0
     sizes = {dt: (nvols[dt] * math.prod(SHAPE3) * np.dtype(dt).itemsize, du(p)) for dt, p in paths.items()}
 
@@ -383,8 +551,21 @@ def main() -> None:
         env.append(f"store {dt}: shape ({nvols[dt]}, {', '.join(map(str, SHAPE3))}), chunks {CHUNKS[dt]} "
                    f"({math.prod(CHUNKS[dt]) * np.dtype(dt).itemsize / MiB:.0f} MiB), {raw / GB:.2f} GB raw, "
                    f"{disk / GB:.2f} GB on disk (ratio {raw / disk:.2f})")
+    for dt, kinds in crc_stores.items():
+        import zarr as _z
+
+        from volnorm.io.store import read_manifest
+
+        v0 = read_manifest(kinds["crc"])["volumes"][0]
+        a0 = _z.open_array(str(kinds["crc"] / v0 / "0"), mode="r")
+        sz = {k: du(q) for k, q in kinds.items()}
+        env.append(f"checksum stores {dt} (vn.to_zarr, {len(read_manifest(kinds['crc'])['volumes'])} volume groups, chunks "
+                   f"{a0.chunks}): {sz['crc'] / GB:.3f} GB on disk with CRC, {sz['nocrc'] / GB:.3f} GB without; "
+                   f"codecs {' + '.join(c.to_dict()['name'] for c in a0.metadata.codecs)}")
     env.append(f"stores made/reused in {t_make:.0f} s; page cache not dropped (stores fit in RAM); "
-               f"best of {args.repeat} run(s) per measurement")
+               f"best of {args.repeat} run(s) per measurement"
+               + (f"; checksum rows: best of {args.checksum_repeat} interleaved rounds" if crc_stores else ""))
+    env.append(f"load average at the start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for line in env:
         say(line)
 
@@ -394,7 +575,10 @@ def main() -> None:
             say("\n[threaded scheduler]")
             with dask.config.set(scheduler="threads"):
                 for dt, p in paths.items():
-                    run_store(b, "threads", dt, p, notes)
+                    if not args.checksums_only:
+                        run_store(b, "threads", dt, p, notes)
+                    if crc_stores:
+                        run_checksums(b, "threads", dt, crc_stores[dt], args.checksum_repeat)
         if not args.skip_distributed:
             say("\n[local cluster: 2 workers x 1 thread]")
             t0 = time.perf_counter()
@@ -403,16 +587,20 @@ def main() -> None:
             try:
                 with dask.config.set(scheduler=client):
                     for dt, p in paths.items():
-                        run_store(b, "dist", dt, p, notes)
+                        if not args.checksums_only:
+                            run_store(b, "dist", dt, p, notes)
+                        if crc_stores:
+                            run_checksums(b, "dist", dt, crc_stores[dt], args.checksum_repeat)
             finally:
                 client.close()
                 client.cluster.close()
     finally:
         sampler.stop()
         if not args.keep:
-            for p in paths.values():
+            for p in [*paths.values(), *(q for d in crc_stores.values() for q in d.values())]:
                 shutil.rmtree(p, ignore_errors=True)
             (args.workdir / "stores.json").unlink(missing_ok=True)
+            (args.workdir / "checksum-stores.json").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 args.workdir.rmdir()
 
@@ -428,11 +616,22 @@ def main() -> None:
         say(f"{r['sched']:<7} {r['dtype']:<7} {r['name']:<36} {r['wall']:7.2f} {r['gbs']:6.2f} {xr_s:>7} "
             f"{r['peak'] / 2**30:7.2f}Gi  {r['check']}")
     say("-" * 130)
+    if b.crc_rows:
+        say("checksums: the same voxels written by vn.to_zarr with a CRC-32C per chunk (crc32c codec after blosc-lz4) "
+            "and without; x k1 = best wall / best wall of k1 (no CRC, zarr direct) for the same pass")
+        say(f"{'sched':<7} {'dtype':<7} {'pass':<29} {'read':<35} {'wall s':>7} {'GB/s':>6} {'x k1':>6} {'median':>7} "
+            f"{'peak RSS':>9}  check")
+        for r in b.crc_rows:
+            say(f"{r['sched']:<7} {r['dtype']:<7} {r['pass']:<29} {r['tag'] + ' ' + r['variant']:<35} {r['wall']:7.2f} "
+                f"{r['gbs']:6.2f} {r['x_base']:5.3f}x {r['x_base_median']:6.3f}x {r['peak'] / 2**30:7.2f}Gi  {r['check']}")
+        say("  median = median over rounds of the same-round ratio to k1")
+        say("-" * 130)
     for n in notes:
         say("note: " + n)
+    say(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     say(f"measurements took {time.perf_counter() - t_all:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "rows": b.rows, "notes": notes}, indent=1))
+        args.json.write_text(json.dumps({"env": env, "rows": b.rows, "checksum_rows": b.crc_rows, "notes": notes}, indent=1))
 
 
 if __name__ == "__main__":
