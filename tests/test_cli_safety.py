@@ -415,3 +415,185 @@ def test_a_second_concurrent_run_is_refused_before_its_cluster_starts(tmp_path, 
     assert "another volnorm run" in err and f"pid {p.pid}" in err
     assert started == []
     assert took < 3, took
+
+
+# ---------------------------------------------------------------------------
+# 4. workers killed by memory are not a bad input; a stall names its workers
+# ---------------------------------------------------------------------------
+
+MiB = 2**20
+FILES = ["/d/sub-001.nii", "/d/sub-002.nii.gz", "/d/sub-003.nii"]
+PLAN = {"inputs": {"kind": "nifti"}, "files": FILES, "memory": 400 * MiB}
+
+
+class FakeWorker:
+    def __init__(self, address: str = "tcp://127.0.0.1:40000", memory_limit: int = 4096 * MiB) -> None:
+        self.address, self.memory_limit = address, memory_limit
+
+
+class FakeClient:
+    """What _poison asks of a client: the workers' limits, the memory restarts, the task's inputs."""
+
+    def __init__(self, limit: int | None = 4096 * MiB, restarts: list | None = None, sources: list[str] | None = None) -> None:
+        self.limit, self.restarts, self.sources = limit, restarts or [], sources or []
+
+    def scheduler_info(self):
+        return {"workers": {} if self.limit is None else {"tcp://127.0.0.1:40001": {"memory_limit": self.limit}}}
+
+    def get_events(self, topic):
+        assert topic == "worker-restart-memory"
+        return self.restarts
+
+    def run_on_scheduler(self, fn, *args):
+        return self.sources
+
+
+def killed(key, limit: int = 4096 * MiB):
+    from distributed.scheduler import KilledWorker
+
+    return KilledWorker(key, FakeWorker(memory_limit=limit), 3)
+
+
+READ_KEY = ("nifti-sub-original-nifti-sub-stack-sum-" + "a" * 32, 1, 0, 0, 0, 0)
+FINALIZE_KEY = "clip-getitem-" + "b" * 32 + "-finalize-" + "c" * 32
+
+
+def test_a_killed_worker_with_room_to_spare_names_the_input_from_the_scheduler():
+    e = vn.pipeline._poison(killed(FINALIZE_KEY), PLAN, FakeClient(sources=["/d/sub-003.nii"]), since=time.time())
+    assert isinstance(e, vn.pipeline.PoisonInputError) and not isinstance(e, vn.pipeline.WorkerMemoryError)
+    assert str(e).startswith("/d/sub-003.nii: workers were killed 4 times") and "crash its reader" in str(e)
+    assert "4.00 GiB" in str(e) and "400.00 MiB" in str(e)
+
+
+def test_the_input_from_the_key_when_the_scheduler_has_forgotten_the_task():
+    e = vn.pipeline._poison(killed(READ_KEY), PLAN, FakeClient(), since=time.time())
+    assert str(e).startswith("/d/sub-002.nii.gz: workers were killed 4 times")
+    e = vn.pipeline._poison(killed(("nifti-sub-003-" + "d" * 32, 0, 1, 0)), PLAN, None)
+    assert str(e).startswith("/d/sub-003.nii: ")
+
+
+@pytest.mark.parametrize("key", [FINALIZE_KEY, ("nifti-stack-getitem-" + "e" * 32, 2, 0, 0, 0), ("sum-aggregate-" + "f" * 32, 0)])
+def test_a_task_not_tied_to_one_input_blames_none(key):
+    e = vn.pipeline._poison(killed(key), PLAN, FakeClient(), since=time.time())
+    assert isinstance(e, vn.pipeline.PoisonInputError)
+    assert not any(f in str(e) for f in FILES), str(e)
+    assert "not tied to one input" in str(e) and "workers' logs" in str(e)
+
+
+def test_several_inputs_are_named_as_such():
+    e = vn.pipeline._poison(killed(FINALIZE_KEY), PLAN, FakeClient(sources=FILES[:2]), since=time.time())
+    assert "while combining 2 inputs (sub-001.nii, sub-002.nii.gz)" in str(e)
+    assert not str(e).startswith("/d/")
+
+
+def test_a_small_memory_limit_is_reported_as_memory_not_as_a_bad_file():
+    e = vn.pipeline._poison(killed(READ_KEY, limit=300 * MiB), PLAN, FakeClient(limit=300 * MiB, sources=["/d/sub-002.nii.gz"]), since=time.time())
+    assert isinstance(e, vn.pipeline.WorkerMemoryError)
+    msg = str(e)
+    assert msg.startswith("workers ran out of memory (limit 300.00 MiB, estimate 400.00 MiB")
+    assert "raise engine.memory_limit or set smaller input.chunks" in msg and "the input is probably fine" in msg
+    # every worker gone: the last worker's limit
+    e = vn.pipeline._poison(killed(READ_KEY, limit=300 * MiB), PLAN, FakeClient(limit=None), since=time.time())
+    assert isinstance(e, vn.pipeline.WorkerMemoryError) and "limit 300.00 MiB" in str(e)
+
+
+def test_a_worker_restarted_for_its_memory_budget_is_reported_as_memory():
+    t = time.time()
+    restarts = [(t + 1, {"worker": "tcp://127.0.0.1:40000", "pid": 1, "rss": 3900 * MiB})]
+    e = vn.pipeline._poison(killed(READ_KEY), PLAN, FakeClient(restarts=restarts), since=t)
+    assert isinstance(e, vn.pipeline.WorkerMemoryError)
+    assert "limit 4.00 GiB" in str(e) and "restarted for exceeding its memory budget" in str(e)
+    # a restart of an earlier run (before this one started, another worker) does not count
+    old = [(t - 3600, {"worker": "tcp://127.0.0.1:1", "pid": 1, "rss": 1})]
+    assert not isinstance(vn.pipeline._poison(killed(READ_KEY), PLAN, FakeClient(restarts=old), since=t), vn.pipeline.WorkerMemoryError)
+
+
+def test_other_errors_are_not_rewritten():
+    assert vn.pipeline._poison(RuntimeError("x"), PLAN, FakeClient()) is None
+
+
+def _worker(address, status="running", memory=300 * MiB, limit=4096 * MiB, processing=()):
+    return {"address": address, "status": status, "memory": memory, "limit": limit,
+            "processing": list(processing)[:3], "n_processing": len(processing)}
+
+
+def test_a_stall_with_paused_workers_blames_memory_and_names_them():
+    state = {"tasks": 12, "paused": ["tcp://127.0.0.1:2"], "workers": [
+        _worker("tcp://127.0.0.1:1", processing=["('a', 0)"]), _worker("tcp://127.0.0.1:2", "paused", 3400 * MiB)]}
+    msg = vn.pipeline._stall_message(state, 30)
+    assert msg.startswith("no task finished for 30 s while 12 tasks waited; paused workers")
+    assert "tcp://127.0.0.1:2 (3.32 GiB of 4.00 GiB)" in msg and "raise engine.memory_limit" in msg
+    assert "tcp://127.0.0.1:1" not in msg
+
+
+def test_a_stall_near_the_limit_blames_memory():
+    state = {"tasks": 3, "paused": [], "workers": [_worker("tcp://127.0.0.1:1", memory=3000 * MiB, processing=["k"])]}
+    msg = vn.pipeline._stall_message(state, 30)
+    assert "near their memory limit" in msg and "tcp://127.0.0.1:1" in msg and "raise engine.memory_limit" in msg
+
+
+def test_a_stall_without_memory_pressure_names_the_stuck_tasks_and_does_not_blame_memory():
+    state = {"tasks": 7, "paused": [], "workers": [
+        _worker("tcp://127.0.0.1:1", processing=["('read-x', 0)", "('read-x', 1)", "('read-x', 2)", "('read-x', 3)"]),
+        _worker("tcp://127.0.0.1:2")]}
+    msg = vn.pipeline._stall_message(state, 30)
+    assert "stuck: tcp://127.0.0.1:1 running ('read-x', 0), ('read-x', 1), ('read-x', 2) and 1 more" in msg
+    assert "memory is not the cause" in msg and "raise engine.memory_limit" not in msg
+    msg = vn.pipeline._stall_message({"tasks": 2, "paused": [], "workers": []}, 30)
+    assert "no worker is connected" in msg
+
+
+def memory_hog(path_endswith: str, nbytes: int):
+    """A worker plugin: reading that file allocates ``nbytes`` and holds them (a worker over its budget)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class Hog(WorkerPlugin):
+        def setup(self, worker):
+            import numpy as np
+
+            from volnorm.io.nifti import NiftiArray
+
+            orig = NiftiArray.__getitem__
+            if getattr(orig, "_hog", False):
+                return
+
+            def patched(obj, *args, **kwargs):
+                if str(getattr(obj, "path", "")).endswith(path_endswith):
+                    held = np.ones(nbytes, dtype=np.uint8)  # touched: resident
+                    time.sleep(5)  # the nanny's monitor (every 0.1 s) restarts the worker meanwhile
+                    del held
+                return orig(obj, *args, **kwargs)
+
+            patched._hog = True
+            NiftiArray.__getitem__ = patched
+
+    return Hog()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_its_memory_budget_is_reported_as_memory(tmp_path):
+    import dask
+    import distributed  # noqa: F401 - its config defaults first
+
+    from volnorm.engine import local_cluster
+
+    vn.datasets.make_cohort(tmp_path / "data", n_subjects=3, shape=(40, 48, 36), seed=7)
+    spec = {"version": 1, "input": {"nifti": f"{tmp_path}/data/sub-*.nii"}, "steps": [{"rescale": {"percentiles": [1, 99]}}],
+            "output": {"store": str(tmp_path / "o.zarr")}, "engine": {"scheduler": "threads", "progress": False}}
+    with dask.config.set({"distributed.worker.memory.pause": False, "distributed.worker.memory.spill": False,
+                          "distributed.worker.memory.target": False, "distributed.scheduler.allowed-failures": 1}):
+        client = local_cluster(1, memory_limit="1.2GB")
+    try:
+        client.register_plugin(memory_hog("sub-002.nii", 1_300_000_000), name="hog")
+        t0 = time.monotonic()
+        with pytest.raises(vn.pipeline.WorkerMemoryError) as ei:
+            vn.pipeline.run(spec, client=client, echo=None)
+        assert time.monotonic() - t0 < 60
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    msg = str(ei.value)
+    assert msg.startswith("workers ran out of memory (limit 1.12 GiB") and "restarted for exceeding its memory budget" in msg
+    assert "raise engine.memory_limit or set smaller input.chunks" in msg
+    assert not (tmp_path / "o.zarr").exists()

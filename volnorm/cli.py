@@ -465,7 +465,7 @@ def _run(args: argparse.Namespace) -> int:
     except pipeline.ClusterLostError as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 4
-    except (pipeline.PoisonInputError, pipeline.RunStalledError) as e:
+    except (pipeline.PoisonInputError, pipeline.RunStalledError, pipeline.WorkerMemoryError) as e:
         print(f"volnorm run: error: {e}", file=sys.stderr)
         return 1
     return 0 if res.status in ("done", "up to date", "planned") else 1
