@@ -255,3 +255,28 @@ def test_checked_store_pickles_for_workers(image_store):
     assert s.where == os.fspath(image_store)
     x = vn.open_zarr(image_store)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(x.data)).compute(), x.values)
+
+
+def test_the_crc32c_codec_is_zarrs_format_and_still_checks_outside_volnorm(image_store, fresh):
+    """volnorm's crc32c implementation writes zarr's bytes (a plain zarr Crc32cCodec decodes
+    them) and, for reads that do not go through CheckedStore, verifies as zarr does."""
+    import zarr
+    from zarr.codecs import BloscCodec
+    from zarr.codecs import Crc32cCodec as ZarrCrc32c
+
+    from volnorm.integrity import Crc32cCodec
+
+    store = fresh(image_store)
+    chunk = _chunks(store / "image")[0]
+    raw = np.frombuffer(chunk.read_bytes(), np.uint8)
+    assert zarr.registry.get_codec_class("crc32c") is Crc32cCodec
+    assert ZarrCrc32c()._decode_sync.__func__ is not Crc32cCodec._decode_single  # zarr's own, unchanged
+    import google_crc32c
+
+    assert np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes() == raw[-4:].tobytes()
+    meta = json.loads((store / "image" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]][-2:] == ["blosc", "crc32c"]
+    assert isinstance(BloscCodec, type)
+    _damage(chunk, "flip")
+    with pytest.raises(ValueError, match="checksum"):
+        zarr.open_array(store / "image", mode="r")[...]

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 from zarr.abc.store import ByteRequest, Store
+from zarr.codecs import Crc32cCodec as _ZarrCrc32cCodec
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
-__all__ = ["CheckedStore", "DamagedStoreError", "VerifyReport", "checked_store", "inventory", "quick_check", "verify"]
+__all__ = ["CheckedStore", "Crc32cCodec", "DamagedStoreError", "VerifyReport", "checked_store", "inventory", "quick_check", "verify"]
 
 #: A chunk key of zarr v3's default encoding: ``<array>/c/<i>/<j>...`` (``<array>/c`` for 0-d).
 _CHUNK_KEY = re.compile(r"^(?:(?P<array>.*)/)?c(?P<coords>(?:/\d+)*)$")
@@ -55,6 +56,57 @@ def _crc32c(data: Any) -> bytes:
     import google_crc32c
 
     return np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def _crc_matches(data: np.ndarray) -> bool:
+    return _crc32c(data[:-4]) == bytes(data[-4:])
+
+
+#: Chunks above this size have their CRC computed in a worker thread (google_crc32c releases
+#: the GIL), not on zarr's single event-loop thread, where every dask thread's reads queue.
+_THREAD_BYTES = 1 << 20
+
+
+class Crc32cCodec(_ZarrCrc32cCodec):
+    """zarr v3's ``crc32c`` codec, same bytes on disk and same metadata, with two changes for
+    speed: a chunk that :class:`CheckedStore` has already verified is not verified again (zarr
+    would compute every CRC twice), and large chunks are checked and encoded in a worker thread
+    instead of on zarr's event-loop thread (measured: the loop thread serialized both dask
+    threads' CRCs, +12-20 % on a 1 GB/s read pass). Registered as zarr's implementation of
+    ``crc32c`` when volnorm is imported; any chunk not read through a ``CheckedStore`` is
+    verified exactly as zarr does.
+
+    Examples
+    --------
+    >>> import zarr
+    >>> zarr.registry.get_codec_class("crc32c") is Crc32cCodec, Crc32cCodec().to_dict()
+    (True, {'name': 'crc32c'})
+    """
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: Any) -> Buffer:
+        if getattr(chunk_bytes, "_volnorm_crc_ok", False):
+            return chunk_spec.prototype.buffer.from_array_like(chunk_bytes.as_numpy_array()[:-4])
+        if len(chunk_bytes) > _THREAD_BYTES:
+            return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    async def _encode_single(self, chunk_bytes: Buffer, chunk_spec: Any) -> Buffer | None:
+        if len(chunk_bytes) > _THREAD_BYTES:
+            return await asyncio.to_thread(self._encode_sync, chunk_bytes, chunk_spec)
+        return self._encode_sync(chunk_bytes, chunk_spec)
+
+
+def _use_volnorm_crc32c() -> None:
+    """Make :class:`Crc32cCodec` zarr's implementation of ``crc32c`` (same format)."""
+    import zarr
+    from zarr.registry import register_codec
+
+    name = f"{Crc32cCodec.__module__}.{Crc32cCodec.__qualname__}"
+    register_codec("crc32c", Crc32cCodec, qualname=name)
+    zarr.config.set({"codecs.crc32c": name})
+
+
+_use_volnorm_crc32c()
 
 
 def _split_chunk_key(key: str) -> tuple[str, tuple[int, ...]] | None:
@@ -147,12 +199,14 @@ class CheckedStore(WrapperStore[Store]):
             )
         if byte_range is None and _has_checksum(meta):
             data = buf.as_numpy_array()
-            if len(data) < 4 or _crc32c(data[:-4]) != bytes(data[-4:]):
+            ok = len(data) >= 4 and (await asyncio.to_thread(_crc_matches, data) if len(data) > _THREAD_BYTES else _crc_matches(data))
+            if not ok:
                 raise DamagedStoreError(
                     f"{self.where}: chunk {key} (index {parts[1]}) fails its CRC-32C checksum ({len(data)} bytes: "
                     "truncated or changed on disk); the store is damaged (restore it, or re-run the command "
                     "that wrote it; `volnorm verify` lists every damaged chunk)"
                 )
+            buf._volnorm_crc_ok = True  # type: ignore[attr-defined] - Crc32cCodec need not check it again
         return buf
 
     async def get_partial_values(

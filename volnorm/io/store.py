@@ -58,7 +58,10 @@ def compressors(codec: Codec | Any = DEFAULT_CODEC, *, checksum: bool = True) ->
     >>> [type(c).__name__ for c in compressors("none")]
     ['Crc32cCodec']
     """
-    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, ZstdCodec
+    from zarr.codecs import Crc32cCodec as _ZarrCrc32c
+
+    from volnorm.integrity import Crc32cCodec
 
     table = {
         "lz4": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
@@ -76,7 +79,7 @@ def compressors(codec: Codec | Any = DEFAULT_CODEC, *, checksum: bool = True) ->
         chain = tuple(codec)
     else:
         chain = (codec,)
-    if checksum and not any(isinstance(c, Crc32cCodec) for c in chain):
+    if checksum and not any(isinstance(c, _ZarrCrc32c) for c in chain):
         chain = (*chain, Crc32cCodec())
     return chain
 
