@@ -105,24 +105,29 @@ def _store_identity(p: Path) -> list[Any]:
     return [str(p), m.get("plan_digest"), m.get("finished")]
 
 
-def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int]:
-    """The kind of input, its files (or store), their identities and bytes of voxels. Reads headers only."""
+def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int, list[str]]:
+    """The kind of input, its files (or store), their identities, bytes of voxels and the names
+    the output store will hold (its volume groups, or ``image``). Reads headers only."""
     from volnorm.conversion import validate_inputs
     from volnorm.io.nifti import expand_paths
+    from volnorm.io.readers import _unique_names
+    from volnorm.io.store import read_manifest
 
     inp = spec["input"]
     if "nifti" in inp:
         infos = validate_inputs(expand_paths(inp["nifti"]))
         files = [Path(i.path) for i in infos]
-        return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos)
+        return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos), _unique_names(infos)
     if "images" in inp:
         files = expand_paths(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
-        return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files)
+        return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files), ["image"]
     store = Path(inp["store"])
     if not (store / "zarr.json").exists():
         raise FileNotFoundError(f"{store}: no volnorm store here (input.store)")
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
-    return "store", [store], [_store_identity(store)], size
+    m = read_manifest(store) or {}
+    names = ["image"] if m.get("kind") == "images" else [str(v) for v in m.get("volumes") or []]
+    return "store", [store], [_store_identity(store)], size, names
 
 
 def _digest(obj: Any) -> str:
@@ -162,7 +167,14 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     from volnorm.steps import FITTED
 
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    kind, files, ident, nbytes = _inputs(spec)
+    kind, files, ident, nbytes, names = _inputs(spec)
+    if "voxel_histogram" in spec["outputs"]:  # a group beside the volumes: never one of them
+        from volnorm._utils import plain_name
+
+        try:
+            plain_name(spec["outputs"]["voxel_histogram"]["name"], "outputs.voxel_histogram.name", taken=names)
+        except ValueError as e:
+            raise SpecError(f"{spec.source}: {e}") from None
     mask = dict(spec.data.get("mask", {}))
     if "file" in mask:
         mask["identity"] = _identity(Path(mask["file"]))
