@@ -203,3 +203,11 @@ def test_overwrite_that_fails_at_the_last_rename_keeps_the_old_store(store, tmp_
     with pytest.raises(OSError):
         vn.convert(files, store, scheduler="sync", overwrite=True)
     assert snapshot(store) == before and vn.verify(store).ok
+
+
+def test_convert_refuses_a_plain_remote_scheduler_before_writing(tmp_path):
+    files = vn.datasets.make_cohort(tmp_path / "nii", n_subjects=1, shape=(8, 8, 8))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="not encrypted"):
+        vn.convert(files, tmp_path / "x.zarr", scheduler="tcp://192.0.2.1:8786")
+    assert snapshot(tmp_path) == before

@@ -162,6 +162,7 @@ def convert(
     scheduler: Any = None,
     progress: bool | None = None,
     steps: list | None = None,
+    allow_insecure: bool = False,
 ) -> ConvertResult:
     """Convert NIfTI files (or image files) into one volnorm Zarr store.
 
@@ -193,6 +194,9 @@ def convert(
         Progress bar; default: when stderr is a terminal.
     steps : list, optional
         Processing steps to record in the provenance.
+    allow_insecure : bool
+        Allow a plain ``tcp://`` scheduler on another machine (refused by default, before
+        anything is read or written: :func:`volnorm.engine.check_address`).
 
     Returns
     -------
@@ -212,6 +216,9 @@ def convert(
 
 
     t0 = time.perf_counter()
+    from volnorm.engine import check_address
+
+    check_address(scheduler, allow_insecure=allow_insecure)  # before anything exists on disk
     files = expand_paths(inputs, suffixes=(".nii", ".nii.gz", ".png", ".tif", ".tiff", ".npy", ".jpg"), what="input")
     if progress is None:
         progress = sys.stderr.isatty()
@@ -298,7 +305,7 @@ def _run(
     total = sum(i.data_bytes for i, _ in todo)
     results: dict[str, dict] = dict(done)
     failures: list[tuple[NiftiInfo, BaseException]] = []
-    with executor(scheduler) as ex:
+    with executor(scheduler, allow_insecure=allow_insecure) as ex:
         logger.info("converting %d files (%s) on %s", len(todo), format_bytes(total), ex.description)
         futures = {}
         for info, name in todo:
