@@ -28,27 +28,12 @@ import pytest
 
 import volnorm as vn
 from volnorm.cli import main
+from volnorm.testing import snapshot
 from volnorm.io.nifti import expand_paths
 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root``: files as (size, sha256), symlinks as their target, dirs."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("dir",)
-            else:
-                out[rel] = ("file", p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
 
 
 def assert_untouched(before: dict[str, tuple], after: dict[str, tuple]) -> None:

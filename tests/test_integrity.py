@@ -46,6 +46,14 @@ def _key(store: Path, chunk: Path) -> str:
     return chunk.relative_to(store).as_posix()
 
 
+def _fails_naming(capsys, key: str, *argv: str) -> str:
+    """Run the CLI in-process: exit code 1 and ``key`` (the chunk) in what it printed."""
+    assert main(list(argv)) == 1
+    out = capsys.readouterr()
+    assert key in out.out + out.err, out.out + out.err
+    return out.out + out.err
+
+
 # ---------------------------------------------------------------------------
 # stores
 # ---------------------------------------------------------------------------
@@ -114,13 +122,9 @@ def test_damaged_cohort_chunk_fails_every_reader(cohort_store, fresh, tmp_path, 
 
     with pytest.raises(DamagedStoreError, match=key):
         vn.open_zarr(store).compute()
-    assert main(["stats", str(store), "--scheduler", "threads"]) == 1
-    assert key in capsys.readouterr().err
-    assert main(["export", str(store), str(tmp_path / "back")]) == 1
-    assert key in capsys.readouterr().err
-    assert main(["verify", str(store), "--no-progress"]) == 1
-    out = capsys.readouterr()
-    assert key in out.out + out.err and "DAMAGED" in out.out + out.err
+    _fails_naming(capsys, key, "stats", str(store), "--scheduler", "threads")
+    _fails_naming(capsys, key, "export", str(store), str(tmp_path / "back"))
+    assert "DAMAGED" in _fails_naming(capsys, key, "verify", str(store), "--no-progress")
     assert snapshot(store) == before  # reading never repairs or rewrites anything
 
 
@@ -186,12 +190,9 @@ def test_damaged_voxel_histogram_chunk_fails_its_readers(cohort_store, fresh, tm
     with pytest.raises(DamagedStoreError, match=key):
         vn.open_voxel_histogram(store).compute()
     new = sorted((cohort_store.parent / "nii").iterdir())[0]
-    assert main(["normative", str(store), str(new), "--out", str(tmp_path / "ranks.nii.gz"), "--scheduler", "threads"]) == 1
-    assert key in capsys.readouterr().err
+    _fails_naming(capsys, key, "normative", str(store), str(new), "--out", str(tmp_path / "ranks.nii.gz"), "--scheduler", "threads")
     assert not (tmp_path / "ranks.nii.gz").exists()
-    assert main(["verify", str(store), "--no-progress"]) == 1
-    out = capsys.readouterr()
-    assert f"voxel_histogram/{key}" in out.out + out.err
+    _fails_naming(capsys, f"voxel_histogram/{key}", "verify", str(store), "--no-progress")
 
 
 # ---------------------------------------------------------------------------
@@ -211,13 +212,9 @@ def test_damaged_image_stack_chunk_fails_every_reader(image_store, fresh, tmp_pa
         vn.open_zarr(store).compute()
     # the other chunks still read: the damage is local and named, not a store-wide refusal
     np.testing.assert_array_equal(vn.open_zarr(store)[:4].values, vn.open_zarr(image_store)[:4].values)
-    assert main(["stats", str(store), "--scheduler", "threads"]) == 1
-    assert key in capsys.readouterr().err
-    assert main(["export", str(store), str(tmp_path / "back")]) == 1
-    assert key in capsys.readouterr().err
-    assert main(["verify", str(store), "--no-progress"]) == 1
-    out = capsys.readouterr()
-    assert key in out.out + out.err
+    _fails_naming(capsys, key, "stats", str(store), "--scheduler", "threads")
+    _fails_naming(capsys, key, "export", str(store), str(tmp_path / "back"))
+    _fails_naming(capsys, key, "verify", str(store), "--no-progress")
 
 
 def test_stores_written_before_checksums_still_open(tmp_path):

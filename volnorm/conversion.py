@@ -257,7 +257,7 @@ def convert(
             f"{_describe_write_error(e, staging)}; {_output_fate(staging, store, existed)}", e.errno
         ) from e
     try:
-        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0, existed)
+        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0, existed, allow_insecure)
     except OutputWriteError:
         raise
     except OSError as e:
@@ -285,6 +285,7 @@ def _run(
     steps: list | None,
     t0: float,
     existed: bool = False,
+    allow_insecure: bool = False,
 ) -> ConvertResult:
     import sys
 
