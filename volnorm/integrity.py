@@ -194,7 +194,7 @@ class CheckedStore(WrapperStore[Store]):
         if buf is None:
             raise DamagedStoreError(
                 f"{self.where}: chunk {key} (index {parts[1]}) is missing; a finished volnorm store has every "
-                "chunk, so the store is damaged (restore it, or re-run the command that wrote it; "
+                "chunk, so the store is damaged (restore it from a copy, or write it again: the same command with --overwrite; "
                 "`volnorm verify` lists every damaged chunk)"
             )
         if byte_range is None and _has_checksum(meta):
@@ -203,8 +203,8 @@ class CheckedStore(WrapperStore[Store]):
             if not ok:
                 raise DamagedStoreError(
                     f"{self.where}: chunk {key} (index {parts[1]}) fails its CRC-32C checksum ({len(data)} bytes: "
-                    "truncated or changed on disk); the store is damaged (restore it, or re-run the command "
-                    "that wrote it; `volnorm verify` lists every damaged chunk)"
+                    "truncated or changed on disk); the store is damaged (restore it from a copy, or write it again: the same command "
+                    "with --overwrite; `volnorm verify` lists every damaged chunk)"
                 )
             buf._volnorm_crc_ok = True  # type: ignore[attr-defined] - Crc32cCodec need not check it again
         return buf
