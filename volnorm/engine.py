@@ -105,6 +105,11 @@ def check_address(address: Any, *, allow_insecure: bool = False, what: str = "sc
         How the user named it, for the message (``"--scheduler"``, ``"engine.scheduler"``;
         default ``"scheduler"``, the Python argument).
 
+    Returns
+    -------
+    None
+        Returns only when the address may be used.
+
     Raises
     ------
     InsecureSchedulerError
