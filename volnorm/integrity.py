@@ -36,7 +36,7 @@ from zarr.codecs import Crc32cCodec as _ZarrCrc32cCodec
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
-__all__ = ["CheckedStore", "Crc32cCodec", "DamagedStoreError", "VerifyReport", "checked_store", "inventory", "quick_check", "verify"]
+__all__ = ["CheckedStore", "Crc32cCodec", "DamagedStoreError", "VerifyReport", "checked_store", "quick_check", "seal", "verify"]
 
 #: A chunk key of zarr v3's default encoding: ``<array>/c/<i>/<j>...`` (``<array>/c`` for 0-d).
 _CHUNK_KEY = re.compile(r"^(?:(?P<array>.*)/)?c(?P<coords>(?:/\d+)*)$")
@@ -58,8 +58,9 @@ def _crc32c(data: Any) -> bytes:
     return np.uint32(google_crc32c.value(data)).tobytes()
 
 
-def _crc_matches(data: np.ndarray) -> bool:
-    return _crc32c(data[:-4]) == bytes(data[-4:])
+def _crc_ok(data: np.ndarray) -> bool:
+    """Whether a stored chunk (payload then its 4-byte CRC-32C) matches its checksum."""
+    return len(data) >= 4 and _crc32c(data[:-4]) == bytes(data[-4:])
 
 
 #: Chunks above this size have their CRC computed in a worker thread (google_crc32c releases
@@ -199,7 +200,7 @@ class CheckedStore(WrapperStore[Store]):
             )
         if byte_range is None and _has_checksum(meta):
             data = buf.as_numpy_array()
-            ok = len(data) >= 4 and (await asyncio.to_thread(_crc_matches, data) if len(data) > _THREAD_BYTES else _crc_matches(data))
+            ok = await asyncio.to_thread(_crc_ok, data) if len(data) > _THREAD_BYTES else _crc_ok(data)
             if not ok:
                 raise DamagedStoreError(
                     f"{self.where}: chunk {key} (index {parts[1]}) fails its CRC-32C checksum ({len(data)} bytes: "
@@ -261,41 +262,50 @@ def _arrays(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _arrays(member, f"{path}/")
 
 
-def inventory(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """What a store holds: for each array (path inside the store) its shape, chunks, the
-    number of chunks and whether they carry checksums. Recorded in the manifest at commit,
-    so that :func:`verify` notices a whole array missing.
+def seal(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Make a group volnorm wrote ready to commit: remove zarr's temporaries left inside
+    (:func:`remove_partial_files`), check that every chunk of every array is present, and
+    return what it holds, the inventory recorded with it (the manifest's ``arrays``), so that
+    :func:`verify` notices a whole array missing later.
 
     Parameters
     ----------
     path : path
-        A zarr v3 group on disk.
+        A zarr v3 group on disk that volnorm wrote (a staging directory, a new histogram group).
 
     Returns
     -------
     dict
         ``{array path: {"shape": [...], "chunks": [...], "nchunks": int, "checksum": "crc32c" | None}}``.
 
+    Raises
+    ------
+    IncompleteStoreError
+        Naming the array whose chunks are not all written.
+
     Examples
     --------
     >>> import tempfile, zarr
     >>> d = tempfile.mkdtemp()
     >>> g = zarr.open_group(d, mode="w", zarr_format=3)
-    >>> _ = g.create_array("a", shape=(4,), chunks=(2,), dtype="u1")
-    >>> inventory(d)["a"]["nchunks"]
+    >>> g.create_array("a", shape=(4,), chunks=(2,), dtype="u1", config={"write_empty_chunks": True})[:] = 0
+    >>> seal(d)["a"]["nchunks"]
     2
     """
     import zarr
 
+    from volnorm.io.store import verify_array
+
+    remove_partial_files(path)
     root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
     out = {}
     for name, arr in _arrays(root):
-        meta = arr.metadata.to_dict()
+        verify_array(arr, f"{path}/{name}")
         out[name] = {
             "shape": list(arr.shape),
             "chunks": list(arr.chunks),
             "nchunks": int(arr.nchunks),
-            "checksum": "crc32c" if _has_checksum(meta) else None,
+            "checksum": "crc32c" if _has_checksum(arr.metadata.to_dict()) else None,
         }
     return out
 
@@ -509,7 +519,7 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
                         report.damaged.append(f"{where}: chunk is missing")
                     elif crc:
                         data = buf.as_numpy_array()
-                        if len(data) < 4 or _crc32c(data[:-4]) != bytes(data[-4:]):
+                        if not _crc_ok(data):
                             report.damaged.append(f"{where}: checksum mismatch ({len(data)} bytes: truncated or changed)")
                         else:
                             report.checksums += 1

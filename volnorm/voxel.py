@@ -231,7 +231,10 @@ def accumulate(
     >>> h.values.tolist(), h.attrs["n_volumes"]
     ([[2, 1], [2, 1], [2, 1]], 3)
     """
+    import zarr
+
     from volnorm._utils import plain_name
+    from volnorm.integrity import seal
     from volnorm.io.store import encoding, now, read_manifest, versions
     from volnorm.io.writers import _compute
 
@@ -287,7 +290,8 @@ def accumulate(
             delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, compute=False, consolidated=False,
                                  encoding=encoding(ds), write_empty_chunks=True)
             _compute([delayed], progress, "count")
-            _seal(staging)
+            # before the swap: no temporary inside, every chunk present, the inventory recorded
+            zarr.open_group(staging, mode="r+", zarr_format=3).attrs["arrays"] = seal(staging)
             if old is not None or replaced:
                 os.rename(target, retired)
             os.rename(staging, target)
@@ -305,31 +309,15 @@ def accumulate(
 
 def _is_voxel_histogram(path: Path) -> bool:
     """Whether ``path`` is a group volnorm's :func:`accumulate` wrote (its format marker)."""
-    import json
+    from volnorm.io.store import read_attributes
 
     if path.is_symlink() or not path.is_dir():
         return False
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError, RecursionError, AttributeError):
+        attrs = read_attributes(path)
+    except ValueError:  # nested too deeply: not one volnorm wrote
         return False
-    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
-
-
-def _seal(path: Path) -> None:
-    """Before a new version is swapped in: no temporary file inside, every chunk present, and
-    the inventory of its arrays in its attributes (what :func:`volnorm.integrity.verify` expects)."""
-    import zarr
-
-    from volnorm.integrity import inventory, remove_partial_files
-    from volnorm.io.store import verify_array
-
-    remove_partial_files(path)
-    arrays = inventory(path)
-    g = zarr.open_group(path, mode="r+", zarr_format=3)
-    for name in arrays:
-        verify_array(g[name], f"{path}/{name}")
-    g.attrs["arrays"] = arrays
+    return attrs is not None and attrs.get("format") == FORMAT
 
 
 def _recover(target: Path) -> None:

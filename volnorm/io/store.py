@@ -130,8 +130,14 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_manifest(path: str | os.PathLike) -> dict | None:
-    """The volnorm manifest of a store, or None when it has none (not volnorm's)."""
+def read_attributes(path: str | os.PathLike) -> dict | None:
+    """The attributes in a zarr v3 node's ``zarr.json``, or None when there is none (or they
+    are not a JSON object); metadata nested too deeply (damaged or hostile) is a ValueError.
+
+    >>> import tempfile
+    >>> read_attributes(tempfile.mkdtemp()) is None
+    True
+    """
     meta = Path(path) / "zarr.json"
     try:
         doc = json.loads(meta.read_text())
@@ -140,7 +146,13 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     except RecursionError:
         raise ValueError(f"{meta}: the metadata are nested too deeply to be a volnorm store's (damaged or hostile)") from None
     attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
-    if not isinstance(attrs, dict):
+    return attrs if isinstance(attrs, dict) else None
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """The volnorm manifest of a store, or None when it has none (not volnorm's)."""
+    attrs = read_attributes(path)
+    if attrs is None:
         return None
     m = attrs.get("volnorm")
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
@@ -310,13 +322,12 @@ class Staging:
         """Write the manifest with the completion marker last, then move into place."""
         import zarr
 
-        from volnorm.integrity import inventory, remove_partial_files
+        from volnorm.integrity import seal
 
-        remove_partial_files(self.path)  # zarr's temporaries of killed tasks: never into a committed store
-        arrays = inventory(self.path)
+        # no temporary of a killed task survives into a committed store; every chunk of every
+        # array (not only the volumes' voxels) is present; the inventory goes into the manifest
+        arrays = seal(self.path)
         root = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        for name in arrays:  # every chunk of every array, not only the volumes' voxels
-            verify_array(root[name], f"{self.path}/{name}")
         m = dict(root.attrs.get("volnorm", {}))
         m.update(manifest)
         m.update(

@@ -17,7 +17,7 @@ import xarray as xr
 
 from volnorm._utils import native, slab_chunks
 from volnorm.io.nifti import SUPPORTED_DTYPES, apply_scaling, header_from_bytes, scaled_dtype
-from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding, verify_array
+from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def write_staged(
     if statistics is not None and (not isinstance(data, xr.DataArray) or "volume" not in data.dims):
         raise ValueError("write_staged: `statistics` needs a stack (a DataArray with a volume dim)")
     vols = _volumes(data)
-    _write_staged(data, vols, staging, staging.final, _is_nifti_derived(vols), codec, steps, progress, manifest or {}, statistics)
+    _write_staged(data, vols, staging, _is_nifti_derived(vols), codec, steps, progress, manifest or {}, statistics)
 
 
 def _with_statistics(stored: Any, data: xr.DataArray, index: Any, statistics: Alongside | None, progress: bool) -> list[dict]:
@@ -315,7 +315,6 @@ def _write_staged(
     data: xr.DataArray | xr.DataTree,
     vols: list[tuple[str, xr.DataArray]],
     staging: Staging,
-    final: Path,
     nifti: bool,
     codec: Any,
     steps: list | None,
@@ -393,7 +392,6 @@ def _write_staged(
             else:
                 staging.update_manifest(written_volumes=end)
             start = end
-        verify_array(zarr.open_array(staging.path / "image", mode="r"), f"{final}/image")
         manifest = {"kind": "images", "volumes": [str(v) for v in arr["volume"].values], "steps": steps or []}
     staging.commit({**manifest, **extra})
 
