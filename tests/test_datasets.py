@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from volnorm import datasets
+from volnorm.datasets import phantom
 
 SMALL = (48, 56, 48)
 
@@ -127,10 +128,10 @@ def test_phantom_tissue_intensities_ordered(seed: int, bias: float) -> None:
     kw = dict(
         seed=seed, dtype="int16", bias_strength=bias, noise=0.03, intensity_scale=1.0, affine=None
     )
-    data, _, labels = datasets._phantom(SMALL, labels=True, **kw)
+    data, _, labels = phantom._phantom(SMALL, labels=True, **kw)
     public, _ = datasets.brain_phantom(SMALL, **kw)
     np.testing.assert_array_equal(data, public)  # measured on the public data
-    lab = datasets._LABELS
+    lab = phantom._LABELS
     med = {k: float(np.median(public[labels == lab[k]])) for k in ("csf", "gm", "wm")}
     assert med["wm"] > 1.25 * med["gm"] > 1.25 * 1.25 * med["csf"]
     counts = {k: int((labels == v).sum()) for k, v in lab.items()}
@@ -143,11 +144,11 @@ def test_phantom_tissue_intensities_ordered(seed: int, bias: float) -> None:
 def test_phantom_intensity_scale_varies_per_subject() -> None:
     wm = []
     for seed in range(6):
-        data, _, labels = datasets._phantom(
+        data, _, labels = phantom._phantom(
             SMALL, seed=seed, dtype="float32", bias_strength=0.0, noise=0.0,
             intensity_scale=1.0, affine=None, labels=True,
         )
-        wm.append(np.median(data[labels == datasets._LABELS["wm"]]))
+        wm.append(np.median(data[labels == phantom._LABELS["wm"]]))
     assert max(wm) / min(wm) > 1.3
     doubled, _ = datasets.brain_phantom(SMALL, seed=0, dtype="float32", intensity_scale=2.0)
     base, _ = datasets.brain_phantom(SMALL, seed=0, dtype="float32")
@@ -173,12 +174,12 @@ def test_phantom_int16_clips_not_wraps() -> None:
 
 
 def test_phantom_uint8_clips_not_wraps() -> None:
-    data, _, labels = datasets._phantom(
+    data, _, labels = phantom._phantom(
         SMALL, seed=0, dtype="uint8", bias_strength=0.3, noise=0.03,
         intensity_scale=10.0, affine=None, labels=True,
     )
     assert data.dtype == np.uint8
-    wm = data[labels == datasets._LABELS["wm"]]
+    wm = data[labels == phantom._LABELS["wm"]]
     assert (wm == 255).mean() > 0.99  # saturated, not wrapped to low values
     # the default scale fits the 8-bit range without saturation
     normal, _ = datasets.brain_phantom(SMALL, seed=0, dtype="uint8")

@@ -1,24 +1,21 @@
-"""Sample data: nibabel's and scikit-image's shipped files, and synthetic phantoms.
+"""Synthetic images generated in memory: brain phantoms and 2-D image stacks.
 
-Everything here works offline. :func:`nibabel_files` and :func:`skimage_images`
-return the small real images that ship inside nibabel and scikit-image (no
-download is ever attempted). :func:`brain_phantom` draws a realistic
-T1-weighted head volume (scalp, skull, CSF, folded cortex, white matter,
-ventricles and deep grey matter, with a bias field, Rician noise and
-per-subject variation of size and global intensity scale);
-:func:`make_cohort` writes a cohort of such phantoms as NIfTI files, and
-:func:`make_image_stack` makes a stack of varied 2-D grayscale images.
+:func:`brain_phantom` draws a realistic T1-weighted head volume (scalp, skull,
+CSF, folded cortex, white matter, ventricles and deep grey matter, with a bias
+field, Rician noise and per-subject variation of size and global intensity
+scale); :func:`make_image_stack` makes a stack of varied 2-D grayscale images.
+Both are deterministic for a given seed.
 
-All generators are deterministic for a given seed.
+The argument checks, the default voxel size and affine and the slab size are
+public names here because :mod:`volnorm.datasets.cohort` (phantoms written as
+NIfTI files) uses them too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,165 +23,7 @@ from numpy.typing import ArrayLike, DTypeLike
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "brain_phantom",
-    "make_cohort",
-    "make_image_stack",
-    "nibabel_files",
-    "skimage_images",
-]
-
-# --------------------------------------------------------------------------
-# Shipped files
-# --------------------------------------------------------------------------
-
-
-def nibabel_files() -> dict[str, Path]:
-    """NIfTI files shipped in nibabel's test data.
-
-    Every ``*.nii`` / ``*.nii.gz`` file in nibabel's test data (``nibabel/tests/data``)
-    that nibabel loads as a 3-D or 4-D ``Nifti1Image`` or ``Nifti2Image``.
-    Other images stored with a ``.nii`` suffix (such as the CIFTI-2 file
-    ``row_major.dconn.nii``) are left out. Only headers are read.
-
-    Returns
-    -------
-    dict of str to pathlib.Path
-        File name (e.g. ``"anatomical.nii"``) to absolute path, sorted by
-        name. Empty if nibabel's test data are not installed.
-
-    Examples
-    --------
-    >>> files = nibabel_files()
-    >>> files["anatomical.nii"].name
-    'anatomical.nii'
-    >>> "row_major.dconn.nii" in files
-    False
-    """
-    import nibabel as nib
-
-    # nibabel.testing.data_path is this folder, but importing nibabel.testing needs pytest
-    root = Path(nib.__file__).parent / "tests" / "data"
-    if not root.is_dir():  # pragma: no cover
-        logger.warning("nibabel test data directory %s does not exist.", root)
-        return {}
-    candidates = sorted(
-        p for p in root.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz"))
-    )
-    out: dict[str, Path] = {}
-    for path in candidates:
-        try:
-            img = nib.load(path)
-        except Exception as exc:  # a file nibabel cannot read is simply skipped
-            logger.debug("Skipping %s: nibabel cannot load it (%s).", path.name, exc)
-            continue
-        if type(img) not in (nib.Nifti1Image, nib.Nifti2Image):
-            logger.debug("Skipping %s: it is a %s.", path.name, type(img).__name__)
-            continue
-        if len(img.shape) not in (3, 4):
-            logger.debug("Skipping %s: %d-D.", path.name, len(img.shape))
-            continue
-        out[path.name] = path.resolve()
-    return out
-
-
-#: Grayscale images that scikit-image ships in its distribution, by loader
-#: name, with the file each loader reads.
-_SKIMAGE_GRAY = {
-    "camera": "data/camera.png",
-    "coins": "data/coins.png",
-    "moon": "data/moon.png",
-    "page": "data/page.png",
-    "text": "data/text.png",
-    "clock": "data/clock_motion.png",
-    "cell": "data/cell.png",
-    "brick": "data/brick.png",
-    "grass": "data/grass.png",
-    "gravel": "data/gravel.png",
-    "microaneurysms": "data/microaneurysms.png",
-    # 3-D (10, 256, 256) uint16 stack; not in the wheel: needs pooch and a
-    # download unless it is already in the local cache.
-    "brain": "data/brain.tiff",
-}
-
-
-#: Of those, the ones scikit-image downloads (with pooch) when not cached.
-_SKIMAGE_DOWNLOAD = frozenset({"brain"})
-
-
-def _skimage_file_is_local(filename: str) -> bool | None:
-    """Whether scikit-image can load ``filename`` without any download.
-
-    Mirrors the two local cases of ``skimage.data._fetchers._fetch`` (the
-    pooch cache and the distribution directory, hash-checked) without calling
-    it: for a missing file ``_fetch`` would try the network, or under pytest
-    call ``pytest.skip`` (a ``BaseException``). None if that private API is
-    not as expected.
-    """
-    try:
-        from skimage.data import _fetchers
-
-        expected = _fetchers.registry[filename]
-        fetcher = _fetchers._image_fetcher
-        if fetcher is None:
-            cache_dir = os.path.dirname(_fetchers.data_dir)
-        else:
-            cache_dir = str(fetcher.abspath)
-        places = (
-            os.path.join(cache_dir, filename),
-            os.path.join(_fetchers._DISTRIBUTION_DIR, filename),
-        )
-        return any(_fetchers._has_hash(p, expected) for p in places)
-    except Exception as exc:  # private API moved
-        logger.debug("Cannot tell whether skimage file %s is local: %s", filename, exc)
-        return None
-
-
-def skimage_images() -> dict[str, np.ndarray]:
-    """Grayscale sample images shipped inside scikit-image.
-
-    Only images that load offline are returned: ``camera``, ``coins``,
-    ``moon``, ``page``, ``text``, ``clock``, ``cell``, ``brick``, ``grass``,
-    ``gravel`` and ``microaneurysms`` (2-D ``uint8``), plus the 3-D
-    ``brain`` stack (``(10, 256, 256)`` ``uint16``) if it is already in
-    scikit-image's local data cache. No download is attempted; an image
-    that is missing or fails to load is skipped (logged at DEBUG level).
-
-    Returns
-    -------
-    dict of str to numpy.ndarray
-        Loader name (as in :mod:`skimage.data`) to image array.
-
-    Examples
-    --------
-    >>> images = skimage_images()
-    >>> images["camera"].shape, images["camera"].dtype
-    ((512, 512), dtype('uint8'))
-    """
-    try:
-        import skimage.data as skdata
-    except ImportError:  # pragma: no cover - scikit-image is a dependency
-        logger.warning("scikit-image is not installed; no sample images.")
-        return {}
-    out: dict[str, np.ndarray] = {}
-    for name, filename in _SKIMAGE_GRAY.items():
-        local = _skimage_file_is_local(filename)
-        # Unknown (private API changed): try the images that ship in the wheel,
-        # never one that may start a download.
-        if local is False or (local is None and name in _SKIMAGE_DOWNLOAD):
-            logger.debug("skimage.data.%s needs a download; skipped.", name)
-            continue
-        try:
-            image = np.asarray(getattr(skdata, name)())
-        except Exception as exc:
-            logger.debug("skimage.data.%s failed to load (%s); skipped.", name, exc)
-            continue
-        if image.ndim == 3 and image.shape[-1] in (3, 4) and name != "brain":
-            logger.debug("skimage.data.%s is not grayscale; skipped.", name)
-            continue
-        out[name] = image
-    return out
-
+__all__ = ["brain_phantom", "make_image_stack"]
 
 # --------------------------------------------------------------------------
 # Brain phantom
@@ -198,7 +37,7 @@ _HEAD_SEMI_MM = np.array([76.0, 94.0, 82.0])
 #: per-subject scale and ``intensity_scale``).
 _WM_REFERENCE = 1000.0
 #: Slab size (voxels) of the float32 working buffers.
-_SLAB_VOXELS = 2**20
+SLAB_VOXELS = 2**20
 
 # Tissue intensities relative to white matter (T1-weighted, MPRAGE-like).
 _T1 = {
@@ -215,7 +54,8 @@ _T1 = {
 _LABELS = {"background": 0, "scalp": 1, "skull": 2, "csf": 3, "gm": 4, "wm": 5}
 
 
-def _check_shape(shape: Sequence[int], ndim: int, what: str = "shape") -> tuple[int, ...]:
+def check_shape(shape: Sequence[int], ndim: int, what: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of ``ndim`` positive ints; TypeError or ValueError if it is not."""
     try:
         out = tuple(int(s) for s in shape)
     except TypeError:
@@ -227,33 +67,35 @@ def _check_shape(shape: Sequence[int], ndim: int, what: str = "shape") -> tuple[
     return out
 
 
-def _check_seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
+    """``seed`` as an int; ValueError unless it is a non-negative int."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative int; got {seed!r}.")
     return int(seed)
 
 
-def _default_voxel_size(shape: Sequence[int]) -> float:
+def default_voxel_size(shape: Sequence[int]) -> float:
     """Isotropic voxel size (mm) that makes ``shape`` cover about 180x220x180 mm."""
     raw = max(f / n for f, n in zip(_DEFAULT_FOV_MM, shape))
     return round(raw / 0.05) * 0.05 if raw >= 0.1 else raw
 
 
-def _centred_affine(shape: Sequence[int], voxel: Sequence[float]) -> np.ndarray:
+def centred_affine(shape: Sequence[int], voxel: Sequence[float]) -> np.ndarray:
     """RAS affine with voxel sizes ``voxel`` whose array centre is at (0, 0, 0)."""
     affine = np.diag([*map(float, voxel), 1.0])
     affine[:3, 3] = [-v * (n - 1) / 2.0 for v, n in zip(voxel, shape)]
     return affine
 
 
-def _check_dtype(dtype: DTypeLike) -> np.dtype:
+def check_dtype(dtype: DTypeLike) -> np.dtype:
+    """``dtype`` as a numpy dtype; ValueError unless it is an integer or float dtype."""
     dt = np.dtype(dtype)
     if dt.kind not in "iuf":
         raise ValueError(f"`dtype` must be an integer or float dtype; got {dt}.")
     return dt
 
 
-def _float32_clip_bounds(
+def float32_clip_bounds(
     dt: np.dtype, ftype: type[np.floating] = np.float32
 ) -> tuple[np.floating, np.floating]:
     """Float bounds inside the range of integer ``dt`` (so a cast cannot wrap)."""
@@ -579,17 +421,17 @@ def _phantom(
     See :func:`brain_phantom`. Labels (``uint8``) follow :data:`_LABELS`;
     deep grey matter counts as GM and ventricles as CSF.
     """
-    shape = _check_shape(shape, 3)
-    seed = _check_seed(seed)
-    dt = _check_dtype(dtype)
+    shape = check_shape(shape, 3)
+    seed = check_seed(seed)
+    dt = check_dtype(dtype)
     for name, val in (("bias_strength", bias_strength), ("noise", noise)):
         if not (math.isfinite(val) and val >= 0):
             raise ValueError(f"`{name}` must be a finite number >= 0; got {val!r}.")
     if not (math.isfinite(intensity_scale) and intensity_scale > 0):
         raise ValueError(f"`intensity_scale` must be a finite number > 0; got {intensity_scale!r}.")
     if affine is None:
-        voxel = np.full(3, _default_voxel_size(shape))
-        affine_out = _centred_affine(shape, voxel)
+        voxel = np.full(3, default_voxel_size(shape))
+        affine_out = centred_affine(shape, voxel)
     else:
         affine_out = np.array(affine, dtype=np.float64, copy=True)
         if affine_out.shape != (4, 4) or not np.all(np.isfinite(affine_out)):
@@ -694,9 +536,9 @@ def _phantom(
 
     out = np.empty(shape, dtype=dt)
     label_map = np.zeros(shape, dtype=np.uint8) if labels else None
-    step = max(1, _SLAB_VOXELS // (ny * nz))
+    step = max(1, SLAB_VOXELS // (ny * nz))
     if dt.kind in "iu":
-        clip_lo, clip_hi = _float32_clip_bounds(dt)
+        clip_lo, clip_hi = float32_clip_bounds(dt)
     elif dt != np.float32:
         info = np.finfo(dt)
         clip_lo = np.float32(max(float(info.min), -3e38))
@@ -848,188 +690,6 @@ def brain_phantom(
     return data, aff
 
 
-# --------------------------------------------------------------------------
-# Cohorts on disk
-# --------------------------------------------------------------------------
-
-
-def _subject_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0])
-
-
-def _scale_to_int(
-    data: np.ndarray, dt: np.dtype
-) -> tuple[np.ndarray, float, float]:
-    """Store float ``data`` as integers ``raw`` with ``data ~ raw * slope + inter``.
-
-    The raw values span 90 % of the dtype's range; slope and intercept are
-    float32-representable (as NIfTI-1 stores them) and non-trivial.
-    """
-    info = np.iinfo(dt)
-    span = float(info.max) - float(info.min)
-    t0 = float(info.min) + 0.05 * span
-    t1 = float(info.max) - 0.05 * span
-    vmin = min(float(data.min()), 0.0)
-    vmax = float(data.max())
-    if vmax <= vmin:
-        vmax = vmin + 1.0
-    slope = float(np.float32((vmax - vmin) / (t1 - t0)))
-    inter = float(np.float32(vmin - t0 * slope))
-    lo, hi = _float32_clip_bounds(dt, np.float64)
-    raw = np.empty(data.shape, dtype=dt)
-    step = max(1, _SLAB_VOXELS // max(1, math.prod(data.shape[1:])))
-    for i0 in range(0, data.shape[0], step):
-        sl = data[i0 : i0 + step].astype(np.float64)
-        sl -= inter
-        sl /= slope
-        np.rint(sl, out=sl)
-        np.clip(sl, lo, hi, out=sl)
-        raw[i0 : i0 + step] = sl
-    return raw, slope, inter
-
-
-def make_cohort(
-    directory: str | os.PathLike[str],
-    n_subjects: int = 4,
-    *,
-    shape: Sequence[int] = (96, 112, 96),
-    vary_shape: bool = False,
-    compressed: bool | Literal["mixed"] = False,
-    dtype: DTypeLike = "int16",
-    seed: int = 0,
-    prefix: str = "sub-",
-    scaled: bool = False,
-    nifti2: bool = False,
-) -> list[Path]:
-    """Write a cohort of brain phantoms as NIfTI files.
-
-    Subject ``i`` (from 1) is ``brain_phantom`` with its own seed derived
-    from ``(seed, i)``, written to ``{prefix}{i:03d}.nii`` or ``.nii.gz``.
-    Subjects are generated and written one at a time. Files are
-    byte-identical for the same arguments (gzip streams carry no time stamp
-    or file name).
-
-    Parameters
-    ----------
-    directory : str or os.PathLike
-        Output directory; created (with parents) if missing.
-    n_subjects : int, default 4
-        Number of subjects (>= 1).
-    shape : sequence of 3 ints, default (96, 112, 96)
-        Shape of every volume, or the base shape if ``vary_shape``.
-    vary_shape : bool, default False
-        Give each subject its own shape, within ±10 % of ``shape`` per axis
-        (seeded). The voxel size stays that of ``shape``, so the field of
-        view varies.
-    compressed : bool or "mixed", default False
-        Write ``.nii.gz`` (True), ``.nii`` (False), or alternate ``.nii``
-        and ``.nii.gz`` starting with ``.nii`` ("mixed").
-    dtype : dtype-like, default "int16"
-        On-disk data type. With ``scaled``, it must be an integer type.
-    seed : int, default 0
-        Non-negative cohort seed.
-    prefix : str, default "sub-"
-        File name prefix.
-    scaled : bool, default False
-        Store integers with a non-trivial ``scl_slope`` / ``scl_inter``, so
-        that the (nibabel-)scaled data are floats.
-    nifti2 : bool, default False
-        Write NIfTI-2 instead of NIfTI-1.
-
-    Returns
-    -------
-    list of pathlib.Path
-        The written files, sorted.
-
-    Raises
-    ------
-    FileExistsError
-        If any target file already exists (checked before anything is
-        written; nothing is overwritten).
-
-    Notes
-    -----
-    Headers: RAS affine as both qform and sform with code 1 (scanner),
-    units mm and s, ``descrip`` ``"volnorm brain phantom seed=N ..."`` with
-    the subject's seed ``N``: ``brain_phantom(shape, seed=N, dtype=dtype)``
-    reproduces an unscaled subject of a cohort without ``vary_shape``.
-
-    Examples
-    --------
-    >>> import tempfile, nibabel as nib
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     paths = make_cohort(d, 2, shape=(32, 40, 32), compressed="mixed")
-    ...     [p.name for p in paths], nib.load(paths[1]).shape
-    (['sub-001.nii', 'sub-002.nii.gz'], (32, 40, 32))
-    """
-    import nibabel as nib
-
-    if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)):
-        raise TypeError(f"`n_subjects` must be an int; got {n_subjects!r}.")
-    if n_subjects < 1:
-        raise ValueError(f"`n_subjects` must be >= 1; got {n_subjects}.")
-    if compressed not in (True, False, "mixed"):
-        raise ValueError(f'`compressed` must be True, False or "mixed"; got {compressed!r}.')
-    if os.sep in prefix or (os.altsep and os.altsep in prefix):
-        raise ValueError(f"`prefix` must not contain a path separator; got {prefix!r}.")
-    base_shape = _check_shape(shape, 3)
-    seed = _check_seed(seed)
-    dt = _check_dtype(dtype)
-    if scaled and dt.kind not in "iu":
-        raise ValueError(f"`scaled=True` needs an integer `dtype`; got {dt}.")
-
-    directory = Path(directory)
-    width = max(3, len(str(int(n_subjects))))
-    paths = []
-    for i in range(int(n_subjects)):
-        gz = compressed is True or (compressed == "mixed" and i % 2 == 1)
-        paths.append(directory / f"{prefix}{i + 1:0{width}d}.nii{'.gz' if gz else ''}")
-    for path in paths:
-        if path.exists():
-            raise FileExistsError(f"Refusing to overwrite existing file {str(path)!r}.")
-
-    voxel = _default_voxel_size(base_shape)
-    shape_rng = np.random.default_rng([seed, 0x5EA9E])
-    directory.mkdir(parents=True, exist_ok=True)
-    image_cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
-    for i, path in enumerate(paths):
-        sub_seed = _subject_seed(seed, i + 1)
-        if vary_shape:
-            factors = shape_rng.uniform(0.9, 1.1, 3)
-            sub_shape = tuple(max(1, round(n * f)) for n, f in zip(base_shape, factors))
-        else:
-            sub_shape = base_shape
-        affine = _centred_affine(sub_shape, (voxel,) * 3)
-        data, affine = brain_phantom(
-            sub_shape,
-            seed=sub_seed,
-            dtype=np.float32 if scaled else dt,
-            affine=affine,
-        )
-        slope = inter = None
-        if scaled:
-            data, slope, inter = _scale_to_int(data, dt)
-        header = image_cls.header_class()
-        header.set_data_dtype(dt)
-        img = image_cls(data, affine, header)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm", "sec")
-        img.header["descrip"] = (
-            f"volnorm brain phantom seed={sub_seed} cohort_seed={seed} subject={i + 1}"
-        )[:80].encode("ascii")
-        if scaled:
-            img.header.set_slope_inter(slope, inter)
-        try:
-            nib.save(img, path)
-        except BaseException:
-            path.unlink(missing_ok=True)  # no truncated file left behind
-            raise
-        logger.debug("Wrote %s %s %s (seed %d).", path, sub_shape, dt, sub_seed)
-        del data, img
-    logger.info("Wrote %d phantom(s) to %s.", len(paths), directory)
-    return sorted(paths)
-
 
 # --------------------------------------------------------------------------
 # 2-D image stacks
@@ -1077,15 +737,15 @@ def make_image_stack(
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"`n` must be an int >= 1; got {n!r}.")
-    ny, nx = _check_shape(shape, 2)
-    seed = _check_seed(seed)
-    dt = _check_dtype(dtype)
+    ny, nx = check_shape(shape, 2)
+    seed = check_seed(seed)
+    dt = check_dtype(dtype)
     import skimage.data as skdata
 
     source = skdata.camera().astype(np.float32) / np.float32(255.0)
     h, w = source.shape
     rng = np.random.default_rng([seed, 0x57AC])
-    top = float(_float32_clip_bounds(dt)[1]) if dt.kind in "iu" else 1.0
+    top = float(float32_clip_bounds(dt)[1]) if dt.kind in "iu" else 1.0
     out = np.empty((int(n), ny, nx), dtype=dt)
     yy = np.linspace(-1.0, 1.0, ny, dtype=np.float32)[:, None]
     xx = np.linspace(-1.0, 1.0, nx, dtype=np.float32)[None, :]
