@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import volnorm as vn
+from volnorm.engine import faults, is_loopback
 from volnorm.cli import _parser, main
 
 REMOTE = "tcp://192.0.2.1:8786"  # TEST-NET-1: never routed; a connection attempt would hang until its timeout
@@ -161,7 +162,7 @@ def test_kubernetes_is_the_same_rule():
 def test_pipeline_keeps_its_names():
     from volnorm import engine, pipeline
 
-    assert pipeline._loopback("tcp://127.0.0.1:1") and not pipeline._loopback(REMOTE)
+    assert is_loopback("tcp://127.0.0.1:1") and not is_loopback(REMOTE)
     assert pipeline.ENCRYPTED_SCHEMES == engine.ENCRYPTED_SCHEMES
 
 
@@ -459,57 +460,57 @@ FINALIZE_KEY = "clip-getitem-" + "b" * 32 + "-finalize-" + "c" * 32
 
 
 def test_a_killed_worker_with_room_to_spare_names_the_input_from_the_scheduler():
-    e = vn.pipeline._poison(killed(FINALIZE_KEY), PLAN, FakeClient(sources=["/d/sub-003.nii"]), since=time.time())
-    assert isinstance(e, vn.pipeline.PoisonInputError) and not isinstance(e, vn.pipeline.WorkerMemoryError)
+    e = faults.poison(killed(FINALIZE_KEY), PLAN, FakeClient(sources=["/d/sub-003.nii"]), since=time.time())
+    assert isinstance(e, vn.pipeline.PoisonInputError) and not isinstance(e, faults.WorkerMemoryError)
     assert str(e).startswith("/d/sub-003.nii: workers were killed 4 times") and "crash its reader" in str(e)
     assert "4.00 GiB" in str(e) and "400.00 MiB" in str(e)
 
 
 def test_the_input_from_the_key_when_the_scheduler_has_forgotten_the_task():
-    e = vn.pipeline._poison(killed(READ_KEY), PLAN, FakeClient(), since=time.time())
+    e = faults.poison(killed(READ_KEY), PLAN, FakeClient(), since=time.time())
     assert str(e).startswith("/d/sub-002.nii.gz: workers were killed 4 times")
-    e = vn.pipeline._poison(killed(("nifti-sub-003-" + "d" * 32, 0, 1, 0)), PLAN, None)
+    e = faults.poison(killed(("nifti-sub-003-" + "d" * 32, 0, 1, 0)), PLAN, None)
     assert str(e).startswith("/d/sub-003.nii: ")
 
 
 @pytest.mark.parametrize("key", [FINALIZE_KEY, ("nifti-stack-getitem-" + "e" * 32, 2, 0, 0, 0), ("sum-aggregate-" + "f" * 32, 0)])
 def test_a_task_not_tied_to_one_input_blames_none(key):
-    e = vn.pipeline._poison(killed(key), PLAN, FakeClient(), since=time.time())
+    e = faults.poison(killed(key), PLAN, FakeClient(), since=time.time())
     assert isinstance(e, vn.pipeline.PoisonInputError)
     assert not any(f in str(e) for f in FILES), str(e)
     assert "not tied to one input" in str(e) and "workers' logs" in str(e)
 
 
 def test_several_inputs_are_named_as_such():
-    e = vn.pipeline._poison(killed(FINALIZE_KEY), PLAN, FakeClient(sources=FILES[:2]), since=time.time())
+    e = faults.poison(killed(FINALIZE_KEY), PLAN, FakeClient(sources=FILES[:2]), since=time.time())
     assert "while combining 2 inputs (sub-001.nii, sub-002.nii.gz)" in str(e)
     assert not str(e).startswith("/d/")
 
 
 def test_a_small_memory_limit_is_reported_as_memory_not_as_a_bad_file():
-    e = vn.pipeline._poison(killed(READ_KEY, limit=300 * MiB), PLAN, FakeClient(limit=300 * MiB, sources=["/d/sub-002.nii.gz"]), since=time.time())
-    assert isinstance(e, vn.pipeline.WorkerMemoryError)
+    e = faults.poison(killed(READ_KEY, limit=300 * MiB), PLAN, FakeClient(limit=300 * MiB, sources=["/d/sub-002.nii.gz"]), since=time.time())
+    assert isinstance(e, faults.WorkerMemoryError)
     msg = str(e)
     assert msg.startswith("workers ran out of memory (limit 300.00 MiB, estimate 400.00 MiB")
     assert "raise engine.memory_limit or set smaller input.chunks" in msg and "the input is probably fine" in msg
     # every worker gone: the last worker's limit
-    e = vn.pipeline._poison(killed(READ_KEY, limit=300 * MiB), PLAN, FakeClient(limit=None), since=time.time())
-    assert isinstance(e, vn.pipeline.WorkerMemoryError) and "limit 300.00 MiB" in str(e)
+    e = faults.poison(killed(READ_KEY, limit=300 * MiB), PLAN, FakeClient(limit=None), since=time.time())
+    assert isinstance(e, faults.WorkerMemoryError) and "limit 300.00 MiB" in str(e)
 
 
 def test_a_worker_restarted_for_its_memory_budget_is_reported_as_memory():
     t = time.time()
     restarts = [(t + 1, {"worker": "tcp://127.0.0.1:40000", "pid": 1, "rss": 3900 * MiB})]
-    e = vn.pipeline._poison(killed(READ_KEY), PLAN, FakeClient(restarts=restarts), since=t)
-    assert isinstance(e, vn.pipeline.WorkerMemoryError)
+    e = faults.poison(killed(READ_KEY), PLAN, FakeClient(restarts=restarts), since=t)
+    assert isinstance(e, faults.WorkerMemoryError)
     assert "limit 4.00 GiB" in str(e) and "restarted for exceeding its memory budget" in str(e)
     # a restart of an earlier run (before this one started, another worker) does not count
     old = [(t - 3600, {"worker": "tcp://127.0.0.1:1", "pid": 1, "rss": 1})]
-    assert not isinstance(vn.pipeline._poison(killed(READ_KEY), PLAN, FakeClient(restarts=old), since=t), vn.pipeline.WorkerMemoryError)
+    assert not isinstance(faults.poison(killed(READ_KEY), PLAN, FakeClient(restarts=old), since=t), faults.WorkerMemoryError)
 
 
 def test_other_errors_are_not_rewritten():
-    assert vn.pipeline._poison(RuntimeError("x"), PLAN, FakeClient()) is None
+    assert faults.poison(RuntimeError("x"), PLAN, FakeClient()) is None
 
 
 def _worker(address, status="running", memory=300 * MiB, limit=4096 * MiB, processing=()):
@@ -520,7 +521,7 @@ def _worker(address, status="running", memory=300 * MiB, limit=4096 * MiB, proce
 def test_a_stall_with_paused_workers_blames_memory_and_names_them():
     state = {"tasks": 12, "paused": ["tcp://127.0.0.1:2"], "workers": [
         _worker("tcp://127.0.0.1:1", processing=["('a', 0)"]), _worker("tcp://127.0.0.1:2", "paused", 3400 * MiB)]}
-    msg = vn.pipeline._stall_message(state, 30)
+    msg = faults.stall_message(state, 30)
     assert msg.startswith("no task finished for 30 s while 12 tasks waited; paused workers")
     assert "tcp://127.0.0.1:2 (3.32 GiB of 4.00 GiB)" in msg and "raise engine.memory_limit" in msg
     assert "tcp://127.0.0.1:1" not in msg
@@ -528,7 +529,7 @@ def test_a_stall_with_paused_workers_blames_memory_and_names_them():
 
 def test_a_stall_near_the_limit_blames_memory():
     state = {"tasks": 3, "paused": [], "workers": [_worker("tcp://127.0.0.1:1", memory=3000 * MiB, processing=["k"])]}
-    msg = vn.pipeline._stall_message(state, 30)
+    msg = faults.stall_message(state, 30)
     assert "near their memory limit" in msg and "tcp://127.0.0.1:1" in msg and "raise engine.memory_limit" in msg
 
 
@@ -536,10 +537,10 @@ def test_a_stall_without_memory_pressure_names_the_stuck_tasks_and_does_not_blam
     state = {"tasks": 7, "paused": [], "workers": [
         _worker("tcp://127.0.0.1:1", processing=["('read-x', 0)", "('read-x', 1)", "('read-x', 2)", "('read-x', 3)"]),
         _worker("tcp://127.0.0.1:2")]}
-    msg = vn.pipeline._stall_message(state, 30)
+    msg = faults.stall_message(state, 30)
     assert "stuck: tcp://127.0.0.1:1 running ('read-x', 0), ('read-x', 1), ('read-x', 2) and 1 more" in msg
     assert "memory is not the cause" in msg and "raise engine.memory_limit" not in msg
-    msg = vn.pipeline._stall_message({"tasks": 2, "paused": [], "workers": []}, 30)
+    msg = faults.stall_message({"tasks": 2, "paused": [], "workers": []}, 30)
     assert "no worker is connected" in msg
 
 
@@ -586,7 +587,7 @@ def test_a_worker_killed_by_its_memory_budget_is_reported_as_memory(tmp_path):
     try:
         client.register_plugin(memory_hog("sub-002.nii", 1_300_000_000), name="hog")
         t0 = time.monotonic()
-        with pytest.raises(vn.pipeline.WorkerMemoryError) as ei:
+        with pytest.raises(faults.WorkerMemoryError) as ei:
             vn.pipeline.run(spec, client=client, echo=None)
         assert time.monotonic() - t0 < 60
     finally:

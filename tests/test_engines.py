@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import volnorm as vn
-from volnorm._spec import SpecError, load_spec
+from volnorm.pipeline.spec import SpecError, load_spec
 from volnorm.engine import import_keeping_sigint, job_cluster
 
 pytestmark = pytest.mark.slow

@@ -262,7 +262,7 @@ def test_workers_paused_on_memory_stop_the_run_instead_of_hanging(setup):
     import dask
     import distributed  # noqa: F401 - its config defaults first, or leaving dask.config.set below drops them
 
-    from volnorm._spec import load_spec
+    from volnorm.pipeline.spec import load_spec
     from volnorm.engine import local_cluster
 
     tmp, spec = setup

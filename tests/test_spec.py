@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from volnorm import pipeline
-from volnorm._spec import (
+from volnorm.engine import is_loopback
+from volnorm.pipeline.spec import (
     MAX_DEPTH,
     MAX_SPEC_BYTES,
     SCHEMA,
@@ -482,7 +483,7 @@ def test_unknown_step_without_a_close_match():
         (VALID + "outputs:\n  statistics:\n    path: s.json\n    quantiles: []\n",
          "<spec>, line 9: outputs.statistics.quantiles: expected a list of quantiles in [0, 1]"),
         (VALID + "engine:\n  scheduler: dask\n",
-         "<spec>, line 7: engine.scheduler: expected 'local', 'threads', 'sync', or an address tcp://host:port / tls://host:port"),
+         "<spec>, line 7: engine.scheduler: expected 'local', 'threads', 'sync', 'slurm', 'pbs', 'kubernetes' or an address tcp://host:port / tls://host:port"),
         (VALID.replace("  store: out.zarr\n", "  store: out.zarr\n  codec: gzip\n"),
          "<spec>, line 6: output.codec: expected lz4, zstd, zarr-default or none"),
         (VALID.replace("nifti: scans/*.nii.gz", "nifti: []"),
@@ -1188,7 +1189,7 @@ def test_engine_refuses_plain_websockets_to_another_machine(no_connect):
     ],
 )
 def test_loopback(address, expected):
-    assert pipeline._loopback(address) is expected
+    assert is_loopback(address) is expected
 
 
 def test_cli_scheduler_override_is_still_subject_to_the_rule(tmp_path, capsys, no_connect):

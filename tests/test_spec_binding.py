@@ -19,9 +19,9 @@ import xarray as xr
 import yaml
 
 import volnorm as vn
-from volnorm._spec import SpecError, load_spec, parse_yaml
+from volnorm.pipeline.spec import SpecError, load_spec, parse_yaml
 from volnorm.cli import main
-from volnorm.steps import (
+from volnorm.pipeline.steps import (
     OPTION_RULES,
     PIPELINE_STEPS,
     RUNNER_SUPPLIED,

@@ -33,9 +33,9 @@ import xarray as xr
 import yaml
 
 import volnorm as vn
-from volnorm._spec import Spec, load_spec
+from volnorm.pipeline.spec import Spec, load_spec
 from volnorm.cli import main
-from volnorm.steps import load_history
+from volnorm.pipeline.steps import load_history
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"

@@ -22,6 +22,8 @@ import numpy as np
 import xarray as xr
 
 from volnorm import _kernels
+from volnorm._dims import split
+from volnorm.engine import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +31,6 @@ _range = range  # `histogram` takes numpy's `range=` keyword, which hides the bu
 
 #: Integer data wider than this many distinct values need ``bins=`` (memory of the result).
 MAX_INT_BINS = 2**20
-
-
-def _dims(data: xr.DataArray, dim: Hashable | Sequence[Hashable] | None) -> tuple[tuple, tuple]:
-    if dim is None:
-        reduced = tuple(data.dims)
-    elif isinstance(dim, str) or not isinstance(dim, Sequence):
-        reduced = (dim,)
-    else:
-        reduced = tuple(dim)
-    unknown = [d for d in reduced if d not in data.dims]
-    if unknown:
-        raise ValueError(f"`dim` names {unknown!r}, which the data do not have; its dims are {data.dims!r}.")
-    if not reduced:
-        raise ValueError("`dim` must name at least one dim (or be None for the whole dataset).")
-    kept = tuple(d for d in data.dims if d not in reduced)
-    return kept, reduced
 
 
 def numba_ready(x: np.ndarray) -> np.ndarray:
@@ -167,8 +153,6 @@ def in_memory_dask(a: np.ndarray) -> da.Array:
 
     from dask.array.core import normalize_chunks, slices_from_chunks
     from dask.highlevelgraph import HighLevelGraph
-
-    from volnorm.engine import usable_cpus
 
     n = usable_cpus()
     split = a.ndim and a.nbytes > 4 * 2**20 and a.shape[0] >= n
@@ -392,7 +376,7 @@ def bin_spec(
     return BinSpec("float", 0, nbins, edges, lower, upper, (lower + upper) / 2, slack)
 
 
-def _totals(
+def totals(
     data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any, weights: Any
 ) -> tuple[xr.DataArray, da.Array, da.Array]:
     """The transposed data, the lazy ``(*kept, nbins)`` counts and the ``(*kept, NEXTRA)`` extra counters."""
@@ -566,9 +550,9 @@ def histogram_counts(
     the bin values, as :func:`histogram` makes them; 1-byte data skip building the labelled
     result (its cost is most of the time on a few MB)."""
     if data.dtype.itemsize == 1 or data.dtype.kind == "b":
-        kept, reduced = _dims(data, dim)
+        kept, reduced = split(data, dim)
         spec = bin_spec(data, data.dtype, None, None, mask)
-        counts = dask.compute(_totals(data, spec, kept, reduced, mask, None)[1], optimize_graph=False)[0]
+        counts = dask.compute(totals(data, spec, kept, reduced, mask, None)[1], optimize_graph=False)[0]
         return counts.reshape(-1, spec.nbins), spec.centers
     h = histogram(data, dim=dim, mask=mask)
     return h.values.reshape(-1, h.sizes["bin"]), h["bin"].values
@@ -582,8 +566,8 @@ def histogram_with(
     weights: xr.DataArray | None = None,
 ) -> xr.DataArray:
     """The lazy histogram of one DataArray on given bins (no range pass)."""
-    kept, reduced = _dims(data, dim)
-    x, counts, extras = _totals(data, spec, kept, reduced, mask, weights)
+    kept, reduced = split(data, dim)
+    x, counts, extras = totals(data, spec, kept, reduced, mask, weights)
     has_w = weights is not None
     coords: dict[Hashable, Any] = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
     coords.update(bin=("bin", spec.centers), bin_lower=("bin", spec.lower), bin_upper=("bin", spec.upper))
@@ -671,7 +655,7 @@ def histogram(
         return over_collection(lambda img, dim, mask: histogram_with(img, spec, dim, mask), data, dim, mask)
     if not isinstance(data, xr.DataArray):
         raise TypeError(f"`data` must be an xarray.DataArray or DataTree; got {type(data).__name__}")
-    kept, _ = _dims(data, dim)  # check `dim` before any pass
+    kept, _ = split(data, dim)  # check `dim` before any pass
     rows = math.prod(data.sizes[d] for d in kept)
     if (
         bins is None and range is None and weights is None and data.dtype.kind in "iu" and data.dtype.itemsize == 2
@@ -756,7 +740,7 @@ def histogram_rows(
     """Float histograms with **their own** equal bins per index of the kept dims (``edges`` is
     ``(rows, nbins + 1)``, float64 values of numpy's edges), e.g. one histogram per slice over the
     slice's own min..max as scikit-image makes it. Computes; returns ``(rows, nbins + NEXTRA)``."""
-    kept, reduced = _dims(data, dim)
+    kept, reduced = split(data, dim)
     x, args = prepare(data, kept, reduced, mask)
     nk = len(kept)
     kshape = tuple(x.sizes[d] for d in kept)

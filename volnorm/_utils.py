@@ -20,6 +20,36 @@ class VolnormWarning(UserWarning):
     """Warning about something a volnorm user can act on."""
 
 
+class VolnormDeprecationWarning(VolnormWarning, FutureWarning):
+    """A spelling or option volnorm still reads but will not forever; the message says what to write."""
+
+
+def no_valid_voxels(what: str = "", *, some: bool = False, inf: bool = False) -> ValueError:
+    """The one error for data with nothing left to compute on.
+
+    Parameters
+    ----------
+    what : str
+        What could not be done, e.g. ``"to take a quantile of"``.
+    some : bool
+        Only some index of the kept dims is empty (per volume, per slice ...).
+    inf : bool
+        ±Inf are left out too.
+
+    Returns
+    -------
+    ValueError
+        To raise.
+
+    Examples
+    --------
+    >>> str(no_valid_voxels("to equalize", some=True))
+    'no valid voxel to equalize (all NaN or masked out for some index)'
+    """
+    nan = "NaN/±Inf" if inf else "NaN"
+    return ValueError(f"no valid voxel{' ' + what if what else ''} (all {nan} or masked out{' for some index' if some else ''})")
+
+
 def format_bytes(n: float) -> str:
     """Return ``n`` bytes as a short human string (``'1.5 GiB'``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -11,22 +11,50 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import shutil
+import signal
+import threading
+
+import numpy as np
+import xarray as xr
+
+import volnorm as vn
+from volnorm import pipeline
+from volnorm._dims import PER, dim_for
+from volnorm._utils import plain_name
+from volnorm.conversion import validate_inputs
+from volnorm.engine import ENV_VAR, ClusterLostError, check_address, check_scheduler, current, running
+from volnorm.info import describe
+from volnorm.integrity import verify
+from volnorm.io.nifti import expand_paths
+from volnorm.io.readers import open_mask, open_nifti, open_zarr
+from volnorm.normative import scores_stack
+from volnorm.pipeline.spec import load_spec
+from volnorm.pipeline.steps import load_history, parse_step, replay, run_steps
+
 logger = logging.getLogger(__name__)
 
 
-def _add_engine(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument(
-        "--scheduler",
-        default=default,
-        help="where to run: 'local' (a local dask cluster on 127.0.0.1), 'threads', 'sync', "
-        "or a scheduler address such as tcp://host:8786 or tls://host:8786 "
-        f"(default: {default or 'local'}); a plain tcp:// address of another machine is refused "
-        "(unencrypted) unless --allow-insecure",
-    )
+SCHEDULER_HELP = (
+    "where to run (the same words as a spec's engine.scheduler): 'local' (a new local dask cluster on 127.0.0.1), "
+    "'threads', 'sync', 'slurm', 'pbs', 'kubernetes', or a scheduler address such as tls://host:8786 "
+    f"(default: ${ENV_VAR} if set, else local); a plain tcp:// address of another machine is refused "
+    "(unencrypted) unless --allow-insecure"
+)
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
     _add_allow_insecure(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _add_per(p: argparse.ArgumentParser, words: tuple[str, ...], what: str) -> None:
+    """``--per``: the words of :mod:`volnorm._dims` (the same as a spec's ``per:``) this command takes."""
+    p.add_argument("--per", choices=words, default=None,
+                   help=f"{what} (default: the whole dataset); " + "; ".join(f"{w}: {PER[w]}" for w in words))
 
 
 def _add_allow_insecure(p: argparse.ArgumentParser) -> None:
@@ -35,21 +63,6 @@ def _add_allow_insecure(p: argparse.ArgumentParser) -> None:
         help="allow a plain (unencrypted) tcp:// or ws:// --scheduler on another machine, on a network you trust; "
         "without it only tls:// (wss://) or an address on this machine is accepted",
     )
-
-
-@contextlib.contextmanager
-def _connected(args: argparse.Namespace) -> Iterator[Any]:
-    """``args.scheduler`` as ``vn.convert`` takes it: a scheduler address becomes a
-    ``distributed.Client``, connected after the security rule (and ``--allow-insecure``) was
-    applied; names (local, threads, sync) are passed on. A client opened here is closed on exit."""
-    sched = args.scheduler
-    if not (isinstance(sched, str) and "://" in sched):
-        yield sched
-        return
-    from volnorm.engine import executor
-
-    with executor(sched, allow_insecure=args.allow_insecure) as ex:
-        yield ex.backend
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "--step", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
         help="normalize while converting, e.g. --step rescale:percentiles=1,99 --step equalize "
         "(steps: rescale, zscore, mean_scale, equalize, gamma, log, auto_gamma, equalize_adaptive, dither, binarize; "
-        "dim=volume|slice for per-volume/per-slice fits); the fitted parameters go into the store's provenance",
+        "per=volume|slice|voxel for per-volume/per-slice/per-voxel fits, as a spec's per:); the fitted parameters go "
+        "into the store's provenance",
     )
     c.add_argument("--save-params", default=None, metavar="FILE", help="also write the fitted steps as JSON (for volnorm apply)")
     _add_engine(c)
@@ -102,11 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("store")
     e.add_argument("output", help="a .nii/.nii.gz file for one volume, or a folder")
     e.add_argument("--overwrite", action="store_true")
+    _add_engine(e)
 
     st = sub.add_parser("stats", help="exact statistics: count, min, max, mean, std, quantiles")
-    _add_engine(st, default="threads")
+    _add_engine(st)
     st.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
-    st.add_argument("--per", choices=["volume", "slice"], default=None, help="one row per volume or per slice (default: the whole dataset)")
+    _add_per(st, ("dataset", "volume", "slice"), "one row per volume or per slice")
     st.add_argument("--mask", default=None, help="a NIfTI mask on the same grid (non-zero = inside)")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--brightness", action="store_true",
@@ -121,10 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     hi = sub.add_parser("hist", help="plot the exact histogram (volumes overlaid, thresholds marked) to a PNG/SVG/PDF")
-    _add_engine(hi, default="threads")
+    _add_engine(hi)
     hi.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
     hi.add_argument("--out", required=True, help="the picture to write (.png, .svg, .pdf)")
-    hi.add_argument("--per", choices=["volume"], default=None, help="one line per volume (default: the whole dataset)")
+    _add_per(hi, ("dataset", "volume"), "one line per volume")
     hi.add_argument("--mask", default=None, help="a NIfTI mask on the same grid (non-zero = inside)")
     hi.add_argument("--bins", type=int, default=256, help="display bins (default 256)")
     hi.add_argument("--log", action="store_true", help="logarithmic count axis")
@@ -132,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     hi.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
     pv = sub.add_parser("preview", help="a one-page picture of a store: slices and histograms before/after its steps")
-    _add_engine(pv, default="threads")
+    _add_engine(pv)
     pv.add_argument("store", help="a volnorm store")
     pv.add_argument("--out", required=True, help="the picture to write (.png, .svg, .pdf)")
     pv.add_argument("--volumes", type=int, default=3, help="how many volumes (the first ones; default 3)")
@@ -140,10 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
     th = sub.add_parser("threshold", help="a threshold computed from the exact histogram")
-    _add_engine(th, default="threads")
+    _add_engine(th)
     th.add_argument("path", nargs="+", help="a volnorm store, or NIfTI files")
     th.add_argument("--method", default="otsu", help="otsu, multiotsu, li, yen, triangle, isodata, mean, minimum, percentile")
-    th.add_argument("--per", choices=["volume", "slice"], default=None)
+    _add_per(th, ("dataset", "volume", "slice"), "one threshold per volume or per slice")
     th.add_argument("--mask", default=None)
     th.add_argument("--classes", type=int, default=3, help="for multiotsu")
     th.add_argument("--q", type=float, default=0.5, help="for percentile, in [0, 1]")
@@ -163,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     vh.add_argument("--mask", default=None, help="a boolean NIfTI mask on the volumes' grid")
     vh.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store (a plain name: no '/', '..' or leading '.')")
     vh.add_argument("--json", action="store_true")
-    _add_engine(vh, default="threads")
+    _add_engine(vh)
 
     nm = sub.add_parser("normative", help="score a new volume voxel by voxel against a store's per-voxel histograms")
     nm.add_argument("store", help="a store holding per-voxel histograms (volnorm voxel-hist)")
@@ -172,15 +187,13 @@ def _parser() -> argparse.ArgumentParser:
                     "or a .zarr store (NIfTI-Zarr) holding both")
     nm.add_argument("--name", default="voxel_histogram", help="the histogram's group in the store (a plain name: no '/', '..' or leading '.')")
     nm.add_argument("--overwrite", action="store_true")
-    _add_engine(nm, default="threads")
+    _add_engine(nm)
 
     r = sub.add_parser("run", help="run a pipeline spec (YAML): fit, transform, write; resumable",
                        description="Run a pipeline spec. Exit codes: 0 done or already up to date; 1 refused or failed; "
                        "2 usage; 3 interrupted (run again to resume); 4 the cluster was lost (run again).")
     r.add_argument("spec", help="the YAML spec (see workflows/)")
-    r.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run on this dask scheduler (tcp://host:8786, tls://...; or local, threads, sync) instead of the spec's engine; "
-                   "a plain tcp:// address of another machine is refused (unencrypted) unless --allow-insecure")
+    r.add_argument("--scheduler", default=None, help=SCHEDULER_HELP.replace("(default:", "(default: the spec's engine.scheduler, else"))
     _add_allow_insecure(r)
     r.add_argument("--dry-run", action="store_true", help="validate, print the plan, write nothing")
     r.add_argument("--overwrite", action="store_true", help="replace outputs written by another spec or from other inputs")
@@ -224,9 +237,6 @@ def _sigterm_interrupts() -> Iterator[None]:
     ``KeyboardInterrupt``: the command unwinds (clusters closed, locks released, staging kept
     for a resume). Later SIGTERMs, while it unwinds, are ignored (SIGKILL still ends it);
     the previous handler is put back on exit. Nothing is changed outside the main thread."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -257,17 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.fsl_ops = fsl_ops
     level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "scheduler", None) is not None:  # the security rule, before anything is read, started or imported
-        from volnorm.engine import check_address
-
+    if getattr(args, "scheduler", None) is not None:  # the one rule, before anything is read, started or imported
         try:
+            check_scheduler(args.scheduler, "--scheduler")
             check_address(args.scheduler, allow_insecure=args.allow_insecure, what="engine.scheduler" if args.command == "run" else "--scheduler")
         except ValueError as e:
             print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
             return 1
     if args.command in ("voxel-hist", "normative"):  # a group inside the store: a plain name, checked before anything runs
-        from volnorm._utils import plain_name
-
         try:
             plain_name(args.name, "--name")
         except ValueError as e:
@@ -275,9 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     _quiet_distributed(logging.DEBUG if args.verbose >= 2 else max(level, logging.WARNING))
     if args.version:
-        import volnorm
-
-        print(f"volnorm {volnorm.__version__}")
+        print(f"volnorm {vn.__version__}")
         return 0
     if args.command is None:
         parser.print_help()
@@ -289,14 +294,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": _verify,
         }
         with _sigterm_interrupts():
-            if args.command in ("stats", "threshold", "hist", "preview", "voxel-hist", "normative"):
-                from volnorm.engine import dask_scheduler
-
-                show = args.progress if args.progress is not None else sys.stderr.isatty()
-                with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure) as where:
-                    logger.info("computing on %s", where)
-                    return commands[args.command](args)
-            return commands[args.command](args)
+            if not hasattr(args, "scheduler") or args.command == "run" or getattr(args, "dry_run", False):
+                return commands[args.command](args)  # no engine (run: the spec's, volnorm.pipeline.run's)
+            show = args.progress if args.progress is not None else sys.stderr.isatty()
+            with running(args.scheduler, allow_insecure=args.allow_insecure, progress=show) as eng:
+                if not args.quiet:
+                    print(f"volnorm {args.command}: running on {eng.description}", file=sys.stderr)
+                return commands[args.command](args)
+    except ClusterLostError as e:
+        print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Interrupted), after every cluster and lock was given back
         print(f"volnorm {args.command}: {INTERRUPTED.get(args.command, INTERRUPTED['convert'])}", file=sys.stderr)
         return 3
@@ -323,27 +330,18 @@ def _quiet_distributed(level: int) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     if len(args.inputs) < 2:
         print("volnorm convert: error: give at least one input and the output store", file=sys.stderr)
         return 2
     *inputs, store = args.inputs
     if args.dry_run:
-        from volnorm.conversion import validate_inputs
-        from volnorm.io.nifti import expand_paths
-
         infos = validate_inputs(expand_paths(inputs))
         total = sum(i.data_bytes for i in infos)
         print(f"{len(infos)} valid inputs, {total / 1e6:.1f} MB of voxels -> {store} (nothing written)")
         return 0
     if args.step:
         return _convert_with_steps(args, inputs, store)
-    with _connected(args) as scheduler:
-        result = vn.convert(
-            inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec,
-            scheduler=scheduler, progress=args.progress,
-        )
+    result = vn.convert(inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec, progress=args.progress)
     if not args.quiet:
         print(result)
     return 0
@@ -351,20 +349,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str) -> int:
     """Open the inputs lazily, fit and apply the steps, write the result with its provenance."""
-    import volnorm as vn
-    from volnorm.engine import dask_scheduler
-    from volnorm.steps import parse_step, run_steps
-
     steps = [parse_step(s) for s in args.step]  # all checked before any data is read
     if args.save_params and Path(args.save_params).exists() and not args.overwrite:
         raise ValueError(f"{args.save_params} exists; pass --overwrite to replace it")
     data = _open_stack(inputs, "--step")
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure) as where:
-        logger.info("fitting and writing on %s", where)
-        out = run_steps(data, steps)
-        history = json.loads(out.attrs.get("volnorm_params", "[]"))
-        vn.to_zarr(out, store, overwrite=args.overwrite, steps=history, progress=show)
+    out = run_steps(data, steps)
+    history = json.loads(out.attrs.get("volnorm_params", "[]"))
+    vn.to_zarr(out, store, overwrite=args.overwrite, steps=history, progress=current().progress)
     if args.save_params:
         Path(args.save_params).write_text(json.dumps(history, indent=1))
     if not args.quiet:
@@ -374,9 +365,6 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
 
 def _open_stack(inputs: list[str], what: str):
     """A store or NIfTI files as one stack; volumes of different shapes are refused."""
-    import xarray as xr
-
-    import volnorm as vn
 
     data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
     if isinstance(data, xr.DataTree):
@@ -395,14 +383,9 @@ def _pair(text: str | None, what: str) -> tuple[float, float] | None:
 
 
 def _voxel_hist(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     rng = _pair(args.range, "--range")
     data = _open_stack(args.append or [args.store], "voxel-hist")
-    mask = None
-    if args.mask:
-        m = vn.open_nifti(args.mask)
-        mask = (m.isel(volume=0, drop=True) if "volume" in m.dims else m) != 0
+    mask = open_mask(args.mask, like=data) if args.mask else None
     h = vn.accumulate(args.store, data, bins=args.bins, range=rng, mask=mask, name=args.name, progress=bool(args.progress))
     g = h.attrs["grid"]
     info = {
@@ -419,9 +402,6 @@ def _voxel_hist(args: argparse.Namespace) -> int:
 
 
 def _normative(args: argparse.Namespace) -> int:
-    import volnorm as vn
-    from volnorm.normative import scores_stack
-
     out = Path(args.out)
     to_store = out.suffix == ".zarr"
     suffix = "".join(out.suffixes[-2:]) if out.name.endswith(".nii.gz") else out.suffix
@@ -449,9 +429,6 @@ def _normative(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from volnorm import pipeline
-    from volnorm._spec import load_spec
-
     spec = load_spec(args.spec)
     if args.scheduler:
         spec.data["engine"]["scheduler"] = args.scheduler
@@ -472,27 +449,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    import volnorm as vn
-    from volnorm.engine import dask_scheduler
-    from volnorm.steps import load_history, replay
-
     if len(args.inputs) < 2:
         raise ValueError("give the input (a store or NIfTI files) and the output store")
     *inputs, store = args.inputs
     history = load_history(args.params)
     data = _open_stack(inputs, "apply")
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    with dask_scheduler(args.scheduler, progress=show, allow_insecure=args.allow_insecure):
-        out = replay(data, history)
-        vn.to_zarr(out, store, overwrite=args.overwrite, steps=json.loads(out.attrs.get("volnorm_params", "[]")), progress=show)
+    out = replay(data, history)
+    vn.to_zarr(out, store, overwrite=args.overwrite, steps=json.loads(out.attrs.get("volnorm_params", "[]")), progress=current().progress)
     if not args.quiet:
         print(f"wrote {store}: {dict(out.sizes)} {out.dtype}, steps {', '.join(h['method'] for h in history)} (parameters from {args.params})")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from volnorm.info import describe
-
     text, data = describe(Path(args.path))
     print(json.dumps(data, indent=2, default=str) if args.json else text)
     return 0
@@ -500,8 +469,6 @@ def _info(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """``volnorm verify STORE``: 0 when the store is whole, 1 (with the report) when it is damaged."""
-    from volnorm.integrity import verify
-
     store = Path(args.store)
     if not store.is_dir() or not (store / "zarr.json").is_file():
         what = "does not exist" if not store.exists() else "is not a Zarr store (no zarr.json)"
@@ -519,8 +486,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     written = vn.to_nifti(vn.open_zarr(args.store), args.output, overwrite=args.overwrite)
     for w in written:
         print(w)
@@ -528,42 +493,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _open_for_stats(paths: list[str], mask_path: str | None, per: str | None):
-    """(data, mask, dim) for the stats/threshold commands; collections need --per volume."""
-    import xarray as xr
-
-    import volnorm as vn
-
+    """(data, mask, dim) for the stats/threshold/hist commands; ``per`` is :mod:`volnorm._dims`' word."""
     if len(paths) == 1 and (Path(paths[0]) / "zarr.json").exists():
-        data = vn.open_zarr(paths[0])
+        data = open_zarr(paths[0])
     else:
-        data = vn.open_nifti(paths)
+        data = open_nifti(paths)
     if isinstance(data, xr.DataTree):
         if mask_path is not None:
             raise ValueError("the volumes have different shapes (a collection): one --mask cannot fit them all")
         if per == "slice":
             raise ValueError("--per slice over volumes of different shapes: run it on each file")
-        dims = {d for node in data.subtree if "image" in node.data_vars for d in node["image"].dims}
-        return data, None, None if per is None else tuple(sorted(dims))
-    mask = _open_mask(mask_path) if mask_path is not None else None
-    spatial = tuple(d for d in data.dims if d != "volume")
-    dim = {None: None, "volume": spatial, "slice": ("y", "x")}[per]
-    return data, mask, dim
-
-
-def _open_mask(path: str):
-    """A NIfTI mask (non-zero = inside) as an in-memory boolean DataArray with its affine."""
-    import volnorm as vn
-
-    m = vn.open_nifti(path, scaled=False).isel(volume=0, drop=True)
-    mask = (m != 0).compute()
-    mask.attrs["affine"] = m.attrs.get("affine")
-    return mask.drop_vars([c for c in mask.coords if c not in mask.dims])
+    mask = open_mask(mask_path, like=data) if mask_path is not None else None
+    return data, mask, dim_for(per, data)
 
 
 def _table(ds, kept) -> str:
     """A plain text table: one row per index of the kept dims, one column per statistic."""
-    import numpy as np
-
     cols = list(ds.data_vars)
     df = ds.to_dataframe()[cols] if kept else None
     if df is None:
@@ -578,8 +523,6 @@ def _table(ds, kept) -> str:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     if args.brightness:
         return _brightness(args)
     data, mask, dim = _open_for_stats(args.path, args.mask, args.per)
@@ -596,8 +539,6 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _brightness(args: argparse.Namespace) -> int:
     """``volnorm stats --brightness IMAGES``: the exposure report as a table (or JSON)."""
-    import volnorm as vn
-
     outs = [Path(p) for p in (args.csv, args.plot) if p]
     for out in outs:
         if out.exists():
@@ -621,9 +562,6 @@ def _brightness(args: argparse.Namespace) -> int:
 
 def _fsl(args: argparse.Namespace, data, mask) -> int:
     """``--fsl``: fslstats' options, one output line (per volume with ``--per volume``, like ``-t``)."""
-    import xarray as xr
-
-    import volnorm as vn
 
     if not args.fsl_ops:
         raise ValueError("--fsl needs fslstats options after it, e.g. --fsl -r -p 50")
@@ -633,10 +571,10 @@ def _fsl(args: argparse.Namespace, data, mask) -> int:
     ops = args.fsl_ops
     for i, op in enumerate(ops[:-1]):
         if op == "-k" and ops[i + 1] not in masks:
-            masks[ops[i + 1]] = _open_mask(ops[i + 1])
+            masks[ops[i + 1]] = open_mask(ops[i + 1], like=data)
     if args.per == "slice":
         raise ValueError("--fsl works over the whole data or --per volume (fslstats -t)")
-    if isinstance(data, xr.DataTree) or args.per is None or "volume" not in data.dims:
+    if isinstance(data, xr.DataTree) or args.per in (None, "dataset") or "volume" not in data.dims:
         rows = [("all", vn.fsl.fslstats(data, ops, masks=masks))]
     else:
         rows = [(str(v), vn.fsl.fslstats(data.isel(volume=i), ops, masks=masks)) for i, v in enumerate(data["volume"].values)]
@@ -649,8 +587,6 @@ def _fsl(args: argparse.Namespace, data, mask) -> int:
 
 
 def _hist(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
@@ -669,8 +605,6 @@ def _hist(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
         raise ValueError(f"--out {out}: use a .png, .svg or .pdf name")
@@ -682,8 +616,6 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _threshold(args: argparse.Namespace) -> int:
-    import volnorm as vn
-
     data, mask, dim = _open_for_stats(args.path, args.mask, args.per)
     t = vn.threshold(data, args.method, dim=dim, mask=mask, classes=args.classes, q=args.q)
     if args.json:
@@ -696,9 +628,6 @@ def _threshold(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import shutil
-
-    import volnorm as vn
 
     out = Path(args.out)
     src = out / "inputs"
@@ -710,8 +639,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not cohort.exists():
         vn.datasets.make_cohort(cohort, n_subjects=args.subjects, compressed="mixed", seed=0)
     store = out / "cohort.zarr"
-    with _connected(args) as scheduler:
-        result = vn.convert([src, cohort], store, overwrite=True, scheduler=scheduler, progress=args.progress)
+    result = vn.convert([src, cohort], store, overwrite=True, progress=args.progress)
     print(result)
     print(f"\nopen it in Python:  vn.open_zarr({str(store)!r})")
     print(f"or inspect it:      volnorm info {store}")

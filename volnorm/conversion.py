@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,11 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zarr
+from tqdm.auto import tqdm
+
+from volnorm.engine import check_address, check_scheduler, running
 from volnorm._utils import format_bytes, normalize_chunks
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
-from volnorm.io.readers import _unique_names
-from volnorm.io.niftizarr import header_json
-from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging
+from volnorm.io.readers import unique_names as _unique_names
+from volnorm.io.niftizarr import header_json, ingest_nifti
+from volnorm.io.readers import open_images
+from volnorm.io.writers import to_zarr
+from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +127,6 @@ def _describe_write_error(e: OSError, staging: Staging, source: Path | None = No
 
 def _output_fate(staging: Staging, store: Any, existed: bool) -> str:
     """What became of the output after a failed run, checked on disk, not assumed."""
-    from volnorm.io.store import read_manifest
 
     final = staging.final
     if existed:
@@ -188,8 +194,9 @@ def convert(
     codec : {"lz4", "zstd", "zarr-default", "none"} or a zarr codec
         Compression (default blosc-lz4 + shuffle, measured fastest to write).
     scheduler : None, "local", "threads", "sync", address or distributed.Client
-        Where to run; default: the active ``distributed`` client, else an
-        embedded local cluster on 127.0.0.1.
+        Where to run (:func:`volnorm.engine.running`'s words); default: the engine of an
+        enclosing ``running`` block, else the active ``distributed`` client, else
+        ``$VOLNORM_SCHEDULER``, else an embedded local cluster on 127.0.0.1.
     progress : bool, optional
         Progress bar; default: when stderr is a terminal.
     steps : list, optional
@@ -212,26 +219,21 @@ def convert(
     >>> len(res.volumes)
     2
     """
-    import sys
-
-
     t0 = time.perf_counter()
-    from volnorm.engine import check_address
-
-    check_address(scheduler, allow_insecure=allow_insecure)  # before anything exists on disk
+    if scheduler is not None:  # the one rule, before anything exists on disk
+        check_scheduler(scheduler, "scheduler")
+        check_address(scheduler, allow_insecure=allow_insecure)
     files = expand_paths(inputs, suffixes=(".nii", ".nii.gz", ".png", ".tif", ".tiff", ".npy", ".jpg"), what="input")
     if progress is None:
         progress = sys.stderr.isatty()
     if not all(is_nifti_path(f) for f in files):
         if any(is_nifti_path(f) for f in files):
             raise ValueError("inputs mix NIfTI and image files; convert them into separate stores")
-        from volnorm.io.readers import open_images
-        from volnorm.io.writers import to_zarr
-
         data = open_images(files, chunks=chunks)
-        to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress)
+        with running(scheduler, allow_insecure=allow_insecure) as eng:
+            to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress)
         vol = {"name": "image", "shape": list(data.shape), "stats": {"dtype": data.dtype.name}}
-        return ConvertResult(Path(store), [vol], int(data.nbytes), time.perf_counter() - t0, 0, "the active dask scheduler")
+        return ConvertResult(Path(store), [vol], int(data.nbytes), time.perf_counter() - t0, 0, eng.description)
 
     infos = validate_inputs(files)
     names = _unique_names(infos)
@@ -287,12 +289,6 @@ def _run(
     existed: bool = False,
     allow_insecure: bool = False,
 ) -> ConvertResult:
-    import sys
-
-    from volnorm.engine import executor
-
-    import zarr
-
     root = zarr.open_group(staging.path, mode="r", zarr_format=3)
     done: dict[str, dict] = {}
     for info, name in zip(infos, names):
@@ -306,7 +302,8 @@ def _run(
     total = sum(i.data_bytes for i, _ in todo)
     results: dict[str, dict] = dict(done)
     failures: list[tuple[NiftiInfo, BaseException]] = []
-    with executor(scheduler, allow_insecure=allow_insecure) as ex:
+    with running(scheduler, allow_insecure=allow_insecure) as eng:
+        ex = eng.executor
         logger.info("converting %d files (%s) on %s", len(todo), format_bytes(total), ex.description)
         futures = {}
         for info, name in todo:
@@ -318,8 +315,6 @@ def _run(
             futures[fut] = (info, name)
         bar = None
         if progress and todo:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert {len(todo)} files", file=sys.stderr)
         for fut in ex.as_completed(futures):
             info, name = futures[fut]
@@ -388,11 +383,9 @@ def _run(
         bytes_in=sum(i.data_bytes for i in infos),
         seconds=time.perf_counter() - t0,
         resumed=len(done),
-        engine=ex.description,
+        engine=eng.description,
     )
 
 
 def _ingest(info: NiftiInfo, store_path: str, name: str, chunks: Sequence[int], codec: Any, hdr: dict) -> dict:
-    from volnorm.io.niftizarr import ingest_nifti
-
     return ingest_nifti(info, store_path, name, chunks, codec, hdr)

@@ -31,7 +31,8 @@ import numpy as np
 import xarray as xr
 
 from volnorm import _kernels
-from volnorm._histogram import numba_ready, parts_of, per_block, prepare, value_range
+from volnorm._histogram import histogram, merge_histograms, numba_ready, parts_of, per_block, prepare, value_range
+from volnorm.stats import order_statistics, summarize
 
 #: FSL's ``find_thresholds`` constants.
 HISTOGRAM_BINS = 1000
@@ -64,8 +65,6 @@ class _Hist:
     histogram for integer data, one pass over the data per call for float data."""
 
     def __init__(self, data: xr.DataArray | xr.DataTree, mask: Any) -> None:
-        from volnorm._histogram import histogram, merge_histograms
-
         self.data, self.mask = data, mask
         self.parts = parts_of(data, mask)
         self.is_int = all(p[1].dtype.kind in "iub" for p in self.parts)
@@ -234,8 +233,6 @@ def percentile(
     >>> vn.fsl.percentile(x, 50), vn.fsl.percentile(x, 50, nonzero=True)
     (1.0, 2.0)
     """
-    from volnorm.stats import order_statistics
-
     if not (0 <= p <= 100) or not math.isfinite(p):
         raise ValueError(f"the percentile must be in [0, 100] (FSL's scale); got {p!r}")
     if nonzero:
@@ -324,8 +321,6 @@ def fslstats(data: xr.DataArray, ops: Sequence[str], *, masks: dict[str, xr.Data
     >>> vn.fsl.fslstats(x, ["-R", "-p", "50"])
     [0.0, 999.0, 500.0]
     """
-    from volnorm.stats import summarize
-
     out: list[float] = []
     mask = None
     i = 0

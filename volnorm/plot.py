@@ -7,6 +7,12 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from volnorm.io.store import read_manifest
+from volnorm._histogram import histogram, parts_of
+from volnorm.transforms import equalize, rescale, threshold
+from volnorm.io.readers import open_images, open_nifti, open_zarr
+from volnorm.normative import voxel_stats
+from volnorm.io.writers import to_zarr
 
 
 def _pyplot() -> Any:
@@ -52,7 +58,7 @@ def plot_histogram(
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
     >>> x = xr.DataArray(np.random.default_rng(0).normal(size=(3, 500)), dims=("volume", "x"))
-    >>> ax = vn.plot.plot_histogram(vn.histogram(x, dim="x", bins=40), thresholds={"otsu": 0.0})
+    >>> ax = vn.plot.plot_histogram(histogram(x, dim="x", bins=40), thresholds={"otsu": 0.0})
     >>> len(ax.patches), len(ax.lines)   # three volumes, one threshold
     (3, 1)
     """
@@ -193,7 +199,7 @@ def plot_montage(
     data : xarray.DataArray
         A stack ``(volume, z, y, x)`` or ``(volume, y, x)``, or one volume.
     after : xarray.DataArray, optional
-        The same volumes transformed (e.g. ``vn.equalize(data)``).
+        The same volumes transformed (e.g. ``equalize(data)``).
     volumes : int or list of int, optional
         How many of the first volumes (default 3), or which.
     slices : int
@@ -212,8 +218,8 @@ def plot_montage(
     Examples
     --------
     >>> import volnorm as vn
-    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
-    >>> fig = vn.plot.plot_montage(x, vn.rescale(x, percentiles=(1, 99)), slices=2)
+    >>> x = open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> fig = vn.plot.plot_montage(x, rescale(x, percentiles=(1, 99)), slices=2)
     >>> len(fig.axes)   # 1 volume x 2 rows x 2 slices
     4
     """
@@ -263,7 +269,7 @@ def plot_mask_overlay(
         A stack or one volume.
     mask : xarray.DataArray of bool
         On the data's grid, with or without the ``volume`` dim (e.g.
-        ``data > vn.threshold(data, "otsu")``).
+        ``data > threshold(data, "otsu")``).
     volume : int
         Which volume (default the first).
     slices : int
@@ -282,8 +288,8 @@ def plot_mask_overlay(
     Examples
     --------
     >>> import volnorm as vn
-    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
-    >>> fig = vn.plot.plot_mask_overlay(x, x > vn.threshold(x, "otsu"))
+    >>> x = open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> fig = vn.plot.plot_mask_overlay(x, x > threshold(x, "otsu"))
     >>> len(fig.axes)
     3
     """
@@ -315,7 +321,7 @@ def plot_map(
     label: str | None = None,
     vrange: tuple[float, float] | None = None,
 ) -> Any:
-    """A per-voxel statistic map (e.g. ``vn.voxel_stats(h)["mean"]`` or a normative score)
+    """A per-voxel statistic map (e.g. ``voxel_stats(h)["mean"]`` or a normative score)
     as slices with a shared colour bar.
 
     Parameters
@@ -376,7 +382,7 @@ def preview(
     Parameters
     ----------
     store : path
-        A volnorm store (``volnorm convert``, ``volnorm run``, ``vn.to_zarr``).
+        A volnorm store (``volnorm convert``, ``volnorm run``, ``to_zarr``).
     out : path, optional
         Write the page there (PNG, SVG or PDF by its suffix).
     volumes : int
@@ -396,16 +402,13 @@ def preview(
     --------
     >>> import tempfile, os, volnorm as vn
     >>> d = tempfile.mkdtemp()
-    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
-    >>> vn.to_zarr(vn.rescale(x, percentiles=(1, 99)), os.path.join(d, "s.zarr"))
+    >>> x = open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> to_zarr(rescale(x, percentiles=(1, 99)), os.path.join(d, "s.zarr"))
     >>> fig = vn.plot.preview(os.path.join(d, "s.zarr"), os.path.join(d, "preview.png"))
     >>> os.path.getsize(os.path.join(d, "preview.png")) > 10_000
     True
     """
     from pathlib import Path
-
-    import volnorm as vn
-    from volnorm.io.store import read_manifest
 
     store = Path(store)
     m = read_manifest(store)
@@ -413,10 +416,9 @@ def preview(
         raise ValueError(f"{store}: not a volnorm store (no volnorm manifest)")
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    after = vn.open_zarr(store)
+    after = open_zarr(store)
     steps = ", ".join(st.get("method", "?") for st in m.get("steps", [])) or "none"
     if isinstance(after, xr.DataTree):  # volumes of different shapes: each on its own
-        from volnorm._histogram import parts_of
 
         parts = parts_of(after)
         chosen = [(str(name).strip("/"), img) for name, img, _ in parts[: max(1, int(volumes))]]
@@ -455,10 +457,8 @@ def preview(
 
 def _histograms(ax: Any, vols: list[tuple[str, xr.DataArray]], bins: int, title: str) -> Any:
     """One line per volume (fraction of its voxels per bin), each on its own bins."""
-    import volnorm as vn
-
     for name, v in vols:
-        h = vn.histogram(v.astype(np.float64), bins=bins).compute()
+        h = histogram(v.astype(np.float64), bins=bins).compute()
         counts = h.values.astype(np.float64)
         edges = np.concatenate([h["bin_lower"].values, h["bin_upper"].values[-1:]])
         ax.stairs(counts / max(counts.sum(), 1), edges, label=name, linewidth=1)
@@ -474,14 +474,12 @@ def _sources(m: dict, after: xr.DataArray, idx: list[int]) -> xr.DataArray | Non
     """The store's source volumes ``idx`` (files its manifest names), if they are still there."""
     from pathlib import Path
 
-    import volnorm as vn
-
     paths = list(m.get("pipeline", {}).get("inputs", [])) or [s.get("path") for s in m.get("inputs", []) if isinstance(s, dict)]
     if len(paths) != after.sizes.get("volume", 1) or not all(p and Path(p).is_file() for p in paths):
         return None
     chosen = [paths[i] for i in idx]
     try:
-        src = vn.open_nifti(chosen) if m.get("kind") != "images" else vn.open_images(chosen)
+        src = open_nifti(chosen) if m.get("kind") != "images" else open_images(chosen)
     except (OSError, ValueError):
         return None
     return src if src.shape[1:] == after.shape[1:] else None

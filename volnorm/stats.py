@@ -13,9 +13,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from volnorm import _kernels
+from volnorm._dims import split
 from volnorm._histogram import (
-    _dims,
-    _totals,
+    totals,
     add_up,
     bin_spec,
     histogram,
@@ -111,10 +112,10 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
     is_int = dtype.kind in "iub"
     if is_int and isinstance(data, xr.DataArray):
         return _finish_int(*int_quantile_lazy(data, qs, dim=dim, mask=mask, known_range=known_range), qs, q)
-    if not is_int and exact and (dim is None or (isinstance(data, xr.DataArray) and set(_dims(data, dim)[1]) == set(data.dims))):
+    if not is_int and exact and (dim is None or (isinstance(data, xr.DataArray) and set(split(data, dim)[1]) == set(data.dims))):
         return _float_quantile_rows([(img, m) for _, img, m in parts_of(data, mask)], (), (), qs, q)
     if not is_int and exact and isinstance(data, xr.DataArray):
-        kept, reduced = _dims(data, dim)
+        kept, reduced = split(data, dim)
         kshape = tuple(data.sizes[d] for d in kept)
         if math.prod(kshape) * 2**KEY_BITS <= KEY_ROWS_CELLS:  # two passes, no range pass
             return _float_quantile_rows([(data.transpose(*kept, *reduced), mask)], kept, kshape, qs, q)
@@ -185,7 +186,7 @@ def int_quantile_lazy(
     rows is reduced to its quantiles where it was counted, so only ``len(qs) + 1`` numbers per
     row come back (a 16-bit histogram is 0.5 MiB per row). No range pass for 8/16-bit data or
     with ``known_range``."""
-    kept, reduced = _dims(data, dim)
+    kept, reduced = split(data, dim)
     dtype = data.dtype
     if known_range is not None:
         rng: tuple[float, float] | None = (math.floor(known_range[0]) - 0.5, math.ceil(known_range[1]) + 0.5)
@@ -195,7 +196,7 @@ def int_quantile_lazy(
     else:
         rng = None  # bin_spec's range pass
     spec = bin_spec(data, dtype, None, rng, mask)
-    x, counts, _ = _totals(data, spec, kept, reduced, mask, None)
+    x, counts, _ = totals(data, spec, kept, reduced, mask, None)
     nq, lo, nbins = len(qs), spec.lo, spec.nbins
 
     def rows(c: np.ndarray) -> np.ndarray:
@@ -309,8 +310,6 @@ def order_statistics(
 
 
 def _block_pick(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ilo: np.ndarray, ihi: np.ndarray):
-    from volnorm import _kernels
-
     xb = numba_ready(xb)
     rows = math.prod(xb.shape[:nkept])
     x2 = np.ascontiguousarray(xb).reshape(rows, -1)
@@ -402,8 +401,6 @@ KEY_BITS = 16
 
 
 def _block_keys(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int, ft: np.dtype) -> np.ndarray:
-    from volnorm import _kernels
-
     kshape = xb.shape[:nkept]
     rows = math.prod(kshape)
     xb = numba_ready(xb).astype(ft, copy=False)  # one key space for every part
@@ -518,8 +515,6 @@ def _block_pick_keys(
 
 
 def _pick_keys(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ft: np.dtype, slot: np.ndarray, ilo: np.ndarray, cap: int):
-    from volnorm import _kernels
-
     rows = math.prod(xb.shape[:nkept])
     xb = numba_ready(xb).astype(ft, copy=False)
     x = np.ascontiguousarray(xb).reshape(rows, -1)
@@ -541,8 +536,6 @@ def _pick_keys(xb: np.ndarray, mb: np.ndarray | None, *, nkept: int, ft: np.dtyp
 
 
 def _block_moments(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int) -> np.ndarray:
-    from volnorm import _kernels
-
     kshape = xb.shape[:nkept]
     rows = math.prod(kshape)
     xb = numba_ready(xb)
@@ -694,14 +687,12 @@ def summary_graph(
     >>> finish(dask.compute(*parts))["q0.5"].values.tolist()   # one compute: moments and quantiles
     [2.5, 8.5]
     """
-    from volnorm import _kernels
-
     if isinstance(data, xr.DataTree):
         pieces = [(img, m, (), tuple(img.dims)) for _, img, m in parts_of(data, mask)]
         coords: dict | None = {}
         kept: tuple = ()
     elif isinstance(data, xr.DataArray):
-        kept, reduced = _dims(data, dim)
+        kept, reduced = split(data, dim)
         pieces = [(data, mask, kept, reduced)]
         coords = None
     else:

@@ -33,6 +33,13 @@ from volnorm._histogram import (
     merge_histograms,
 )
 from volnorm._kernels import EXTRA as EXTRA_NAMES
+from volnorm.engine import compute
+from volnorm.io.nifti import header_from_bytes
+from volnorm.io.store import encoding, now, pid_alive, read_attributes, read_manifest, versions
+from volnorm.io.readers import open_nifti
+from volnorm.integrity import checked_store, seal
+from volnorm import _kernels
+from volnorm._utils import plain_name
 
 __all__ = ["accumulate", "open_voxel_histogram"]
 
@@ -42,8 +49,6 @@ FORMAT = "volnorm-voxel-histogram/1"
 
 def _grid(stack: xr.DataArray) -> dict[str, Any]:
     """The spatial grid of a stack: dims, sizes and (when known) one affine for every volume."""
-    from volnorm.io.nifti import header_from_bytes
-
     spatial = [d for d in stack.dims if d != "volume"]
     grid: dict[str, Any] = {"dims": spatial, "shape": [int(stack.sizes[d]) for d in spatial]}
     headers = stack.attrs.get("nifti_headers")
@@ -63,8 +68,6 @@ def _grid(stack: xr.DataArray) -> dict[str, Any]:
 def _inputs(stack: xr.DataArray) -> list[dict[str, Any]]:
     """Each volume's name and source file: its ``path`` coord (NIfTI files), or the source the
     store's manifest records (a volnorm store), so one file is known however it comes."""
-    from volnorm.io.store import read_manifest
-
     names = [str(v) for v in stack["volume"].values] if "volume" in stack.coords else [f"vol-{i:04d}" for i in range(stack.sizes["volume"])]
     if "path" in stack.coords:
         paths: list[str | None] = [str(Path(str(p)).resolve()) for p in stack["path"].values]
@@ -76,8 +79,6 @@ def _inputs(stack: xr.DataArray) -> list[dict[str, Any]]:
 
 
 def _as_stack(volumes: Any) -> xr.DataArray:
-    from volnorm.io.readers import open_nifti
-
     if isinstance(volumes, (str, os.PathLike, list, tuple)):
         volumes = open_nifti(volumes)
     if isinstance(volumes, xr.DataTree):
@@ -93,8 +94,6 @@ def _as_stack(volumes: Any) -> xr.DataArray:
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """One writer per histogram group: a lock file created exclusively (a dead owner's is taken over)."""
-    from volnorm.io.store import _pid_alive
-
     lock = path.parent / f".{path.name}.lock"
     for _ in range(2):
         try:
@@ -105,7 +104,7 @@ def _lock(path: Path) -> Iterator[None]:
                 pid = int(lock.read_text().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid and _pid_alive(pid):
+            if pid and pid_alive(pid):
                 raise RuntimeError(f"{path}: another process ({pid}) is adding to this histogram") from None
             lock.unlink(missing_ok=True)
     else:  # pragma: no cover - a race lost twice
@@ -152,7 +151,6 @@ def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram"
     path = Path(store) / name
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(f"{path}: no per-voxel histogram here (vn.accumulate writes one)")
-    from volnorm.integrity import checked_store
 
     ds = xr.open_zarr(checked_store(path), consolidated=False, zarr_format=3)  # chunks checked on read
     if ds.attrs.get("format") != FORMAT:
@@ -167,7 +165,6 @@ def _spec_of(h: xr.DataArray) -> BinSpec:
     lower, upper, centers = (np.asarray(h[c].values, dtype=np.float64) for c in ("bin_lower", "bin_upper", "bin"))
     if h.attrs["bin_kind"] == "int":
         return BinSpec("int", int(h.attrs["bin_lo"]), len(centers), np.empty(0), lower, upper, centers)
-    from volnorm import _kernels
 
     edges = np.concatenate([lower, upper[-1:]])
     return BinSpec("float", 0, len(centers), edges, lower, upper, centers, min(_kernels.edge_slack(edges), 0.5))
@@ -233,11 +230,6 @@ def accumulate(
     """
     import zarr
 
-    from volnorm._utils import plain_name
-    from volnorm.integrity import seal
-    from volnorm.io.store import encoding, now, read_manifest, versions
-    from volnorm.io.writers import _compute
-
     root = Path(store)
     plain_name(name, "name", taken=(read_manifest(root) or {}).get("volumes") or ())
     target = root / name
@@ -289,7 +281,7 @@ def accumulate(
             # every chunk stored (an all-zero count chunk too: a missing one is damage) with its checksum
             delayed = ds.to_zarr(staging, mode="w-", zarr_format=3, compute=False, consolidated=False,
                                  encoding=encoding(ds), write_empty_chunks=True)
-            _compute([delayed], progress, "count")
+            compute(delayed, progress=progress)
             # before the swap: no temporary inside, every chunk present, the inventory recorded
             zarr.open_group(staging, mode="r+", zarr_format=3).attrs["arrays"] = seal(staging)
             if old is not None or replaced:
@@ -309,8 +301,6 @@ def accumulate(
 
 def _is_voxel_histogram(path: Path) -> bool:
     """Whether ``path`` is a group volnorm's :func:`accumulate` wrote (its format marker)."""
-    from volnorm.io.store import read_attributes
-
     if path.is_symlink() or not path.is_dir():
         return False
     try:

@@ -15,9 +15,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._utils import native, slab_chunks
+from volnorm._utils import native, plain_name, slab_chunks
+from volnorm.engine import compute
 from volnorm.io.nifti import SUPPORTED_DTYPES, apply_scaling, header_from_bytes, scaled_dtype
 from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
+from volnorm.io.niftizarr import create_volume_group, data_array, finish_volume, stream_slabs, write_nifti_file
 
 logger = logging.getLogger(__name__)
 
@@ -160,24 +162,6 @@ def _aligned(data: da.Array) -> tuple[da.Array, tuple[int, ...]]:
     return data.rechunk(target), target
 
 
-def _compute(targets: list, progress: bool, what: str) -> list:
-    """``dask.compute(*targets)`` as a list, with a progress bar when asked."""
-    if progress:
-        try:
-            from distributed import get_client, progress as dprogress
-
-            client = get_client()
-        except (ImportError, ValueError):
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar():
-                return list(dask.compute(*targets))
-        futs = client.compute(targets)
-        dprogress(futs)
-        return list(client.gather(futs))
-    return list(dask.compute(*targets))
-
-
 def to_zarr(
     data: xr.DataArray | xr.DataTree,
     store: str | os.PathLike,
@@ -262,8 +246,6 @@ Alongside = Callable[[xr.DataArray, Any], tuple[list, Callable[[Sequence[Any]], 
 def _check_names(data: xr.DataArray | xr.DataTree, vols: list[tuple[str, xr.DataArray]], nifti: bool | None = None) -> bool:
     """Whether each volume becomes a group of the store (a cohort); if so, check that every
     name is a plain name (a volume name such as ``../x`` must never become a path out of it)."""
-    from volnorm._utils import plain_name
-
     nifti = _is_nifti_derived(vols) if nifti is None else nifti
     groups = nifti or isinstance(data, xr.DataTree) or data.ndim >= 4 or "volume" not in getattr(data, "dims", ())
     if groups:
@@ -293,7 +275,7 @@ def _with_statistics(stored: Any, data: xr.DataArray, index: Any, statistics: Al
     """Compute ``stored`` (a batch's write) and the statistics of ``data``'s volumes ``index``
     together; the per-volume dicts (none without ``statistics``)."""
     if statistics is None:
-        _compute([stored], progress, "write")
+        compute(stored, progress=progress)
         return []
     # consecutive volumes as slices: a list index would make dask join their chunks into one
     runs: list[slice] = []
@@ -303,7 +285,7 @@ def _with_statistics(stored: Any, data: xr.DataArray, index: Any, statistics: Al
         else:
             runs.append(slice(i, i + 1))
     parts = [statistics(data.isel(volume=r), r) for r in runs]
-    _, *values = _compute([stored, *(x for lazy, _ in parts for x in lazy)], progress, "write")
+    _, *values = compute(stored, *(x for lazy, _ in parts for x in lazy), progress=progress)
     rows: list[dict] = []
     for lazy, finish in parts:
         rows += finish(values[: len(lazy)])
@@ -323,8 +305,6 @@ def _write_staged(
     statistics: Alongside | None = None,
 ) -> None:
     import zarr
-
-    from volnorm.io.niftizarr import create_volume_group, data_array, finish_volume
 
     sources: list[dict] = []
     if _check_names(data, vols, nifti):
@@ -412,8 +392,6 @@ def _jsonable(v: Any) -> bool:
 
 
 def _slabs(arr: da.Array) -> Iterator[np.ndarray]:
-    from volnorm.io.niftizarr import stream_slabs
-
     chunks = tuple(c[0] for c in arr.chunks)
     for region in stream_slabs(arr.shape, chunks):
         yield arr[region].compute()
@@ -458,8 +436,6 @@ def to_nifti(
     >>> np.array_equal(nib.load(out).get_fdata(), nib.load(src).get_fdata())
     True
     """
-    from volnorm.io.niftizarr import write_nifti_file
-
     vols = _volumes(data)
     path = Path(path)
     if len(vols) == 1 and not path.is_dir():

@@ -28,7 +28,12 @@ from typing import Any, Literal, Union
 
 import xarray as xr
 
-from volnorm._threshold import METHODS
+import numpy as np
+
+from volnorm import _dims, transforms
+from volnorm.params import Params
+from volnorm.transforms import threshold
+from volnorm.transforms.thresholds import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +56,14 @@ STEP_FUNCTIONS: dict[str, str] = {**{name: name for name in STEPS}, "nyul": "nyu
 RUNNER_SUPPLIED = ("data", "mask", "params")
 #: Steps whose ``**kwargs`` go on to another function: its keyword options are the step's too.
 PASSED_ON = {"binarize": "threshold"}
-#: Option values the runner translates before the call, accepted whatever the annotation
-#: says: ``dim: per-volume`` is every dim but ``volume`` (:func:`run_steps`).
-RUNNER_WORDS: dict[str, tuple[str, ...]] = {"dim": ("per-volume",)}
+#: The ``per`` words (:mod:`volnorm._dims`) a step takes besides ``dim``: ``mean_scale``'s
+#: ``per_volume`` says per volume or over the dataset.
+PER_VOLUME_WORDS = {"volume": True, "dataset": False}
 #: YAML 1.1's booleans, strings in a spec (only ``true`` / ``false`` are booleans).
 YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n", "true", "false"})
 
 
 def _integer_dtype(name: str) -> bool:
-    import numpy as np
-
     try:
         return np.dtype(name).kind in "iu"
     except Exception:  # noqa: BLE001 - numpy refuses a name that is no dtype in several ways
@@ -191,12 +194,10 @@ def step_function(name: str) -> Callable[..., Any]:
     >>> step_function("nyul").__name__, step_function("rescale").__name__
     ('nyul_fit', 'rescale')
     """
-    import volnorm as vn
-
     if name not in STEP_FUNCTIONS:
         hint = difflib.get_close_matches(str(name), PIPELINE_STEPS, n=1)
         raise ValueError(f"unknown step {name!r} (steps: {', '.join(PIPELINE_STEPS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-    return getattr(vn, STEP_FUNCTIONS[name])
+    return getattr(transforms, STEP_FUNCTIONS[name])
 
 
 def step_options(name: str) -> dict[str, inspect.Parameter]:
@@ -225,12 +226,10 @@ def step_options(name: str) -> dict[str, inspect.Parameter]:
 
 
 def _options(func: Callable[..., Any], passed_on: str | None = None) -> dict[str, inspect.Parameter]:
-    import volnorm as vn
-
     params = list(inspect.signature(func).parameters.values())[1:]  # the first one is the data
     out = {p.name: p for p in params if p.name not in RUNNER_SUPPLIED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     if passed_on is not None and any(p.kind is p.VAR_KEYWORD for p in params):
-        for p in list(inspect.signature(getattr(vn, passed_on)).parameters.values())[1:]:
+        for p in list(inspect.signature(getattr(transforms, passed_on)).parameters.values())[1:]:
             if p.name not in out and p.name not in RUNNER_SUPPLIED and p.kind is p.KEYWORD_ONLY:
                 out[p.name] = p
     return out
@@ -270,13 +269,26 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     >>> check_options("rescale", {"percentile": [1, 99]})
     Traceback (most recent call last):
     ...
-    volnorm.steps.OptionError: unknown option 'percentile' of step 'rescale'; did you mean 'percentiles'? (options: in_range, percentiles, out_range, dim, clip)
+    volnorm.pipeline.steps.OptionError: unknown option 'percentile' of step 'rescale'; did you mean 'percentiles'? (options: in_range, percentiles, out_range, dim, clip)
     >>> check_options("gamma", {"gamma": ".5e3"})
     Traceback (most recent call last):
     ...
-    volnorm.steps.OptionError: expected a number > 0, got str '.5e3'
+    volnorm.pipeline.steps.OptionError: expected a number > 0, got str '.5e3'
     """
-    return _bind(step_function(name), options, rules=name, what=f"step {name!r}", passed_on=PASSED_ON.get(name))
+    what = f"step {name!r}"
+    opts = _per_words(options, what, tuple(_dims.PER) if "dim" in step_options(name) else tuple(PER_VOLUME_WORDS) if name == "mean_scale" else ())
+    _bind(step_function(name), {k: v for k, v in opts.items() if k != "per"}, rules=name, what=what, passed_on=PASSED_ON.get(name))
+    return opts
+
+
+def _per_words(options: Mapping[str, Any], what: str, allowed: tuple[str, ...], warn: bool = True) -> dict[str, Any]:
+    """:func:`volnorm._dims.words` as an :class:`OptionError` naming ``per`` (or ``dim``)."""
+    if "per" in options and not allowed:
+        raise OptionError("per", f"{what} has no `per` option (it is applied voxel by voxel or over its own dims)")
+    try:
+        return _dims.words(options, what, allowed=allowed, warn=warn)
+    except ValueError as e:
+        raise OptionError("per" if "per" in options else "dim", str(e).removeprefix(f"{what}: ")) from None
 
 
 def check_threshold_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,20 +319,18 @@ def check_threshold_options(options: Mapping[str, Any]) -> dict[str, Any]:
     >>> check_threshold_options({"method": "otsuu"})
     Traceback (most recent call last):
     ...
-    volnorm.steps.OptionError: expected one of 'otsu', 'li', 'yen', 'triangle', 'isodata', 'mean', 'minimum', 'percentile', 'robust_range', 'robust_range_positive', got str 'otsuu'; did you mean 'otsu'?
+    volnorm.pipeline.steps.OptionError: expected one of 'otsu', 'li', 'yen', 'triangle', 'isodata', 'mean', 'minimum', 'percentile', 'robust_range', 'robust_range_positive', got str 'otsuu'; did you mean 'otsu'?
     """
-    import volnorm as vn
-
-    return _bind(vn.threshold, options, rules="threshold", what="mask.threshold")
+    opts = _per_words(options, "mask.threshold", tuple(_dims.PER))
+    _bind(threshold, {k: v for k, v in opts.items() if k != "per"}, rules="threshold", what="mask.threshold")
+    return opts
 
 
 def _bind(func: Callable[..., Any], options: Mapping[str, Any], *, rules: str, what: str, passed_on: str | None = None) -> dict[str, Any]:
     params = _options(func, passed_on)
     hints = _hints(func)
     if passed_on is not None:
-        import volnorm as vn
-
-        hints = {**_hints(getattr(vn, passed_on)), **hints}
+            hints = {**_hints(getattr(transforms, passed_on)), **hints}
     for key in options:
         if key in RUNNER_SUPPLIED:
             raise OptionError(key, f"{what}: {key!r} is set by the pipeline, not an option (use the spec's `mask` / `params_from`)")
@@ -337,7 +347,7 @@ def _bind(func: Callable[..., Any], options: Mapping[str, Any], *, rules: str, w
             if p.default is inspect.Parameter.empty:
                 raise OptionError(None, f"{what} needs the option {key!r} ({_expected(tp, rule)})")
             continue
-        problem = _problem(options[key], tp, rule, RUNNER_WORDS.get(key, ()))
+        problem = _problem(options[key], tp, rule)
         if problem:
             raise OptionError(key, problem)
     return dict(options)
@@ -413,10 +423,8 @@ def _expected(tp: Any, rule: Rule) -> str:
     return ""
 
 
-def _problem(v: Any, tp: Any, rule: Rule, runner_words: tuple[str, ...] = ()) -> str | None:
+def _problem(v: Any, tp: Any, rule: Rule) -> str | None:
     """Why ``v`` does not fit the annotation ``tp`` and ``rule``; ``None`` if it does."""
-    if isinstance(v, str) and v in runner_words:
-        return None
     got = f"{type(v).__name__} {v!r}" if v is not None else "null"
     if not _is(v, tp):
         msg = f"expected {_expected(tp, rule) or 'a value a spec cannot write'}, got {got}"
@@ -498,36 +506,32 @@ def parse_step(text: str) -> tuple[str, dict[str, Any]]:
         if not eq:
             raise ValueError(f"step {text!r}: {part!r} is not key=value")
         kwargs[key.strip().replace("-", "_")] = _value(val.strip())
-    if kwargs.get("dim") in ("volume", "slice"):  # the command line's words for per volume / per slice
-        kwargs["dim"] = {"volume": "per-volume", "slice": ("y", "x")}[kwargs["dim"]]
     try:
-        check_options(name, kwargs)
+        kwargs = check_options(name, kwargs)
     except OptionError as e:
         raise ValueError(f"step {text!r}: " + (f"{e.option}: " if e.option else "") + str(e)) from None
     return name, kwargs
 
 
-def _resolve_dim(data: xr.DataArray, kwargs: dict[str, Any]) -> dict[str, Any]:
-    if kwargs.get("dim") == "per-volume":
-        kwargs = {**kwargs, "dim": tuple(d for d in data.dims if d != "volume")}
-    return kwargs
+def _resolve_dim(name: str, data: xr.DataArray, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A checked step's ``per`` (or legacy ``dim`` word) as the function's own argument."""
+    kwargs = _dims.words(kwargs, f"step {name!r}", warn=False)
+    if name == "mean_scale" and "per" in kwargs:
+        kwargs = {**kwargs, "per_volume": PER_VOLUME_WORDS[kwargs.pop("per")]}
+    return _dims.resolve(kwargs, data)
 
 
 def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *, mask: xr.DataArray | None = None) -> xr.DataArray:
     """Fit and apply ``steps`` left to right; the fitted parameters accumulate in
     ``attrs["volnorm_params"]``. ``mask`` goes to every step that takes one (its
     statistics are taken inside the mask). Computes: each step's fit pass."""
-    import inspect
-
-    import volnorm as vn
-
     for name, kwargs in steps:
-        kwargs = _resolve_dim(data, kwargs)
+        kwargs = _resolve_dim(name, data, kwargs)
         if name == "nyul":  # fit the landmarks on these data, then map them
             fit_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-            data = vn.nyul_apply(data, vn.nyul_fit(data, mask=mask, **fit_kw), mask=mask)
+            data = transforms.nyul_apply(data, transforms.nyul_fit(data, mask=mask, **fit_kw), mask=mask)
             continue
-        func = getattr(vn, name)
+        func = getattr(transforms, name)
         if mask is not None and "mask" in inspect.signature(func).parameters:
             kwargs = {**kwargs, "mask": mask}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists: the API's tuples
@@ -539,9 +543,6 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
     """Apply recorded steps (``attrs["volnorm_params"]`` / a store's ``steps``) with their fitted
     parameters: no fit pass for fitted steps. Lazy except for the unfitted ones' own passes
     (and Nyúl's per-volume landmarks, taken inside ``mask``)."""
-    import volnorm as vn
-    from volnorm._transforms import Params
-
     for rec in history:
         name = rec["method"]
         opts = dict(rec.get("options", {}))
@@ -551,7 +552,7 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
             # per-volume/per-slice parameters belong to the volumes they were fitted on: refit
             # the same step on these data (dataset-wide parameters are reused as they are)
             logger.info("step %s was fitted per %s: fitting it again on the new data", name, opts.get("dim") or "volume")
-            data = getattr(vn, name)(data, **_refit_kwargs(name, opts))
+            data = getattr(transforms, name)(data, **_refit_kwargs(name, opts))
         elif name in FITTED and p is None:
             raise ValueError(f"step {name!r} was recorded without its fitted values (too large); fit it again")
         elif name in FITTED:
@@ -567,14 +568,14 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
                 extra["gamma"] = opts["gamma"]
             if name == "mean_scale":
                 extra["target"] = opts["target"]
-            data = getattr(vn, name)(data, params=p, **extra)
+            data = getattr(transforms, name)(data, params=p, **extra)
         elif name == "nyul":  # the standard landmarks; each volume's own come from these data
             vals = p.values.drop_vars("volume_landmarks", errors="ignore") if p is not None else None
             if vals is None:
                 raise ValueError("step 'nyul' was recorded without its landmarks; fit it again")
-            data = vn.nyul_apply(data, Params("nyul", vals, p.options), mask=mask)
+            data = transforms.nyul_apply(data, Params("nyul", vals, p.options), mask=mask)
         elif name == "equalize_adaptive":
-            data = vn.equalize_adaptive(data, opts.get("kernel_size"), opts.get("clip_limit", 0.01), opts.get("nbins", 256), dim=tuple(opts.get("dim", ("y", "x"))))
+            data = transforms.equalize_adaptive(data, opts.get("kernel_size"), opts.get("clip_limit", 0.01), opts.get("nbins", 256), dim=tuple(opts.get("dim", ("y", "x"))))
         else:
             raise ValueError(f"step {name!r} cannot be replayed from saved parameters")
     return data

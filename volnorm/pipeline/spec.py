@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from volnorm._utils import plain_name
+from volnorm.engine import check_scheduler
+from volnorm.pipeline.steps import PIPELINE_STEPS, OptionError, check_options, check_threshold_options
+
 #: Larger specs are refused before parsing (a spec is a page of text).
 MAX_SPEC_BYTES = 256 * 1024
 #: Deeper nesting is refused (a spec is a few levels deep).
@@ -261,13 +265,9 @@ def _memory(v: Any) -> Any:
 
 
 def _scheduler(v: Any) -> str:
-    if v in ("local", "threads", "sync", *JOB_CLUSTERS) or (isinstance(v, str) and v.startswith(("tcp://", "tls://"))):
-        return v
-    raise ValueError("expected 'local', 'threads', 'sync', or an address tcp://host:port / tls://host:port")
-
-
-#: ``engine.scheduler`` values that start workers through a batch system or Kubernetes (optional extras).
-JOB_CLUSTERS = ("slurm", "pbs", "kubernetes")
+    if not isinstance(v, str):
+        raise ValueError(f"expected a scheduler word or address, got {type(v).__name__} {v!r}")
+    return check_scheduler(v, "")
 
 
 def _cluster_options(v: Any) -> dict[str, Any]:
@@ -291,8 +291,6 @@ class _At(ValueError):
 def _steps(v: Any) -> list[dict[str, Any]]:
     """Each step: ``name`` or ``{name: {option: value, ...}}`` -> ``{"name": ..., "options": {...}}``,
     its options bound to the function the step calls (:func:`volnorm.steps.check_options`)."""
-    from volnorm.steps import PIPELINE_STEPS, OptionError, check_options
-
     if not isinstance(v, list):
         raise ValueError("expected a list of steps, e.g. [{rescale: {percentiles: [1, 99]}}, equalize]")
     out = []
@@ -320,8 +318,6 @@ def _steps(v: Any) -> list[dict[str, Any]]:
 
 def _threshold_options(v: Any) -> dict[str, Any]:
     """``mask.threshold``: options of :func:`volnorm.threshold` (``dim: volume`` = one per volume)."""
-    from volnorm.steps import OptionError, check_threshold_options
-
     if not isinstance(v, dict):
         raise ValueError(f"expected dict, got {type(v).__name__} {v!r}")
     try:
@@ -332,8 +328,6 @@ def _threshold_options(v: Any) -> dict[str, Any]:
 
 def _store_name(v: Any) -> str:
     """``outputs.voxel_histogram.name``: a plain name inside the output store."""
-    from volnorm._utils import plain_name
-
     return plain_name(v, "outputs.voxel_histogram.name")
 
 
@@ -372,7 +366,8 @@ SCHEMA: dict[str, Field] = {
         "params": Field(str, help="the fitted steps as JSON (for volnorm apply / params_from)"),
     }),
     "engine": Field(default={}, fields={
-        "scheduler": Field(_scheduler, default="local"),
+        "scheduler": Field(_scheduler, help="where to run (volnorm.engine): local, threads, sync, slurm, pbs, kubernetes or an "
+                           "address; default: $VOLNORM_SCHEDULER, else local"),
         "n_workers": Field(_positive_int),
         "memory_limit": Field(_memory, default="auto", help="per worker, e.g. '2GiB'"),
         "allow_insecure": Field(bool, default=False, help="allow plain tcp:// to a non-loopback scheduler"),
