@@ -202,7 +202,7 @@ def test_gzip_stream_may_end_exactly_at_the_needed_size(tmp_path):
 
 
 def test_inflater_limit_is_exact():
-    from volnorm.io.niftizarr import GzipTooLongError, _Inflater
+    from volnorm.io.gzipstream import GzipTooLongError, Inflater as _Inflater
 
     import io
 

@@ -9,6 +9,13 @@ from typing import Any
 import numpy as np
 
 from volnorm._utils import format_bytes
+from volnorm.integrity import DamagedStoreError, checked_store, quick_check
+from volnorm.io.manifest import read_manifest
+from volnorm.io.nifti import header_from_bytes, read_info
+from volnorm.io.niftizarr import group_header
+from volnorm.io.readers import open_nifti
+from volnorm.io.store import staging_path
+from volnorm.stats import summarize
 
 
 def _affine_lines(affine: Any, indent: str = "    ") -> list[str]:
@@ -40,14 +47,8 @@ def describe(path: Path) -> tuple[str, dict]:
 
 
 def _describe_nifti(path: Path) -> tuple[str, dict]:
-
-    from volnorm.io.readers import open_nifti
-    from volnorm.io.nifti import read_info
-
     info = read_info(path)
     data = open_nifti(path)
-    from volnorm.stats import summarize
-
     s = summarize(data, quantiles=())  # one GIL-free pass: min/max of finite voxels, NaN/±Inf counts
     cast = int if data.dtype.kind in "iub" else float
     stats = {
@@ -86,10 +87,6 @@ def _describe_nifti(path: Path) -> tuple[str, dict]:
 
 def _describe_store(path: Path) -> tuple[str, dict]:
     import zarr
-
-    from volnorm.io.store import read_manifest, staging_path
-
-    from volnorm.integrity import checked_store, quick_check
 
     m = read_manifest(path)
     if m is None:
@@ -160,10 +157,6 @@ def _describe_store(path: Path) -> tuple[str, dict]:
             "source": inputs.get(name, v.get("source")),
         }
         if "nifti" in grp:
-            from volnorm.integrity import DamagedStoreError
-            from volnorm.io.niftizarr import group_header
-            from volnorm.io.nifti import header_from_bytes
-
             try:
                 vf["affine"] = header_from_bytes(group_header(grp)).get_best_affine().tolist()
             except DamagedStoreError as e:

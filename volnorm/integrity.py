@@ -36,7 +36,12 @@ from zarr.codecs import Crc32cCodec as _ZarrCrc32cCodec
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
-__all__ = ["CheckedStore", "Crc32cCodec", "DamagedStoreError", "VerifyReport", "checked_store", "quick_check", "seal", "verify"]
+from volnorm.io.manifest import IncompleteStoreError, read_manifest
+
+__all__ = [
+    "CheckedStore", "Crc32cCodec", "DamagedStoreError", "VerifyReport", "checked_store", "quick_check", "seal", "verify",
+    "verify_array",
+]
 
 #: A chunk key of zarr v3's default encoding: ``<array>/c/<i>/<j>...`` (``<array>/c`` for 0-d).
 _CHUNK_KEY = re.compile(r"^(?:(?P<array>.*)/)?c(?P<coords>(?:/\d+)*)$")
@@ -262,6 +267,42 @@ def _arrays(group: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _arrays(member, f"{path}/")
 
 
+def verify_array(arr: Any, where: str) -> None:
+    """Raise if any chunk of a zarr array volnorm is writing is missing.
+
+    Exact for arrays written with ``write_empty_chunks=True`` (every chunk is stored, even
+    an all-fill one), as volnorm writes them.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+        The array.
+    where : str
+        How to name it in the message.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    IncompleteStoreError
+        Naming ``where`` and how many chunks were written.
+
+    Examples
+    --------
+    >>> import zarr
+    >>> a = zarr.create_array({}, shape=(4,), chunks=(2,), dtype="u1")
+    >>> verify_array(a, "demo")
+    Traceback (most recent call last):
+    ...
+    volnorm.io.manifest.IncompleteStoreError: demo: 0 of 2 chunks were written
+    """
+    n, have = arr.nchunks, arr.nchunks_initialized
+    if have != n:
+        raise IncompleteStoreError(f"{where}: {have} of {n} chunks were written")
+
+
 def seal(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Make a group volnorm wrote ready to commit: remove zarr's temporaries left inside
     (:func:`remove_partial_files`), check that every chunk of every array is present, and
@@ -293,8 +334,6 @@ def seal(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     2
     """
     import zarr
-
-    from volnorm.io.store import verify_array
 
     remove_partial_files(path)
     root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
@@ -479,8 +518,6 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
     """
     import zarr
     from zarr.core.sync import sync
-
-    from volnorm.io.store import read_manifest
 
     path = Path(store)
     if not (path / "zarr.json").is_file():

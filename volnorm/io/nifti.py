@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from volnorm._utils import native
+from volnorm.io.gzipstream import GzipTooLongError, GzipTrailingDataError, Inflater
 
 logger = logging.getLogger(__name__)
 
@@ -454,13 +455,11 @@ def _check_gzip_size(path: Path, expected: int, file_size: int) -> None:
         Naming the file: fewer or more bytes than ``expected``, truncated or
         corrupt gzip data, or trailing bytes that are not a gzip member.
     """
-    from volnorm.io.niftizarr import GzipTooLongError, GzipTrailingDataError, _Inflater
-
     total = 0
     buf = bytearray(16 * 2**20)
     try:
         with open(path, "rb") as f:
-            inflater = _Inflater(f, limit=expected)
+            inflater = Inflater(f, limit=expected)
             while n := inflater.readinto(buf):
                 total += n
     except GzipTooLongError as e:
@@ -470,12 +469,7 @@ def _check_gzip_size(path: Path, expected: int, file_size: int) -> None:
             f"(stopped after {e.seen}): the file is corrupt or not what its header says",
         ) from None
     except GzipTrailingDataError as e:
-        raise _fail(
-            path,
-            f"{file_size - e.offset} bytes of trailing data after the end of the gzip data (from offset "
-            f"{e.offset}) that are not a gzip member: the file is truncated or corrupt, or padded; "
-            "refused (re-compress the file)",
-        ) from None
+        raise _fail(path, _trailing_data(e, file_size)) from None
     except (OSError, EOFError) as e:
         raise _fail(
             path,
@@ -488,6 +482,39 @@ def _check_gzip_size(path: Path, expected: int, file_size: int) -> None:
             f"the gzip data hold {total} uncompressed bytes but the header needs "
             f"{expected}: the file is truncated or corrupt",
         )
+
+
+def _trailing_data(e: GzipTrailingDataError, file_size: int) -> str:
+    return (
+        f"{file_size - e.offset} bytes of trailing data after the end of the gzip data (from offset "
+        f"{e.offset}) that are not a gzip member: the file is truncated or corrupt, or padded; "
+        "refused (re-compress the file)"
+    )
+
+
+def gzip_problem(info: NiftiInfo, e: BaseException) -> str:
+    """What an error while streaming a validated .nii.gz means, as the end of a message naming it.
+
+    Serves the conversion's single streaming read; :func:`read_info` says the same
+    things about the bytes it decompresses to check the size.
+
+    Examples
+    --------
+    >>> from volnorm import datasets
+    >>> info = read_info(datasets.nibabel_files()["standard.nii.gz"])
+    >>> gzip_problem(info, GzipTrailingDataError(info.file_size - 8))[:52]
+    '8 bytes of trailing data after the end of the gzip d'
+    """
+    if isinstance(e, GzipTooLongError):
+        return (
+            f"the gzip data go on past the {e.limit} bytes the header needs (header and extensions "
+            f"{info.offset} + voxel data {info.data_bytes}); stopped after decompressing {e.seen} bytes. "
+            "The file is corrupt or not what its header says (gzip's size trailer counts modulo 4 GiB, "
+            "so it cannot tell); refused"
+        )
+    if isinstance(e, GzipTrailingDataError):
+        return _trailing_data(e, info.file_size)
+    return f"corrupt compressed data ({e}); the file cannot be trusted"
 
 
 def header_from_bytes(header_bytes: bytes):

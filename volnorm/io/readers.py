@@ -1,4 +1,4 @@
-"""Lazy readers: NIfTI files, image stacks and volnorm Zarr stores.
+"""Lazy readers: NIfTI files, masks, image stacks and volnorm Zarr stores.
 
 Nothing here reads voxel data: every function validates headers/metadata and
 returns a dask-backed ``xarray.DataArray`` (a stack) or ``xarray.DataTree``
@@ -20,8 +20,11 @@ import numpy as np
 import xarray as xr
 
 from volnorm._utils import native, normalize_chunks
-from volnorm.io.nifti import NiftiArray, NiftiInfo, apply_scaling, expand_paths, header_from_bytes, read_info
-from volnorm.io.store import IncompleteStoreError, read_manifest, staging_path
+from volnorm.integrity import checked_store
+from volnorm.io.manifest import IncompleteStoreError, read_manifest
+from volnorm.io.nifti import NiftiArray, NiftiInfo, apply_scaling, expand_paths, header_from_bytes, read_info, scaled_dtype
+from volnorm.io.niftizarr import check_volume, group_header
+from volnorm.io.store import staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,35 @@ class HeaderMap(dict):
         return f"<{len(self)} NIfTI header(s)>"
 
 
-def _unique_names(infos: Sequence[NiftiInfo]) -> list[str]:
+def unique_names(infos: Sequence[NiftiInfo]) -> list[str]:
+    """One name per input file for the ``volume`` coordinate and the store's groups.
+
+    The file name without ``.nii``/``.nii.gz``; when two files share a name (the same
+    name in different folders), the path relative to their common folder, with the
+    separators replaced by ``_``.
+
+    Parameters
+    ----------
+    infos : sequence of NiftiInfo
+        The validated files (:func:`~volnorm.io.nifti.read_info`), in order.
+
+    Returns
+    -------
+    list of str
+        One unique name per file, in the same order.
+
+    Raises
+    ------
+    ValueError
+        When no unique names can be made (the message lists the paths).
+
+    Examples
+    --------
+    >>> from volnorm import datasets
+    >>> files = datasets.nibabel_files()
+    >>> unique_names([read_info(files["anatomical.nii"]), read_info(files["standard.nii.gz"])])
+    ['anatomical', 'standard']
+    """
     names = [i.name for i in infos]
     if len(set(names)) == len(names):
         return names
@@ -110,7 +141,7 @@ def open_nifti(
     files = expand_paths(paths)
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as ex:
         infos = list(ex.map(read_info, files))
-    names = _unique_names(infos)
+    names = unique_names(infos)
     shapes = {i.shape for i in infos}
     if len(shapes) == 1:
         return _nifti_stack(infos, names, chunks=chunks, scaled=scaled)
@@ -152,6 +183,93 @@ def _nifti_stack(infos: Sequence[NiftiInfo], names: Sequence[str], *, chunks: Ch
     data = da.stack(arrays) if len(arrays) > 1 else arrays[0][None]
     coords = {"volume": list(names), "path": ("volume", [str(i.path) for i in infos])}
     return xr.DataArray(data, dims=full_dims, coords=coords, name="image", attrs=_volume_attrs(infos, names, scaled))
+
+
+# ---------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------
+
+
+def open_mask(path: PathsLike, *, like: xr.DataArray | None = None) -> xr.DataArray:
+    """Open a NIfTI mask lazily: non-zero voxels are inside.
+
+    Parameters
+    ----------
+    path : str, path, glob or iterable of them
+        One NIfTI file (one mask for every volume), or several of one grid (a glob,
+        a folder or a list: one mask per volume, in the data's volume order).
+    like : xarray.DataArray, optional
+        The data the mask is for, dims ``([volume,] [t,] z, y, x)``; its metadata
+        only are read. With it, the mask is checked against the data's grid and
+        matched to its volumes.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; nothing is computed. Boolean, named ``mask``: dims ``([t,] z, y, x)``
+        for one file (it broadcasts to every volume), ``(volume, [t,] z, y, x)`` with
+        ``like``'s ``volume`` coordinate for one file per volume. No non-dim
+        coordinate; ``attrs["affine"]`` is the mask's affine (when its files share one).
+
+    Raises
+    ------
+    ValueError
+        Naming ``path``: several mask files without ``like``, or not as many as the
+        data's volumes (both counts given); a grid that is not the data's (both
+        grids given); files of different shapes.
+    TypeError
+        ``like`` is not an ``xarray.DataArray``.
+
+    Notes
+    -----
+    The rule, for every caller: the stored values are read unscaled
+    (``open_nifti(path, scaled=False)``) and any non-zero value (NaN included) is
+    inside. A 4-D mask file's ``t`` is part of its grid, not its volumes: one frame
+    is dropped (it broadcasts over the data's ``t``); several must equal the
+    data's ``t``. The mask's grid dims must be among the data's grid dims (every
+    dim but ``volume``) with the same sizes; the affines are not compared.
+
+    Examples
+    --------
+    >>> import volnorm as vn
+    >>> files = vn.datasets.nibabel_files()
+    >>> data = vn.open_nifti(files["functional.nii"])
+    >>> mask = open_mask(files["resampled_anat_moved.nii"], like=data)
+    >>> mask.dims, mask.dtype.name, "affine" in mask.attrs
+    (('z', 'y', 'x'), 'bool', True)
+    >>> open_mask(files["anatomical.nii"], like=data)
+    Traceback (most recent call last):
+    ...
+    ValueError: .../anatomical.nii: the mask's grid {'z': 25, 'y': 41, 'x': 33} is not the data's {'t': 20, 'z': 3, 'y': 21, 'x': 17}
+    """
+    if like is not None and not isinstance(like, xr.DataArray):
+        raise TypeError(f"`like` must be an xarray.DataArray (the data the mask is for); got {type(like).__name__}.")
+    m = open_nifti(path, scaled=False)
+    where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
+    if isinstance(m, xr.DataTree):
+        raise ValueError(f"{where}: the mask files have different shapes; masks for one dataset share its grid")
+    mask = (m != 0).drop_vars([c for c in m.coords if c not in m.dims or c == "volume"])
+    if mask.sizes.get("t") == 1:
+        mask = mask.isel(t=0)
+    n = mask.sizes["volume"]
+    if n == 1:
+        mask = mask.isel(volume=0)
+    elif like is None:
+        raise ValueError(f"{where}: {n} mask files (one per volume) need `like=`, the data they mask, to be matched to its volumes")
+    elif like.sizes.get("volume", 1) != n:
+        raise ValueError(
+            f"{where}: {n} mask files but the data has {like.sizes.get('volume', 1)} volumes; "
+            "give one mask for every volume, or one per volume"
+        )
+    elif "volume" in like.coords:
+        mask = mask.assign_coords(volume=like["volume"].variable)
+    if like is not None:
+        grid = {d: s for d, s in like.sizes.items() if d != "volume"}
+        own = {d: s for d, s in mask.sizes.items() if d != "volume"}
+        if any(grid.get(d) != s for d, s in own.items()):
+            raise ValueError(f"{where}: the mask's grid {own} is not the data's {grid}")
+    attrs = {"affine": m.attrs["affine"]} if "affine" in m.attrs else {}
+    return mask.rename("mask").assign_attrs(attrs)
 
 
 # ---------------------------------------------------------------------------
@@ -371,8 +489,6 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
             "interrupted or is still running). Re-run the command to finish it, or pass "
             "allow_incomplete=True to inspect it."
         )
-    from volnorm.integrity import checked_store
-
     store_ = checked_store(path)  # every chunk read is checked: missing or failing its CRC-32C is an error naming it
     root = zarr.open_group(store_, mode="r", zarr_format=3)
     if m.get("kind") == "images":
@@ -380,8 +496,6 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
         arr = ds["image"]
         arr.attrs = {k: v for k, v in arr.attrs.items() if k != "_FillValue"}
         return arr
-    from volnorm.io.niftizarr import check_volume, group_header
-
     names = list(m.get("volumes") or [k for k, _ in root.groups()])
     vols = []
     for name in names:
@@ -399,7 +513,6 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
         vols.append((name, grp, arr, dims, hb, hdr, slope if scaled else 1.0, inter if scaled else 0.0))
     if not vols:
         raise ValueError(f"{path}: the store holds no volume")
-    from volnorm.io.nifti import scaled_dtype
 
     def lazy(arr: Any, slope: float, inter: float, dtype: np.dtype) -> da.Array:
         raw = da.from_zarr(arr)

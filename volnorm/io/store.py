@@ -30,15 +30,27 @@ import shutil
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from volnorm.integrity import Crc32cCodec, remove_partial_files, seal
+
+# the manifest's home is volnorm.io.manifest (integrity reads it too); its names stay importable
+# from here, where callers have always found them
+from volnorm.io.manifest import (  # noqa: F401 - re-exported
+    FORMAT,
+    FORMAT_VERSION,
+    IncompleteStoreError,
+    is_complete,
+    read_attributes,
+    read_manifest,
+)
+
 logger = logging.getLogger(__name__)
 
-FORMAT = "volnorm-store"
-FORMAT_VERSION = 1
 STAGING_SUFFIX = ".volnorm-partial"
 
 Codec = Literal["lz4", "zstd", "zarr-default", "none"]
@@ -60,8 +72,6 @@ def compressors(codec: Codec | Any = DEFAULT_CODEC, *, checksum: bool = True) ->
     """
     from zarr.codecs import BloscCodec, ZstdCodec
     from zarr.codecs import Crc32cCodec as _ZarrCrc32c
-
-    from volnorm.integrity import Crc32cCodec
 
     table = {
         "lz4": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
@@ -109,10 +119,12 @@ def versions() -> dict[str, str]:
     import xarray
     import zarr
 
-    import volnorm
-
+    try:  # the installed distribution's version, read without importing the package
+        own = metadata.version("volnorm")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+        own = "unknown"
     return {
-        "volnorm": volnorm.__version__,
+        "volnorm": own,
         "zarr": zarr.__version__,
         "dask": dask.__version__,
         "xarray": xarray.__version__,
@@ -128,43 +140,6 @@ def now() -> str:
 def digest(obj: Any) -> str:
     """A stable SHA-256 of a JSON-able object."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_attributes(path: str | os.PathLike) -> dict | None:
-    """The attributes in a zarr v3 node's ``zarr.json``, or None when there is none (or they
-    are not a JSON object); metadata nested too deeply (damaged or hostile) is a ValueError.
-
-    >>> import tempfile
-    >>> read_attributes(tempfile.mkdtemp()) is None
-    True
-    """
-    meta = Path(path) / "zarr.json"
-    try:
-        doc = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    except RecursionError:
-        raise ValueError(f"{meta}: the metadata are nested too deeply to be a volnorm store's (damaged or hostile)") from None
-    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
-    return attrs if isinstance(attrs, dict) else None
-
-
-def read_manifest(path: str | os.PathLike) -> dict | None:
-    """The volnorm manifest of a store, or None when it has none (not volnorm's)."""
-    attrs = read_attributes(path)
-    if attrs is None:
-        return None
-    m = attrs.get("volnorm")
-    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-    m = read_manifest(path)
-    return bool(m and m.get("complete") is True)
-
-
-class IncompleteStoreError(OSError):
-    """A store lacks volnorm's completion marker (interrupted or still being written)."""
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +211,7 @@ class Staging:
                     other = json.loads(self.lock_path.read_text())
                 except (OSError, ValueError):
                     other = {}
-                if other.get("host") == me["host"] and not _pid_alive(other.get("pid")):
+                if other.get("host") == me["host"] and not pid_alive(other.get("pid")):
                     logger.info("taking over the lock of a run that ended without releasing it: %s", other)
                     self.lock_path.unlink(missing_ok=True)
                     continue
@@ -280,8 +255,6 @@ class Staging:
                     f"{self.path}: exists but is not a volnorm staging directory; remove it by hand."
                 )
             if m.get("plan_digest") == self.plan_digest:
-                from volnorm.integrity import remove_partial_files
-
                 self.resumed = True
                 n = remove_partial_files(self.path)  # temporaries of the killed writer
                 logger.info("resuming the interrupted run staged at %s (%d temporary files removed)", self.path, n)
@@ -322,8 +295,6 @@ class Staging:
         """Write the manifest with the completion marker last, then move into place."""
         import zarr
 
-        from volnorm.integrity import seal
-
         # no temporary of a killed task survives into a committed store; every chunk of every
         # array (not only the volumes' voxels) is present; the inventory goes into the manifest
         arrays = seal(self.path)
@@ -362,7 +333,16 @@ class Staging:
         logger.info("committed %s", self.final)
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether ``pid`` is a process running on this host (a lock's owner, a writer's marker).
+
+    Not an int, or not positive, is False; a process of another user (no permission to
+    signal it) is alive.
+
+    >>> import os
+    >>> pid_alive(os.getpid()), pid_alive(None), pid_alive(-1)
+    (True, False, False)
+    """
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -372,10 +352,3 @@ def _pid_alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def verify_array(arr: Any, where: str) -> None:
-    """Raise if any chunk of a zarr array is missing (``write_empty_chunks=True`` makes this exact)."""
-    n, have = arr.nchunks, arr.nchunks_initialized
-    if have != n:
-        raise IncompleteStoreError(f"{where}: {have} of {n} chunks were written")
