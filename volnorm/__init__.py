@@ -12,8 +12,7 @@ from volnorm import datasets
 from volnorm._utils import VolnormWarning
 from volnorm._histogram import histogram, merge_histograms
 from volnorm.stats import Summary, quantile, summarize
-from volnorm._threshold import threshold
-from volnorm._transforms import (
+from volnorm.transforms import (
     Params,
     auto_gamma,
     binarize,
@@ -31,6 +30,7 @@ from volnorm._transforms import (
     nyul_apply,
     nyul_fit,
     rescale,
+    threshold,
     zscore,
 )
 from volnorm import color, fsl, plot

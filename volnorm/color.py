@@ -370,7 +370,7 @@ def fit_quantize(
     """
     from scipy.cluster.vq import kmeans2
 
-    from volnorm._transforms import Params
+    from volnorm.transforms.intensity import Params
 
     rgb = _channels(rgb, channel_dim)
     if not (isinstance(n_colors, (int, np.integer)) and 2 <= n_colors <= 256):
@@ -475,7 +475,7 @@ def quantize(
     >>> vn.color.quantize(px, 2, labels=True).values.tolist() in ([[0, 1, 0]], [[1, 0, 1]])
     True
     """
-    from volnorm._transforms import _attach
+    from volnorm.transforms.intensity import _attach
 
     rgb = _channels(rgb, channel_dim)
     p = params if params is not None else fit_quantize(rgb, n_colors, channel_dim=channel_dim, **fit)
@@ -661,7 +661,7 @@ def equalize_color(
     >>> int(rgb.max()) < 130 and int(out.max()) > 240   # the dim picture now spans the range
     True
     """
-    from volnorm._transforms import equalize
+    from volnorm.transforms.intensity import equalize
 
     rgb = _channels(rgb, channel_dim)
     rgb3 = rgb.isel({channel_dim: slice(0, 3)})

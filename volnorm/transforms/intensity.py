@@ -1192,7 +1192,7 @@ def binarize(
     >>> vn.binarize(x, 10).values.tolist(), vn.binarize(x, 10, inclusive=True, upper=20).values.tolist()
     ([False, False, True, True], [False, True, True, False])
     """
-    from volnorm._threshold import threshold as _threshold
+    from volnorm.transforms.thresholds import threshold as _threshold
 
     data = _check(data)
     if threshold is None:
