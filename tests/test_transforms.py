@@ -232,7 +232,7 @@ def test_nyul_equals_the_in_memory_algorithm(mri):
     mask = x > 500
     p = vn.nyul_fit(x, mask=mask)
     ms = [m for m in mask.values]
-    std, outs = nyul_reference(list(vols), ms, vn.transforms.intensity.NYUL_PERCENTILES, 1.0, 100.0)
+    std, outs = nyul_reference(list(vols), ms, vn.transforms.nyul.NYUL_PERCENTILES, 1.0, 100.0)
     np.testing.assert_allclose(p.values["standard"].values, std, rtol=1e-6)
     y = vn.nyul_apply(x, p, mask=mask)
     for i in range(3):
@@ -270,7 +270,7 @@ def test_dither_keeps_the_mean_and_is_seamless_across_chunks():
     one = vn.dither(x, in_range=(0, 1)).values
     chunked = vn.dither(x.chunk({"volume": 1, "y": 77, "x": 101}), in_range=(0, 1)).values
     np.testing.assert_array_equal(one, chunked)  # Bayer tiles in global coordinates: no seams
-    ref = img > (vn.transforms.intensity.BAYER8[np.arange(512)[:, None] % 8, np.arange(512)[None, :] % 8] + 0.5) / 64
+    ref = img > (vn.transforms.binary.BAYER8[np.arange(512)[:, None] % 8, np.arange(512)[None, :] % 8] + 0.5) / 64
     np.testing.assert_array_equal(one[0], ref)
     fs = vn.dither(x.chunk({"volume": 1, "y": 100}), "floyd-steinberg", in_range=(0, 1)).values
     for out in (one, fs):

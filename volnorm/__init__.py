@@ -12,8 +12,9 @@ from volnorm import datasets
 from volnorm._utils import VolnormWarning
 from volnorm._histogram import histogram, merge_histograms
 from volnorm.stats import Summary, quantile, summarize
+from volnorm.params import Params
+from volnorm import transforms
 from volnorm.transforms import (
-    Params,
     auto_gamma,
     binarize,
     dither,
@@ -48,23 +49,9 @@ from volnorm.integrity import DamagedStoreError, verify
 
 __all__ = [
     "Params",
-    "auto_gamma",
-    "binarize",
-    "dither",
-    "equalize",
-    "equalize_adaptive",
-    "fit_equalize",
-    "fit_mean_scale",
-    "fit_rescale",
-    "fit_zscore",
-    "gamma",
-    "log",
-    "match_histogram",
-    "mean_scale",
-    "nyul_apply",
-    "nyul_fit",
-    "rescale",
-    "zscore",
+    "params",
+    "transforms",
+    *transforms.__all__,
     "IncompleteStoreError",
     "DamagedStoreError",
     "integrity",
@@ -82,7 +69,6 @@ __all__ = [
     "merge_histograms",
     "quantile",
     "summarize",
-    "threshold",
     "Summary",
     "open_images",
     "open_nifti",
@@ -98,6 +84,7 @@ __all__ = [
     "voxel_quantile",
     "voxel_stats",
 ]
+
 
 from volnorm import accessor as _accessor  # noqa: E402 - needs the functions above
 

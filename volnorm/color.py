@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
+
+from volnorm import _kernels
+from volnorm._histogram import numba_ready, value_range
+from volnorm.params import Params, attach, check
+from volnorm.transforms.equalization import equalize
 
 __all__ = [
     "LUMA", "apply_colormap", "colormap_table", "desaturate", "equalize_color", "exposure", "fit_quantize", "invert_colormap",
@@ -73,9 +81,6 @@ def to_grey(rgb: xr.DataArray, *, method: str = "rec601", channel_dim: str = "ch
     w = [ft(v) for v in LUMA["rec601" if method == "perceived" else method]]
 
     def block(x: np.ndarray) -> np.ndarray:
-        from volnorm._histogram import numba_ready
-        from volnorm import _kernels
-
         flat = numba_ready(x.reshape(-1, x.shape[-1]))
         out = np.empty(len(flat), dtype=ft)
         _kernels.luma_rows(flat, *w, method == "perceived", np.empty(3, ft), out)
@@ -153,8 +158,6 @@ def apply_colormap(
     """
     table, cm = colormap_table(cmap)
     if vmin is None or vmax is None:
-        from volnorm._histogram import value_range
-
         lo, hi = value_range(data)
         vmin = lo if vmin is None else vmin
         vmax = hi if vmax is None else vmax
@@ -166,8 +169,6 @@ def apply_colormap(
     lo, span = float(vmin), float(vmax) - float(vmin)
 
     def block(x: np.ndarray) -> np.ndarray:
-        from volnorm import _kernels
-
         flat = x.astype(ft, copy=False).reshape(-1)
         out = np.empty((flat.size, 4), dtype=np.uint8)
         _kernels.colormap_rows(flat, lo, span, ft(n), np.empty(1, ft), table, out)  # matplotlib's steps
@@ -285,8 +286,6 @@ def invert_colormap(
         pts = x.reshape(-1, x.shape[-1])
         value, dist = np.empty(len(pts), dtype=np.float64), np.empty(len(pts), dtype=np.float32)
         if pts.dtype == np.uint8:
-            from volnorm import _kernels
-
             _kernels.rgb_invert(pts, *_rgb_table(colors.tobytes()), colors, centres, value, dist)
         else:
             pts = pts[:, :3].astype(np.float64) * scale
@@ -314,9 +313,6 @@ def invert_colormap(
 def _pixels_sample(rgb: xr.DataArray, n: int, seed: int, channel_dim: str) -> np.ndarray:
     """About ``n`` pixels drawn uniformly from the whole stack, block by block (each block gives
     its share, with its own seed): ``(n, channels)`` float64. One pass; only the sample is kept."""
-    import dask
-    import dask.array as da
-
     x = rgb.transpose(..., channel_dim)
     arr = x.data if isinstance(x.data, da.Array) else da.from_array(np.asarray(x.data), chunks=x.shape)
     arr = arr.rechunk({arr.ndim - 1: -1})
@@ -368,9 +364,7 @@ def fit_quantize(
     >>> sorted(map(tuple, p.values["palette"].values.round().astype(int).tolist()))
     [(0, 0, 0), (255, 0, 0)]
     """
-    from scipy.cluster.vq import kmeans2
-
-    from volnorm.transforms.intensity import Params
+    from scipy.cluster.vq import kmeans2  # on first use: not imported with volnorm
 
     rgb = _channels(rgb, channel_dim)
     if not (isinstance(n_colors, (int, np.integer)) and 2 <= n_colors <= 256):
@@ -400,8 +394,6 @@ def _nearest(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Index of the nearest centre of each point ``(n, c)`` (exact squared Euclidean distance,
     the lowest index among equals), point by point in a numba kernel: no ``(n, k)`` matrix.
     8-bit RGB goes through a 24-bit table made once per palette and process (:func:`_rgb_table`)."""
-    from volnorm import _kernels
-
     centres = np.ascontiguousarray(centres, dtype=np.float64)
     if pts.dtype == np.uint8 and pts.shape[1] >= 3 and centres.shape[1] == 3:
         table, cells = _rgb_table(centres.tobytes())
@@ -419,8 +411,6 @@ _TABLE_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=8)
 def _rgb_table_cached(key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    from volnorm import _kernels
-
     centres = np.frombuffer(key, dtype=np.float64).reshape(-1, 3)
     table = np.empty(1 << 24, dtype=np.uint8 if len(centres) <= 256 else np.int32)
     cells = np.empty(1 << 15, dtype=np.int32)
@@ -453,7 +443,8 @@ def quantize(
     n_colors : int
         Palette size when fitting.
     params : volnorm.Params, optional
-        A fitted palette (``fit_quantize``); no fit then.
+        A fitted palette (``fit_quantize``); no fit then (checked by :func:`volnorm.params.check`:
+        an ``n_colors`` other than the default, or a ``seed``, must be what it was fitted with).
     labels : bool
         Return each pixel's palette index (uint8, without ``channel_dim``) instead of its colour.
         (Float pixels with a NaN get NaN colours, or label 0: uint8 has no missing value.)
@@ -475,10 +466,11 @@ def quantize(
     >>> vn.color.quantize(px, 2, labels=True).values.tolist() in ([[0, 1, 0]], [[1, 0, 1]])
     True
     """
-    from volnorm.transforms.intensity import _attach
-
     rgb = _channels(rgb, channel_dim)
-    p = params if params is not None else fit_quantize(rgb, n_colors, channel_dim=channel_dim, **fit)
+    if params is None:
+        p = fit_quantize(rgb, n_colors, channel_dim=channel_dim, **fit)
+    else:
+        p = check(params, quantize, rgb, n_colors=n_colors, **fit)
     centres = np.asarray(p.values["palette"].values, dtype=np.float64)
     if centres.shape[1] != rgb.sizes[channel_dim]:
         raise ValueError(f"the palette has {centres.shape[1]} channels, the data {rgb.sizes[channel_dim]}")
@@ -499,7 +491,7 @@ def quantize(
     else:
         out = xr.apply_ufunc(block, x, input_core_dims=[[channel_dim]], output_core_dims=[[channel_dim]], dask="parallelized",
                              output_dtypes=[rgb.dtype]).transpose(*rgb.dims)
-    return _attach(out, rgb, p)
+    return attach(out, rgb, p)
 
 
 # ---------------------------------------------------------------------------
@@ -593,15 +585,13 @@ def _from_unit(x: xr.DataArray, like: xr.DataArray, scale: float) -> xr.DataArra
 
 def _convert(x: xr.DataArray, func: str, channel_dim: str) -> xr.DataArray:
     """skimage.color's ``func`` block by block over the channel dim (kept last in the block)."""
-    import skimage.color
+    import skimage.color  # on first use: not imported with volnorm
 
     f = getattr(skimage.color, func)
     order = x.dims
     if x.chunks is not None:
         x = x.chunk({channel_dim: -1})  # the three channels in one block
     def block(b: np.ndarray) -> np.ndarray:
-        import warnings
-
         with warnings.catch_warnings():  # lab2rgb: out-of-gamut colours clipped (documented), once per block
             warnings.filterwarnings("ignore", message=".*negative Z values.*")
             return f(b[..., :3], channel_axis=-1)
@@ -661,8 +651,6 @@ def equalize_color(
     >>> int(rgb.max()) < 130 and int(out.max()) > 240   # the dim picture now spans the range
     True
     """
-    from volnorm.transforms.intensity import equalize
-
     rgb = _channels(rgb, channel_dim)
     rgb3 = rgb.isel({channel_dim: slice(0, 3)})
     unit, scale = _as_unit(rgb3)

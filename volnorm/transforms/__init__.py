@@ -1,31 +1,40 @@
-"""Transforms: re-exported here and as ``volnorm.<name>``."""
+"""Transforms, one module per family as users see them; every name is re-exported here and as
+``volnorm.<name>``.
+
+=====================  ==============================================================
+module                 functions
+=====================  ==============================================================
+``intensity``          rescale, zscore, mean_scale, gamma, log, auto_gamma, fit_*
+``equalization``       equalize, fit_equalize, equalize_adaptive (CLAHE), match_histogram
+``nyul``               nyul_fit, nyul_apply
+``thresholds``         threshold
+``binary``             binarize, dither
+``common``             what the families share (data check, float type, out_range, map_rows)
+=====================  ==============================================================
+
+Fitted parameters (:class:`~volnorm.params.Params`) and the one check of ``params=`` live in
+:mod:`volnorm.params`.
+"""
 
 from __future__ import annotations
 
+from volnorm.transforms.binary import binarize, dither
+from volnorm.transforms.equalization import equalize, equalize_adaptive, fit_equalize, match_histogram
 from volnorm.transforms.intensity import (
-    Params,
     auto_gamma,
-    binarize,
-    dither,
-    equalize,
-    equalize_adaptive,
-    fit_equalize,
     fit_mean_scale,
     fit_rescale,
     fit_zscore,
     gamma,
     log,
-    match_histogram,
     mean_scale,
-    nyul_apply,
-    nyul_fit,
     rescale,
     zscore,
 )
+from volnorm.transforms.nyul import nyul_apply, nyul_fit
 from volnorm.transforms.thresholds import threshold
 
 __all__ = [
-    "Params",
     "auto_gamma",
     "binarize",
     "dither",

@@ -1,15 +1,24 @@
-"""Thresholds as functions of a histogram, so they are dataset-wide (or per ``dim``) for free."""
+"""Thresholds as functions of a histogram, so they are dataset-wide (or per ``dim``) for free.
+
+The module is ``thresholds``, not ``threshold``: :func:`threshold` is the function
+(``volnorm.threshold``).
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import numpy as np
 import xarray as xr
 
-from volnorm._histogram import histogram
+from volnorm import fsl
+from volnorm._dims import Dim, split
+from volnorm._histogram import histogram, over_collection
+from volnorm._utils import no_valid_voxels
+from volnorm.stats import quantile, summarize
+
+__all__ = ["METHODS", "Method", "threshold"]
 
 Method = Literal[
     "otsu", "multiotsu", "li", "yen", "triangle", "isodata", "mean", "minimum", "percentile",
@@ -71,7 +80,7 @@ def _li(counts: np.ndarray, centers: np.ndarray) -> float:
 
 
 def _one(method: str, counts: np.ndarray, centers: np.ndarray, classes: int) -> np.ndarray:
-    from skimage import filters
+    from skimage import filters  # on first use: not imported with volnorm
 
     # scikit-image histograms an image over its own min..max: drop empty end bins the same way
     nz = np.flatnonzero(counts)
@@ -100,7 +109,7 @@ def threshold(
     data: xr.DataArray | xr.DataTree,
     method: Method = "otsu",
     *,
-    dim: Hashable | Sequence[Hashable] | None = None,
+    dim: Dim = None,
     mask: xr.DataArray | xr.DataTree | None = None,
     bins: int | None = None,
     classes: int = 3,
@@ -156,35 +165,27 @@ def threshold(
     if method == "multiotsu" and (isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2):
         raise ValueError(f"`classes` must be an int >= 2 for multiotsu; got {classes!r}")
     if isinstance(data, xr.DataTree) and dim is not None:
-        from volnorm._histogram import over_collection
-
         return over_collection(threshold, data, dim, mask, method=method, bins=bins, classes=classes, q=q)
     if method in ("robust_range", "robust_range_positive"):
         return _robust_range(data, dim, mask, q, positive=method == "robust_range_positive")
     if method == "percentile":
-        from volnorm.stats import quantile
-
         return quantile(data, q, dim=dim, mask=mask).rename("threshold")
     if method == "mean":
-        from volnorm.stats import summarize
-
         s = summarize(data, dim=dim, mask=mask, quantiles=())
         if np.any(s["count"].values == 0):
-            raise ValueError("no valid voxel to threshold (all NaN/±Inf or masked out" + (" for some index)" if s["count"].ndim else ")"))
+            raise no_valid_voxels("to threshold", some=s["count"].ndim > 0, inf=True)
         return s["mean"].rename("threshold")
     h = histogram(data, bins=bins, dim=dim, mask=mask).compute()
     kept = h.dims[:-1]
     centers = h["bin"].values
     counts = h.values.reshape(-1, h.sizes["bin"])
     if np.any(counts.sum(axis=1) == 0):
-        raise ValueError("no valid voxel to threshold (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
+        raise no_valid_voxels("to threshold", some=bool(kept), inf=True)
     vals = np.stack([_one(method, c, centers, classes) for c in counts])
     single = np.count_nonzero(counts, axis=1) == 1
     if single.any() and method != "multiotsu" and np.any(centers != np.round(centers)):
         # float data in one bin: a constant image's threshold is its value (as scikit-image's),
         # not the bin centre; other one-bin rows keep the centre (scikit-image on that histogram)
-        from volnorm.stats import summarize
-
         st = summarize(data, dim=dim, mask=mask, quantiles=())
         lo, hi = st["min"].values.reshape(-1), st["max"].values.reshape(-1)
         constant = single & (lo == hi)
@@ -196,16 +197,13 @@ def threshold(
     return xr.DataArray(vals.reshape(shape), dims=kept, coords=coords, name="threshold")
 
 
-def _robust_range(data: xr.DataArray, dim, mask, q: float, *, positive: bool) -> xr.DataArray:
+def _robust_range(data: xr.DataArray, dim: Dim, mask: xr.DataArray | None, q: float, *, positive: bool) -> xr.DataArray:
     """FSL's -thrp/-thrP value per index of the kept dims (each index its own FSL passes)."""
-    from volnorm import fsl
-    from volnorm._histogram import _dims
-
     if not 0 <= q <= 1:
         raise ValueError(f"`q` must be in [0, 1] (a fraction of the robust range); got {q!r}")
     if not isinstance(data, xr.DataArray):
         raise NotImplementedError("robust_range thresholds of a collection: threshold each volume")
-    kept, _ = _dims(data, dim)
+    kept, _ = split(data, dim)
     shape = tuple(data.sizes[d] for d in kept)
     out = np.empty(shape)
     for idx in np.ndindex(*shape):

@@ -1,0 +1,173 @@
+"""Binarization: a threshold (scikit-image's and FSL's conventions) or dithering, which keeps
+the local mean intensity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from volnorm import _kernels
+from volnorm._dims import Dim
+from volnorm.transforms import thresholds
+from volnorm.transforms.common import check_data, dask_data
+from volnorm.transforms.intensity import rescale
+
+__all__ = ["BAYER8", "binarize", "dither"]
+
+def binarize(
+    data: xr.DataArray,
+    threshold: float | xr.DataArray | None = None,
+    *,
+    method: str = "otsu",
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    inclusive: bool = False,
+    upper: float | None = None,
+    invert: bool = False,
+    **kwargs: Any,
+) -> xr.DataArray:
+    """Foreground mask ``x > threshold`` (scikit-image's convention), lazily.
+
+    FSL's ``fslmaths`` spellings: ``-thr t -bin`` is ``binarize(x, t, inclusive=True)``
+    (``x >= t``), adding ``-uthr u`` is ``upper=u`` (``x <= u``), and ``-binv`` is
+    ``invert=True``. NaN voxels are never foreground (before ``invert``).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data (integer, float or bool), numpy or dask backed.
+    threshold : float or xarray.DataArray, optional
+        ``threshold`` is a number (or per-index DataArray); without it, ``method`` computes one
+        over ``dim`` with :func:`volnorm.threshold` (dataset-wide by default).
+    method : str
+        One of :func:`volnorm.threshold`'s methods that gives one threshold (not ``"multiotsu"``);
+        used only without ``threshold``.
+    dim : str, sequence of str or None
+        Dims the computed threshold is taken over: ``None`` = the whole dataset;
+        ``("z", "y", "x")`` = one per volume. Used only without ``threshold``.
+    mask : xarray.DataArray of bool, optional
+        Broadcastable to ``data``; only ``True`` voxels are used to compute the threshold. The
+        result is not masked: every voxel is compared.
+    inclusive : bool
+        ``x >= threshold`` instead of ``x > threshold`` (FSL's ``-thr``).
+    upper : float, optional
+        Also require ``x <= upper`` (FSL's ``-uthr``).
+    invert : bool
+        Negate the result (FSL's ``-binv``); NaN voxels then come out ``True``.
+    kwargs : dict
+        Passed on to :func:`volnorm.threshold` (``bins``, ``classes``, ``q``) when it computes
+        the threshold.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy bool, named as ``data``. Computes: the threshold's passes when ``threshold`` is
+        not given.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> x = xr.DataArray(np.array([0, 10, 20, 30], dtype="uint8"), dims="x")
+    >>> vn.binarize(x, 10).values.tolist(), vn.binarize(x, 10, inclusive=True, upper=20).values.tolist()
+    ([False, False, True, True], [False, True, True, False])
+    """
+    data = check_data(data)
+    if threshold is None:
+        t = thresholds.threshold(data, method, dim=dim, mask=mask, **kwargs)
+        if "threshold" in t.dims:
+            raise ValueError(f"method {method!r} gives several thresholds; pick one or use vn.threshold")
+        t = t.drop_vars([c for c in t.coords if c not in t.dims])
+    else:
+        t = threshold
+    y = (data >= t) if inclusive else (data > t)
+    if upper is not None:
+        y = y & (data <= upper)
+    if invert:
+        y = ~y
+    return y.rename(data.name)
+
+
+#: The 8x8 Bayer index matrix (ordered dithering), thresholds (i + 0.5) / 64.
+BAYER8 = np.array(
+    [
+        [0, 32, 8, 40, 2, 34, 10, 42], [48, 16, 56, 24, 50, 18, 58, 26],
+        [12, 44, 4, 36, 14, 46, 6, 38], [60, 28, 52, 20, 62, 30, 54, 22],
+        [3, 35, 11, 43, 1, 33, 9, 41], [51, 19, 59, 27, 49, 17, 57, 25],
+        [15, 47, 7, 39, 13, 45, 5, 37], [63, 31, 55, 23, 61, 29, 53, 21],
+    ]
+)
+
+
+def dither(
+    data: xr.DataArray,
+    method: str = "bayer",
+    *,
+    in_range: str | tuple[float, float] = "minmax",
+    dims: tuple[Hashable, Hashable] = ("y", "x"),
+) -> xr.DataArray:
+    """Binarize grey levels by dithering, keeping the local mean intensity (unlike a threshold,
+    which discards it, or random binomial sampling, which adds noise at every scale).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Numeric data with both ``dims``.
+    method : {"bayer", "floyd-steinberg"}
+        ``"bayer"``: ordered dithering with the 8x8 Bayer matrix tiled over ``dims`` in
+        global coordinates - blockwise, seamless across chunks. ``"floyd-steinberg"``: error
+        diffusion in raster order over each ``dims`` plane - planes are kept whole in a chunk
+        (rechunked if needed).
+    in_range : "minmax" or (lo, hi)
+        The data are first rescaled to [0, 1] over ``in_range`` (fitted on the whole dataset by
+        default), as :func:`rescale` does, clipping values outside it.
+    dims : (str, str)
+        The plane that is dithered.
+
+    Returns
+    -------
+    xarray.DataArray
+        Returns a lazy bool array. It has the dims and name of ``data``. Computes: the
+        min/max pass for ``in_range="minmax"``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> grey = xr.DataArray(np.full((64, 64), 0.25), dims=("y", "x"))   # 25 % grey
+    >>> b, f = vn.dither(grey, in_range=(0, 1)), vn.dither(grey, "floyd-steinberg", in_range=(0, 1))
+    >>> float(b.mean()), round(float(f.mean()), 3)   # error leaving the last row/column is lost
+    (0.25, 0.243)
+    """
+    data = check_data(data)
+    if method not in ("bayer", "floyd-steinberg"):
+        raise ValueError(f"`method` must be 'bayer' or 'floyd-steinberg'; got {method!r}")
+    for d in dims:
+        if d not in data.dims:
+            raise ValueError(f"dither works over the plane {dims!r}; the data have dims {data.dims!r}")
+    g = rescale(data, in_range, out_range=(0.0, 1.0), clip=True)
+    g = g.transpose(..., *dims)
+    ga = dask_data(g)
+    if method == "bayer":
+        def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
+            (y0, _), (x0, _) = block_info[0]["array-location"][-2:]
+            yy = (np.arange(y0, y0 + b.shape[-2]) % 8)[:, None]
+            xx = (np.arange(x0, x0 + b.shape[-1]) % 8)[None, :]
+            return b > (BAYER8[yy, xx] + 0.5) / 64.0
+
+        out = da.map_blocks(block, ga, dtype=bool, meta=np.empty((0,) * ga.ndim, dtype=bool))
+    else:
+        ga = ga.rechunk({ga.ndim - 2: -1, ga.ndim - 1: -1})
+
+        def block_fs(b: np.ndarray) -> np.ndarray:
+            planes = np.ascontiguousarray(b).reshape(-1, b.shape[-2], b.shape[-1])
+            res = np.zeros(planes.shape, dtype=np.uint8)
+            _kernels.floyd_steinberg(planes, res)
+            return res.reshape(b.shape).astype(bool)
+
+        out = da.map_blocks(block_fs, ga, dtype=bool, meta=np.empty((0,) * ga.ndim, dtype=bool))
+    y = xr.DataArray(out, dims=g.dims, coords=g.coords, name=data.name).transpose(*data.dims)
+    return y

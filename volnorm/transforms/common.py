@@ -1,0 +1,182 @@
+"""What the transform families share: the data check, the float type of results, the output
+range, and the blockwise map of one table per index of the kept dims.
+
+Internal to :mod:`volnorm.transforms`; the names are public so that each family module imports
+them without reaching into another module's private names.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from volnorm._histogram import in_memory_dask, rows_of
+
+__all__ = ["check_data", "dask_data", "float_dtype", "map_rows", "out_spec"]
+
+
+def check_data(data: Any) -> xr.DataArray:
+    """The data a transform takes: a numeric DataArray, dask backed (numpy data are wrapped
+    once, without a copy, for the fit and the apply).
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+        Integer, float or bool data.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dask backed.
+
+    Raises
+    ------
+    TypeError
+        For anything else.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> type(check_data(xr.DataArray(np.zeros(3), dims="x")).data).__name__
+    'Array'
+    """
+    if not isinstance(data, xr.DataArray):
+        raise TypeError(f"`data` must be an xarray.DataArray; got {type(data).__name__}")
+    if data.dtype.kind not in "iufb":
+        raise TypeError(f"cannot transform dtype {data.dtype}")
+    if not isinstance(data.data, da.Array):  # once, for the fit and the apply
+        data = data.copy(data=in_memory_dask(np.asarray(data.data)))
+    return data
+
+
+def dask_data(x: xr.DataArray) -> da.Array:
+    """The dask array behind ``x`` (a numpy-backed ``x`` wrapped without a copy).
+
+    Parameters
+    ----------
+    x : xarray.DataArray
+
+    Returns
+    -------
+    dask.array.Array
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> dask_data(xr.DataArray(np.arange(4), dims="x")).compute().tolist()
+    [0, 1, 2, 3]
+    """
+    return x.data if isinstance(x.data, da.Array) else in_memory_dask(np.asarray(x.data))
+
+
+def float_dtype(dtype: np.dtype) -> np.dtype:
+    """The float type of a continuous result: float32 for float32/16 and integers up to 16 bits;
+    float64 otherwise (no precision lost).
+
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        The input's.
+
+    Returns
+    -------
+    numpy.dtype
+
+    Examples
+    --------
+    >>> float_dtype(np.dtype("uint16")), float_dtype(np.dtype("int32"))
+    (dtype('float32'), dtype('float64'))
+    """
+    if dtype.kind == "f":
+        return np.dtype(np.float64) if dtype.itemsize >= 8 else np.dtype(np.float32)
+    return np.dtype(np.float32) if dtype.itemsize <= 2 else np.dtype(np.float64)
+
+
+def out_spec(out_range: Any) -> tuple[float, float, np.dtype | None]:
+    """``(lo, hi, integer dtype or None)`` from an ``out_range``: a float range or an integer dtype.
+
+    Parameters
+    ----------
+    out_range : (lo, hi) or integer dtype
+
+    Returns
+    -------
+    (float, float, numpy.dtype or None)
+
+    Raises
+    ------
+    ValueError
+        For a non-integer dtype, or a range that is not finite with ``lo < hi``.
+
+    Examples
+    --------
+    >>> out_spec("uint8"), out_spec((0, 1))
+    ((0.0, 255.0, dtype('uint8')), (0.0, 1.0, None))
+    """
+    if isinstance(out_range, (str, np.dtype, type)):
+        dt = np.dtype(out_range)
+        if dt.kind not in "iu":
+            raise ValueError(f"`out_range` as a dtype must be an integer dtype; got {dt}")
+        info = np.iinfo(dt)
+        return float(info.min), float(info.max), dt
+    try:
+        lo, hi = (float(v) for v in out_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"`out_range` must be (lo, hi) or an integer dtype; got {out_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise ValueError(f"`out_range` must be finite with lo < hi; got {out_range!r}")
+    return lo, hi, None
+
+
+def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.ndarray], dtype: Any) -> xr.DataArray:
+    """Apply ``func(values_2d, *table_rows) -> values_2d`` chunk by chunk, where ``values_2d`` is
+    ``(rows, n)`` for the block's indices of the ``kept`` dims and ``table_rows`` the matching rows of
+    each ``tables[i]`` (shape ``(nrows_total, ...)``). Lazy; no communication between chunks.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+    kept : tuple
+        The dims that index the tables' rows (C order over their sizes); ``()``: one row.
+    func : callable
+        ``func(values_2d, *table_rows)``.
+    tables : sequence of numpy.ndarray
+        One row per index of the kept dims.
+    dtype : numpy.dtype
+        Of the result.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy, with the dims, coords and name of ``data``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> x = xr.DataArray(np.arange(6).reshape(2, 3), dims=("volume", "x"))
+    >>> map_rows(x, ("volume",), lambda v, t: v + t, [np.array([[10], [20]])], np.int64).values.tolist()
+    [[10, 11, 12], [23, 24, 25]]
+    """
+    reduced = tuple(d for d in data.dims if d not in kept)
+    x = data.transpose(*kept, *reduced)
+    xa = dask_data(x)
+    nk = len(kept)
+    kshape = tuple(x.sizes[d] for d in kept)
+
+    def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
+        rows = rows_of(block_info[0]["array-location"][:nk] if block_info else [], kshape)
+        n_rows = len(rows)
+        out = func(b.reshape(n_rows, -1), *[t[rows] for t in tables])
+        return np.asarray(out, dtype=dtype).reshape(b.shape)
+
+    # a fresh name: tokenizing the closure would pickle it (a third of the cost on small data)
+    name = f"{getattr(func, '__name__', 'map')}-rows-{uuid.uuid4().hex}"
+    ya = da.map_blocks(block, xa, dtype=dtype, meta=np.empty((0,) * xa.ndim, dtype=dtype), name=name)
+    y = xr.DataArray(ya, dims=x.dims, coords=x.coords, name=data.name)
+    return y.transpose(*data.dims)
