@@ -1,5 +1,6 @@
 """``params=`` is checked in one place (volnorm.params.check): the method, the ``dim``, the fit's
-options and the parts must agree with the data and the other arguments."""
+options and the parts must agree with the data and the other arguments. Also: dither's ``dims=``
+is deprecated for ``dim=``."""
 
 from __future__ import annotations
 
@@ -199,3 +200,23 @@ def test_check_is_the_one_place(stack):
     assert takers == set(ACCEPTS)
     p = vn.fit_zscore(stack)
     assert check(p, vn.zscore, stack) is p
+
+
+# ---------------------------------------------------------------------------
+# dither: dim=, and the deprecated dims=
+# ---------------------------------------------------------------------------
+
+
+def test_dither_dims_is_deprecated_for_dim(stack):
+    expected = vn.dither(stack, dim=("y", "x")).values
+    np.testing.assert_array_equal(vn.dither(stack).values, expected)
+    with pytest.warns(vn.VolnormDeprecationWarning, match=r"dither\(dims=\.\.\.\) is deprecated; write dim=\('y', 'x'\)"):
+        old = vn.dither(stack, dims=("y", "x"))
+    np.testing.assert_array_equal(old.values, expected)
+    for dim in (("x", "y"), ("y", "x")):  # both given, even alike
+        with pytest.raises(ValueError, match="give `dim` only"):
+            vn.dither(stack, dim=dim, dims=("y", "x"))
+    t = vn.dither(stack.transpose("volume", "x", "y"), dim=("x", "y"))
+    assert t.dims == ("volume", "x", "y")
+    with pytest.raises(ValueError, match="dither works over the plane"):
+        vn.dither(stack, dim=("volume", "z"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from volnorm import datasets
-from volnorm._utils import VolnormWarning
+from volnorm._utils import VolnormDeprecationWarning, VolnormWarning
 from volnorm._histogram import histogram, merge_histograms
 from volnorm.stats import Summary, quantile, summarize
 from volnorm.params import Params
@@ -58,6 +58,7 @@ __all__ = [
     "verify",
     "NiftiError",
     "VolnormWarning",
+    "VolnormDeprecationWarning",
     "convert",
     "datasets",
     "color",

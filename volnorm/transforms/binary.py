@@ -4,6 +4,7 @@ the local mean intensity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable
 from typing import Any
 
@@ -13,11 +14,24 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import Dim
+from volnorm._utils import VolnormDeprecationWarning
 from volnorm.transforms import thresholds
 from volnorm.transforms.common import check_data, dask_data
 from volnorm.transforms.intensity import rescale
 
 __all__ = ["BAYER8", "binarize", "dither"]
+
+#: The plane :func:`dither` works on unless told otherwise.
+PLANE: tuple[Hashable, Hashable] = ("y", "x")
+
+
+class _Default(tuple):
+    """A default that reads as its value (signatures, specs) but tells "not given" apart from
+    the same value given: ``dim`` and the deprecated ``dims`` both given is an error."""
+
+
+_PLANE_DEFAULT = _Default(PLANE)
+
 
 def binarize(
     data: xr.DataArray,
@@ -108,7 +122,8 @@ def dither(
     method: str = "bayer",
     *,
     in_range: str | tuple[float, float] = "minmax",
-    dims: tuple[Hashable, Hashable] = ("y", "x"),
+    dim: tuple[Hashable, Hashable] = _PLANE_DEFAULT,
+    dims: tuple[Hashable, Hashable] = _PLANE_DEFAULT,
 ) -> xr.DataArray:
     """Binarize grey levels by dithering, keeping the local mean intensity (unlike a threshold,
     which discards it, or random binomial sampling, which adds noise at every scale).
@@ -116,17 +131,20 @@ def dither(
     Parameters
     ----------
     data : xarray.DataArray
-        Numeric data with both ``dims``.
+        Numeric data with both ``dim`` dims.
     method : {"bayer", "floyd-steinberg"}
-        ``"bayer"``: ordered dithering with the 8x8 Bayer matrix tiled over ``dims`` in
+        ``"bayer"``: ordered dithering with the 8x8 Bayer matrix tiled over ``dim`` in
         global coordinates - blockwise, seamless across chunks. ``"floyd-steinberg"``: error
-        diffusion in raster order over each ``dims`` plane - planes are kept whole in a chunk
+        diffusion in raster order over each ``dim`` plane - planes are kept whole in a chunk
         (rechunked if needed).
     in_range : "minmax" or (lo, hi)
         The data are first rescaled to [0, 1] over ``in_range`` (fitted on the whole dataset by
         default), as :func:`rescale` does, clipping values outside it.
-    dims : (str, str)
-        The plane that is dithered.
+    dim : (str, str)
+        The plane that is dithered (its row and column dims), as :func:`equalize_adaptive`'s ``dim``.
+    dims : (str, str), optional
+        Deprecated spelling of ``dim`` (a :class:`~volnorm._utils.VolnormDeprecationWarning`);
+        not with ``dim``.
 
     Returns
     -------
@@ -142,14 +160,22 @@ def dither(
     >>> float(b.mean()), round(float(f.mean()), 3)   # error leaving the last row/column is lost
     (0.25, 0.243)
     """
+    if dims is not _PLANE_DEFAULT:
+        if dim is not _PLANE_DEFAULT:
+            raise ValueError(f"dither: give `dim` only (`dims` is its deprecated spelling); got dim={dim!r} and dims={dims!r}")
+        warnings.warn(
+            f"dither(dims=...) is deprecated; write dim={tuple(dims)!r} (the plane's dims, as every other function spells it)",
+            VolnormDeprecationWarning, stacklevel=2,
+        )
+        dim = dims
+    dim = tuple(dim)
     data = check_data(data)
     if method not in ("bayer", "floyd-steinberg"):
         raise ValueError(f"`method` must be 'bayer' or 'floyd-steinberg'; got {method!r}")
-    for d in dims:
-        if d not in data.dims:
-            raise ValueError(f"dither works over the plane {dims!r}; the data have dims {data.dims!r}")
+    if len(dim) != 2 or any(d not in data.dims for d in dim):
+        raise ValueError(f"dither works over the plane dim={dim!r} (2 of the data's dims); the data have dims {data.dims!r}")
     g = rescale(data, in_range, out_range=(0.0, 1.0), clip=True)
-    g = g.transpose(..., *dims)
+    g = g.transpose(..., *dim)
     ga = dask_data(g)
     if method == "bayer":
         def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
