@@ -1,11 +1,12 @@
 """``params=`` is checked in one place (volnorm.params.check): the method, the ``dim``, the fit's
-options and the parts must agree with the data and the other arguments. Also: dither's ``dims=``
-is deprecated for ``dim=``."""
+options and the parts must agree with the data and the other arguments. Also: the public names
+live at ``volnorm.<name>`` (``__module__``, pickles), and dither's ``dims=`` is deprecated."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -220,3 +221,32 @@ def test_dither_dims_is_deprecated_for_dim(stack):
     assert t.dims == ("volume", "x", "y")
     with pytest.raises(ValueError, match="dither works over the plane"):
         vn.dither(stack, dim=("volume", "z"))
+
+
+# ---------------------------------------------------------------------------
+# public homes
+# ---------------------------------------------------------------------------
+
+
+def _is_error(obj) -> bool:
+    return inspect.isclass(obj) and issubclass(obj, BaseException) and not issubclass(obj, Warning)
+
+
+def test_every_public_function_and_class_lives_at_volnorm():
+    names = [n for n in vn.__all__ if inspect.isfunction(getattr(vn, n)) or inspect.isclass(getattr(vn, n))]
+    assert {"zscore", "rescale", "equalize", "threshold", "Params", "VolnormDeprecationWarning"} <= set(names)
+    wrong = {n: getattr(vn, n).__module__ for n in names if getattr(vn, n).__module__ != "volnorm" and not _is_error(getattr(vn, n))}
+    assert not wrong
+    # error classes keep the module a traceback prints (doctests and logs match it)
+    assert vn.DamagedStoreError.__module__ == "volnorm.integrity"
+    assert vn.transforms.__name__ == "volnorm.transforms" and vn.params.__name__ == "volnorm.params"  # modules keep theirs
+
+
+def test_public_names_pickle_by_reference(stack):
+    for name in ("zscore", "equalize", "nyul_apply", "threshold", "dither", "Params"):
+        obj = getattr(vn, name)
+        assert pickle.loads(pickle.dumps(obj)) is obj
+    p = vn.fit_equalize(stack, dim=("y", "x"))
+    again = pickle.loads(pickle.dumps(p))
+    assert type(again) is vn.Params and again == p
+    xr.testing.assert_identical(vn.equalize(stack, params=again), vn.equalize(stack, params=p))

@@ -87,6 +87,26 @@ __all__ = [
 ]
 
 
+def _public_home() -> None:
+    """Name ``volnorm`` as the module of every function and class of ``__all__`` that is
+    ``volnorm.<its name>`` (reprs, help and pickles show the public home, not the defining
+    submodule). Submodules keep their names, and so do the error classes: a traceback prints
+    an error's module (``volnorm.integrity.DamagedStoreError: ...``), and doctests and logs
+    match that text. Warnings print without their module, so they move too."""
+    import inspect  # here: no `volnorm.inspect`
+
+    for name in __all__:
+        obj = globals()[name]
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)) or not obj.__module__.startswith("volnorm."):
+            continue
+        if inspect.isclass(obj) and issubclass(obj, BaseException) and not issubclass(obj, Warning):
+            continue
+        if globals().get(obj.__qualname__) is obj:
+            obj.__module__ = "volnorm"
+
+
+_public_home()
+
 from volnorm import accessor as _accessor  # noqa: E402 - needs the functions above
 
 _accessor.register()
