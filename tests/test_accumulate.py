@@ -92,9 +92,9 @@ def test_interrupted_append_keeps_the_old_histogram(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    from volnorm.io import writers
+    from volnorm import voxel
 
-    monkeypatch.setattr(writers, "_compute", boom)
+    monkeypatch.setattr(voxel, "compute", boom)  # the count pass (volnorm.engine.compute) is interrupted
     with pytest.raises(KeyboardInterrupt):
         vn.accumulate(tmp_path, faces(40, 60))
     monkeypatch.undo()

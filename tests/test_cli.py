@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
-import nibabel as nib
 
 import volnorm as vn
 from volnorm.cli import main
@@ -108,7 +108,6 @@ def test_stats_on_a_local_cluster_equals_threads(capsys):
 
 
 def test_convert_with_steps_then_apply_to_new_data(tmp_path, capsys, cohort):
-    import xarray as xr
 
     train, test = [str(p) for p in cohort[:3]], [str(p) for p in cohort[3:]]
     params = tmp_path / "p.json"

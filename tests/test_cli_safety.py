@@ -5,6 +5,7 @@ such, ``volnorm verify``, and plain ``--name`` values."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import volnorm as vn
-from volnorm.engine import faults, is_loopback
 from volnorm.cli import _parser, main
+from volnorm.engine import faults, is_loopback
 
 REMOTE = "tcp://192.0.2.1:8786"  # TEST-NET-1: never routed; a connection attempt would hang until its timeout
 
@@ -51,7 +52,7 @@ def inputs(tmp_path: Path) -> dict[str, str]:
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"version: 1\ninput: {{nifti: {f}}}\nsteps: [zscore]\noutput: {{store: {tmp_path / 'out.zarr'}}}\n")
     params = tmp_path / "p.json"
-    params.write_text('[{"method": "zscore", "mean": 0.0, "std": 1.0}]')
+    params.write_text(json.dumps([vn.fit_zscore(vn.open_nifti(f)).to_dict()]))  # real fitted values
     return {"file": f, "store": str(store), "spec": str(spec), "params": str(params), "out": str(tmp_path / "o.zarr")}
 
 
@@ -160,10 +161,10 @@ def test_kubernetes_is_the_same_rule():
 
 
 def test_pipeline_keeps_its_names():
-    from volnorm import engine, pipeline
+    from volnorm import engine
 
     assert is_loopback("tcp://127.0.0.1:1") and not is_loopback(REMOTE)
-    assert pipeline.ENCRYPTED_SCHEMES == engine.ENCRYPTED_SCHEMES
+    assert engine.ENCRYPTED_SCHEMES == ("tls", "wss", "inproc")
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +371,7 @@ BLOCKED_RUN = textwrap.dedent(
         finish(grp, name, summary)
         Path(os.environ["VN_BLOCKED"]).write_text(str(os.getpid()))
         time.sleep(120)
-    niftizarr.finish_volume = finish_then_block
+    niftizarr.finish_volume = w.finish_volume = finish_then_block  # the writer imports it by name
     if __name__ == "__main__":
         from volnorm.cli import main
         sys.exit(main(sys.argv[1:]))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import volnorm as vn
-from volnorm.pipeline.spec import SpecError, load_spec
 from volnorm.engine import import_keeping_sigint, job_cluster
+from volnorm.pipeline.spec import SpecError, load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,6 @@ def test_the_slurm_workflow_spec_runs_on_slurm_jobs(slurm, tmp_path):
 def test_importing_the_jobqueue_extra_keeps_the_sigint_handler():
     """dask-jobqueue 0.9 installs sys.exit as SIGINT's handler on import: Ctrl-C and the
     watchdog's wake-up would become SystemExit. The engine's import puts the handler back."""
-    import signal
     import subprocess
     import sys
 

@@ -100,7 +100,8 @@ def test_bad_arguments(images):
         histogram(images, mask=xr.DataArray(np.ones((5, 300), bool), dims=("y", "x")))
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(deadline=None, max_examples=30)

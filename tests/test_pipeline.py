@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import volnorm as vn
+from volnorm.pipeline.planner import WORKER_BASE_BYTES
 from volnorm.cli import main
 
 
@@ -131,7 +132,9 @@ def test_a_stop_after_the_images_were_committed_says_they_are_kept(work, monkeyp
     def stalled(*args, **kwargs):
         raise vn.pipeline.RunStalledError("no task finished for 600 s while 3 tasks waited; raise engine.memory_limit.")
 
-    monkeypatch.setattr(vn.pipeline, "_statistics", stalled)
+    from volnorm.pipeline import runner
+
+    monkeypatch.setattr(runner, "write_statistics", stalled)
     with pytest.raises(vn.pipeline.RunStalledError) as ei:
         vn.pipeline.run(s, echo=None)
     msg = str(ei.value)
@@ -166,7 +169,7 @@ def test_the_plan_estimates_memory_per_worker_and_warns_above_the_pause_threshol
     s = spec("out", extra="engine: {scheduler: threads, progress: false, memory_limit: 400MiB}\n")
     s.write_text(s.read_text().replace("engine: {scheduler: threads, progress: false}\n", "", 1))
     p = vn.pipeline.plan(s)
-    assert p["memory"] == vn.pipeline.WORKER_BASE_BYTES + 10 * p["chunk_bytes"]
+    assert p["memory"] == WORKER_BASE_BYTES + 10 * p["chunk_bytes"]
     assert main(["run", str(s), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "MiB per worker" in out and "WARNING the estimate is above the pause threshold (320 MiB" in out
@@ -191,23 +194,23 @@ def test_an_interrupted_image_stack_write_resumes_from_the_last_batch(tmp_path, 
     vn.pipeline.run(clean, echo=None)
     # batches of 4 volumes (two chunks); the third batch is interrupted
     monkeypatch.setattr(writers, "WRITE_BATCH_BYTES", 4 * 32 * 40 * 8)
-    real = writers._compute
+    real = writers.compute
     regions: list = []
 
-    def compute(targets, progress, what):
-        regions.append(what)
+    def compute(*targets, progress=False):
+        regions.append(len(targets))
         if len(regions) == 3:
             raise KeyboardInterrupt
-        return real(targets, progress, what)
+        return real(*targets, progress=progress)
 
-    monkeypatch.setattr(writers, "_compute", compute)
+    monkeypatch.setattr(writers, "compute", compute)
     with pytest.raises(KeyboardInterrupt):
         vn.pipeline.run(spec, echo=None)
     assert not (tmp_path / "out.zarr").exists()
     staged = vn.io.store.read_manifest(vn.io.store.staging_path(tmp_path / "out.zarr"))
     assert staged["written_volumes"] == 8 and not staged["complete"]
     regions.clear()
-    monkeypatch.setattr(writers, "_compute", lambda t, p, w: (regions.append(w), real(t, p, w)))
+    monkeypatch.setattr(writers, "compute", lambda *t, progress=False: (regions.append(len(t)), real(*t, progress=progress))[1])
     assert vn.pipeline.run(spec, echo=None).status == "done"
     assert len(regions) == 1  # only the last 4 volumes again
     got, want = vn.open_zarr(tmp_path / "out.zarr"), vn.open_zarr(tmp_path / "clean.zarr")

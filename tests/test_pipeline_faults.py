@@ -43,7 +43,7 @@ WRAPPER = textwrap.dedent(
             Path(os.environ["VN_LOG"] + ".blocked").write_text(str(os.getpid()))
             time.sleep(float(os.environ.get("VN_BLOCK", "120")))
 
-    niftizarr.finish_volume = finish_then_fault
+    niftizarr.finish_volume = w.finish_volume = finish_then_fault  # the writer imports it by name
     from volnorm.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -262,8 +262,8 @@ def test_workers_paused_on_memory_stop_the_run_instead_of_hanging(setup):
     import dask
     import distributed  # noqa: F401 - its config defaults first, or leaving dask.config.set below drops them
 
-    from volnorm.pipeline.spec import load_spec
     from volnorm.engine import local_cluster
+    from volnorm.pipeline.spec import load_spec
 
     tmp, spec = setup
     # a worker process alone is above 80% of 60 MB: paused from the start, never restarted

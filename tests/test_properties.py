@@ -6,7 +6,8 @@ import math
 
 import nibabel as nib
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import volnorm as vn
 from volnorm._utils import slab_chunks

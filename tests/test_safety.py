@@ -89,12 +89,12 @@ def test_overwrite_replaces_a_histogram_only_once_the_new_one_is_complete(store,
     x = _stack(store)
     h1 = vn.accumulate(store, x, bins=4, range=(0, 2000)).values
     before = snapshot(store)
-    import volnorm.io.writers as writers
+    import volnorm.voxel as voxel
 
     def boom(*a, **k):
         raise RuntimeError("killed while counting")
 
-    monkeypatch.setattr(writers, "_compute", boom)
+    monkeypatch.setattr(voxel, "compute", boom)
     with pytest.raises(RuntimeError, match="killed"):
         vn.accumulate(store, x.isel(volume=[0]), bins=8, range=(0, 1000), overwrite=True)
     assert snapshot(store) == before  # the previous histogram, byte for byte; no staging left

@@ -1,4 +1,4 @@
-"""Pipeline specs (volnorm._spec): safe and strict YAML loading, schema validation,
+"""Pipeline specs (volnorm.pipeline.spec): safe and strict YAML loading, schema validation,
 defaults and path resolution, and the engine's security rule (volnorm.pipeline.engine).
 
 Every refusal is checked for its exception type *and* for what its message says
@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from volnorm import pipeline
+from volnorm.cli import main
 from volnorm.engine import is_loopback
 from volnorm.pipeline.spec import (
     MAX_DEPTH,
@@ -32,7 +33,6 @@ from volnorm.pipeline.spec import (
     load_spec,
     parse_yaml,
 )
-from volnorm.cli import main
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -170,7 +170,9 @@ def test_pipeline_run_refuses_tagged_spec_before_planning(tmp_path, monkeypatch,
     def no_plan(*a, **k):
         raise AssertionError("plan() reached with an invalid spec")
 
-    monkeypatch.setattr(pipeline, "plan", no_plan)
+    from volnorm.pipeline import runner
+
+    monkeypatch.setattr(runner, "plan", no_plan)
     said: list[str] = []
     with pytest.raises(SpecError, match=re.escape(repr(tag))):
         pipeline.run(str(spec), dry_run=True, echo=said.append)
@@ -351,7 +353,7 @@ def test_oversized_file_is_refused_unread(monkeypatch, tmp_path):
     def no_parse(*a, **k):
         raise AssertionError("parse_yaml called on an oversized file")
 
-    monkeypatch.setattr("volnorm._spec.parse_yaml", no_parse)
+    monkeypatch.setattr("volnorm.pipeline.spec.parse_yaml", no_parse)
     monkeypatch.setattr(Path, "read_text", no_parse)
     with pytest.raises(SpecError) as ei:
         load_spec(f)
@@ -483,7 +485,7 @@ def test_unknown_step_without_a_close_match():
         (VALID + "outputs:\n  statistics:\n    path: s.json\n    quantiles: []\n",
          "<spec>, line 9: outputs.statistics.quantiles: expected a list of quantiles in [0, 1]"),
         (VALID + "engine:\n  scheduler: dask\n",
-         "<spec>, line 7: engine.scheduler: expected 'local', 'threads', 'sync', 'slurm', 'pbs', 'kubernetes' or an address tcp://host:port / tls://host:port"),
+         "<spec>, line 7: engine.scheduler: expected 'local', 'threads', 'sync', 'slurm', 'pbs', 'kubernetes' or an address tcp://host:port / tls://host:port; got 'dask'"),
         (VALID.replace("  store: out.zarr\n", "  store: out.zarr\n  codec: gzip\n"),
          "<spec>, line 6: output.codec: expected lz4, zstd, zarr-default or none"),
         (VALID.replace("nifti: scans/*.nii.gz", "nifti: []"),
@@ -708,7 +710,7 @@ def test_defaults_are_filled_in():
     assert s["output"] == {"store": "/b/out.zarr", "codec": "lz4"}
     assert s["outputs"] == {"images": True}
     eng = s["engine"]
-    assert eng["scheduler"] == "local"
+    assert "scheduler" not in eng  # the engine's default ($VOLNORM_SCHEDULER, else local), decided when it runs
     assert eng["memory_limit"] == "auto"
     assert eng["allow_insecure"] is False
     assert eng["progress"] is True
@@ -726,7 +728,7 @@ def test_nested_defaults_are_filled_in():
 def test_empty_sections_take_defaults():
     s = load_spec(VALID + "outputs:\nengine:\nsteps:\n", base="/b")
     assert s["outputs"] == {"images": True}
-    assert s["engine"]["scheduler"] == "local"
+    assert "scheduler" not in s["engine"]
     assert s["steps"] == []
 
 
@@ -757,12 +759,14 @@ def test_values_are_converted():
     assert s["outputs"]["voxel_histogram"]["bins"] == 7
 
 
-@pytest.mark.parametrize("sched", ["local", "threads", "sync", "tcp://10.0.0.1:8786", "tls://sched.example:8786"])
+@pytest.mark.parametrize("sched", ["local", "threads", "sync", "slurm", "tcp://10.0.0.1:8786", "tls://sched.example:8786", "ws://10.0.0.1:8786"])
 def test_scheduler_values_accepted(sched):
+    """The words of every command's --scheduler (volnorm.engine.check_scheduler); whether an
+    address may be used (encryption) is the engine's address rule, applied before connecting."""
     assert load_spec(VALID + f"engine:\n  scheduler: '{sched}'\n", base="/b")["engine"]["scheduler"] == sched
 
 
-@pytest.mark.parametrize("sched", ["ws://10.0.0.1:8786", "TCP://10.0.0.1:8786", "10.0.0.1:8786", "processes"])
+@pytest.mark.parametrize("sched", ["TCP://10.0.0.1:8786", "10.0.0.1:8786", "processes", "tcp://"])
 def test_scheduler_values_refused(sched):
     assert "engine.scheduler: expected 'local'" in refused(VALID + f"engine:\n  scheduler: '{sched}'\n")
 
@@ -1146,9 +1150,11 @@ def test_engine_lets_allowed_schedulers_through(no_connect, eng, address):
 
 
 def test_engine_threads_needs_no_cluster(no_connect):
-    with pipeline.engine({"scheduler": "threads"}) as where:
-        assert where == "fake threads"
-    assert no_connect == [("dask_scheduler", "threads")]
+    from volnorm.engine import usable_cpus
+
+    with pipeline.engine({"scheduler": "threads"}) as eng:
+        assert eng.description == f"{usable_cpus()} threads" and eng.client is None
+    assert no_connect == []
 
 
 def test_engine_with_a_client_ignores_the_spec(no_connect):
@@ -1164,8 +1170,8 @@ def test_engine_with_a_client_ignores_the_spec(no_connect):
         def run_on_scheduler(self, fn, *a, **k):
             return {"transitions": 0, "tasks": 0, "paused": []}
 
-    with pipeline.engine({"scheduler": "tcp://8.8.8.8:8786"}, client=FakeClient()) as where:
-        assert where.startswith("client tcp://8.8.8.8:8786")
+    with pipeline.engine({"scheduler": "tcp://8.8.8.8:8786"}, client=FakeClient()) as eng:
+        assert eng.description.startswith("client tcp://8.8.8.8:8786")
     assert no_connect == []
 
 

@@ -1,5 +1,5 @@
 """Pipeline specs are checked whole before anything runs: each step's options are bound to the
-signature of the function the step calls (volnorm.steps.check_options), typed by its
+signature of the function the step calls (volnorm.pipeline.steps.check_options), typed by its
 annotations and range-checked as its docstring documents; booleans are YAML 1.2's (true /
 false only); the voxel histogram's name is a plain name inside the store.
 
@@ -19,8 +19,9 @@ import xarray as xr
 import yaml
 
 import volnorm as vn
-from volnorm.pipeline.spec import SpecError, load_spec, parse_yaml
+from volnorm._utils import VolnormDeprecationWarning
 from volnorm.cli import main
+from volnorm.pipeline.spec import SpecError, load_spec, parse_yaml
 from volnorm.pipeline.steps import (
     OPTION_RULES,
     PIPELINE_STEPS,
@@ -421,7 +422,10 @@ def test_mask_threshold_options(tmp_path, capsys, threshold, needle):
 
 
 def test_mask_threshold_per_volume_loads():
-    s = load_spec(HEAD + "mask:\n  threshold: {method: li, dim: volume, bins: 256}\n", base="/b")
+    s = load_spec(HEAD + "mask:\n  threshold: {method: li, per: volume, bins: 256}\n", base="/b")
+    assert s["mask"]["threshold"] == {"method": "li", "per": "volume", "bins": 256}
+    with pytest.warns(VolnormDeprecationWarning, match="write `per: volume`"):  # the earlier spelling, kept as written
+        s = load_spec(HEAD + "mask:\n  threshold: {method: li, dim: volume, bins: 256}\n", base="/b")
     assert s["mask"]["threshold"] == {"method": "li", "dim": "volume", "bins": 256}
 
 
@@ -458,8 +462,11 @@ def test_plain_voxel_histogram_names_load():
 
 def test_parse_step_checks_the_options():
     assert parse_step("rescale:percentiles=1,99:out_range=uint8") == ("rescale", {"percentiles": (1, 99), "out_range": "uint8"})
-    assert parse_step("equalize:dim=volume") == ("equalize", {"dim": "per-volume"})
-    assert parse_step("equalize_adaptive:dim=slice") == ("equalize_adaptive", {"dim": ("y", "x")})
+    with pytest.warns(VolnormDeprecationWarning, match="write `per: volume`"):
+        assert parse_step("equalize:dim=volume") == ("equalize", {"per": "volume"})
+    with pytest.warns(VolnormDeprecationWarning, match="write `per: slice`"):
+        assert parse_step("equalize_adaptive:dim=slice") == ("equalize_adaptive", {"per": "slice"})
+    assert parse_step("equalize:per=volume") == ("equalize", {"per": "volume"})
     with pytest.raises(ValueError, match=r"percentile: unknown option 'percentile' of step 'rescale'; did you mean 'percentiles'\?"):
         parse_step("rescale:percentile=1,99")
     with pytest.raises(ValueError, match=r"^step 'gamma:gamma=-1': gamma: expected a number > 0, got int -1$"):
@@ -504,7 +511,7 @@ def test_every_workflow_spec_loads(path):
 def test_the_kubernetes_job_spec_loads():
     s = load_spec(_k8s_spec())
     assert [st["name"] for st in s["steps"]] == ["rescale"]
-    assert s["mask"]["threshold"]["dim"] == "volume"
+    assert s["mask"]["threshold"]["per"] == "volume"
 
 
 # ---------------------------------------------------------------------------

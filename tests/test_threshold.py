@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from skimage import data as skdata, filters
+from skimage import data as skdata
+from skimage import filters
 
 import volnorm as vn
 

@@ -316,7 +316,8 @@ def test_equalize_adaptive_equals_skimage_without_seams(images, mri):
     np.testing.assert_array_equal(vol.values, exposure.equalize_adapthist(mri.values.astype(np.uint16).transpose(0, 1, 2)))
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(deadline=None, max_examples=60)

@@ -33,8 +33,8 @@ import xarray as xr
 import yaml
 
 import volnorm as vn
-from volnorm.pipeline.spec import Spec, load_spec
 from volnorm.cli import main
+from volnorm.pipeline.spec import Spec, load_spec
 from volnorm.pipeline.steps import load_history
 
 ROOT = Path(__file__).resolve().parent.parent

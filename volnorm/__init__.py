@@ -8,12 +8,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from volnorm import datasets
-from volnorm._utils import VolnormDeprecationWarning, VolnormWarning
+from volnorm import color, datasets, fsl, integrity, pipeline, plot, transforms
 from volnorm._histogram import histogram, merge_histograms
-from volnorm.stats import Summary, quantile, summarize
+from volnorm._utils import VolnormDeprecationWarning, VolnormWarning
+from volnorm.color import apply_colormap, invert_colormap
+from volnorm.conversion import convert
+from volnorm.integrity import DamagedStoreError, verify
+from volnorm.io.nifti import NiftiError, read_info
+from volnorm.io.readers import open_images, open_nifti, open_zarr
+from volnorm.io.store import IncompleteStoreError
+from volnorm.io.writers import to_nifti, to_zarr
+from volnorm.normative import normative_score, voxel_cdf, voxel_quantile, voxel_stats
 from volnorm.params import Params
-from volnorm import transforms
+from volnorm.stats import Summary, quantile, summarize
 from volnorm.transforms import (
     auto_gamma,
     binarize,
@@ -34,18 +41,7 @@ from volnorm.transforms import (
     threshold,
     zscore,
 )
-from volnorm import color, fsl, plot
-from volnorm.color import apply_colormap, invert_colormap
-from volnorm.io.nifti import NiftiError, read_info
-from volnorm.io.readers import open_images, open_nifti, open_zarr
-from volnorm.io.store import IncompleteStoreError
-from volnorm.io.writers import to_nifti, to_zarr
-from volnorm.conversion import convert
-from volnorm.normative import normative_score, voxel_cdf, voxel_quantile, voxel_stats
 from volnorm.voxel import accumulate, open_voxel_histogram
-from volnorm import pipeline
-from volnorm import integrity
-from volnorm.integrity import DamagedStoreError, verify
 
 __all__ = [
     "Params",
@@ -109,4 +105,4 @@ _public_home()
 
 from volnorm import accessor as _accessor  # noqa: E402 - needs the functions above
 
-_accessor.register()
+_accessor.register(globals())

@@ -15,7 +15,7 @@ Examples
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import xarray as xr
@@ -32,11 +32,7 @@ DATAARRAY_METHODS = (
 DATATREE_METHODS = ("histogram", "quantile", "summarize", "threshold")
 
 
-def _bind(name: str) -> Callable[..., Any]:
-    import volnorm
-
-    func = getattr(volnorm, name)
-
+def _bind(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def method(self: _Accessor, *args: Any, **kwargs: Any) -> Any:
         return func(self._obj, *args, **kwargs)
@@ -57,12 +53,28 @@ class DataTreeAccessor(_Accessor):
     """volnorm's statistics on a collection (see :mod:`volnorm.accessor`)."""
 
 
-def register() -> None:
-    """Attach the methods and register ``.volnorm`` (done on ``import volnorm``)."""
+def register(api: Mapping[str, Callable[..., Any]]) -> None:
+    """Attach the methods and register ``.volnorm`` (done on ``import volnorm``, which passes its
+    own namespace: the accessor offers exactly the public functions).
+
+    Parameters
+    ----------
+    api : mapping of str to callable
+        The functions by name (``volnorm``'s namespace).
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> import volnorm as vn
+    >>> register(vars(vn))   # again: a no-op for the accessors already registered
+    """
     for name in DATAARRAY_METHODS:
-        setattr(DataArrayAccessor, name, _bind(name))
+        setattr(DataArrayAccessor, name, _bind(api[name]))
     for name in DATATREE_METHODS:
-        setattr(DataTreeAccessor, name, _bind(name))
+        setattr(DataTreeAccessor, name, _bind(api[name]))
     if not hasattr(xr.DataArray, "volnorm"):
         xr.register_dataarray_accessor("volnorm")(DataArrayAccessor)
     if not hasattr(xr.DataTree, "volnorm"):

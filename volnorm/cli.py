@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import shutil
-import signal
-import threading
 
 import numpy as np
 import xarray as xr
@@ -297,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not hasattr(args, "scheduler") or args.command == "run" or getattr(args, "dry_run", False):
                 return commands[args.command](args)  # no engine (run: the spec's, volnorm.pipeline.run's)
             show = args.progress if args.progress is not None else sys.stderr.isatty()
-            with running(args.scheduler, allow_insecure=args.allow_insecure, progress=show) as eng:
-                if not args.quiet:
-                    print(f"volnorm {args.command}: running on {eng.description}", file=sys.stderr)
+            # the engine starts on the first graph: a command that fails on its input starts no cluster
+            said = None if args.quiet else functools.partial(_say_where, args.command)
+            with running(args.scheduler, allow_insecure=args.allow_insecure, progress=show, on_start=said):
                 return commands[args.command](args)
     except ClusterLostError as e:
         print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
@@ -313,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as e:
         print(f"volnorm {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _say_where(command: str, description: str) -> None:
+    print(f"volnorm {command}: running on {description}", file=sys.stderr)
 
 
 def _quiet_distributed(level: int) -> None:

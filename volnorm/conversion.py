@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import zarr
-from tqdm.auto import tqdm
 
-from volnorm.engine import check_address, check_scheduler, running
 from volnorm._utils import format_bytes, normalize_chunks
+from volnorm.engine import check_address, check_scheduler, progress_bar, running
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
-from volnorm.io.readers import unique_names as _unique_names
 from volnorm.io.niftizarr import header_json, ingest_nifti
 from volnorm.io.readers import open_images
-from volnorm.io.writers import to_zarr
+from volnorm.io.readers import unique_names as _unique_names
 from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging, read_manifest
+from volnorm.io.writers import to_zarr
 
 logger = logging.getLogger(__name__)
 
@@ -313,19 +312,14 @@ def _run(
                 key=f"ingest-{name}-{uuid.uuid4().hex[:12]}",
             )
             futures[fut] = (info, name)
-        bar = None
-        if progress and todo:
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert {len(todo)} files", file=sys.stderr)
-        for fut in ex.as_completed(futures):
-            info, name = futures[fut]
-            try:
-                results[name] = fut.result()
-            except (OSError, ValueError) as e:
-                failures.append((info, e))
-            if bar is not None:
+        with progress_bar(total, f"convert {len(todo)} files", show=progress and bool(todo)) as bar:
+            for fut in ex.as_completed(futures):
+                info, name = futures[fut]
+                try:
+                    results[name] = fut.result()
+                except (OSError, ValueError) as e:
+                    failures.append((info, e))
                 bar.update(info.data_bytes)
-        if bar is not None:
-            bar.close()
     if failures:
         lines, write_errno = [], None
         for info, e in failures:

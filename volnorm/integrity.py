@@ -36,6 +36,7 @@ from zarr.codecs import Crc32cCodec as _ZarrCrc32cCodec
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
+from volnorm.engine import progress_bar
 from volnorm.io.manifest import IncompleteStoreError, read_manifest
 
 __all__ = [
@@ -537,12 +538,7 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
     present = {name for name, _ in arrays}
     for name in sorted(set(recorded) - present):
         report.damaged.append(f"{name}: the array is missing (the manifest records {recorded[name].get('nchunks')} chunks)")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=report.chunks, unit="chunk", desc=f"verify {path.name}", leave=False)
-    try:
+    with progress_bar(report.chunks, f"verify {path.name}", show=progress, unit="chunk") as bar:
         for name, arr in arrays:
             crc = _has_checksum(arr.metadata.to_dict())
             keys = list(_chunk_keys(arr))
@@ -565,11 +561,7 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
                             arr.get_block_selection(coords)
                         except Exception as e:  # noqa: BLE001 - any decoding failure is damage
                             report.damaged.append(f"{where}: cannot be decoded ({type(e).__name__}: {e})")
-                if bar is not None:
-                    bar.update(len(part))
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.update(len(part))
     for p in partial_files(path):
         report.warnings.append(f"{p.relative_to(path)}: a temporary file left by a killed writer (not data; safe to delete)")
     if sources and manifest:

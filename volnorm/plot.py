@@ -7,13 +7,12 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from volnorm.io.store import read_manifest
-from volnorm._histogram import histogram, parts_of
-from volnorm.transforms import equalize, rescale, threshold
-from volnorm.io.readers import open_images, open_nifti, open_zarr
-from volnorm.normative import voxel_stats
-from volnorm.io.writers import to_zarr
 
+from volnorm._histogram import histogram, parts_of
+from volnorm.io.readers import open_images, open_nifti, open_zarr
+from volnorm.io.store import read_manifest
+
+__all__ = ["plot_exposure", "plot_histogram", "plot_map", "plot_mask_overlay", "plot_montage", "preview"]
 
 def _pyplot() -> Any:
     try:
@@ -58,7 +57,7 @@ def plot_histogram(
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
     >>> x = xr.DataArray(np.random.default_rng(0).normal(size=(3, 500)), dims=("volume", "x"))
-    >>> ax = vn.plot.plot_histogram(histogram(x, dim="x", bins=40), thresholds={"otsu": 0.0})
+    >>> ax = vn.plot.plot_histogram(vn.histogram(x, dim="x", bins=40), thresholds={"otsu": 0.0})
     >>> len(ax.patches), len(ax.lines)   # three volumes, one threshold
     (3, 1)
     """
@@ -218,8 +217,8 @@ def plot_montage(
     Examples
     --------
     >>> import volnorm as vn
-    >>> x = open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
-    >>> fig = vn.plot.plot_montage(x, rescale(x, percentiles=(1, 99)), slices=2)
+    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> fig = vn.plot.plot_montage(x, vn.rescale(x, percentiles=(1, 99)), slices=2)
     >>> len(fig.axes)   # 1 volume x 2 rows x 2 slices
     4
     """
@@ -288,8 +287,8 @@ def plot_mask_overlay(
     Examples
     --------
     >>> import volnorm as vn
-    >>> x = open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
-    >>> fig = vn.plot.plot_mask_overlay(x, x > threshold(x, "otsu"))
+    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> fig = vn.plot.plot_mask_overlay(x, x > vn.threshold(x, "otsu"))
     >>> len(fig.axes)
     3
     """
@@ -402,8 +401,8 @@ def preview(
     --------
     >>> import tempfile, os, volnorm as vn
     >>> d = tempfile.mkdtemp()
-    >>> x = open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
-    >>> to_zarr(rescale(x, percentiles=(1, 99)), os.path.join(d, "s.zarr"))
+    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> vn.to_zarr(vn.rescale(x, percentiles=(1, 99)), os.path.join(d, "s.zarr"))
     >>> fig = vn.plot.preview(os.path.join(d, "s.zarr"), os.path.join(d, "preview.png"))
     >>> os.path.getsize(os.path.join(d, "preview.png")) > 10_000
     True

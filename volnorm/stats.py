@@ -15,8 +15,8 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import split
+from volnorm._utils import no_valid_voxels
 from volnorm._histogram import (
-    totals,
     add_up,
     bin_spec,
     histogram,
@@ -26,6 +26,7 @@ from volnorm._histogram import (
     per_block,
     prepare,
     rows_of,
+    totals,
 )
 
 __all__ = ["Summary", "order_statistics", "quantile", "summarize", "summary_graph"]
@@ -134,7 +135,7 @@ def _quantile(data, q, *, dim, mask, exact, known_range: tuple[float, float] | N
     hi_inf = h["n_posinf"].values.reshape(-1)
     n = counts.sum(axis=1) + lo_inf + hi_inf
     if np.any(n == 0):
-        raise ValueError("no valid voxel to take a quantile of (all NaN or masked out" + (" for some index)" if kept else ")"))
+        raise no_valid_voxels("to take a quantile of", some=bool(kept))
     # numpy's method="linear": the same floating-point steps, so results agree bit for bit
     nn = n[:, None].astype(np.float64)
     pos = (nn - 1) * qs[None, :]
@@ -220,7 +221,7 @@ def _finish_int(lazy: da.Array, kept: tuple, coords: dict, qs: np.ndarray, q: An
     """:func:`int_quantile_lazy`'s result (``computed`` when it was computed with other work)."""
     vals = np.asarray(lazy.compute() if computed is None else computed)
     if np.any(vals[..., -1] == 0):
-        raise ValueError("no valid voxel to take a quantile of (all NaN or masked out" + (" for some index)" if kept else ")"))
+        raise no_valid_voxels("to take a quantile of", some=bool(kept))
     res = xr.DataArray(vals[..., :-1], dims=(*kept, "quantile"), coords={**coords, "quantile": qs}, name="quantile", attrs={"max_error": 0.0})
     return res if np.ndim(q) else res.isel(quantile=0, drop=True).assign_attrs(res.attrs)
 
@@ -241,7 +242,7 @@ def _float_quantile_rows(parts, kept: tuple, kshape: tuple, qs: np.ndarray, q) -
 
     def ranks(n: np.ndarray) -> np.ndarray:
         if np.any(n == 0):
-            raise ValueError("no valid voxel to take a quantile of (all NaN or masked out" + (" for some index)" if kept else ")"))
+            raise no_valid_voxels("to take a quantile of", some=bool(kept))
         pos = (n[:, None].astype(np.float64) - 1) * qs[None, :]  # numpy's method="linear"
         r_lo = np.floor(pos).astype(np.int64)
         frac_holder.append(pos - r_lo)
@@ -299,7 +300,7 @@ def order_statistics(
     lo_inf, hi_inf = h["n_neginf"].values.reshape(-1), h["n_posinf"].values.reshape(-1)
     n = int(counts.sum() + lo_inf[0] + hi_inf[0])
     if n == 0:
-        raise ValueError("no valid voxel (all NaN or masked out)")
+        raise no_valid_voxels()
     r = np.atleast_1d(np.asarray(ranks(n) if callable(ranks) else ranks, dtype=np.int64)).reshape(1, -1)
     if np.any((r < 0) | (r >= n)):
         raise ValueError(f"ranks must be in [0, {n}); got {r.ravel().tolist()}")
@@ -433,7 +434,7 @@ def _float_order_stats(data, mask, ranks) -> np.ndarray:
 
     def row_ranks(n: np.ndarray) -> np.ndarray:
         if n[0] == 0:
-            raise ValueError("no valid voxel (all NaN or masked out)")
+            raise no_valid_voxels()
         r = np.atleast_1d(np.asarray(ranks(int(n[0])) if callable(ranks) else ranks, dtype=np.int64))
         if np.any((r < 0) | (r >= n[0])):
             raise ValueError(f"ranks must be in [0, {n[0]}); got {r.tolist()}")
@@ -741,7 +742,7 @@ def summary_graph(
             "n_masked_out": (kept, m[..., 8].astype(np.int64)),
         }
         if len(qs) and not np.all(count > 0):
-            raise ValueError("no valid voxel (all NaN/±Inf or masked out" + (" for some index)" if kept else ")"))
+            raise no_valid_voxels(some=bool(kept), inf=True)
         if len(qs):
             if int_q:
                 qv = _finish_int(*int_q, qs, list(quantiles), computed=computed[n_moments])

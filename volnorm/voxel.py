@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from volnorm import _kernels
 from volnorm._histogram import (
     BinSpec,
     bin_spec,
@@ -33,13 +34,12 @@ from volnorm._histogram import (
     merge_histograms,
 )
 from volnorm._kernels import EXTRA as EXTRA_NAMES
-from volnorm.engine import compute
-from volnorm.io.nifti import header_from_bytes
-from volnorm.io.store import encoding, now, pid_alive, read_attributes, read_manifest, versions
-from volnorm.io.readers import open_nifti
-from volnorm.integrity import checked_store, seal
-from volnorm import _kernels
 from volnorm._utils import plain_name
+from volnorm.engine import compute
+from volnorm.integrity import checked_store, seal
+from volnorm.io.nifti import header_from_bytes
+from volnorm.io.readers import open_nifti
+from volnorm.io.store import encoding, now, pid_alive, read_attributes, read_manifest, versions
 
 __all__ = ["accumulate", "open_voxel_histogram"]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import re
@@ -57,7 +58,7 @@ __all__ = [
     "DISTRIBUTED", "ENCRYPTED_SCHEMES", "ENV_VAR", "JOB_CLUSTERS", "WORDS", "ClusterLostError", "Engine", "Executor",
     "InsecureSchedulerError", "RunStalledError", "WORKER_ENV", "check_address", "check_scheduler", "compute", "current",
     "dask_scheduler", "default_scheduler", "executor", "import_keeping_sigint", "is_loopback", "job_cluster",
-    "local_cluster", "running", "usable_cpus",
+    "local_cluster", "progress_bar", "running", "usable_cpus",
 ]
 
 _ADDRESS = re.compile(r"[a-z][a-z0-9+]*://\S+")
@@ -168,16 +169,18 @@ class Executor:
 
 
 class Engine:
-    """Where the graphs of a :func:`running` block run.
+    """Where the graphs of a :func:`running` block run; started on first use.
+
+    A cluster starts (or a scheduler is connected) when the block's first graph runs, or when
+    :attr:`description`, :attr:`client`, :attr:`executor` or :meth:`compute` is first asked
+    for: a command that fails on its input never starts one.
 
     Attributes
     ----------
     scheduler : str
         The word or address it was asked for (``"client"`` for a given client).
-    description : str
-        Where, for people: ``"2 threads"``, ``"local cluster, 2 workers on 127.0.0.1 (dashboard ...)"``.
-    client : distributed.Client or None
-        The cluster's client (None for ``"threads"`` / ``"sync"``).
+    progress : bool
+        Show progress bars by default.
 
     Examples
     --------
@@ -186,12 +189,46 @@ class Engine:
     ('synchronous (this thread)', [3])
     """
 
-    def __init__(self, scheduler: str, description: str, client: Any = None, progress: bool = False) -> None:
+    def __init__(self, scheduler: str, start: Callable[[], contextlib.AbstractContextManager], progress: bool = False,
+                 stall_timeout: float | None = None, on_start: Callable[[str], None] | None = None) -> None:
         self.scheduler = scheduler
-        self.description = description
-        self.client = client
         self.progress = progress
+        self._start = start
+        self._stall_timeout = stall_timeout
+        self._on_start = on_start
+        self._stack = contextlib.ExitStack()
+        self._started = False
+        self._description = ""
+        self._client: Any = None
         self._pool: cf.Executor | None = None
+
+    def start(self) -> Engine:
+        """Start the cluster (connect to the scheduler) now, if not yet; returns the engine."""
+        if not self._started:
+            self._started = True
+            self._description, self._client = self._stack.enter_context(self._start())
+            if self._client is not None:
+                self._stack.enter_context(self._client.as_current())
+                if self._stall_timeout:
+                    self._stack.enter_context(watchdog(self._client, self._stall_timeout))
+            if self._on_start is not None:
+                self._on_start(self._description)
+        return self
+
+    @property
+    def started(self) -> bool:
+        """Whether the engine was started (a cluster is up, a scheduler connected)."""
+        return self._started
+
+    @property
+    def description(self) -> str:
+        """Where, for people: ``"2 threads"``, ``"local cluster, 2 workers on 127.0.0.1 (dashboard ...)"``."""
+        return self.start()._description
+
+    @property
+    def client(self) -> Any:
+        """The cluster's ``distributed.Client`` (None for ``"threads"`` / ``"sync"``)."""
+        return self.start()._client
 
     @property
     def distributed(self) -> bool:
@@ -207,29 +244,104 @@ class Engine:
             self._pool = _Sync() if self.scheduler == "sync" else cf.ThreadPoolExecutor(usable_cpus())
         return Executor(self._pool, self.description)
 
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """dask's scheduler interface: run a graph here (dask calls it through :func:`dispatch`)."""
+        client = self.client
+        if client is not None:
+            return client.get(dsk, keys, **kwargs)
+        return dask.base.named_schedulers[self.scheduler](dsk, keys, **kwargs)
+
     def compute(self, *targets: Any, progress: bool | None = None) -> list:
         """``dask.compute(*targets)`` here, as a list, with a progress bar on stderr when asked
         (default: the engine's ``progress``): dask's for threads/sync, distributed's for a cluster."""
         show = self.progress if progress is None else progress
-        if self.client is not None:
-            if not show:
-                return list(self.client.gather(self.client.compute(list(targets))))
-            from distributed import progress as dprogress
+        client = self.client
+        if client is not None:
+            return _on_client(client, targets, show)
+        with ProgressBar(minimum=1.0, out=sys.stderr) if show else contextlib.nullcontext():
+            return list(dask.compute(*targets, scheduler=self.get))
 
-            futs = self.client.compute(list(targets))
-            dprogress(futs)
-            return list(self.client.gather(futs))
-        with dask.config.set(scheduler=self.scheduler), ProgressBar(minimum=1.0, out=sys.stderr) if show else contextlib.nullcontext():
-            return list(dask.compute(*targets))
-
-    def _close(self, failed: bool) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Stop what was started here. ``error``: the block ended with it; a pool's waiting tasks
+        are dropped and the engine's own contexts see it (the watchdog turns the SIGINT it sent
+        into :class:`RunStalledError`, raised from here)."""
         if self._pool is not None:
             # interrupted or failed: the tasks not started are dropped (the running ones, which
             # cannot be stopped, finish), instead of running every task left
-            self._pool.shutdown(wait=True, cancel_futures=failed)
+            self._pool.shutdown(wait=True, cancel_futures=error is not None)
+        if error is None:
+            self._stack.close()
+        else:
+            self._stack.__exit__(type(error), error, error.__traceback__)
 
     def __repr__(self) -> str:
-        return f"<Engine {self.description}>"
+        return f"<Engine {self._description if self._started else self.scheduler + ' (not started)'}>"
+
+
+def progress_bar(total: float, desc: str, *, show: bool = True, unit: str = "B") -> Any:
+    """The progress bar of work that is not a dask graph (one future per file): tqdm on stderr,
+    in bytes by default; with ``show=False`` a bar that prints nothing. Use it as a context manager.
+
+    Parameters
+    ----------
+    total : float
+        The amount of work (bytes, files ...).
+    desc : str
+        What is done, shown before the bar.
+    show : bool
+        Print the bar (else a silent one).
+    unit : str
+        The unit of ``total`` (``"B"``: scaled to KiB, MiB ...).
+
+    Returns
+    -------
+    tqdm.tqdm
+        Call ``update(n)`` as work finishes.
+
+    Examples
+    --------
+    >>> with progress_bar(10, "copy", show=False) as bar:
+    ...     bar.update(10)
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", unit_divisor=1024, desc=desc, file=sys.stderr, disable=not show)
+
+
+def _on_client(client: Any, targets: tuple, progress: bool) -> list:
+    futs = client.compute(list(targets))
+    if progress:
+        from distributed import progress as dprogress
+
+        dprogress(futs)
+    return list(client.gather(futs))
+
+
+def dispatch(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """The dask scheduler of a :func:`running` block (dask's ``scheduler=`` config): the block's
+    engine, started on the first graph. Outside a block (a worker process that inherited the
+    config), dask's threads.
+
+    Parameters
+    ----------
+    dsk, keys, **kwargs
+        As dask's schedulers take them.
+
+    Returns
+    -------
+    The computed keys.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> with running("sync"):
+    ...     int(da.ones(4, chunks=2).sum().compute())
+    4
+    """
+    eng = current()
+    if eng is None:
+        return dask.base.named_schedulers["threads"](dsk, keys, **kwargs)
+    return eng.get(dsk, keys, **kwargs)
 
 
 _CURRENT: contextvars.ContextVar[Engine | None] = contextvars.ContextVar("volnorm_engine", default=None)
@@ -256,8 +368,10 @@ def compute(*targets: Any, progress: bool = False) -> list:
 
     Parameters
     ----------
-    *targets : dask collections
+    targets : dask collections
+        What to compute (as ``dask.compute`` takes them).
     progress : bool
+        A progress bar on stderr.
 
     Returns
     -------
@@ -267,7 +381,7 @@ def compute(*targets: Any, progress: bool = False) -> list:
     Examples
     --------
     >>> import dask.array as da
-    >>> compute(da.ones(4, chunks=2).sum())
+    >>> [float(v) for v in compute(da.ones(4, chunks=2).sum())]
     [4.0]
     """
     eng = current()
@@ -275,7 +389,7 @@ def compute(*targets: Any, progress: bool = False) -> list:
         return eng.compute(*targets, progress=progress)
     client = _active_client() if progress and dask.config.get("scheduler", None) in (None, DISTRIBUTED) else None
     if client is not None:
-        return Engine("client", "client", client).compute(*targets, progress=True)
+        return _on_client(client, targets, True)
     with ProgressBar(minimum=1.0, out=sys.stderr) if progress else contextlib.nullcontext():
         return list(dask.compute(*targets))
 
@@ -295,6 +409,7 @@ def running(
     wait: float = 3600,
     stall_timeout: float | None = None,
     what: str = "--scheduler",
+    on_start: Callable[[str], None] | None = None,
 ) -> Iterator[Engine]:
     """Run the dask graphs computed inside the block on ``scheduler``; yields the :class:`Engine`.
 
@@ -309,22 +424,33 @@ def running(
         checked before any connection or cluster start).
     progress : bool
         Progress bars on stderr for :meth:`Engine.compute` (and dask's bar for threads/sync).
-    n_workers, memory_limit, threads_per_worker : optional
-        ``"local"``: the cluster's size (default: one single-threaded worker per usable core,
-        dask's ``"auto"`` memory limit).
-    cluster, jobs, min_workers, wait : optional
-        ``"slurm"``/``"pbs"``/``"kubernetes"``: the cluster's options (:func:`job_cluster`),
-        worker jobs (pods) to submit, workers to wait for, and for how many seconds.
+    n_workers : int, optional
+        ``"local"``: worker processes (default: one per usable core).
+    memory_limit : str, float or None
+        ``"local"``: per worker, as dask's ``LocalCluster`` takes it (default ``"auto"``).
+    threads_per_worker : int
+        ``"local"``: threads in each worker process (default 1).
+    cluster : mapping, optional
+        ``"slurm"``/``"pbs"``/``"kubernetes"``: the cluster's options (:func:`job_cluster`).
+    jobs : int
+        Job clusters: worker jobs (pods) to submit.
+    min_workers : int
+        Job clusters: start once this many workers are up.
+    wait : float
+        Job clusters: seconds to wait for ``min_workers``.
     stall_timeout : float, optional
         On a cluster, stop the block with :class:`RunStalledError` when no task changes state
         for this many seconds while tasks wait (:func:`~volnorm.engine.faults.watchdog`).
     what : str
         Where ``scheduler`` came from, for messages.
+    on_start : callable, optional
+        Called with the engine's description when it starts (the first graph, or first use).
 
     Yields
     ------
     Engine
-        Its ``description`` says where the graphs run. A cluster or client started here is
+        Started on first use (a command that fails on its input starts no cluster); its
+        ``description`` says where the graphs run. A cluster or client started here is
         closed on exit; a lost cluster raises :class:`ClusterLostError`.
 
     Examples
@@ -342,30 +468,21 @@ def running(
         scheduler = client if client is not None else default_scheduler()
     check_scheduler(scheduler, what)
     check_address(scheduler, allow_insecure=allow_insecure, what=what)  # before any connection
-    with contextlib.ExitStack() as stack:
-        eng = stack.enter_context(_start(scheduler, allow_insecure, progress, n_workers, memory_limit, threads_per_worker,
-                                         cluster, jobs, min_workers, wait, what))
-        if eng.client is not None:
-            stack.enter_context(eng.client.as_current())
-            stack.enter_context(dask.config.set(scheduler=DISTRIBUTED))
-            if stall_timeout:
-                stack.enter_context(watchdog(eng.client, stall_timeout))
-        else:
-            stack.enter_context(dask.config.set(scheduler=eng.scheduler))
-            if progress:
-                stack.enter_context(ProgressBar(minimum=1.0, out=sys.stderr))
-        token = _CURRENT.set(eng)
-        failed = True
-        try:
+    word = scheduler if isinstance(scheduler, str) else "client"
+    eng = Engine(word, functools.partial(_start, scheduler, allow_insecure, n_workers, memory_limit, threads_per_worker,
+                                         cluster, jobs, min_workers, wait), progress, stall_timeout, on_start)
+    token = _CURRENT.set(eng)
+    try:
+        with dask.config.set(scheduler=dispatch), ProgressBar(minimum=1.0, out=sys.stderr) if progress else contextlib.nullcontext():
             yield eng
-            failed = False
-        except Exception as e:
-            if eng.client is not None and is_lost(e):
-                raise ClusterLostError(f"the cluster was lost ({type(e).__name__}: {e}); run again.") from e
-            raise
-        finally:
-            _CURRENT.reset(token)
-            eng._close(failed)
+    except BaseException as e:
+        _CURRENT.reset(token)
+        eng.close(e)  # may raise what the engine makes of it (RunStalledError)
+        if isinstance(e, Exception) and eng.started and eng._client is not None and is_lost(e):
+            raise ClusterLostError(f"the cluster was lost ({type(e).__name__}: {e}); run again.") from e
+        raise
+    _CURRENT.reset(token)
+    eng.close()
 
 
 def _active_client() -> Any:
@@ -378,23 +495,22 @@ def _active_client() -> Any:
 
 
 @contextlib.contextmanager
-def _start(scheduler: Any, allow_insecure: bool, progress: bool, n_workers: int | None, memory_limit: Any,
-           threads_per_worker: int, cluster: Mapping[str, Any] | None, jobs: int, min_workers: int, wait: float,
-           what: str) -> Iterator[Engine]:
-    """The engine for ``scheduler`` (checked), closed on exit when started here."""
+def _start(scheduler: Any, allow_insecure: bool, n_workers: int | None, memory_limit: Any, threads_per_worker: int,
+           cluster: Mapping[str, Any] | None, jobs: int, min_workers: int, wait: float) -> Iterator[tuple[str, Any]]:
+    """Start ``scheduler`` (checked): yields (description, client or None); closes on exit what it started."""
     from distributed import Client
 
     if not isinstance(scheduler, str):  # a client: the caller's, not closed
-        yield Engine("client", f"client {scheduler.scheduler.address}" + _dashboard(scheduler), scheduler, progress)
+        yield f"client {scheduler.scheduler.address}" + _dashboard(scheduler), scheduler
     elif scheduler == "sync":
-        yield Engine("sync", "synchronous (this thread)", None, progress)
+        yield "synchronous (this thread)", None
     elif scheduler == "threads":
-        yield Engine("threads", f"{usable_cpus()} threads", None, progress)
+        yield f"{usable_cpus()} threads", None
     elif scheduler == "local":
         client = local_cluster(n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit)
         try:
             n = len(client.scheduler_info()["workers"])
-            yield Engine("local", f"local cluster, {n} workers on 127.0.0.1" + _dashboard(client), client, progress)
+            yield f"local cluster, {n} workers on 127.0.0.1" + _dashboard(client), client
         finally:
             local = client.cluster
             client.close()
@@ -413,15 +529,14 @@ def _start(scheduler: Any, allow_insecure: bool, progress: bool, n_workers: int 
             with Client(job, set_as_default=False) as client:
                 client.wait_for_workers(int(min_workers), timeout=float(wait))
                 n = len(client.scheduler_info()["workers"])
-                yield Engine(scheduler, f"{scheduler} cluster {client.scheduler.address}, {n} workers so far" + _dashboard(client),
-                             client, progress)
+                yield f"{scheduler} cluster {client.scheduler.address}, {n} workers so far" + _dashboard(client), client
         finally:
             job.close()
     else:
         client = Client(scheduler, set_as_default=False)
         try:
             n = len(client.scheduler_info()["workers"])
-            yield Engine(scheduler, f"scheduler {scheduler}, {n} workers" + _dashboard(client), client, progress)
+            yield f"scheduler {scheduler}, {n} workers" + _dashboard(client), client
         finally:
             client.close()
 

@@ -92,7 +92,7 @@ def check_address(address: Any, *, allow_insecure: bool = False, what: str = "sc
     >>> check_address("tcp://192.0.2.1:8786")
     Traceback (most recent call last):
     ...
-    volnorm.engine.InsecureSchedulerError: scheduler tcp://192.0.2.1:8786: a plain tcp:// connection to another machine is not encrypted; use tls:// (dask's TLS config), or on a trusted network --allow-insecure (YAML: engine.allow_insecure: true; Python: allow_insecure=True)
+    volnorm.engine.address.InsecureSchedulerError: scheduler tcp://192.0.2.1:8786: a plain tcp:// connection to another machine is not encrypted; use tls:// (dask's TLS config), or on a trusted network --allow-insecure (YAML: engine.allow_insecure: true; Python: allow_insecure=True)
     """
     if allow_insecure or not isinstance(address, str):
         return

@@ -107,9 +107,7 @@ def import_keeping_sigint(name: str) -> Any:
     >>> import_keeping_sigint("json").__name__, signal.getsignal(signal.SIGINT) is before
     ('json', True)
     """
-    import importlib
     import signal
-    import threading
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
@@ -192,8 +190,6 @@ def _workers_ignore_sigint() -> Iterator[None]:
     each print a traceback. Only the main process should handle it (the CLI
     says how to resume) and then close the cluster.
     """
-    import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -12,11 +12,11 @@ keep their meaning; readers apply them as nibabel does.
 from __future__ import annotations
 
 import io
-import queue
-import threading
 import logging
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

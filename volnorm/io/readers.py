@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
-from dask.base import tokenize
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from volnorm._utils import native, normalize_chunks
 from volnorm.integrity import checked_store

@@ -18,8 +18,8 @@ import xarray as xr
 from volnorm._utils import native, plain_name, slab_chunks
 from volnorm.engine import compute
 from volnorm.io.nifti import SUPPORTED_DTYPES, apply_scaling, header_from_bytes, scaled_dtype
-from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 from volnorm.io.niftizarr import create_volume_group, data_array, finish_volume, stream_slabs, write_nifti_file
+from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 
 logger = logging.getLogger(__name__)
 

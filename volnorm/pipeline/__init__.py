@@ -12,8 +12,8 @@ unless ``overwrite=True``.
 
 The package: :mod:`~volnorm.pipeline.spec` (load and check a spec, every step's
 options bound to the function it calls), :mod:`~volnorm.pipeline.steps` (steps by
-name: parse, fit, apply, replay), :mod:`~volnorm.pipeline.plan` (inputs, digests,
-what is already done), :mod:`~volnorm.pipeline.run` (the run) and
+name: parse, fit, apply, replay), :mod:`~volnorm.pipeline.planner` (inputs, digests,
+what is already done), :mod:`~volnorm.pipeline.runner` (the run) and
 :mod:`~volnorm.pipeline.outputs` (histograms, statistics, parameters beside the images).
 
 Exit codes of ``volnorm run``: 0 done (or already up to date), 1 refused or
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from volnorm.engine import ClusterLostError, RunStalledError
 from volnorm.engine.faults import PoisonInputError, WorkerMemoryError
-from volnorm.pipeline.plan import describe, plan
-from volnorm.pipeline.run import RunResult, engine, open_input, run
+from volnorm.pipeline.planner import describe, plan
+from volnorm.pipeline.runner import RunResult, engine, open_input, run
 from volnorm.pipeline.spec import Spec, SpecError, load_spec
 
 __all__ = [
-    "ClusterLostError", "PoisonInputError", "RunResult", "RunStalledError", "Spec", "SpecError", "WorkerMemoryError",
-    "describe", "engine", "load_spec", "open_input", "plan", "run",
+    "ClusterLostError", "PoisonInputError", "RunResult", "RunStalledError", "SpecError", "WorkerMemoryError",
+    "engine", "load_spec", "plan", "run",
 ]

@@ -17,6 +17,7 @@ from volnorm.io.store import read_manifest
 from volnorm.stats import summarize, summary_graph
 from volnorm.voxel import accumulate
 
+
 def write_voxel_histogram(store: Path, data: xr.DataArray, opts: Mapping[str, Any], mask: Any, p: dict, show: bool, say: Callable[[str], None]) -> None:
 
     t0 = time.perf_counter()

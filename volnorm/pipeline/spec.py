@@ -11,7 +11,7 @@ The loader builds plain Python values from YAML's node tree itself, so that:
 * booleans are YAML 1.2's: only ``true`` and ``false`` (YAML 1.1's ``yes``/``no``/``on``/``off``
   and capitalised forms are strings, which a boolean option refuses with "write true or false").
 
-Each step's options are bound to the function the step calls (:func:`volnorm.steps.check_options`):
+Each step's options are bound to the function the step calls (:func:`volnorm.pipeline.steps.check_options`):
 an unknown or misspelt option, a wrong type or a value out of the documented range is refused
 here, with its key path and line, before anything runs.
 """
@@ -110,7 +110,7 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[str, int]]:
     >>> parse_yaml("a: &x 1\\nb: *x\\n")
     Traceback (most recent call last):
     ...
-    volnorm._spec.SpecError: <spec>, line 1: YAML anchors and aliases are not allowed in a spec
+    volnorm.pipeline.spec.SpecError: <spec>, line 1: YAML anchors and aliases are not allowed in a spec
     """
     import yaml
 
@@ -290,7 +290,7 @@ class _At(ValueError):
 
 def _steps(v: Any) -> list[dict[str, Any]]:
     """Each step: ``name`` or ``{name: {option: value, ...}}`` -> ``{"name": ..., "options": {...}}``,
-    its options bound to the function the step calls (:func:`volnorm.steps.check_options`)."""
+    its options bound to the function the step calls (:func:`volnorm.pipeline.steps.check_options`)."""
     if not isinstance(v, list):
         raise ValueError("expected a list of steps, e.g. [{rescale: {percentiles: [1, 99]}}, equalize]")
     out = []
@@ -321,7 +321,8 @@ def _threshold_options(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ValueError(f"expected dict, got {type(v).__name__} {v!r}")
     try:
-        return check_threshold_options(v)
+        check_threshold_options(v)  # kept as written (the plan's digest); `per` is resolved when it runs
+        return dict(v)
     except OptionError as e:
         raise _At("" if e.option is None else f".{e.option}", str(e)) from None
 
@@ -470,7 +471,7 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str |
     >>> load_spec({"version": 1, "input": {"nifti": "a.nii"}, "output": {"stor": "o.zarr"}})
     Traceback (most recent call last):
     ...
-    volnorm._spec.SpecError: <spec>: unknown key 'output.stor'; did you mean 'store'?
+    volnorm.pipeline.spec.SpecError: <spec>: unknown key 'output.stor'; did you mean 'store'?
     """
     if isinstance(spec, Spec):
         return spec

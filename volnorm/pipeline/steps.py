@@ -26,9 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import xarray as xr
-
 import numpy as np
+import xarray as xr
 
 from volnorm import _dims, transforms
 from volnorm.params import Params
@@ -254,7 +253,8 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``options``, unchanged (a new dict).
+        ``options`` (a new dict), an earlier ``dim`` word (``dim: volume``) turned into its
+        ``per`` word with a deprecation warning (:func:`volnorm._dims.words`).
 
     Raises
     ------
@@ -293,19 +293,19 @@ def _per_words(options: Mapping[str, Any], what: str, allowed: tuple[str, ...], 
 
 def check_threshold_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check the options of a mask from the data (a spec's ``mask.threshold``) against
-    :func:`volnorm.threshold`, as :func:`check_options` does for a step (``dim: volume``, the
-    pipeline's word for one threshold per volume, is a dim name like any other here).
+    :func:`volnorm.threshold`, as :func:`check_options` does for a step (``per: volume`` is one
+    threshold per volume: :mod:`volnorm._dims`).
 
     Parameters
     ----------
     options : mapping
-        ``method``, ``dim`` and the keyword options of :func:`volnorm.threshold` (``bins``,
-        ``classes``, ``q``).
+        ``method``, ``per`` (or ``dim``) and the keyword options of :func:`volnorm.threshold`
+        (``bins``, ``classes``, ``q``).
 
     Returns
     -------
     dict
-        ``options``, unchanged (a new dict).
+        ``options`` (a new dict), an earlier ``dim`` word turned into its ``per`` word.
 
     Raises
     ------
@@ -314,8 +314,8 @@ def check_threshold_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
     Examples
     --------
-    >>> check_threshold_options({"method": "otsu", "dim": "volume"})
-    {'method': 'otsu', 'dim': 'volume'}
+    >>> check_threshold_options({"method": "otsu", "per": "volume"})
+    {'method': 'otsu', 'per': 'volume'}
     >>> check_threshold_options({"method": "otsuu"})
     Traceback (most recent call last):
     ...

@@ -16,14 +16,14 @@ from typing import Any
 
 import xarray as xr
 
+from volnorm import _dims
 from volnorm.engine import ClusterLostError, Engine, RunStalledError, faults, running
 from volnorm.engine.faults import PoisonInputError, WorkerMemoryError
-from volnorm import _dims
 from volnorm.io.readers import open_images, open_mask, open_nifti, open_zarr
 from volnorm.io.store import Staging, read_manifest
 from volnorm.io.writers import write_staged
 from volnorm.pipeline.outputs import atomic_write, statistics_alongside, write_statistics, write_voxel_histogram, written_statistics
-from volnorm.pipeline.plan import THREADS_PER_WORKER, chunk_mib, describe, plan, status
+from volnorm.pipeline.planner import THREADS_PER_WORKER, chunk_mib, describe, plan, status
 from volnorm.pipeline.spec import Spec, load_spec
 from volnorm.pipeline.steps import load_history, replay, run_steps
 from volnorm.transforms import threshold
@@ -204,7 +204,7 @@ def engine(eng: Mapping[str, Any], client: Any = None) -> Iterator[Engine]:
         cluster=eng.get("cluster"), jobs=int(eng.get("jobs", 1)), min_workers=int(eng.get("min_workers", 1)),
         wait=float(eng.get("wait", 3600)), stall_timeout=float(eng.get("stall_timeout") or 600), what="engine.scheduler",
     ) as e:
-        yield e
+        yield e.start()  # a run's output is locked: start now, and say where
 
 
 def _lock_output(spec: Spec, p: dict, done: Mapping[str, bool], overwrite: bool) -> Any:

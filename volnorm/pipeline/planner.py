@@ -16,7 +16,7 @@ from volnorm.engine.faults import format_size
 from volnorm.io.nifti import expand_paths
 from volnorm.io.readers import unique_names
 from volnorm.io.store import digest, read_manifest
-from volnorm.pipeline.spec import Spec, load_spec
+from volnorm.pipeline.spec import Spec, SpecError, load_spec
 from volnorm.pipeline.steps import FITTED
 from volnorm.voxel import open_voxel_histogram
 
