@@ -157,3 +157,13 @@ def test_python_dim_volume_is_still_across_the_volumes(stack_store):
         warnings.simplefilter("error", VolnormDeprecationWarning)
         h = vn.histogram(data, dim="volume", bins=4)
     assert h.dims == ("z", "y", "x", "bin")
+
+
+def test_plane_steps_take_only_the_words_that_name_a_plane():
+    """CLAHE and dithering work on planes: their dim is the plane, so only plane words apply."""
+    assert check_options("equalize_adaptive", {"per": "slice"}) == {"per": "slice"}
+    assert check_options("equalize_adaptive", {"per": "volume"}) == {"per": "volume"}
+    with pytest.raises(ValueError, match="per must be one of slice; got 'volume'"):
+        check_options("dither", {"per": "volume"})
+    with pytest.raises(ValueError, match="per must be one of slice, volume; got 'voxel'"):
+        check_options("equalize_adaptive", {"per": "voxel"})

@@ -120,9 +120,10 @@ COMMANDS = {
     "normative": lambda i, t: ["normative", i["hstore"], i["files"][0], "--out", str(t / "n.nii.gz")],
     "export": lambda i, t: ["export", i["store"], str(t / "nifti")],
     "run": lambda i, t: ["run", _spec(i["spec"], t)],
+    "demo": lambda i, t: ["demo", "--out", str(t / "demo"), "--subjects", "1"],
 }
 #: commands whose work is plain function calls (one per file), not dask graphs
-EXECUTOR_COMMANDS = ("convert",)
+EXECUTOR_COMMANDS = ("convert", "demo")
 
 
 def _copy(src: str, dst: Path) -> str:
@@ -239,3 +240,13 @@ def test_json_output_stays_clean(inputs, tmp_path, capsys):
     cap = capsys.readouterr()
     json.loads(cap.out)
     assert "running on synchronous" in cap.err
+
+
+def test_every_command_that_takes_a_scheduler_is_in_the_table():
+    import argparse
+
+    from volnorm.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    with_scheduler = {name for name, p in sub.choices.items() if any("--scheduler" in a.option_strings for a in p._actions)}
+    assert with_scheduler == {c.split()[0] for c in COMMANDS}

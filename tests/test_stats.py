@@ -182,3 +182,15 @@ def test_per_volume_integer_quantile_tasks_do_not_carry_the_bins():
     sizes = [len(cloudpickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL)) for t in dict(lazy.__dask_graph__()).values()]
     assert max(sizes) < 64 * 1024, max(sizes)
     np.testing.assert_array_equal(lazy.compute()[:, 0], np.median(x.values.reshape(8, -1), axis=1))
+
+
+def test_a_constant_float32_row_too_large_for_half_a_bin_has_its_quantiles(monkeypatch):
+    """Found by the property test above: a constant float32 value of ~9e6 (its step is 1.0, so
+    numpy's ±0.5 widening of a constant range rounds back) took the range-pass path into
+    'equal edges'; its bins now span the neighbouring float32 values."""
+    from volnorm import stats
+
+    v = np.array([[8.936858e6, 8.936858e6]], dtype="float32")
+    x = xr.DataArray(v, dims=("row", "x")).chunk({"x": 1})
+    monkeypatch.setattr(stats, "KEY_ROWS_CELLS", 0)  # the range-pass path
+    np.testing.assert_array_equal(vn.quantile(x, [0.0, 0.5, 1.0], dim="x").values, [[8936858.0] * 3])

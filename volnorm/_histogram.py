@@ -364,6 +364,8 @@ def bin_spec(
             flo, fhi = dtype.type(flo), dtype.type(fhi)
         if flo == fhi:  # np.histogram's rule for a constant image
             flo, fhi = flo - 0.5, fhi + 0.5
+            if flo == fhi:  # ±0.5 is below the float type's step at this magnitude: the neighbouring values
+                flo, fhi = np.nextafter(flo, -np.inf), np.nextafter(fhi, np.inf)
     # numpy's edges: in the data's float dtype (float32 data, float32 edges), so that
     # voxels next to an edge fall in the same bin as with np.histogram
     edge_dtype = np.result_type(dtype, np.float16) if kind_char == "f" else np.float64

@@ -58,6 +58,33 @@ PASSED_ON = {"binarize": "threshold"}
 #: The ``per`` words (:mod:`volnorm._dims`) a step takes besides ``dim``: ``mean_scale``'s
 #: ``per_volume`` says per volume or over the dataset.
 PER_VOLUME_WORDS = {"volume": True, "dataset": False}
+#: Steps whose ``dim`` is the plane (or block) they work on, not dims reduced over: the ``per``
+#: words that name such a plane (``slice``: each ``(y, x)`` image; ``volume``: 3-D CLAHE).
+PLANE_STEPS = {"equalize_adaptive": ("slice", "volume"), "dither": ("slice",)}
+
+
+def per_words(name: str) -> tuple[str, ...]:
+    """The ``per`` words step ``name`` takes (:mod:`volnorm._dims`); empty: none.
+
+    Parameters
+    ----------
+    name : str
+        A step of :data:`PIPELINE_STEPS`.
+
+    Returns
+    -------
+    tuple of str
+
+    Examples
+    --------
+    >>> per_words("zscore"), per_words("mean_scale"), per_words("dither"), per_words("nyul")
+    (('dataset', 'volume', 'slice', 'voxel'), ('volume', 'dataset'), ('slice',), ())
+    """
+    if name in PLANE_STEPS:
+        return PLANE_STEPS[name]
+    if name == "mean_scale":
+        return tuple(PER_VOLUME_WORDS)
+    return tuple(_dims.PER) if "dim" in step_options(name) else ()
 #: YAML 1.1's booleans, strings in a spec (only ``true`` / ``false`` are booleans).
 YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n", "true", "false"})
 
@@ -276,7 +303,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     volnorm.pipeline.steps.OptionError: expected a number > 0, got str '.5e3'
     """
     what = f"step {name!r}"
-    opts = _per_words(options, what, tuple(_dims.PER) if "dim" in step_options(name) else tuple(PER_VOLUME_WORDS) if name == "mean_scale" else ())
+    opts = _per_words(options, what, per_words(name))
     _bind(step_function(name), {k: v for k, v in opts.items() if k != "per"}, rules=name, what=what, passed_on=PASSED_ON.get(name))
     return opts
 
