@@ -20,8 +20,7 @@ from volnorm._utils import format_bytes, normalize_chunks
 from volnorm.engine import check_address, check_scheduler, progress_bar, running
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
 from volnorm.io.niftizarr import header_json, ingest_nifti
-from volnorm.io.readers import open_images
-from volnorm.io.readers import unique_names as _unique_names
+from volnorm.io.readers import open_images, unique_names
 from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging, read_manifest
 from volnorm.io.writers import to_zarr
 
@@ -235,7 +234,7 @@ def convert(
         return ConvertResult(Path(store), [vol], int(data.nbytes), time.perf_counter() - t0, 0, eng.description)
 
     infos = validate_inputs(files)
-    names = _unique_names(infos)
+    names = unique_names(infos)
     plan_chunks = {}
     for info, name in zip(infos, names):
         shape = tuple(reversed(info.shape))
