@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from volnorm import color, datasets, fsl, integrity, pipeline, plot, transforms
+from volnorm import arrays, color, datasets, fsl, integrity, pipeline, plot, transforms
 from volnorm._histogram import histogram, merge_histograms
 from volnorm._utils import VolnormDeprecationWarning, VolnormWarning
 from volnorm.color import apply_colormap, invert_colormap
@@ -48,6 +48,7 @@ __all__ = [
     "params",
     "transforms",
     *transforms.__all__,
+    "arrays",
     "IncompleteStoreError",
     "DamagedStoreError",
     "integrity",
@@ -81,6 +82,21 @@ __all__ = [
     "voxel_quantile",
     "voxel_stats",
 ]
+
+
+#: Functions that take data first: here they also take numpy and dask arrays (volnorm.arrays);
+#: their submodules keep the strict DataArray functions (``volnorm.transforms.zscore``).
+_ARRAY_FUNCTIONS = (
+    "histogram", "quantile", "summarize", "threshold", *transforms.__all__,
+    "apply_colormap", "invert_colormap", "normative_score",
+)
+for _name in _ARRAY_FUNCTIONS:
+    globals()[_name] = arrays.array_api(
+        globals()[_name],
+        rgb=True if _name == "invert_colormap" else None,
+        like="histograms" if _name == "normative_score" else None,
+    )
+del _name
 
 
 def _public_home() -> None:
