@@ -180,6 +180,8 @@ def test_equalize_per_slice_masked_equals_skimage_and_is_lazy(images):
     for x in (images, images.astype(np.uint16) * 200, images.astype(np.float32) / 7.3):
         with raise_if_dask_computes():
             got = vn.equalize(x.chunk({"volume": 1, "y": 50}), dim=PER_VOLUME, mask=mask)
+        fitted = vn.equalize(x, params=vn.fit_equalize(x, dim=PER_VOLUME, mask=mask))  # the fit path: the same
+        np.testing.assert_array_equal(fitted.values, got.values)
         for i in range(3):
             ref = exposure.equalize_hist(x.values[i], mask=mask.values[i])
             np.testing.assert_array_equal(got.values[i], ref.astype(got.dtype))

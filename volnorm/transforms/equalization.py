@@ -245,10 +245,12 @@ def _tables(counts: np.ndarray, centers: np.ndarray, src_dtype: np.dtype, spec: 
     out_lo, out_hi, out_dtype, ct, res = spec
     total = counts.sum(axis=1, keepdims=True)
     cum = np.cumsum(counts, axis=1)
+    first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
     if out_dtype is None:  # scikit-image: cdf = cumsum / total, in its float type
-        table = (cum / total.astype(np.float64)).astype(ct)
+        # a part's own histogram starts at its lowest occupied value: bins below it (other
+        # parts' values, or voxels outside the mask) take its CDF, as np.interp clamps
+        table = (np.maximum(cum, first) / total.astype(np.float64)).astype(ct)
     else:  # OpenCV: cvRound(float(C - C_min) * (M / float(N - C_min))), all in float32 as OpenCV
-        first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
         step = np.float32(out_hi - out_lo) / np.maximum(total - first, 1).astype(np.float32)
         cum -= first
         table = np.maximum(cum, 0, out=cum).astype(np.float32)
