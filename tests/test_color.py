@@ -30,7 +30,7 @@ def test_grey_equals_the_formula_and_skimage(photo, method):
     assert g.chunks is not None and g.dims == ("y", "x")  # lazy, chunks kept
     f = photo.values.astype(np.float64)
     if method == "perceived":
-        want = np.sqrt(0.299 * f[..., 0] ** 2 + 0.587 * f[..., 1] ** 2 + 0.114 * f[..., 2] ** 2)
+        want = np.sqrt(0.241 * f[..., 0] ** 2 + 0.691 * f[..., 1] ** 2 + 0.068 * f[..., 2] ** 2)
     else:
         w = vn.color.LUMA[method]
         want = w[0] * f[..., 0] + w[1] * f[..., 1] + w[2] * f[..., 2]
@@ -49,7 +49,7 @@ def test_grey_is_numpys_formula_bit_for_bit_in_any_layout(dtype, method):
     x = xr.DataArray(px, dims=("channel", "volume", "y", "x"))
     ft = np.float32 if px.dtype.itemsize <= 2 or px.dtype == np.float32 else np.float64
     c = [px[i].astype(ft) for i in range(3)]
-    w = vn.color.LUMA["rec601" if method == "perceived" else method]
+    w = vn.color.PERCEIVED if method == "perceived" else vn.color.LUMA[method]  # HSP (was the BT.601 weights)
     want = np.sqrt(w[0] * c[0] ** 2 + w[1] * c[1] ** 2 + w[2] * c[2] ** 2) if method == "perceived" else w[0] * c[0] + w[1] * c[1] + w[2] * c[2]
     got = vn.color.to_grey(x.chunk({"channel": 1, "y": 7}), method=method)  # channels in separate chunks too
     assert got.dims == ("volume", "y", "x") and got.dtype == ft and got.chunks is not None
@@ -282,7 +282,7 @@ def test_exposure_report_equals_numpy_and_orders_exposures(tmp_path, capsys):
     r = vn.color.exposure(stack)
     f = stack.values.astype(np.float64) / 255
     luma = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
-    perceived = np.sqrt(0.299 * f[..., 0] ** 2 + 0.587 * f[..., 1] ** 2 + 0.114 * f[..., 2] ** 2)
+    perceived = np.sqrt(0.241 * f[..., 0] ** 2 + 0.691 * f[..., 1] ** 2 + 0.068 * f[..., 2] ** 2)
     ax = (1, 2)
     np.testing.assert_allclose(r["mean"].values, luma.mean(ax), rtol=1e-5)
     np.testing.assert_allclose(r["rms_contrast"].values, luma.std(ax), rtol=1e-4)
