@@ -247,9 +247,11 @@ def _tables(counts: np.ndarray, centers: np.ndarray, src_dtype: np.dtype, spec: 
     cum = np.cumsum(counts, axis=1)
     first = counts[np.arange(len(counts)), np.argmax(counts > 0, axis=1)][:, None]
     if out_dtype is None:  # scikit-image: cdf = cumsum / total, in its float type
-        # a part's own histogram starts at its lowest occupied value: bins below it (other
-        # parts' values, or voxels outside the mask) take its CDF, as np.interp clamps
-        table = (np.maximum(cum, first) / total.astype(np.float64)).astype(ct)
+        # integers: a part's own histogram starts at its lowest occupied value, so bins below
+        # it (other parts' values, voxels outside the mask) take its CDF, as np.interp clamps
+        # (float bins are each part's own already)
+        low = np.maximum(cum, first) if src_dtype.kind in "iub" else cum
+        table = (low / total.astype(np.float64)).astype(ct)
     else:  # OpenCV: cvRound(float(C - C_min) * (M / float(N - C_min))), all in float32 as OpenCV
         step = np.float32(out_hi - out_lo) / np.maximum(total - first, 1).astype(np.float32)
         cum -= first
