@@ -129,10 +129,14 @@ def test_invert_jet_quantization_error_and_nearest_colour():
     entry = np.floor((back2.values - 1500) / back.attrs["step"]).astype(int)  # the run of equal colours' middle
     assert np.all(np.abs(d[np.arange(len(d)), entry.clip(0, 255)] - d.min(1)) < 1e-9)
     assert float(back2["distance"].max()) > 0
-    # float colours (0-1) give the same answer
+    # float colours (0-1) are compared with jet's float colours and its 8-bit ones / 255 (this
+    # test asserted the 8-bit answer before, when float input met only the 8-bit colours): the
+    # noise-free picture / 255 comes back within the float bound, the noisy one as close as 8-bit
+    exact = vn.color.invert_colormap(rgba / 255.0, "jet", vmin=1500, vmax=4500)
+    assert np.max(np.abs(exact.values - x.values)) <= exact.attrs["max_error"] + 1e-9
     back3 = vn.color.invert_colormap(noisy / 255.0, "jet", vmin=1500, vmax=4500)
-    np.testing.assert_allclose(back3.values, back2.values)
-    np.testing.assert_allclose(back3["distance"].values, back2["distance"].values, rtol=1e-6, atol=1e-4)
+    assert np.median(np.abs(back3.values - x.values)) <= 2 * back.attrs["step"]
+    assert np.all(back3["distance"].values <= back2["distance"].values + 1e-4)  # more colours to be near
     holes = (noisy / 255.0).where(xr.DataArray(np.arange(noisy.sizes["x"]) % 7 != 0, dims="x"))  # NaN pixels
     back4 = vn.color.invert_colormap(holes, "jet", vmin=1500, vmax=4500)
     assert np.isnan(back4.values[::7]).all() and np.isnan(back4["distance"].values[::7]).all()

@@ -72,7 +72,8 @@ def apply_colormap(
     -------
     xarray.DataArray
         uint8, dims ``(*data.dims, "channel")`` with coords R, G, B, A; ``attrs`` record the
-        colormap, ``vmin`` and ``vmax`` (for :func:`invert_colormap`).
+        colormap (``colormap``, its number of colours ``colormap_n``), ``vmin`` and ``vmax``:
+        :func:`invert_colormap` reads them.
 
     Examples
     --------
@@ -105,7 +106,7 @@ def apply_colormap(
     )
     name = getattr(cm, "name", str(cmap))
     return out.assign_coords(channel=["R", "G", "B", "A"]).rename(data.name).assign_attrs(
-        colormap=name, vmin=float(vmin), vmax=float(vmax))
+        colormap=name, colormap_n=int(n), vmin=float(vmin), vmax=float(vmax))
 
 
 def quantize_grey(
@@ -147,31 +148,44 @@ def quantize_grey(
 
 
 def invert_colormap(
-    rgb: xr.DataArray, cmap: Any = "viridis", vmin: float = 0.0, vmax: float = 1.0, *, channel_dim: str = "channel"
+    rgb: xr.DataArray, cmap: Any = None, vmin: float | None = None, vmax: float | None = None, *, channel_dim: str = "channel"
 ) -> xr.DataArray:
     """Recover scalar data from a picture made with a colormap: each pixel takes the value of
     the nearest colour among all the colormap's entries (Euclidean in RGB; a pixel need not
-    match a colour exactly, e.g. after JPEG compression). 8-bit pictures go through a table of
-    the nearest entry of every 8-bit colour, made once per colormap and process.
+    match a colour exactly, e.g. after JPEG compression).
+
+    ``cmap``, ``vmin`` and ``vmax`` not given are read from the picture's ``attrs``, where
+    :func:`apply_colormap` writes them (``colormap``, ``colormap_n``, ``vmin``, ``vmax``); without
+    them the defaults are viridis, 0 and 1. ``attrs["from_attrs"]`` lists what was read.
 
     The value of entry ``i`` is the centre of its interval, ``vmin + (i + 0.5) * step`` with
-    ``step = (vmax - vmin) / N``, so a round trip is exact to within half a step. Entries
-    that share one 8-bit colour cannot be told apart: they get the middle of their centres,
-    and ``attrs["max_error"]`` (the bound for the whole colormap) grows by half their spread
-    (jet, whose ends repeat a colour 4 times: 2 steps; viridis: 1 step; plasma: half a step).
+    ``step = (vmax - vmin) / N``. Entries that share one colour cannot be told apart: they
+    get the middle of their centres. 8-bit pictures (matplotlib's ``bytes=True``) are compared
+    with the 8-bit colours, through a table of the nearest entry of every 8-bit colour made
+    once per colormap and process; float pictures (0-1, matplotlib's default float RGBA, or
+    8-bit colours divided by 255 as ``plt.imread`` gives a PNG) with the float colours and the
+    8-bit colours / 255 both (the float colours first among equals).
+    ``attrs["max_error"]`` is a true bound of ``|inverted - value|`` for every value in
+    ``[vmin, vmax]`` rendered by matplotlib in that representation (8-bit, float64, float32,
+    8-bit / 255): it is found by inverting every entry's renders, and is half a step plus the
+    farthest an entry's render lands from it (8-bit jet, whose ends repeat a colour 4 times:
+    2 steps; viridis: 1 step; plasma, magma: half a step. Float pictures: jet 2.5 steps, gray
+    1.5, viridis 1, magma half a step, where an 8-bit colour / 255 can equal another entry's float
+    colour; a float64 render itself comes back within jet's 1.5 steps, half a step for most).
     ``attrs["step"]`` is the quantization step (jet over 1500-4500 with 256 colours: 11.72);
     ``distance`` (a coord) says how far each pixel's colour was from the colormap.
 
     Parameters
     ----------
     rgb : xarray.DataArray
-        uint8 (0-255) or float (0-1) colours with a ``channel_dim`` of size 3 or 4 (alpha ignored).
-    cmap : str or matplotlib.colors.Colormap
-        The colormap the picture was made with.
-    vmin : float
-        The value of the colormap's first colour.
-    vmax : float
-        The value of its last colour.
+        uint8 (0-255) or float (0-1) colours with a ``channel_dim`` of size 3 or 4 (alpha ignored;
+        labelled channels are taken by label).
+    cmap : str or matplotlib.colors.Colormap, optional
+        The colormap the picture was made with (default: ``attrs["colormap"]``, else viridis).
+    vmin : float, optional
+        The value of the colormap's first colour (default: ``attrs["vmin"]``, else 0).
+    vmax : float, optional
+        The value of its last colour (default: ``attrs["vmax"]``, else 1).
     channel_dim : str
         The name of the channel dim (R, G, B[, A]).
 
@@ -179,7 +193,8 @@ def invert_colormap(
     -------
     xarray.DataArray
         float64 values without ``channel_dim``, with a ``distance`` coord (float32 RGB distance to
-        the nearest colour, 0-255 scale) and ``attrs`` ``step``, ``max_error``, ``colormap``.
+        the nearest colour, 0-255 scale) and ``attrs`` ``step``, ``max_error``, ``colormap``,
+        ``vmin``, ``vmax``, ``from_attrs``.
 
     Examples
     --------
@@ -189,23 +204,24 @@ def invert_colormap(
     >>> round(back.attrs["step"], 2), bool(np.all(np.abs(back - x) <= back.attrs["max_error"]))
     (11.72, True)
     """
+    attrs = rgb.attrs if isinstance(rgb, xr.DataArray) else {}
     rgb = channels(rgb, channel_dim)
+    given = {"colormap": cmap, "vmin": vmin, "vmax": vmax}
+    from_attrs = [k for k, v in given.items() if v is None and k in attrs]
+    cmap, vmin, vmax = (v if v is not None else attrs.get(k, d) for (k, v), d in zip(given.items(), ("viridis", 0.0, 1.0)))
     table, cm = colormap_table(cmap)
+    if "colormap" in from_attrs and attrs.get("colormap_n", cm.N) != cm.N:  # quantize_grey: a resampled colormap
+        table, cm = colormap_table(cm.resampled(int(attrs["colormap_n"])))
     n = cm.N
     step = (float(vmax) - float(vmin)) / n
-    # entries that share one uint8 colour (jet's ends: 4 entries) are one colour: the value is
-    # the middle of their centres, and the error bound grows by half their spread
-    colors, which = np.unique(table[:n, :3], axis=0, return_inverse=True)
-    which = which.ravel()
-    idx = np.arange(n)
-    first = np.full(len(colors), n)
-    last = np.full(len(colors), -1)
-    np.minimum.at(first, which, idx)
-    np.maximum.at(last, which, idx)
-    centres = float(vmin) + ((first + last) / 2 + 0.5) * step
-    max_error = step / 2 + float(np.max(last - first)) * step / 2
-    colors = np.ascontiguousarray(colors, dtype=np.float64)
-    scale = 255.0 if rgb.dtype.kind == "f" else 1.0
+    kind = "f" if rgb.dtype.kind == "f" else "u"
+    colors, mids = _entries(table[:n, :3].astype(np.float64))
+    if kind == "f":  # float colours first (they win ties), then the 8-bit ones / 255
+        fcolors, fmids = _entries(cm(np.arange(n))[:, :3] * 255.0)
+        colors, mids = np.concatenate([fcolors, colors]), np.concatenate([fmids, mids])
+    colors = np.ascontiguousarray(colors)
+    centres = float(vmin) + (mids + 0.5) * step
+    max_error = (_farthest(cm, table, colors, mids, kind) + 0.5) * step
 
     def block(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pts = x.reshape(-1, x.shape[-1])
@@ -213,7 +229,7 @@ def invert_colormap(
         if pts.dtype == np.uint8:
             _kernels.rgb_invert(pts, *rgb_table(colors.tobytes()), colors, centres, value, dist)
         else:
-            pts = pts[:, :3].astype(np.float64) * scale
+            pts = pts[:, :3].astype(np.float64) * (255.0 if kind == "f" else 1.0)
             i = nearest(pts, colors)
             value[:] = centres[i]
             dist[:] = np.sqrt(((pts - colors[i]) ** 2).sum(axis=1))
@@ -227,4 +243,29 @@ def invert_colormap(
     )
     out = out.assign_coords(distance=dist)
     return out.rename(rgb.name).assign_attrs(step=step, max_error=max_error, colormap=getattr(cm, "name", str(cmap)),
-                                              vmin=float(vmin), vmax=float(vmax))
+                                              vmin=float(vmin), vmax=float(vmax), from_attrs=from_attrs)
+
+
+def _entries(colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A colormap's distinct colours ``(k, 3)`` float64 and the middle entry index of each (entries
+    sharing a colour, as jet's 8-bit ends, 4 entries, are one colour)."""
+    uniq, which = np.unique(colors, axis=0, return_inverse=True)
+    which = which.ravel()
+    idx = np.arange(len(colors))
+    first, last = np.full(len(uniq), len(colors)), np.full(len(uniq), -1)
+    np.minimum.at(first, which, idx)
+    np.maximum.at(last, which, idx)
+    return np.ascontiguousarray(uniq, dtype=np.float64), (first + last) / 2
+
+
+def _farthest(cm: Any, table: np.ndarray, colors: np.ndarray, mids: np.ndarray, kind: str) -> float:
+    """How far (in entries) the inverse of an entry's render lands from the entry, at most, over
+    every entry and every render of the kind: 8-bit (``"u"``), or float64, float32, 8-bit / 255
+    in float64 and float32 (``"f"``), computed as the inversion computes it."""
+    idx = np.arange(cm.N)
+    if kind == "u":
+        renders = [table[: cm.N, :3].astype(np.float64)]
+    else:
+        f, b = cm(idx)[:, :3], table[: cm.N, :3] / 255.0
+        renders = [r.astype(t).astype(np.float64) * 255.0 for r in (f, b) for t in (np.float64, np.float32)]
+    return float(max(np.max(np.abs(mids[nearest(r, colors)] - idx)) for r in renders))
