@@ -414,7 +414,9 @@ def match_histogram(
 
     Integer data are matched exactly as scikit-image does; float data through 4096-bin
     histograms, each bin standing for its values (scikit-image uses every distinct value: the
-    results differ by about a reference bin). Computes: the histogram passes; the map is lazy.
+    results differ by about a reference bin). Computes at call time: the source's histograms
+    (integers: one pass; floats: a range pass and a histogram pass) and, when ``reference`` is an
+    image, the same for it (a histogram ``reference`` is used as it is); the map is lazy.
 
     Parameters
     ----------
@@ -500,7 +502,8 @@ def equalize_adaptive(
     no seams. Unsigned 8/16-bit data are passed as they are; signed integers and floats are first
     mapped linearly to [0, 1] over the plane's own finite range - scikit-image would clip
     negative values (``img_as_uint``) or refuse floats outside [-1, 1]. Like scikit-image,
-    intensities are quantized to 14 bits inside. Lazy; float output in [0, 1].
+    intensities are quantized to 14 bits inside. Computes at call time: nothing (each
+    block equalizes its planes when computed); float output in [0, 1].
 
     Parameters
     ----------
