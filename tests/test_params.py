@@ -68,16 +68,18 @@ def test_gamma_with_zscore_params_is_a_clear_error_not_a_key_error(stack):
 
 
 def test_gamma_log_and_auto_gamma_share_their_fitted_maximum(stack):
-    """The three fit the same max and mean over dim: each takes the others' parameters."""
-    g = vn.gamma(stack, 0.5, dim=("y", "x"))
+    """With scale="data" (the data's max; the default is the dtype's full scale, which fits
+    nothing) the three fit the same max and mean over dim: each takes the others' parameters."""
+    g = vn.gamma(stack, 0.5, dim=("y", "x"), scale="data")
     for other in (vn.log, vn.auto_gamma):
-        rec = json.loads(other(stack, dim=("y", "x")).attrs["volnorm_params"])[-1]
+        rec = json.loads(other(stack, dim=("y", "x"), scale="data").attrs["volnorm_params"])[-1]
         again = vn.gamma(stack, 0.5, params=vn.Params.from_dict(rec))
         xr.testing.assert_identical(again.drop_attrs(), g.drop_attrs())
         assert json.loads(again.attrs["volnorm_params"])[-1]["method"] == "gamma"  # recorded as what was applied
-        assert json.loads(again.attrs["volnorm_params"])[-1]["options"] == {"gamma": 0.5, "dim": ["y", "x"]}
+        assert json.loads(again.attrs["volnorm_params"])[-1]["options"] == {
+            "gamma": 0.5, "gain": 1.0, "scale": "data", "out_range": None, "dim": ["y", "x"]}
     p = vn.Params.from_dict(json.loads(g.attrs["volnorm_params"])[-1])
-    xr.testing.assert_identical(vn.log(stack, params=p).drop_attrs(), vn.log(stack, dim=("y", "x")).drop_attrs())
+    xr.testing.assert_identical(vn.log(stack, params=p).drop_attrs(), vn.log(stack, dim=("y", "x"), scale="data").drop_attrs())
 
 
 #: functions with dim= and params=, and their fit
@@ -85,8 +87,9 @@ DIM_FITS = {
     "rescale": lambda x, dim: vn.fit_rescale(x, dim=dim),
     "zscore": lambda x, dim: vn.fit_zscore(x, dim=dim),
     "equalize": lambda x, dim: vn.fit_equalize(x, dim=dim),
-    "gamma": lambda x, dim: vn.Params.from_dict(json.loads(vn.gamma(x, 2.0, dim=dim).attrs["volnorm_params"])[-1]),
-    "log": lambda x, dim: vn.Params.from_dict(json.loads(vn.log(x, dim=dim).attrs["volnorm_params"])[-1]),
+    # gamma and log fit a max over dim only on the data's scale (scale="dtype" fits nothing)
+    "gamma": lambda x, dim: vn.Params.from_dict(json.loads(vn.gamma(x, 2.0, dim=dim, scale="data").attrs["volnorm_params"])[-1]),
+    "log": lambda x, dim: vn.Params.from_dict(json.loads(vn.log(x, dim=dim, scale="data").attrs["volnorm_params"])[-1]),
     "auto_gamma": lambda x, dim: vn.Params.from_dict(json.loads(vn.auto_gamma(x, dim=dim).attrs["volnorm_params"])[-1]),
 }
 

@@ -124,16 +124,18 @@ def test_mean_scale_is_fsl_inm_and_ing(images):
 
 
 def test_gamma_log_auto_gamma_formulas(images):
+    """scale="data" (the data's max; the default, the dtype's full scale as scikit-image and
+    ImageMagick, is tested in test_intensity_references.py)."""
     a = images.values.astype(np.float64)
     mx = a.max()
-    np.testing.assert_allclose(vn.gamma(images, 0.4).values, mx * (a / mx) ** 0.4, rtol=1e-5)
-    np.testing.assert_allclose(vn.log(images).values, mx * np.log1p(a) / np.log1p(mx), rtol=1e-5)
+    np.testing.assert_allclose(vn.gamma(images, 0.4, scale="data").values, mx * (a / mx) ** 0.4, rtol=1e-5)
+    np.testing.assert_allclose(vn.log(images, scale="data").values, mx * np.log1p(a) / np.log1p(mx), rtol=1e-5)
     g = np.log(0.5) / np.log(a.mean() / mx)
-    np.testing.assert_allclose(vn.auto_gamma(images).values, mx * (a / mx) ** g, rtol=1e-5)
-    per = vn.gamma(images, 2.0, dim=PER_VOLUME).values
+    np.testing.assert_allclose(vn.auto_gamma(images, scale="data").values, mx * (a / mx) ** g, rtol=1e-5)
+    per = vn.gamma(images, 2.0, dim=PER_VOLUME, scale="data").values
     np.testing.assert_allclose(per.max(axis=(1, 2)), a.max(axis=(1, 2)), rtol=1e-6)  # max maps to max
     with pytest.raises(ValueError, match="non-negative"):
-        vn.gamma(images.astype(np.float32) - 10, 2.0)
+        vn.gamma(images.astype(np.float32) - 10, 2.0).compute()  # scale="dtype": raised when computed
     with pytest.raises(ValueError, match="positive"):
         vn.gamma(images, -1)
 

@@ -215,8 +215,10 @@ def attach(y: xr.DataArray, data: xr.DataArray, params: Params) -> xr.DataArray:
 # ---------------------------------------------------------------------------
 
 #: For each function that takes fitted parameters, the methods whose parameters it can use:
-#: its own, and those that hold the same values (gamma, log and auto_gamma all fit the
-#: maximum and the mean over ``dim``; gamma takes its exponent from its own argument).
+#: its own, and those that hold the same values (gamma, log and auto_gamma with
+#: ``scale="data"`` all fit the maximum and the mean over ``dim``; with ``scale="dtype"``
+#: gamma and log fit nothing and auto_gamma the mean; gamma takes its exponent from its own
+#: argument). Parameters recorded before ``scale=`` existed are ``scale="data"``.
 ACCEPTS: dict[str, tuple[str, ...]] = {
     "rescale": ("rescale",),
     "zscore": ("zscore",),
@@ -229,15 +231,19 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantize",),
 }
 
-#: For each method, the options its fit records that decide the fitted values (``dim`` aside):
-#: given again with the parameters, they must agree with the record.
+#: For each method, the options its record holds that decide the result (``dim`` aside): the
+#: fit's, and for gamma, log and auto_gamma the map's too (``scale``: the dtype's full scale or
+#: the data's max; ``gain``, ``inv``, ``out_range``). Given again with the parameters (a value
+#: other than the function's default), they must agree with the record; left at the default,
+#: the record decides. gamma, log and auto_gamma compare only ``scale`` with each other's
+#: parameters (each keeps its own map options).
 FIT_OPTIONS: dict[str, tuple[str, ...]] = {
     "rescale": ("in_range", "percentiles"),
     "zscore": (),
     "mean_scale": ("target", "per_volume"),
-    "gamma": ("gamma",),
-    "log": (),
-    "auto_gamma": (),
+    "gamma": ("gamma", "scale", "gain", "out_range"),
+    "log": ("scale", "gain", "inv", "out_range"),
+    "auto_gamma": ("scale", "out_range"),
     "equalize": ("nbins",),
     "nyul": (),
     "quantize": ("n_colors", "seed"),

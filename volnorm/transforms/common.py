@@ -18,7 +18,7 @@ import xarray as xr
 
 from volnorm._histogram import in_memory_dask, rows_of
 
-__all__ = ["check_data", "dask_data", "float_dtype", "map_rows", "out_spec"]
+__all__ = ["check_data", "checked_nonnegative", "dask_data", "float_dtype", "full_scale", "map_rows", "out_range_record", "out_spec"]
 
 
 def check_data(data: Any) -> xr.DataArray:
@@ -180,3 +180,91 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
     ya = da.map_blocks(block, xa, dtype=dtype, meta=np.empty((0,) * xa.ndim, dtype=dtype), name=name)
     y = xr.DataArray(ya, dims=x.dims, coords=x.coords, name=data.name)
     return y.transpose(*data.dims)
+
+
+def full_scale(dtype: np.dtype) -> float:
+    """The full scale of a dtype, as scikit-image's ``dtype_limits(image, clip_negative=True)``
+    span and ImageMagick's ``QuantumRange`` have it: the maximum of an integer dtype (uint8 255,
+    uint16 65535, int16 32767), 1.0 for float and bool data.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> full_scale(np.dtype("uint8")), full_scale(np.dtype("int16")), full_scale(np.dtype("float32"))
+    (255.0, 32767.0, 1.0)
+    """
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else 1.0
+
+
+def out_range_record(out_range: Any) -> Any:
+    """An ``out_range`` as results record it: ``None``, ``[lo, hi]`` (floats) or an integer
+    dtype's name; equal records mean the same output range.
+
+    Parameters
+    ----------
+    out_range : (lo, hi), integer dtype or None
+
+    Returns
+    -------
+    None, list of float or str
+
+    Raises
+    ------
+    ValueError
+        As :func:`out_spec`.
+
+    Examples
+    --------
+    >>> out_range_record(np.uint8), out_range_record((0, 1)), out_range_record(None)
+    ('uint8', [0.0, 1.0], None)
+    """
+    if out_range is None:
+        return None
+    lo, hi, dt = out_spec(out_range)
+    return dt.name if dt is not None else [lo, hi]
+
+
+def checked_nonnegative(data: xr.DataArray, what: str) -> xr.DataArray:
+    """``data``, with a check run as each chunk is computed: a negative value raises
+    ``ValueError`` then (as scikit-image's exposure functions raise at call time; a lazy
+    transform computes nothing when called). Unsigned and bool data are returned as they are.
+
+    Parameters
+    ----------
+    data : xarray.DataArray
+    what : str
+        The function's name, for the message.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy, the same values.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> y = checked_nonnegative(xr.DataArray(np.array([1.0, -2.0]), dims="x"), "log")
+    >>> y.values
+    Traceback (most recent call last):
+    ...
+    ValueError: log needs non-negative data; a chunk holds -2.0 (rescale first)
+    """
+    if data.dtype.kind in "ub":
+        return data
+
+    def block(b: np.ndarray) -> np.ndarray:
+        neg = b < 0  # NaN is not negative, as in scikit-image's check
+        if neg.any():
+            raise ValueError(f"{what} needs non-negative data; a chunk holds {float(np.min(b[b < 0]))!r} (rescale first)")
+        return b
+
+    xa = dask_data(data)
+    return data.copy(data=xa.map_blocks(block, dtype=xa.dtype, name=f"nonnegative-{uuid.uuid4().hex}"))

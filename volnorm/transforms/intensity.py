@@ -11,7 +11,7 @@ communication between chunks. The convenience functions fit when called (unless 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -20,7 +20,15 @@ from volnorm._dims import Dim, reduced_names, volume_dims
 from volnorm._utils import no_valid_voxels
 from volnorm.params import Params, attach, check
 from volnorm.stats import quantile, summarize
-from volnorm.transforms.common import check_data, float_dtype, out_spec
+from volnorm.transforms.common import (
+    check_data,
+    checked_nonnegative,
+    dask_data,
+    float_dtype,
+    full_scale,
+    out_range_record,
+    out_spec,
+)
 
 __all__ = ["auto_gamma", "fit_mean_scale", "fit_rescale", "fit_zscore", "gamma", "log", "mean_scale", "rescale", "zscore"]
 
@@ -360,152 +368,358 @@ def mean_scale(
 
 
 # ---------------------------------------------------------------------------
-# power law and log, with the gain that maps the maximum to itself
+# power law, log and auto-gamma: on the dtype's full scale (the references'), or the data's max
 # ---------------------------------------------------------------------------
 
+#: Which full scale gamma, log and auto_gamma work on: ``"dtype"`` (the references': the
+#: integer dtype's maximum, 1.0 for float data) or ``"data"`` (the fitted maximum over ``dim``).
+Scale = Literal["dtype", "data"]
+_OWN = {"gamma": ("gamma", "gain"), "log": ("gain", "inv"), "auto_gamma": ()}
 
-def _max_params(method: str, data: xr.DataArray, dim: Dim, mask: xr.DataArray | None, params: Params | None, **extra: Any) -> Params:
-    """The maximum and mean over ``dim`` that gamma, log and auto_gamma apply: fitted (one pass),
-    or ``params`` checked and labelled as ``method``'s own (the three fits hold the same values)."""
+
+def _power_params(method: str, data: xr.DataArray, scale: str, dim: Dim, mask: xr.DataArray | None,
+                  params: Params | None, out_range: Any, **own: Any) -> Params:
+    """The parameters gamma, log and auto_gamma apply: ``scale``, the method's own options
+    (``own``), ``out_range`` and, where needed, the fitted max and mean over ``dim`` (one pass:
+    ``scale="data"``, and auto_gamma's mean). With ``params`` (checked): no pass; their scale,
+    and the options they record for the same method, decide."""
+    if scale not in ("dtype", "data"):
+        raise ValueError(f"`scale` must be 'dtype' or 'data'; got {scale!r}")
+    opts = {**own, "scale": scale, "out_range": out_range_record(out_range)}
+    if method == "auto_gamma":
+        opts["full_scale"] = full_scale(data.dtype)
     if params is not None:
-        check(params, globals()[method], data, dim=dim, **extra)  # by name: gamma's argument hides gamma
-        return Params(method, params.values, {**extra, "dim": params.options.get("dim")})
+        if isinstance(params, Params) and params.method in _OWN and "scale" not in params.options:
+            params = Params(params.method, params.values, {**params.options, "scale": "data"})  # recorded before scale=
+        same = isinstance(params, Params) and params.method == method
+        fn = globals()[method]  # by name: gamma's argument hides gamma
+        nothing_fitted = method != "auto_gamma" and isinstance(params, Params) and params.options.get("scale") == "dtype"
+        check(params, fn, data, dim=None if nothing_fitted else dim, scale=scale, **({**own, "out_range": out_range} if same else {}))
+        rec = params.options
+        opts = {**opts, "scale": rec["scale"], "dim": rec.get("dim")}
+        if same:
+            opts.update({k: rec[k] for k in (*_OWN[method], "out_range", "full_scale") if k in rec})
+        need = ("max",) if opts["scale"] == "data" else ()
+        need += ("mean",) if method == "auto_gamma" else ()
+        missing = [k for k in need if k not in params.values]
+        if missing:
+            raise ValueError(f"{method}(params=...): these {params.method} parameters (scale={rec['scale']!r}) hold no fitted "
+                             f"{' and '.join(missing)}: fit {method} on the data instead")
+        return Params(method, params.values, opts)
+    if scale == "dtype" and method != "auto_gamma":  # nothing to fit
+        return Params(method, xr.Dataset(), {**opts, "dim": None})
     s = summarize(data, dim=dim, mask=mask, quantiles=())
     if np.any(s["count"].values == 0):
         raise no_valid_voxels(some=s["count"].ndim > 0)
     if np.nanmin(s["min"].values) < 0:
         raise ValueError(f"{method} needs non-negative data; the minimum is {float(np.nanmin(s['min'].values))!r} (rescale first)")
-    return Params(method, xr.Dataset({"max": s["max"], "mean": s["mean"]}), {**extra, "dim": reduced_names(data, dim)})
+    return Params(method, xr.Dataset({"max": s["max"], "mean": s["mean"]}), {**opts, "dim": reduced_names(data, dim)})
+
+
+def _check_gain(gain: Any) -> float:
+    if isinstance(gain, bool) or not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain >= 0):
+        raise ValueError(f"`gain` must be a finite number >= 0; got {gain!r}")
+    return float(gain)
+
+
+def _to_dtype(y: xr.DataArray, dtype: np.dtype) -> xr.DataArray:
+    """A float result cast to ``dtype`` as scikit-image's ``astype`` does (integers truncated
+    toward zero), but clipped to the dtype's range first (where numpy's cast would wrap)."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        y = y.clip(info.min, info.max)
+    return y.astype(dtype)
+
+
+def _out(f: xr.DataArray, data: xr.DataArray, out_range: Any) -> xr.DataArray:
+    """``out_lo + (out_hi - out_lo) * f`` for a transfer ``f`` on [0, 1]: float (float32 for
+    float32/16 and up to 16-bit integer input), or an integer dtype (rounded half to even and
+    clipped, as :func:`rescale`)."""
+    lo, hi, dt = out_spec(out_range)
+    ft = float_dtype(data.dtype)
+    y = (ft.type(lo) + ft.type(hi - lo) * f.astype(ft)).astype(ft)
+    return _finish(y, lo, hi, dt, clip=False)
+
+
+def _data_scale(v: xr.Dataset, ft: np.dtype) -> xr.DataArray:
+    return v["max"].where(v["max"] > 0, 1.0).astype(ft)
+
+
+def _on_data_max(data: xr.DataArray, params: Params, curve: Any, k: float) -> xr.DataArray:
+    """``scale="data"``: ``max * gain * curve(x, max)`` in float (``curve`` on [0, 1]), or the
+    curve on ``out_range``; recorded."""
+    ft = float_dtype(data.dtype)
+    mx = _data_scale(_kept_values(params.values, data), ft)
+    f = curve(data.astype(ft), mx)
+    if params.options["out_range"] is not None:
+        return attach(_out(k * f, data, params.options["out_range"]), data, params)
+    y = (mx * f).astype(ft)
+    return attach((y * ft.type(k) if k != 1 else y).astype(ft), data, params)
 
 
 def gamma(
-    data: xr.DataArray, gamma: float, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None
+    data: xr.DataArray,
+    gamma: float,
+    *,
+    gain: float = 1.0,
+    scale: Scale = "dtype",
+    out_range: tuple[float, float] | str | np.dtype | type | None = None,
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    params: Params | None = None,
 ) -> xr.DataArray:
-    """Power law ``y = max * (x / max) ** gamma``: the gain maps the maximum (over ``dim``) to
-    itself, so the intensity scale is kept. Needs non-negative data. Computes: a max pass.
+    """Power law, as ``skimage.exposure.adjust_gamma``: ``y = (x / s) ** gamma * s * gain``
+    with ``s`` the dtype's full scale (uint8 255, uint16 65535, int16 32767, float 1.0).
+
+    With the default ``scale="dtype"`` the result equals ``adjust_gamma(x, gamma, gain)`` dtype
+    for dtype: the input dtype; uint8 through scikit-image's rounded look-up table, other integer
+    dtypes truncated toward zero as its ``astype``. It differs only where scikit-image's result
+    is undefined or refused: a result above an integer dtype's maximum (``gain > 1``) is clipped
+    to it, where scikit-image's cast wraps; ``gamma`` must be > 0 (scikit-image also takes 0) and
+    ``gain`` >= 0; negative data raise ``ValueError`` when computed, not when called. Computes
+    nothing when called. ``scale="data"`` (the earlier default): ``s`` is the maximum over
+    ``dim`` (one max pass), the result float: ``y = max * (x / max) ** gamma * gain``.
 
     Parameters
     ----------
     data : xarray.DataArray
-        Non-negative numeric data (checked on the fitted voxels).
+        Non-negative numeric data.
     gamma : float
         The exponent, a positive number (< 1 brightens, > 1 darkens). With ``params`` of an
         earlier gamma, it must be the exponent they record; with those of :func:`log` or
-        :func:`auto_gamma` (the same maximum), it is the exponent applied.
+        :func:`auto_gamma`, it is the exponent applied.
+    gain : float
+        The constant multiplier, >= 0.
+    scale : {"dtype", "data"}
+        The full scale ``s``: the dtype's (scikit-image's), or the data's maximum over ``dim``.
+    out_range : (lo, hi), integer dtype or None
+        ``None``: the reference's output, the input dtype (``scale="data"``: float32 for
+        float32/16 and up to 16-bit integer input, float64 otherwise). ``(lo, hi)``: float
+        ``lo + (hi - lo) * gain * (x / s) ** gamma``; an integer dtype (e.g. ``"uint8"``): that
+        range, rounded half to even and clipped, as :func:`rescale` (no truncation trap).
     dim : str, sequence of str or None
-        Dims the maximum is taken over: ``None`` = the whole dataset; ``("z", "y", "x")`` =
-        one per volume.
+        ``scale="data"`` only: dims the maximum is taken over (None: the whole dataset;
+        ``("z", "y", "x")``: one per volume).
     mask : xarray.DataArray of bool, optional
-        Broadcastable to ``data``; only ``True`` voxels are used for the maximum (every voxel is
-        transformed).
+        ``scale="data"`` only: the voxels the maximum is taken over (every voxel is transformed).
     params : Params, optional
         Recorded by an earlier gamma, log or auto_gamma call (:meth:`Params.from_dict` of its
-        ``attrs["volnorm_params"]`` entry): no max pass; a ``dim`` given must be the one they
-        were fitted over, and ``mask`` is not used.
+        ``attrs["volnorm_params"]`` entry): no pass; their ``scale`` (and, from gamma, ``gain``
+        and ``out_range``) apply; a ``dim`` or such option given must be the recorded one.
 
     Returns
     -------
     xarray.DataArray
-        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
-        maximum and ``gamma`` in ``attrs["volnorm_params"]``.
+        Lazy; ``scale``, ``gamma``, ``gain``, ``out_range`` (and with ``scale="data"`` the
+        maximum) in ``attrs["volnorm_params"]``.
 
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
-    >>> vn.gamma(xr.DataArray(np.array([0.0, 25.0, 100.0]), dims="x"), 0.5).values.tolist()
+    >>> x = xr.DataArray(np.array([0, 64, 255], dtype="uint8"), dims="x")
+    >>> vn.gamma(x, 0.5).values.tolist()            # skimage.exposure.adjust_gamma(x, 0.5)
+    [0, 128, 255]
+    >>> vn.gamma(x, 0.5, out_range="uint16").values.tolist()
+    [0, 32832, 65535]
+    >>> vn.gamma(xr.DataArray(np.array([0.0, 25.0, 100.0]), dims="x"), 0.5, scale="data").values.tolist()
     [0.0, 50.0, 100.0]
     """
     data = check_data(data)
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+    if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"`gamma` must be a positive number; got {gamma!r}")
-    params = _max_params("gamma", data, dim, mask, params, gamma=float(gamma))
-    v = _kept_values(params.values, data)
-    ft = float_dtype(data.dtype)
-    mx = v["max"].where(v["max"] > 0, 1.0).astype(ft)
-    y = (mx * (data.astype(ft) / mx) ** ft.type(params.options["gamma"])).astype(ft)
-    return attach(y, data, params)
+    params = _power_params("gamma", data, scale, dim, mask, params, out_range, gamma=float(gamma), gain=_check_gain(gain))
+    o = params.options
+    g, k = float(o["gamma"]), float(o["gain"])
+    if o["scale"] == "data":
+        return _on_data_max(data, params, lambda x, mx: (x / mx) ** x.dtype.type(g), k)
+    s = full_scale(data.dtype)
+    if o["out_range"] is not None:
+        ft = float_dtype(data.dtype)
+        x = checked_nonnegative(data, "gamma").astype(ft) / ft.type(s)
+        return attach(_out(k * x ** ft.type(g), data, o["out_range"]), data, params)
+    if data.dtype == np.uint8:  # scikit-image's look-up table, bit for bit
+        lut = np.minimum(np.rint(255 * k * (np.linspace(0, 1, 256) ** g)), 255).astype(np.uint8)
+        xa = dask_data(data)
+        return attach(data.copy(data=xa.map_blocks(lut.__getitem__, dtype=np.uint8)), data, params)
+    x = checked_nonnegative(data, "gamma")
+    return attach(_to_dtype(((x / s) ** g) * s * k, data.dtype), data, params)
 
 
-def log(data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None) -> xr.DataArray:
-    """``y = max * log1p(x) / log1p(max)``: logarithmic compression with the gain that maps the
-    maximum to itself, in float (no 8-bit truncation). Needs non-negative data.
+def log(
+    data: xr.DataArray,
+    *,
+    gain: float = 1.0,
+    inv: bool = False,
+    scale: Scale = "dtype",
+    out_range: tuple[float, float] | str | np.dtype | type | None = None,
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    params: Params | None = None,
+) -> xr.DataArray:
+    """Logarithmic correction, as ``skimage.exposure.adjust_log``: ``y = log2(1 + x / s) * s *
+    gain``, or with ``inv=True`` ``y = (2 ** (x / s) - 1) * s * gain``, with ``s`` the dtype's
+    full scale (uint8 255, uint16 65535, float 1.0).
+
+    With the default ``scale="dtype"`` the result equals ``adjust_log(x, gain, inv)`` dtype for
+    dtype: the input dtype, integers truncated toward zero as scikit-image's cast. It differs
+    only where scikit-image's result is undefined: a result above an integer dtype's maximum
+    (``gain > 1``) is clipped to it, where the cast wraps; ``gain`` must be >= 0; negative data
+    raise ``ValueError`` when computed, not when called. Computes nothing when called.
+    ``scale="data"`` (the earlier default): ``y = max * log1p(x) / log1p(max) * gain`` with
+    the maximum over ``dim`` (one max pass), float; ``inv=True`` is its inverse,
+    ``y = expm1(x * log1p(max) / max) * gain``.
 
     Parameters
     ----------
     data : xarray.DataArray
-        Non-negative numeric data (checked on the fitted voxels).
+        Non-negative numeric data.
+    gain : float
+        The constant multiplier, >= 0.
+    inv : bool
+        The inverse correction (expansion instead of compression).
+    scale : {"dtype", "data"}
+        The full scale: the dtype's (scikit-image's), or the data's maximum over ``dim``.
+    out_range : (lo, hi), integer dtype or None
+        ``None``: the reference's output, the input dtype (``scale="data"``: float32 for
+        float32/16 and up to 16-bit integer input, float64 otherwise). ``(lo, hi)``: float
+        ``lo + (hi - lo) * gain * log2(1 + x / s)`` (the curve on [0, 1]); an integer dtype:
+        that range, rounded half to even and clipped, as :func:`rescale`.
     dim : str, sequence of str or None
-        Dims the maximum is taken over, as in :func:`gamma`.
+        ``scale="data"`` only: dims the maximum is taken over, as in :func:`gamma`.
     mask : xarray.DataArray of bool, optional
-        The voxels the maximum is taken over, as in :func:`gamma`.
+        ``scale="data"`` only: the voxels the maximum is taken over, as in :func:`gamma`.
     params : Params, optional
-        An earlier gamma, log or auto_gamma call's parameters, as in :func:`gamma` (no max pass).
+        An earlier gamma, log or auto_gamma call's parameters, as in :func:`gamma` (no pass).
 
     Returns
     -------
     xarray.DataArray
-        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the
-        maximum in ``attrs["volnorm_params"]``. Computes: the max pass only.
+        Lazy; ``scale``, ``gain``, ``inv``, ``out_range`` (and with ``scale="data"`` the
+        maximum) in ``attrs["volnorm_params"]``.
 
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
-    >>> vn.log(xr.DataArray(np.array([0, 255], dtype="uint8"), dims="x")).values.tolist()
-    [0.0, 255.0]
+    >>> x = xr.DataArray(np.array([0, 64, 255], dtype="uint8"), dims="x")
+    >>> vn.log(x).values.tolist()                   # skimage.exposure.adjust_log(x)
+    [0, 82, 255]
+    >>> vn.log(x, inv=True).values.tolist()         # adjust_log(x, inv=True)
+    [0, 48, 255]
+    >>> [round(float(v), 2) for v in vn.log(x, scale="data").values]   # 255 * log1p(x) / log1p(255)
+    [0.0, 191.96, 255.0]
     """
     data = check_data(data)
-    params = _max_params("log", data, dim, mask, params)
-    v = _kept_values(params.values, data)
-    ft = float_dtype(data.dtype)
-    gain = xr.where(v["max"] > 0, v["max"] / np.log1p(v["max"].where(v["max"] > 0, 1.0)), 0.0).astype(ft)
-    y = (gain * np.log1p(data.astype(ft))).astype(ft)
-    return attach(y, data, params)
+    if not isinstance(inv, (bool, np.bool_)):
+        raise ValueError(f"`inv` must be True or False; got {inv!r}")
+    params = _power_params("log", data, scale, dim, mask, params, out_range, gain=_check_gain(gain), inv=bool(inv))
+    o = params.options
+    k, iv = float(o["gain"]), bool(o["inv"])
+    if o["scale"] == "data":  # the curve on [0, 1]: log1p(x) / log1p(max), or its inverse
+        return _on_data_max(data, params, lambda x, mx: np.expm1(x * (np.log1p(mx) / mx)) / mx if iv else np.log1p(x) / np.log1p(mx), k)
+    s = full_scale(data.dtype)
+    x = checked_nonnegative(data, "log")
+    if o["out_range"] is not None:
+        ft = float_dtype(data.dtype)
+        t = x.astype(ft) / ft.type(s)
+        return attach(_out(k * ((2 ** t - 1) if iv else np.log2(1 + t)), data, o["out_range"]), data, params)
+    y = (2 ** (x / s) - 1) * s * k if iv else np.log2(1 + x / s) * s * k  # adjust_log's arithmetic
+    return attach(_to_dtype(y, data.dtype), data, params)
+
+
+def _im_level(x: xr.DataArray, s: float, e: xr.DataArray, dtype: np.dtype) -> xr.DataArray:
+    """ImageMagick's ``LevelImage(image, 0, QuantumRange, gamma)`` with ``e = 1 / gamma``:
+    ``QuantumRange * (x / QuantumRange) ** e`` in double, then its ``ClampToQuantum`` (clamped,
+    rounded half up) for integer data. uint8 works in 16 bits (Q16: ``x * 257``), and a Q16
+    value ``q`` becomes the 8-bit ``q // 257`` that ImageMagick 6.9's PNG writer stores."""
+    q16 = dtype == np.uint8
+    qr = 65535.0 if q16 else s
+    q = x.astype(np.float64) * 257.0 if q16 else x.astype(np.float64)
+    t = q * (1.0 / qr)  # LevelPixel: PerceptibleReciprocal(white - black) * (pixel - black)
+    v = qr * xr.where(t < 0, t, t ** e)  # gamma_pow
+    if dtype.kind not in "iu":
+        return v.astype(dtype if dtype.kind == "f" else np.float64)
+    v = xr.where(v <= 0, 0.0, xr.where(v >= qr, qr, np.floor(v + 0.5)))  # ClampToQuantum
+    return (np.floor(v / 257.0) if q16 else v).astype(dtype)
 
 
 def auto_gamma(
-    data: xr.DataArray, *, dim: Dim = None, mask: xr.DataArray | None = None, params: Params | None = None
+    data: xr.DataArray,
+    *,
+    scale: Scale = "dtype",
+    out_range: tuple[float, float] | str | np.dtype | type | None = None,
+    dim: Dim = None,
+    mask: xr.DataArray | None = None,
+    params: Params | None = None,
 ) -> xr.DataArray:
-    """ImageMagick's ``-auto-gamma``: the gamma that maps the mean to 50 % of the maximum,
-    ``y = max * (x / max) ** (log(0.5) / log(mean / max))``. Needs non-negative data.
+    """ImageMagick's ``-auto-gamma``: the gamma that maps the mean to half of full scale,
+    ``gamma = log(mean / s) / log(0.5)``, ``y = s * (x / s) ** (1 / gamma)``, with ``s`` the
+    dtype's full scale (ImageMagick's ``QuantumRange``: uint8 255, uint16 65535, float 1.0).
+
+    With the default ``scale="dtype"`` the result equals ImageMagick 6.9 (Q16)
+    ``convert in.png -auto-gamma out.png`` bit for bit on 8- and 16-bit grey PNGs: uint8 is
+    computed as ImageMagick does, in 16 bits (``x * 257``), rounded half up to 16 bits
+    (``ClampToQuantum``), then stored as ``q // 257`` as its PNG writer does (this is up to 1
+    below rounding the exact float formula to 8 bits); uint16 and other integer dtypes are
+    rounded half up and clamped; float data stay float, unrounded (an HDRI build). The mean is
+    over ``dim`` (ImageMagick: the whole image) and the masked voxels. Its arithmetic is kept at
+    the ends: a mean of 0 makes every voxel full scale (gamma infinite), as ImageMagick.
+    Output dtype: the input's. ``scale="data"`` (the earlier default): ``s`` is the
+    maximum over ``dim``, float output, and where ``mean / max`` is not strictly between 0 and 1
+    (constant data) the gamma is 1. Needs non-negative data. Computes: the mean (and max) pass.
 
     Parameters
     ----------
     data : xarray.DataArray
         Non-negative numeric data (checked on the fitted voxels).
+    scale : {"dtype", "data"}
+        The full scale: the dtype's (ImageMagick's), or the data's maximum over ``dim``.
+    out_range : (lo, hi), integer dtype or None
+        ``None``: the reference's output, the input dtype (``scale="data"``: float32 for
+        float32/16 and up to 16-bit integer input, float64 otherwise). ``(lo, hi)``: float
+        ``lo + (hi - lo) * (x / s) ** (1 / gamma)``; an integer dtype: that range, rounded half
+        to even and clipped, as :func:`rescale`.
     dim : str, sequence of str or None
-        Dims the mean and maximum are taken over: ``None`` = the whole dataset;
-        ``("z", "y", "x")`` = one pair per volume.
+        Dims the mean (and maximum) are taken over: ``None`` = the whole dataset;
+        ``("z", "y", "x")`` = one per volume.
     mask : xarray.DataArray of bool, optional
         Broadcastable to ``data``; only ``True`` voxels are used for the mean and maximum (every
         voxel is transformed).
     params : Params, optional
-        Recorded by an earlier auto_gamma, gamma or log call (:meth:`Params.from_dict` of its
-        ``attrs["volnorm_params"]`` entry): no pass; a ``dim`` given must be the one they were
-        fitted over, and ``mask`` is not used.
+        Recorded by an earlier auto_gamma call (or, with ``scale="data"``, gamma or log):
+        :meth:`Params.from_dict` of its ``attrs["volnorm_params"]`` entry: no pass; their scale
+        and ``out_range`` apply, and a ``dim`` given must be the one they were fitted over.
 
     Returns
     -------
     xarray.DataArray
-        Lazy; float32 for float32/16 and up to 16-bit integer input, float64 otherwise; the mean
-        and maximum in ``attrs["volnorm_params"]``. Where ``mean / max`` is not strictly between
-        0 and 1 (e.g. constant data), the gamma is 1 and the values are kept.
+        Lazy; the mean and maximum, ``scale``, ``out_range`` and the fitted data's full scale in
+        ``attrs["volnorm_params"]``.
 
     Examples
     --------
     >>> import numpy as np, xarray as xr, volnorm as vn
+    >>> grey = xr.DataArray(np.full((2, 2), 60, dtype="uint8"), dims=("y", "x"))
+    >>> vn.auto_gamma(grey).values.tolist()   # convert grey60.png -auto-gamma: 127
+    [[127, 127], [127, 127]]
     >>> x = xr.DataArray(np.array([0.0, 20.0, 30.0, 70.0, 30.0]), dims="x")   # mean 30, max 70
-    >>> round(float(vn.auto_gamma(x).values[2]), 6)   # the mean becomes half the maximum
+    >>> round(float(vn.auto_gamma(x, scale="data").values[2]), 6)   # the mean becomes half the max
     35.0
     """
     data = check_data(data)
-    params = _max_params("auto_gamma", data, dim, mask, params)
+    params = _power_params("auto_gamma", data, scale, dim, mask, params, out_range)
+    o = params.options
     v = _kept_values(params.values, data)
-    ft = float_dtype(data.dtype)
-    ratio = (v["mean"] / v["max"].where(v["max"] > 0, 1.0))
-    ok = (ratio > 0) & (ratio < 1)
-    g = xr.where(ok, np.log(0.5) / np.log(ratio.where(ok, 0.5)), 1.0)
-    mx = v["max"].where(v["max"] > 0, 1.0).astype(ft)
-    y = (mx * (data.astype(ft) / mx) ** g.astype(ft)).astype(ft)
-    return attach(y, data, params)
-
-
+    if o["scale"] == "data":
+        ft = float_dtype(data.dtype)
+        ratio = (v["mean"] / v["max"].where(v["max"] > 0, 1.0))
+        ok = (ratio > 0) & (ratio < 1)
+        g = xr.where(ok, np.log(0.5) / np.log(ratio.where(ok, 0.5)), 1.0).astype(ft)
+        return _on_data_max(data, params, lambda x, mx: (x / mx) ** g, 1.0)
+    fs = float(o.get("full_scale", full_scale(data.dtype)))
+    k = 257.0 if fs == 255.0 else 1.0  # the fitted mean as ImageMagick (Q16) holds it
+    with np.errstate(divide="ignore"):
+        e = 1.0 / (np.log((v["mean"] * k) * (1.0 / (fs * k))) / np.log(0.5))
+    if o["out_range"] is not None:
+        t = data.astype(np.float64) * (1.0 / full_scale(data.dtype))
+        return attach(_out(xr.where(t < 0, t, t ** e), data, o["out_range"]), data, params)
+    return attach(_im_level(data, full_scale(data.dtype), e, data.dtype), data, params)
