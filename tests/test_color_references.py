@@ -4,6 +4,8 @@ HSP perceived brightness, OpenCV's BGR order, random dithering, a palette made b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -160,3 +162,81 @@ def test_bgr_labels_are_honoured_by_the_colour_space_functions():
     assert d_bgr["channel"].values.tolist() == ["R", "G", "B"]  # RGB order, labelled
     np.testing.assert_array_equal(d_bgr.values, d_rgb.values)
     np.testing.assert_array_equal(vn.color.equalize_color(bgr).values, vn.color.equalize_color(rgb).values)
+
+
+# ---------------------------------------------------------------------------
+# random (binomial) dithering
+# ---------------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=20)
+@given(seed=st.integers(0, 2**32), level=st.floats(0.0, 1.0), ny=st.integers(8, 80), nx=st.integers(8, 80),
+       cy=st.integers(1, 40), cx=st.integers(1, 40))
+def test_random_dither_is_binomial_and_chunk_independent(seed, level, ny, nx, cy, cx):
+    x = xr.DataArray(np.full((2, ny, nx), level), dims=("volume", "y", "x"))
+    bits = vn.dither(x, "random", in_range=(0, 1), seed=seed)
+    n = bits.size
+    sd = np.sqrt(level * (1 - level) / n)
+    assert abs(float(bits.mean()) - level) <= 5 * sd + 1e-12  # binomial: 5 sd
+    if level in (0.0, 1.0):
+        assert bool(bits.all()) == (level == 1.0) and bool(bits.any()) == (level == 1.0)
+    chunked = vn.dither(x.chunk({"volume": 1, "y": cy, "x": cx}), "random", in_range=(0, 1), seed=seed)
+    np.testing.assert_array_equal(chunked.values, bits.values)  # the same bits whatever the chunking
+
+
+def test_random_dither_on_camera_keeps_the_mean_and_is_recorded():
+    cam = _photo("camera")
+    x = xr.DataArray(cam, dims=("y", "x"))
+    bits = vn.dither(x, "random", seed=7)
+    g = (cam.astype(np.float64) - cam.min()) / (cam.max() - cam.min())
+    sd = np.sqrt((g * (1 - g)).sum()) / g.size  # the sum of independent Bernoulli(g)
+    assert abs(float(bits.mean()) - g.mean()) <= 5 * sd
+    # local means too: 16x16 blocks within 5 sd of their values' mean
+    b = bits.values.reshape(32, 16, 32, 16).mean(axis=(1, 3))
+    gb = g.reshape(32, 16, 32, 16)
+    sdb = np.sqrt((gb * (1 - gb)).sum(axis=(1, 3))) / 256
+    assert np.all(np.abs(b - gb.mean(axis=(1, 3))) <= 5 * sdb + 1e-12)
+    # independent of the value: bits of two seeds agree as two independent draws would
+    other = vn.dither(x, "random", seed=8).values
+    assert not np.array_equal(other, bits.values)
+    np.testing.assert_array_equal(vn.dither(x.chunk({"y": 100, "x": 77}), "random", seed=7).values, bits.values)
+    # provenance: the step, its window and its seed (dither was missing from the recorded steps)
+    steps = json.loads(bits.attrs["volnorm_params"])
+    assert [s["method"] for s in steps] == ["dither"]
+    assert steps[0]["options"] == {"method": "random", "in_range": "minmax", "dim": ["y", "x"], "seed": 7}
+    assert steps[0]["values"]["data_vars"]["in_lo"]["data"] == cam.min()
+    assert [s["method"] for s in json.loads(vn.dither(vn.rescale(x)).attrs["volnorm_params"])] == ["rescale", "dither"]
+
+
+def test_dither_step_survives_a_store(tmp_path):
+    x = xr.DataArray(_photo("camera")[None, :64, :64], dims=("volume", "y", "x"))
+    bits = vn.dither(x, "random", seed=2)
+    vn.to_zarr(bits, tmp_path / "d.zarr")
+    back = vn.open_zarr(tmp_path / "d.zarr")
+    assert [s["method"] for s in json.loads(back.attrs["volnorm_params"])] == ["dither"]
+    np.testing.assert_array_equal(back.values.astype(bool), bits.values)
+
+
+# ---------------------------------------------------------------------------
+# quantize with a palette made elsewhere
+# ---------------------------------------------------------------------------
+
+
+def test_quantize_with_a_cv2_kmeans_palette_equals_numpy_nearest_colour():
+    cv2 = pytest.importorskip("cv2")
+    img = _photo("astronaut")
+    pts = img.reshape(-1, 3).astype(np.float32)
+    cv2.setRNGSeed(0)
+    _, _, centres = cv2.kmeans(pts, 8, None, (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 1.0), 1, cv2.KMEANS_PP_CENTERS)
+    x = xr.DataArray(img, dims=("y", "x", "channel")).chunk({"y": 128})
+    labels = vn.color.quantize(x, params=centres, labels=True)
+    c = centres.astype(np.float64)
+    d = ((img.reshape(-1, 1, 3).astype(np.float64) - c[None]) ** 2).sum(-1)
+    want = d.argmin(axis=1).reshape(img.shape[:2])
+    np.testing.assert_array_equal(labels.values, want)
+    colours = vn.color.quantize(x, params=centres)
+    np.testing.assert_array_equal(colours.values, c.round().clip(0, 255).astype(np.uint8)[want])
+    rec = json.loads(colours.attrs["volnorm_params"])[-1]
+    assert rec["method"] == "quantize" and rec["options"] == {"n_colors": 8, "source": "palette"}
+    with pytest.raises(ValueError, match="channels"):
+        vn.color.quantize(x, params=centres[:, :2])

@@ -143,7 +143,9 @@ def quantize(
 ) -> xr.DataArray:
     """Reduce a colour stack to a palette: each pixel takes its nearest palette colour,
     block by block (lazy). The palette is fitted with :func:`fit_quantize` unless ``params``
-    gives one (e.g. fitted on the first frames of a video, applied to the rest).
+    gives one: fitted parameters (e.g. on the first frames of a video, applied to the rest), or
+    a palette made elsewhere (an ``(n_colors, channels)`` array, e.g. ``cv2.kmeans``'s centres),
+    in the data's channel order and scale.
 
     Parameters
     ----------
@@ -151,9 +153,11 @@ def quantize(
         Colour data with ``channel_dim`` of size 3 or 4.
     n_colors : int
         Palette size when fitting.
-    params : volnorm.Params, optional
-        A fitted palette (``fit_quantize``); no fit then (checked by :func:`volnorm.params.check`:
-        an ``n_colors`` other than the default, or a ``seed``, must be what it was fitted with).
+    params : volnorm.Params or array-like, optional
+        A fitted palette (``fit_quantize``; checked by :func:`volnorm.params.check`: an
+        ``n_colors`` other than the default, or a ``seed``, must be what it was fitted with), or
+        a palette array ``(n_colors, channels)`` of 1-256 finite colours (recorded as method
+        ``"quantize"`` with ``options["source"] = "palette"``). No fit then.
     labels : bool
         Return each pixel's palette index (uint8, without ``channel_dim``) instead of its colour.
         (Float pixels with a NaN get NaN colours, or label 0: uint8 has no missing value.)
@@ -174,10 +178,21 @@ def quantize(
     >>> px = xr.DataArray(np.array([[[10, 10, 10], [250, 0, 0], [12, 9, 11]]], dtype="uint8"), dims=("y", "x", "channel"))
     >>> vn.color.quantize(px, 2, labels=True).values.tolist() in ([[0, 1, 0]], [[1, 0, 1]])
     True
+    >>> vn.color.quantize(px, params=[[0, 0, 0], [255, 0, 0]]).values.tolist()   # a palette made elsewhere
+    [[[0, 0, 0], [255, 0, 0], [0, 0, 0]]]
     """
     rgb = channels(rgb, channel_dim, order=False)
     if params is None:
         p = fit_quantize(rgb, n_colors, channel_dim=channel_dim, **fit)
+    elif not isinstance(params, Params) and np.ndim(params) == 2:
+        palette = np.asarray(params, dtype=np.float64)
+        if not (1 <= len(palette) <= 256 and np.all(np.isfinite(palette))):
+            raise ValueError(f"a palette needs 1-256 finite colours; got shape {palette.shape}")
+        labels_ = rgb[channel_dim].values if channel_dim in rgb.coords else np.arange(palette.shape[1])
+        if len(labels_) != palette.shape[1]:
+            raise ValueError(f"the palette has {palette.shape[1]} channels, the data {rgb.sizes[channel_dim]}")
+        p = Params("quantize", xr.Dataset({"palette": (("color", channel_dim), palette)}, coords={channel_dim: labels_}),
+                   {"n_colors": len(palette), "source": "palette"})
     else:
         p = check(params, quantize, rgb, n_colors=n_colors, **fit)
     centres = np.asarray(p.values["palette"].values, dtype=np.float64)

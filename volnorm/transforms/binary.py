@@ -15,11 +15,12 @@ import xarray as xr
 from volnorm import _kernels
 from volnorm._dims import Dim
 from volnorm._utils import VolnormDeprecationWarning
+from volnorm.params import Params, attach
 from volnorm.transforms import thresholds
 from volnorm.transforms.common import check_data, dask_data
-from volnorm.transforms.intensity import rescale
+from volnorm.transforms.intensity import fit_rescale, rescale
 
-__all__ = ["BAYER8", "binarize", "dither"]
+__all__ = ["BAYER8", "binarize", "dither", "uniform_at"]
 
 #: The plane :func:`dither` works on unless told otherwise.
 PLANE: tuple[Hashable, Hashable] = ("y", "x")
@@ -117,6 +118,45 @@ BAYER8 = np.array(
 )
 
 
+#: splitmix64's constants (Steele, Lea & Flood 2014; Java's SplittableRandom).
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function of the states ``z`` (uint64, wrapping)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform_at(index: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform numbers in [0, 1) keyed by global element indices: element ``i`` of the splitmix64
+    stream of ``seed``, the same whatever block computes it (counter-based, chunk-independent).
+
+    Parameters
+    ----------
+    index : numpy.ndarray
+        Non-negative integer indices (the flat index of each element in the whole array).
+    seed : int
+        The stream.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 of ``index``'s shape, 53 random bits each.
+
+    Examples
+    --------
+    >>> u = uniform_at(np.arange(100_000), 0)
+    >>> bool(np.all((u >= 0) & (u < 1))), round(float(u.mean()), 2), bool(np.array_equal(uniform_at(np.arange(5, 9), 0), u[5:9]))
+    (True, 0.5, True)
+    """
+    key = _splitmix(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        z = _splitmix(np.asarray(index).astype(np.uint64) * _GOLDEN + key)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def dither(
     data: xr.DataArray,
     method: str = "bayer",
@@ -124,19 +164,23 @@ def dither(
     in_range: str | tuple[float, float] = "minmax",
     dim: tuple[Hashable, Hashable] = _PLANE_DEFAULT,
     dims: tuple[Hashable, Hashable] = _PLANE_DEFAULT,
+    seed: int = 0,
 ) -> xr.DataArray:
     """Binarize grey levels by dithering, keeping the local mean intensity (unlike a threshold,
-    which discards it, or random binomial sampling, which adds noise at every scale).
+    which discards it); ``"random"`` is the classic baseline, binomial sampling, which keeps
+    the mean only on average and adds noise at every scale.
 
     Parameters
     ----------
     data : xarray.DataArray
         Numeric data with both ``dim`` dims.
-    method : {"bayer", "floyd-steinberg"}
+    method : {"bayer", "floyd-steinberg", "random"}
         ``"bayer"``: ordered dithering with the 8x8 Bayer matrix tiled over ``dim`` in
         global coordinates - blockwise, seamless across chunks. ``"floyd-steinberg"``: error
         diffusion in raster order over each ``dim`` plane - planes are kept whole in a chunk
-        (rechunked if needed).
+        (rechunked if needed). ``"random"``: each pixel is on with probability equal to its
+        value in [0, 1] (``u < value``, ``u`` uniform in [0, 1)), the numbers keyed by each
+        element's global index (:func:`uniform_at`): the same bits whatever the chunking.
     in_range : "minmax" or (lo, hi)
         The data are first rescaled to [0, 1] over ``in_range`` (fitted on the whole dataset by
         default), as :func:`rescale` does, clipping values outside it.
@@ -145,12 +189,15 @@ def dither(
     dims : (str, str), optional
         Deprecated spelling of ``dim`` (a :class:`~volnorm._utils.VolnormDeprecationWarning`);
         not with ``dim``.
+    seed : int
+        ``method="random"``: the random stream (the same seed, the same bits).
 
     Returns
     -------
     xarray.DataArray
-        Returns a lazy bool array. It has the dims and name of ``data``. Computes: the
-        min/max pass for ``in_range="minmax"``.
+        Returns a lazy bool array. It has the dims and name of ``data``; ``attrs["volnorm_params"]``
+        records the step (method ``"dither"``: the fitted window ``in_lo``/``in_hi``, ``method``,
+        ``in_range``, ``dim``, ``seed``). Computes: the min/max pass for ``in_range="minmax"``.
 
     Examples
     --------
@@ -159,6 +206,9 @@ def dither(
     >>> b, f = vn.dither(grey, in_range=(0, 1)), vn.dither(grey, "floyd-steinberg", in_range=(0, 1))
     >>> float(b.mean()), round(float(f.mean()), 3)   # error leaving the last row/column is lost
     (0.25, 0.243)
+    >>> r = vn.dither(grey, "random", in_range=(0, 1), seed=1)
+    >>> abs(float(r.mean()) - 0.25) < 3 * (0.25 * 0.75 / 64**2) ** 0.5   # within 3 binomial sd
+    True
     """
     if dims is not _PLANE_DEFAULT:
         if dim is not _PLANE_DEFAULT:
@@ -170,14 +220,24 @@ def dither(
         dim = dims
     dim = tuple(dim)
     data = check_data(data)
-    if method not in ("bayer", "floyd-steinberg"):
-        raise ValueError(f"`method` must be 'bayer' or 'floyd-steinberg'; got {method!r}")
+    if method not in ("bayer", "floyd-steinberg", "random"):
+        raise ValueError(f"`method` must be 'bayer', 'floyd-steinberg' or 'random'; got {method!r}")
     if len(dim) != 2 or any(d not in data.dims for d in dim):
         raise ValueError(f"dither works over the plane dim={dim!r} (2 of the data's dims); the data have dims {data.dims!r}")
-    g = rescale(data, in_range, out_range=(0.0, 1.0), clip=True)
+    window = fit_rescale(data, in_range=in_range)
+    g = rescale(data, params=window, out_range=(0.0, 1.0), clip=True)
     g = g.transpose(..., *dim)
     ga = dask_data(g)
-    if method == "bayer":
+    if method == "random":
+        shape, key = ga.shape, int(seed)
+
+        def block_random(b: np.ndarray, block_info: Any = None) -> np.ndarray:
+            loc = block_info[0]["array-location"]
+            index = np.ravel_multi_index(np.ix_(*[np.arange(a, z, dtype=np.int64) for a, z in loc]), shape)
+            return uniform_at(index, key) < b  # NaN: never on
+
+        out = da.map_blocks(block_random, ga, dtype=bool, meta=np.empty((0,) * ga.ndim, dtype=bool))
+    elif method == "bayer":
         def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
             (y0, _), (x0, _) = block_info[0]["array-location"][-2:]
             yy = (np.arange(y0, y0 + b.shape[-2]) % 8)[:, None]
@@ -196,4 +256,6 @@ def dither(
 
         out = da.map_blocks(block_fs, ga, dtype=bool, meta=np.empty((0,) * ga.ndim, dtype=bool))
     y = xr.DataArray(out, dims=g.dims, coords=g.coords, name=data.name).transpose(*data.dims)
-    return y
+    options = {"method": method, "in_range": in_range if isinstance(in_range, str) else [float(v) for v in in_range],
+               "dim": [str(d) for d in dim], **({"seed": int(seed)} if method == "random" else {})}
+    return attach(y, data, Params("dither", window.values, options))
