@@ -55,7 +55,7 @@ JOB_CLUSTERS = tuple(JOB_EXTRAS)
 ENV_VAR = "VOLNORM_SCHEDULER"
 
 __all__ = [
-    "DISTRIBUTED", "ENCRYPTED_SCHEMES", "ENV_VAR", "JOB_CLUSTERS", "WORDS", "ClusterLostError", "Engine", "Executor",
+    "DISTRIBUTED", "ENCRYPTED_SCHEMES", "compute_small", "ENV_VAR", "JOB_CLUSTERS", "WORDS", "ClusterLostError", "Engine", "Executor",
     "InsecureSchedulerError", "RunStalledError", "WORKER_ENV", "check_address", "check_scheduler", "compute", "current",
     "dask_scheduler", "default_scheduler", "executor", "import_keeping_sigint", "is_loopback", "job_cluster",
     "local_cluster", "progress_bar", "running", "usable_cpus",
@@ -276,6 +276,36 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"<Engine {self._description if self._started else self.scheduler + ' (not started)'}>"
+
+
+def compute_small(*targets: Any) -> tuple:
+    """``dask.compute(*targets)`` for small graphs run many times (a 1-byte histogram, a pick
+    pass): without graph optimization on dask's local schedulers, where optimizing costs more
+    than it saves; optimized on a cluster like every other graph, because the scheduler must see
+    one spec per key: the same collection's keys sent once optimized (fused into an alias) and
+    once not make ``distributed`` warn "Detected different `run_spec`" (dask#9888), seen on
+    3 of 7 ordinary ``volnorm run`` on a local cluster before this rule.
+
+    Parameters
+    ----------
+    targets : dask collections
+        What to compute.
+
+    Returns
+    -------
+    tuple
+        The computed values, as ``dask.compute`` returns them.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> [float(v) for v in compute_small(da.ones(4, chunks=2).sum())]
+    [4.0]
+    """
+    eng = current()
+    on_cluster = (eng is not None and eng.started and eng._client is not None) or (
+        eng is None and dask.config.get("scheduler", None) in (None, DISTRIBUTED) and _active_client() is not None)
+    return dask.compute(*targets, optimize_graph=on_cluster)
 
 
 def progress_bar(total: float, desc: str, *, show: bool = True, unit: str = "B") -> Any:

@@ -175,8 +175,8 @@ OPTION_RULES: dict[str, Rule] = {
     "kernel_size": Rule(lo=1),
     # equalize_adaptive: "dim : sequence of str - The 2 or 3 dims of each plane or volume"
     "equalize_adaptive.dim": Rule(length=(2, 3)),
-    # dither: 'method : {"bayer", "floyd-steinberg"}'
-    "dither.method": Rule(words=("bayer", "floyd-steinberg")),
+    # dither: 'method : {"bayer", "floyd-steinberg", "random"}'
+    "dither.method": Rule(words=("bayer", "floyd-steinberg", "random")),
     # binarize: "method : str - One of volnorm.threshold's methods that gives one threshold (not
     # "multiotsu")"; the pipeline's mask threshold (mask.threshold) is one threshold too
     "binarize.method": Rule(words=tuple(m for m in METHODS if m != "multiotsu")),
@@ -601,6 +601,10 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
             if vals is None:
                 raise ValueError("step 'nyul' was recorded without its landmarks; fit it again")
             data = transforms.nyul_apply(data, Params("nyul", vals, p.options), mask=mask)
+        elif name == "dither":  # the recorded window, so the same data give the same bits
+            window = opts.get("in_range")
+            data = transforms.dither(data, opts.get("method", "bayer"), in_range=tuple(window) if isinstance(window, list) else window,
+                                     dim=tuple(opts.get("dim", ("y", "x"))), seed=opts.get("seed", 0))
         elif name == "equalize_adaptive":
             data = transforms.equalize_adaptive(data, opts.get("kernel_size"), opts.get("clip_limit", 0.01), opts.get("nbins", 256), dim=tuple(opts.get("dim", ("y", "x"))))
         else:
