@@ -628,6 +628,14 @@ def _refit_kwargs(name: str, opts: dict[str, Any]) -> dict[str, Any]:
         kw["nbins"] = opts.get("nbins", 256)
     if name == "gamma":
         kw["gamma"] = opts["gamma"]
+    if name in ("gamma", "log", "auto_gamma"):  # records from before `scale` existed scaled by the data's max
+        kw["scale"] = opts.get("scale", "data")
+        for key in ("gain", "inv"):
+            if key in opts and (name != "auto_gamma"):
+                kw[key] = opts[key]
+        if opts.get("out_range") is not None:
+            out = opts["out_range"]
+            kw["out_range"] = tuple(out) if isinstance(out, list) else out
     if name == "mean_scale":
         kw.update(target=opts["target"], per_volume=opts.get("per_volume", True))
     return kw
