@@ -250,3 +250,48 @@ def test_every_command_that_takes_a_scheduler_is_in_the_table():
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     with_scheduler = {name for name, p in sub.choices.items() if any("--scheduler" in a.option_strings for a in p._actions)}
     assert with_scheduler == {c.split()[0] for c in COMMANDS}
+
+
+def test_small_graphs_are_optimized_on_a_cluster_like_every_other_graph(monkeypatch):
+    """dask#9888: the same collection's keys sent to one scheduler once optimized (fused into an
+    alias) and once not make distributed warn "Detected different `run_spec`" (seen on 3 of 7
+    ordinary `volnorm run` on a local cluster). compute_small skips optimization only where no
+    scheduler keeps the keys: dask's local schedulers."""
+    import dask
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from volnorm.engine import compute_small, running
+
+    seen: list[bool] = []
+    real = dask.compute
+
+    def recording(*a, **k):
+        seen.append(k.get("optimize_graph", True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(dask, "compute", recording)
+    x = da.ones(8, chunks=2).sum()
+    with running("sync"):
+        assert [float(v) for v in compute_small(x)] == [8.0]
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, Client(cluster, set_as_default=False) as client:
+        with running(client):
+            assert [float(v) for v in compute_small(x)] == [8.0]
+    assert seen == [False, True]
+
+
+def test_a_pipeline_on_a_cluster_sends_each_key_one_way(cohort, tmp_path, caplog):
+    """An ordinary run (a mask from the data, a fitted step, statistics beside the images) on a
+    real cluster: no "Detected different `run_spec`" from its scheduler."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    spec = {"version": 1, "input": {"nifti": [str(f) for f in cohort[:3]]}, "mask": {"threshold": {"method": "otsu", "per": "volume"}},
+            "steps": [{"rescale": {"percentiles": [1, 99]}}], "output": {"store": str(tmp_path / "o.zarr")},
+            "outputs": {"statistics": {"path": str(tmp_path / "s.csv")}, "params": str(tmp_path / "p.json")}}
+    with caplog.at_level(logging.WARNING, logger="distributed.scheduler"):
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster, set_as_default=False) as client:
+            assert vn.pipeline.run(spec, client=client, echo=None).status == "done"
+    assert not [r for r in caplog.records if "Detected different `run_spec`" in r.getMessage()]

@@ -303,8 +303,10 @@ def compute_small(*targets: Any) -> tuple:
     [4.0]
     """
     eng = current()
-    on_cluster = (eng is not None and eng.started and eng._client is not None) or (
-        eng is None and dask.config.get("scheduler", None) in (None, DISTRIBUTED) and _active_client() is not None)
+    if eng is not None:
+        on_cluster = eng.client is not None  # the graph runs now: starting the engine is no waste
+    else:
+        on_cluster = dask.config.get("scheduler", None) in (None, DISTRIBUTED) and _active_client() is not None
     return dask.compute(*targets, optimize_graph=on_cluster)
 
 
