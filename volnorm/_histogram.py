@@ -736,6 +736,31 @@ def merge_histograms(hists: Sequence[xr.DataArray]) -> xr.DataArray:
     return total.rename("histogram")
 
 
+def own_edges(dtype: np.dtype, lo: np.ndarray, hi: np.ndarray, nbins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's own ``nbins`` equal bins over its ``lo..hi`` (the finite min and max of its
+    voxels), as ``np.histogram(group, nbins)`` and scikit-image's ``histogram`` make them: edges
+    ``np.linspace`` in the data's float dtype (a constant group widened by 0.5 each way), centres
+    ``(e[:-1] + e[1:]) / 2`` in that dtype. Returns float64 values ``(rows, nbins + 1)`` of the
+    edges and ``(rows, nbins)`` of the centres.
+
+    >>> e, c = own_edges(np.dtype("float32"), np.array([0.0, 5.0]), np.array([1.0, 5.0]), 2)
+    >>> e.tolist(), c.tolist()
+    ([[0.0, 0.5, 1.0], [4.5, 5.0, 5.5]], [[0.25, 0.75], [4.75, 5.25]])
+    """
+    et = np.result_type(dtype, np.float16)
+    edges = np.empty((len(lo), nbins + 1))
+    for r, (a, b) in enumerate(zip(lo, hi)):
+        a, b = dtype.type(a), dtype.type(b)  # numpy's rules, as np.histogram(group)
+        if a == b:
+            a, b = a - 0.5, b + 0.5
+            if a == b:  # ±0.5 is below the float type's step here: the neighbouring values
+                a, b = np.nextafter(a, -np.inf), np.nextafter(b, np.inf)
+        edges[r] = np.linspace(a, b, nbins + 1, dtype=et)
+    e = edges.astype(et)
+    centers = ((e[:, :-1] + e[:, 1:]) / et.type(2)).astype(np.float64)  # scikit-image's centres
+    return edges, centers
+
+
 def histogram_rows(
     data: xr.DataArray, dim: Hashable | Sequence[Hashable] | None, edges: np.ndarray, mask: xr.DataArray | None = None
 ) -> np.ndarray:

@@ -7,14 +7,18 @@ The module is ``thresholds``, not ``threshold``: :func:`threshold` is the functi
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+import functools
+import math
+from typing import Any, Literal
+
+import dask.array as da
 
 import numpy as np
 import xarray as xr
 
 from volnorm import fsl
 from volnorm._dims import Dim, split
-from volnorm._histogram import histogram, over_collection
+from volnorm._histogram import histogram, histogram_rows, over_collection, own_edges, parts_of, prepare, rows_of
 from volnorm._utils import no_valid_voxels
 from volnorm.stats import quantile, summarize
 
@@ -175,6 +179,9 @@ def threshold(
         if np.any(s["count"].values == 0):
             raise no_valid_voxels("to threshold", some=s["count"].ndim > 0, inf=True)
         return s["mean"].rename("threshold")
+    is_float = np.result_type(*(p[1].dtype for p in parts_of(data, mask))).kind == "f"
+    if is_float:
+        return _float_threshold(data, method, dim, mask, 256 if bins is None else bins, classes)
     h = histogram(data, bins=bins, dim=dim, mask=mask).compute()
     kept = h.dims[:-1]
     centers = h["bin"].values
@@ -182,21 +189,121 @@ def threshold(
     if np.any(counts.sum(axis=1) == 0):
         raise no_valid_voxels("to threshold", some=bool(kept), inf=True)
     vals = np.stack([_one(method, c, centers, classes) for c in counts])
-    single = np.count_nonzero(counts, axis=1) == 1
-    if single.any() and method != "multiotsu" and np.any(centers != np.round(centers)):
-        # float data in one bin: a constant image's threshold is its value (as scikit-image's),
-        # not the bin centre; other one-bin rows keep the centre (scikit-image on that histogram)
-        st = summarize(data, dim=dim, mask=mask, quantiles=())
-        lo, hi = st["min"].values.reshape(-1), st["max"].values.reshape(-1)
-        constant = single & (lo == hi)
-        vals[constant, 0] = lo[constant]
-    shape = tuple(h.sizes[d] for d in kept)
     coords = {k: v for k, v in h.coords.items() if set(v.dims) <= set(kept) and not str(k).startswith("n_")}
+    return _labelled(vals, kept, tuple(h.sizes[d] for d in kept), coords, method)
+
+
+def _labelled(vals: np.ndarray, kept: tuple, shape: tuple, coords: dict, method: str) -> xr.DataArray:
     if method == "multiotsu":
         return xr.DataArray(vals.reshape(shape + (vals.shape[-1],)), dims=(*kept, "threshold"), coords=coords, name="threshold")
     return xr.DataArray(vals.reshape(shape), dims=kept, coords=coords, name="threshold")
 
 
+def _float_threshold(data: xr.DataArray | xr.DataTree, method: str, dim: Dim, mask: Any, nbins: int, classes: int) -> xr.DataArray:
+    """Float data: each group (index of the kept dims) histogrammed over its **own** ``nbins``
+    bins between its own min and max, as scikit-image histograms each image (``li``: iterated on
+    the values). Computes: a min/max pass (with the mean and count), then a histogram pass (``li``:
+    one pass per iteration instead)."""
+    if isinstance(nbins, bool) or not isinstance(nbins, (int, np.integer)) or nbins <= 0:
+        raise ValueError(f"`bins` must be a positive int; got {nbins!r}.")
+    s = summarize(data, dim=dim, mask=mask, quantiles=())
+    kept = tuple(s["count"].dims)
+    shape = tuple(s["count"].shape)
+    coords = {k: v for k, v in s.coords.items() if set(v.dims) <= set(kept) and not str(k).startswith("n_")}
+    count = s["count"].values.reshape(-1)
+    if np.any(count == 0):
+        raise no_valid_voxels("to threshold", some=bool(kept), inf=True)
+    lo, hi = s["min"].values.reshape(-1), s["max"].values.reshape(-1)
+    parts = parts_of(data, mask)
+    dtype = np.result_type(*(p[1].dtype for p in parts))
+    constant = lo == hi
+    if method == "li":
+        vals = _li_values(parts, dim, dtype, lo, s["mean"].values.reshape(-1) - lo)[:, None]
+    else:
+        edges, centers = own_edges(dtype, lo, hi, nbins)
+        counts = sum(histogram_rows(img, dim, edges, m)[:, :nbins] for _, img, m in parts)
+        centers = centers.astype(np.result_type(dtype, np.float16))  # scikit-image's arithmetic on them
+        vals = np.stack([_one(method, c, centers[r], classes) for r, c in enumerate(counts)])
+    if method != "multiotsu":
+        vals[constant, 0] = lo[constant]  # a constant image's threshold is its value (scikit-image's)
+    return _labelled(vals, kept, shape, coords, method)
+
+
+def _li_block(xb: np.ndarray, *rest: np.ndarray, nk: int, kshape: tuple, lo: np.ndarray, t: np.ndarray, gaps: bool, block_info: Any = None) -> np.ndarray:
+    """Per row of a block: count and sum of the shifted values ``x - min`` (in the data's dtype,
+    as scikit-image shifts) above and at/below ``t``, the nearest values on either side of ``t``,
+    and the smallest gap between distinct values inside the block."""
+    rows = rows_of(block_info[0]["array-location"][:nk], kshape)
+    x2 = np.ascontiguousarray(xb).reshape(len(rows), -1)
+    m2 = None if not rest else np.ascontiguousarray(rest[0], dtype=np.bool_).reshape(len(rows), -1)
+    out = np.zeros((len(rows), 7))
+    out[:, 4], out[:, 5], out[:, 6] = -np.inf, np.inf, np.inf
+    for i, r in enumerate(rows):
+        v = x2[i] if m2 is None else x2[i][m2[i]]
+        v = v[np.isfinite(v)]
+        sv = (v - v.dtype.type(lo[r])).astype(np.float64)  # the shift in the data's dtype
+        fg = sv > t[r]
+        out[i, :4] = np.count_nonzero(fg), sv[fg].sum(), len(sv) - np.count_nonzero(fg), sv[~fg].sum()
+        if out[i, 2]:
+            out[i, 4] = sv[~fg].max()
+        if out[i, 0]:
+            out[i, 5] = sv[fg].min()
+        u = np.unique(sv) if gaps else sv[:0]
+        if len(u) > 1:
+            out[i, 6] = np.min(np.diff(u))
+    return out.reshape(xb.shape[:nk] + (1,) * (xb.ndim - nk) + (7,))
+
+
+def _li_pass(parts: list, dim: Dim, lo: np.ndarray, t: np.ndarray, gaps: bool) -> np.ndarray:
+    """One pass of :func:`_li_block` over every part: ``(rows, 7)`` added up (sums), max (below)
+    and min (above, smallest gap) over the blocks."""
+    acc = np.zeros((len(lo), 7))
+    acc[:, 4], acc[:, 5], acc[:, 6] = -np.inf, np.inf, np.inf
+    for _, img, m in parts:
+        kept, reduced = split(img, dim)
+        x, args = prepare(img, kept, reduced, m)
+        nk = len(kept)
+        kshape = tuple(x.sizes[d] for d in kept)
+        xa = args[0]
+        chunks = xa.chunks[:nk] + tuple((1,) * len(c) for c in xa.chunks[nk:]) + ((7,),)
+        func = functools.partial(_li_block, nk=nk, kshape=kshape, lo=lo, t=t, gaps=gaps)
+        got = da.map_blocks(func, *args, chunks=chunks, new_axis=[xa.ndim], dtype=np.float64,
+                            meta=np.empty((0,) * (xa.ndim + 1))).compute()
+        got = np.asarray(got).reshape(math.prod(kshape), -1, 7)
+        acc[:, :4] += got[..., :4].sum(axis=1)
+        acc[:, 4] = np.maximum(acc[:, 4], got[..., 4].max(axis=1))
+        acc[:, 5:] = np.minimum(acc[:, 5:], got[..., 5:].min(axis=1))
+    return acc
+
+
+def _li_values(parts: list, dim: Dim, dtype: np.dtype, lo: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """scikit-image's ``threshold_li`` on float values, per row: initial guess the mean of the
+    shifted values, ``t = (mb - mf) / (log mb - log mf)`` with exact sums over the values on
+    either side (one pass per iteration), stopping once a step is within half the smallest gap
+    between distinct values (see :func:`threshold`) or the split stops changing."""
+    t = mean.astype(np.float64).copy()
+    t_curr = np.full_like(t, -np.inf)
+    tol = np.full_like(t, np.inf)
+    done = np.zeros(len(t), dtype=bool)
+    gaps = True
+    while not done.all():
+        acc = _li_pass(parts, dim, lo, t, gaps)
+        gaps = False  # the smallest gap inside each block: first pass only (a sort)
+        tol = np.minimum(tol, np.minimum(acc[:, 6], acc[:, 5] - acc[:, 4]) / 2)
+        first = np.isneginf(t_curr)
+        # scikit-image's test of the previous step, now that the smallest gap is known
+        done |= ~first & (np.abs(t - t_curr) <= tol)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mf, mb = acc[:, 1] / acc[:, 0], acc[:, 3] / acc[:, 2]
+            t_next = (mb - mf) / (np.log(mb) - np.log(mf))
+        stop_here = ~done & (mb == 0)
+        done |= stop_here
+        go = ~done
+        unchanged = go & (acc[:, 4] <= t_next) & (t_next < acc[:, 5])  # same split: t_next is the fixed point
+        t_curr = np.where(go, t, t_curr)
+        t = np.where(go, t_next, t)
+        done |= unchanged | ~np.isfinite(t)
+    return t + lo
 def _robust_range(data: xr.DataArray, dim: Dim, mask: xr.DataArray | None, q: float, *, positive: bool) -> xr.DataArray:
     """FSL's -thrp/-thrP value per index of the kept dims (each index its own FSL passes)."""
     if not 0 <= q <= 1:
