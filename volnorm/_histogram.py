@@ -23,7 +23,7 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import split
-from volnorm.engine import usable_cpus
+from volnorm.engine import compute_small, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,11 @@ MAX_INT_BINS = 2**20
 
 
 def numba_ready(x: np.ndarray) -> np.ndarray:
-    """numba has no float16: float32 holds every float16 value exactly."""
+    """What the kernels take: numba has no float16 (float32 holds every float16 value exactly)
+    and no byte-swapped types (a big-endian array, as nibabel's ``dataobj`` of a big-endian
+    file gives, in native order)."""
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
     return x.astype(np.float32) if x.dtype == np.float16 else x
 
 
@@ -554,7 +558,7 @@ def histogram_counts(
     if data.dtype.itemsize == 1 or data.dtype.kind == "b":
         kept, reduced = split(data, dim)
         spec = bin_spec(data, data.dtype, None, None, mask)
-        counts = dask.compute(totals(data, spec, kept, reduced, mask, None)[1], optimize_graph=False)[0]
+        counts = compute_small(totals(data, spec, kept, reduced, mask, None)[1])[0]
         return counts.reshape(-1, spec.nbins), spec.centers
     h = histogram(data, dim=dim, mask=mask)
     return h.values.reshape(-1, h.sizes["bin"]), h["bin"].values

@@ -15,7 +15,6 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import split
-from volnorm._utils import no_valid_voxels
 from volnorm._histogram import (
     add_up,
     bin_spec,
@@ -28,6 +27,8 @@ from volnorm._histogram import (
     rows_of,
     totals,
 )
+from volnorm._utils import no_valid_voxels
+from volnorm.engine import compute_small
 
 __all__ = ["Summary", "order_statistics", "quantile", "summarize", "summary_graph"]
 
@@ -458,7 +459,7 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
         func = functools.partial(_block_keys, nkept=nkept, ft=ft)
         blocks = per_block(func, args, nkept, 2**KEY_BITS + 4, np.int64, token=("keys", KEY_BITS, ft.name))
         lazy.append(add_up(blocks, nkept))
-    total = np.sum(dask.compute(*lazy, optimize_graph=False), axis=0).reshape(nrows, -1)
+    total = np.sum(compute_small(*lazy), axis=0).reshape(nrows, -1)
     counts, pinf, ninf = total[:, : 2**KEY_BITS], total[:, -3], total[:, -2]
     r = ranks(counts.sum(axis=1) + pinf + ninf)
     b = _groups(counts, ninf, pinf, r)
@@ -483,7 +484,7 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
                 func, *args, dtype=object, meta=np.empty((0,) * nd, dtype=object),
                 chunks=tuple((1,) * n for n in args[0].numblocks), name=f"pick-keys-{uuid.uuid4().hex}",
             )
-            found += [f for f in picks.compute(optimize_graph=False).ravel() if f is not None]
+            found += [f for f in compute_small(picks)[0].ravel() if f is not None]
     nslots = len(all_w)
     at_lo = (np.sum([f[2] for f in found], axis=0) if found else np.zeros(nslots, np.int64)).reshape(1, -1)
     allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
