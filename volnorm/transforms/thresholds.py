@@ -95,7 +95,10 @@ def _one(method: str, counts: np.ndarray, centers: np.ndarray, classes: int) -> 
     if method == "otsu":
         return np.atleast_1d(filters.threshold_otsu(hist=hist))
     if method == "multiotsu":
-        return np.asarray(filters.threshold_multiotsu(classes=classes, hist=hist), dtype=np.float64)
+        # given an image, scikit-image searches the normalized histogram (counts / total, then
+        # float32), not the counts: the same rounding decides near-ties between class splits
+        prob = counts / np.sum(counts)
+        return np.asarray(filters.threshold_multiotsu(classes=classes, hist=(prob, centers)), dtype=np.float64)
     if method == "yen":
         return np.atleast_1d(filters.threshold_yen(hist=hist))
     if method == "isodata":
