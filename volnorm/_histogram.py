@@ -760,6 +760,8 @@ def own_edges(dtype: np.dtype, lo: np.ndarray, hi: np.ndarray, nbins: int) -> tu
             if a == b:  # ±0.5 is below the float type's step here: the neighbouring values
                 a, b = np.nextafter(a, -np.inf), np.nextafter(b, np.inf)
         edges[r] = np.linspace(a, b, nbins + 1, dtype=et)
+        if np.any(edges[r, :-1] >= edges[r, 1:]):  # numpy refuses too ("Too many bins")
+            raise ValueError(f"{nbins} bins over [{a!r}, {b!r}] do not fit in {et} (equal edges); use fewer bins")
     e = edges.astype(et)
     centers = ((e[:, :-1] + e[:, 1:]) / et.type(2)).astype(np.float64)  # scikit-image's centres
     return edges, centers

@@ -122,16 +122,27 @@ def threshold(
     classes: int = 3,
     q: float = 0.5,
 ) -> xr.DataArray:
-    """A threshold over ``dim``, computed from the histogram of ``data``.
+    """A threshold over ``dim``, equal to scikit-image's ``threshold_<method>`` applied to each
+    group (the whole dataset, each volume or each slice) on its own.
 
-    ``otsu``, ``multiotsu``, ``yen``, ``isodata`` and ``minimum`` call
-    scikit-image's functions with ``hist=`` our exact histogram, so the values
-    are scikit-image's for the same histogram; ``triangle`` and ``li`` run
-    scikit-image's steps on the histogram; ``mean`` is the mean of the valid
-    voxels; ``percentile`` is :func:`volnorm.quantile` at ``q``;
-    ``robust_range`` is FSL's ``fslmaths -thrp`` value, ``q`` of the way up
-    FSL's robust range (:func:`volnorm.fsl.thrp_threshold`), and
-    ``robust_range_positive`` its ``-thrP`` (robust range of the voxels > 0).
+    Each group is histogrammed as scikit-image histograms an image: integer data one bin per
+    value (exact); float data ``bins`` (256) numpy bins between **the group's own** min and max,
+    with numpy's edges and scikit-image's centres in the data's float type. ``otsu``,
+    ``multiotsu``, ``yen``, ``isodata`` and ``minimum`` then call scikit-image's functions with
+    ``hist=`` that histogram and ``triangle`` runs its steps on it: equal to scikit-image, dtype
+    for dtype. ``li`` on integers iterates on the histogram as scikit-image does; on floats it
+    iterates on the values, as scikit-image does, with exact sums over the voxels above and below
+    each iterate (one pass per iteration). Where it differs: scikit-image computes float32 data's
+    means and iterates in float32 (volnorm in float64; measured relative difference up to 4e-6),
+    and stops once a step is within half the smallest gap between distinct values, which volnorm
+    finds inside each chunk and on either side of each iterate (the dataset's smallest gap would
+    need a sort of it); when the smallest gap lies only between chunks, volnorm may take one step
+    fewer. ``mean`` is the mean of the valid voxels from merged float64 moments: scikit-image's
+    ``np.mean`` sums in another order (a few ulp; in float32 for float32 data). ``percentile``
+    is :func:`volnorm.quantile` at ``q``; ``robust_range`` is FSL's ``fslmaths -thrp`` value,
+    ``q`` of the way up FSL's robust range (:func:`volnorm.fsl.thrp_threshold`), and
+    ``robust_range_positive`` its ``-thrP`` (robust range of the voxels > 0). NaN, ±Inf and
+    masked-out voxels are left out (scikit-image has no mask and fails on NaN).
 
     Parameters
     ----------
@@ -154,7 +165,9 @@ def threshold(
     -------
     xarray.DataArray
         float64 over the kept dims (plus ``threshold`` for ``multiotsu``).
-        Computes: a range pass (floats) and a histogram pass.
+        Computes: integers, a histogram pass (plus a range pass for wide integers); floats, a
+        min/max pass (moments) and a histogram pass, or for ``li`` the moments pass and one
+        pass per iteration.
 
     Examples
     --------
