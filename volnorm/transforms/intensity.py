@@ -143,7 +143,9 @@ def rescale(
 
     References: ``rescale(x, out_range="uint8")`` on uint8 data equals OpenCV's
     ``cv2.normalize(x, None, 0, 255, cv2.NORM_MINMAX)`` (both round the exact map; a constant
-    image is 0 in both). ImageMagick 6's ``-auto-level`` (Q16, written to an 8-bit PNG) is
+    image is 0 in both), except where the map is an exact half (e.g. ``(142 - 29) / 226 * 255 =
+    127.5``): OpenCV's float arithmetic lands just above and rounds up, ours rounds half to
+    even; 1 apart at most. ImageMagick 6's ``-auto-level`` (Q16, written to an 8-bit PNG) is
     the same map rounded to 16 bits and stored as ``q // 257`` (about the floor): 1 below ours
     (never above) where the map's fraction is about >= 0.5, e.g. 55 % of the pixels of
     ``skimage.data.coins()``, 0 where min and max are 0 and 255; ``rescale`` keeps rounding
