@@ -37,8 +37,6 @@ def usable_cpus() -> int:
     >>> 1 <= usable_cpus() <= os.cpu_count()
     True
     """
-    import dask.system
-
     return max(1, int(dask.system.CPU_COUNT))
 
 
@@ -107,8 +105,6 @@ def import_keeping_sigint(name: str) -> Any:
     >>> import_keeping_sigint("json").__name__, signal.getsignal(signal.SIGINT) is before
     ('json', True)
     """
-    import signal
-
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
     try:
@@ -190,7 +186,6 @@ def _workers_ignore_sigint() -> Iterator[None]:
     each print a traceback. Only the main process should handle it (the CLI
     says how to resume) and then close the cluster.
     """
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
