@@ -43,6 +43,17 @@ k4. CRC, ``vn.open_zarr`` (``CheckedStore`` checks the CRC, then zarr's codec ag
 
 Target: k4 <= 1.05 x k1 for both passes.
 
+.nii.gz (``--skip-nifti-gz`` to leave out, ``--nifti-gz-only`` for just these): ``--gz-files``
+(default 6) int16 brain phantoms of 256x256x192 (``volnorm.datasets.make_cohort``, nibabel's
+gzip level), on each scheduler:
+
+f. ``vn.histogram(vn.open_nifti("<dir>/*.nii.gz"))`` computed (opening included: it reads the
+   headers and checks the gzip trailers), against ``isal.igzip`` decompression of the same files
+   in a pool of 2 processes (started before timing), interleaved round by round. Target: the
+   lazy histogram's throughput >= 0.7 x ISA-L's (best of the rounds; the median of the
+   same-round ratios is shown too). The counts are checked against numpy's on the voxels
+   nibabel decompresses.
+
 GB/s = uncompressed GB / wall. ``x read`` = wall / read-pass wall of the same
 store and scheduler. Peak RSS is the sum over this process and all its
 children (the workers), sampled every 50 ms during the measurement.
@@ -494,6 +505,103 @@ def run_store(b: Bench, sched: str, dt: str, path: Path, notes: list[str]) -> No
         notes.append(f"sanity: volnorm.quantile(volume 0) == np.quantile: {ok} (ours {got.tolist()}, numpy {ref.tolist()})")
 
 
+# ---------------------------------------------------------------------------
+# a .nii.gz cohort read lazily, against ISA-L decompression of the same files
+# ---------------------------------------------------------------------------
+
+GZ_SHAPE = (256, 256, 192)  # NIfTI order (x, y, z): int16, 24 MiB of voxels per file
+
+
+def make_gz_cohort(workdir: Path, n: int, keep_existing: bool) -> list[Path]:
+    """``n`` int16 brain phantoms of ``GZ_SHAPE`` as .nii.gz (``volnorm.datasets.make_cohort``)."""
+    from volnorm.datasets import make_cohort
+
+    d = workdir / "niigz"
+    marker = workdir / "niigz.json"
+    want = {"n": n, "shape": list(GZ_SHAPE), "version": 1}
+    files = sorted(d.glob("sub-*.nii.gz"))
+    if keep_existing and marker.exists() and len(files) == n:
+        with contextlib.suppress(ValueError):
+            if json.loads(marker.read_text()) == want:
+                say(f"reusing {n} .nii.gz phantoms in {d}")
+                return files
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
+    t0 = time.perf_counter()
+    files = make_cohort(d, n, shape=GZ_SHAPE, compressed=True, dtype="int16", seed=11)
+    say(f"  wrote {n} .nii.gz phantoms of {GZ_SHAPE} int16 in {time.perf_counter() - t0:.0f} s")
+    marker.write_text(json.dumps(want))
+    return files
+
+
+def gunzip_isal(path: str) -> int:
+    """Decompress one file with ``isal.igzip`` (8 MiB reads); the number of bytes it holds."""
+    from isal import igzip
+
+    buf = bytearray(8 * MiB)
+    n = 0
+    with igzip.open(path, "rb") as f:
+        while k := f.readinto(buf):
+            n += k
+    return n
+
+
+def run_nifti_gz(b: Bench, sched: str, files: list[Path], pool: cf.ProcessPoolExecutor, repeat: int) -> None:
+    """``vn.histogram(vn.open_nifti(<dir>/*.nii.gz))`` (opening included) against ISA-L decompression
+    of the same files in 2 processes, interleaved round by round; the counts checked against numpy's."""
+    import nibabel as nib
+
+    import volnorm
+
+    pattern = str(files[0].parent / "*.nii.gz")
+    names = [str(p) for p in files]
+    nbytes = sum(volnorm.read_info(p).data_bytes for p in files)
+    tag = f"{sched:<7} {'int16':<7}"
+
+    def isal() -> int:
+        return sum(pool.map(gunzip_isal, names))
+
+    def lazy() -> Any:
+        return volnorm.histogram(volnorm.open_nifti(pattern)).compute()
+
+    isal()  # warm-up (untimed): the pool's processes, numba, the page cache
+    volnorm.histogram(volnorm.open_nifti(names[0])).compute()
+    walls: dict[str, list[float]] = {"isal": [], "lazy": []}
+    peaks = {"isal": 0, "lazy": 0}
+    h = None
+    for r in range(repeat):
+        for k in (("isal", "lazy") if r % 2 == 0 else ("lazy", "isal")):
+            b.sampler.reset()
+            t0 = time.perf_counter()
+            out = isal() if k == "isal" else lazy()
+            walls[k].append(time.perf_counter() - t0)
+            time.sleep(0.06)
+            peaks[k] = max(peaks[k], b.sampler.peak)
+            if k == "lazy":
+                h = out
+        say(f"  {tag} .nii.gz round {r + 1}/{repeat}: isal {walls['isal'][-1]:.2f} s, lazy histogram {walls['lazy'][-1]:.2f} s")
+    # numpy on the decompressed voxels (untimed)
+    ref = np.zeros(h.sizes["bin"], dtype=np.int64)
+    lo = int(h["bin"].values[0])
+    for p in files:
+        v = np.asarray(nib.load(p).dataobj).astype(np.int64).ravel() - lo
+        ref += np.bincount(v, minlength=ref.size)[: ref.size]
+    same = np.array_equal(ref, h.values)
+    best = {k: min(v) for k, v in walls.items()}
+    ratio = best["isal"] / best["lazy"]  # throughput of the lazy histogram / ISA-L's
+    med = statistics.median(i / w for i, w in zip(walls["isal"], walls["lazy"]))
+    for k, name, check in (
+        ("isal", "f. isal.igzip gunzip (2 processes)", ""),
+        ("lazy", "f. histogram(open_nifti(*.nii.gz))",
+         f"{ratio:.2f}x isal throughput (median {med:.2f}x), target >=0.7x: {'ok' if ratio >= 0.7 else 'MISS'}; "
+         f"counts == numpy: {same}"),
+    ):
+        r = {"sched": sched, "dtype": "int16", "name": name, "wall": best[k], "walls": walls[k],
+             "gbs": nbytes / GB / best[k], "peak": peaks[k], "check": check, "xread": None}
+        b.rows.append(r)
+        say(f"  {tag} {name:<34} {best[k]:7.2f} s {r['gbs']:6.2f} GB/s {'':6} {peaks[k] / 2**30:6.2f} GiB  {check}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=2.0, help="uncompressed GB (1e9) per store, at least (default 2.0)")
@@ -507,6 +615,11 @@ def main() -> None:
     ap.add_argument("--checksums-only", action="store_true", help="only the checksum rows (k1-k4)")
     ap.add_argument("--checksum-repeat", type=int, default=None,
                     help="rounds of the checksum rows (default max(3, --repeat); 1 with --quick)")
+    ap.add_argument("--skip-nifti-gz", action="store_true", help="leave out the .nii.gz rows (f)")
+    ap.add_argument("--nifti-gz-only", action="store_true", help="only the .nii.gz rows (f)")
+    ap.add_argument("--gz-files", type=int, default=6, help="phantoms of 256x256x192 int16 in the .nii.gz cohort (default 6)")
+    ap.add_argument("--gz-repeat", type=int, default=None,
+                    help="interleaved rounds of the .nii.gz rows (default max(3, --repeat))")
     ap.add_argument("--json", type=Path, help="save the rows as JSON")
     args = ap.parse_args()
     size = 0.3 if args.quick else args.size_gb
@@ -514,6 +627,10 @@ def main() -> None:
         args.checksum_repeat = 1 if args.quick else max(3, args.repeat)
     if args.skip_checksums and args.checksums_only:
         ap.error("--skip-checksums and --checksums-only exclude each other")
+    if args.nifti_gz_only and (args.skip_nifti_gz or args.checksums_only):
+        ap.error("--nifti-gz-only excludes --skip-nifti-gz and --checksums-only")
+    if args.gz_repeat is None:
+        args.gz_repeat = max(3, args.repeat)
     nvols = {dt: max(1, math.ceil(size * GB / (math.prod(SHAPE3) * np.dtype(dt).itemsize))) for dt in CHUNKS}
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # dask/numpy all-NaN-slice noise
@@ -532,10 +649,13 @@ def main() -> None:
 
     say(f"making stores: {nvols} volumes of {SHAPE3} in {args.workdir}")
     t0 = time.perf_counter()
-    paths = make_stores(args.workdir, nvols, keep_existing=args.keep)
+    paths = {} if args.nifti_gz_only else make_stores(args.workdir, nvols, keep_existing=args.keep)
     crc_stores: dict[str, dict[str, Path]] = {}
-    if not args.skip_checksums:
+    if not args.skip_checksums and not args.nifti_gz_only:
         crc_stores = make_checksum_stores(args.workdir, paths, keep_existing=args.keep)
+    gz_files: list[Path] = []
+    if not args.skip_nifti_gz and not args.checksums_only:
+        gz_files = make_gz_cohort(args.workdir, args.gz_files, keep_existing=args.keep)
     t_make = time.perf_counter() - t0
     sizes = {dt: (nvols[dt] * math.prod(SHAPE3) * np.dtype(dt).itemsize, du(p)) for dt, p in paths.items()}
 
@@ -562,6 +682,11 @@ def main() -> None:
         env.append(f"checksum stores {dt} (vn.to_zarr, {len(read_manifest(kinds['crc'])['volumes'])} volume groups, chunks "
                    f"{a0.chunks}): {sz['crc'] / GB:.3f} GB on disk with CRC, {sz['nocrc'] / GB:.3f} GB without; "
                    f"codecs {' + '.join(c.to_dict()['name'] for c in a0.metadata.codecs)}")
+    if gz_files:
+        gz_disk = sum(p.stat().st_size for p in gz_files)
+        env.append(f".nii.gz cohort: {len(gz_files)} phantoms (volnorm.datasets.make_cohort) of {GZ_SHAPE} (x,y,z) int16, "
+                   f"{len(gz_files) * math.prod(GZ_SHAPE) * 2 / GB:.3f} GB of voxels, {gz_disk / GB:.3f} GB on disk; "
+                   f"rows f: best of {args.gz_repeat} interleaved rounds, ISA-L in a pool of 2 processes started before timing")
     env.append(f"stores made/reused in {t_make:.0f} s; page cache not dropped (stores fit in RAM); "
                f"best of {args.repeat} run(s) per measurement"
                + (f"; checksum rows: best of {args.checksum_repeat} interleaved rounds" if crc_stores else ""))
@@ -570,6 +695,7 @@ def main() -> None:
         say(line)
 
     t_all = time.perf_counter()
+    gz_pool = cf.ProcessPoolExecutor(2) if gz_files else None
     try:
         if not args.skip_threads:
             say("\n[threaded scheduler]")
@@ -579,6 +705,8 @@ def main() -> None:
                         run_store(b, "threads", dt, p, notes)
                     if crc_stores:
                         run_checksums(b, "threads", dt, crc_stores[dt], args.checksum_repeat)
+                if gz_pool is not None:
+                    run_nifti_gz(b, "threads", gz_files, gz_pool, args.gz_repeat)
         if not args.skip_distributed:
             say("\n[local cluster: 2 workers x 1 thread]")
             t0 = time.perf_counter()
@@ -591,16 +719,22 @@ def main() -> None:
                             run_store(b, "dist", dt, p, notes)
                         if crc_stores:
                             run_checksums(b, "dist", dt, crc_stores[dt], args.checksum_repeat)
+                    if gz_pool is not None:
+                        run_nifti_gz(b, "dist", gz_files, gz_pool, args.gz_repeat)
             finally:
                 client.close()
                 client.cluster.close()
     finally:
         sampler.stop()
+        if gz_pool is not None:
+            gz_pool.shutdown()
         if not args.keep:
             for p in [*paths.values(), *(q for d in crc_stores.values() for q in d.values())]:
                 shutil.rmtree(p, ignore_errors=True)
             (args.workdir / "stores.json").unlink(missing_ok=True)
             (args.workdir / "checksum-stores.json").unlink(missing_ok=True)
+            shutil.rmtree(args.workdir / "niigz", ignore_errors=True)
+            (args.workdir / "niigz.json").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 args.workdir.rmdir()
 
