@@ -10,6 +10,7 @@ communication between chunks. The convenience functions fit when called (unless 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -19,15 +20,15 @@ import xarray as xr
 from volnorm._dims import Dim, reduced_names, volume_dims
 from volnorm._utils import no_valid_voxels
 from volnorm.params import Params, attach, check
-from volnorm.stats import quantile, summarize
+from volnorm.stats import quantile, ranges, summarize
 from volnorm.transforms.common import (
     check_data,
     checked_nonnegative,
-    dask_data,
     float_dtype,
     full_scale,
     out_range_record,
     out_spec,
+    pointwise,
 )
 
 __all__ = ["auto_gamma", "fit_mean_scale", "fit_rescale", "fit_zscore", "gamma", "log", "mean_scale", "rescale", "zscore"]
@@ -105,9 +106,9 @@ def fit_rescale(
     elif isinstance(in_range, str):
         if in_range != "minmax":
             raise ValueError(f"`in_range` must be 'minmax' or (lo, hi); got {in_range!r}")
-        s = summarize(data, dim=dim, mask=mask, quantiles=())
-        if np.any(s["count"].values == 0):
-            raise no_valid_voxels("to take a range from", some=s["count"].ndim > 0)
+        s = ranges(data, dim=dim, mask=mask)
+        if np.any(np.isnan(s["min"].values)):
+            raise no_valid_voxels("to take a range from", some=s["min"].ndim > 0)
         lo, hi = s["min"], s["max"]
         how = {"in_range": "minmax"}
     else:
@@ -195,8 +196,8 @@ def rescale(
     ft = float_dtype(data.dtype)
     span = v["in_hi"] - v["in_lo"]
     scale = xr.where(span > 0, (out_hi - out_lo) / span.where(span > 0, 1.0), 0.0)
-    y = (data.astype(ft) - v["in_lo"].astype(ft)) * scale.astype(ft) + ft.type(out_lo)
-    y = _finish(y.astype(ft), out_lo, out_hi, out_dtype, clip)
+    lo, k = v["in_lo"].astype(ft), scale.astype(ft)
+    y = pointwise(data, lambda x: _finish(((x.astype(ft) - lo) * k + ft.type(out_lo)).astype(ft), out_lo, out_hi, out_dtype, clip))
     params = Params("rescale", params.values, {**params.options, "out_range": [out_lo, out_hi], "out_dtype": None if out_dtype is None else out_dtype.name, "clip": clip})
     return attach(y, data, params)
 
@@ -281,8 +282,8 @@ def zscore(
     v = _kept_values(params.values, data)
     ft = float_dtype(data.dtype)
     inv = xr.where(v["std"] > 0, 1.0 / v["std"].where(v["std"] > 0, 1.0), 0.0)
-    y = ((data.astype(ft) - v["mean"].astype(ft)) * inv.astype(ft)).astype(ft)
-    return attach(y, data, params)
+    mean, k = v["mean"].astype(ft), inv.astype(ft)
+    return attach(pointwise(data, lambda x: ((x.astype(ft) - mean) * k).astype(ft)), data, params)
 
 
 def fit_mean_scale(
@@ -373,8 +374,8 @@ def mean_scale(
         check(params, mean_scale, data, target=target, per_volume=per_volume)
     v = _kept_values(params.values, data)
     ft = float_dtype(data.dtype)
-    y = (data.astype(ft) * (params.options["target"] / v["mean"]).astype(ft)).astype(ft)
-    return attach(y, data, params)
+    k = (params.options["target"] / v["mean"]).astype(ft)
+    return attach(pointwise(data, lambda x: (x.astype(ft) * k).astype(ft)), data, params)
 
 
 # ---------------------------------------------------------------------------
@@ -460,11 +461,16 @@ def _on_data_max(data: xr.DataArray, params: Params, curve: Any, k: float) -> xr
     curve on ``out_range``; recorded."""
     ft = float_dtype(data.dtype)
     mx = _data_scale(_kept_values(params.values, data), ft)
-    f = curve(data.astype(ft), mx)
-    if params.options["out_range"] is not None:
-        return attach(_out(k * f, data, params.options["out_range"]), data, params)
-    y = (mx * f).astype(ft)
-    return attach((y * ft.type(k) if k != 1 else y).astype(ft), data, params)
+    out_range = params.options["out_range"]
+
+    def formula(x: xr.DataArray) -> xr.DataArray:
+        f = curve(x.astype(ft), mx)
+        if out_range is not None:
+            return _out(k * f, data, out_range)
+        y = (mx * f).astype(ft)
+        return (y * ft.type(k) if k != 1 else y).astype(ft)
+
+    return attach(pointwise(data, formula), data, params)
 
 
 def gamma(
@@ -543,16 +549,15 @@ def gamma(
     if o["scale"] == "data":
         return _on_data_max(data, params, lambda x, mx: (x / mx) ** x.dtype.type(g), k)
     s = full_scale(data.dtype)
+    x = checked_nonnegative(data, "gamma")
     if o["out_range"] is not None:
         ft = float_dtype(data.dtype)
-        x = checked_nonnegative(data, "gamma").astype(ft) / ft.type(s)
-        return attach(_out(k * x ** ft.type(g), data, o["out_range"]), data, params)
+        return attach(pointwise(x, lambda v: _out(k * (v.astype(ft) / ft.type(s)) ** ft.type(g), data, o["out_range"]), lo=0), data, params)
     if data.dtype == np.uint8:  # scikit-image's look-up table, bit for bit
         lut = np.minimum(np.rint(255 * k * (np.linspace(0, 1, 256) ** g)), 255).astype(np.uint8)
-        xa = dask_data(data)
-        return attach(data.copy(data=xa.map_blocks(lut.__getitem__, dtype=np.uint8)), data, params)
-    x = checked_nonnegative(data, "gamma")
-    return attach(_to_dtype(((x / s) ** g) * s * k, data.dtype), data, params)
+        look_up = functools.partial(xr.apply_ufunc, lut.__getitem__, dask="parallelized", output_dtypes=[np.uint8])
+        return attach(pointwise(x, look_up), data, params)
+    return attach(pointwise(x, lambda v: _to_dtype(((v / s) ** g) * s * k, data.dtype), lo=0), data, params)
 
 
 def log(
@@ -630,10 +635,17 @@ def log(
     x = checked_nonnegative(data, "log")
     if o["out_range"] is not None:
         ft = float_dtype(data.dtype)
-        t = x.astype(ft) / ft.type(s)
-        return attach(_out(k * ((2 ** t - 1) if iv else np.log2(1 + t)), data, o["out_range"]), data, params)
-    y = (2 ** (x / s) - 1) * s * k if iv else np.log2(1 + x / s) * s * k  # adjust_log's arithmetic
-    return attach(_to_dtype(y, data.dtype), data, params)
+
+        def on_range(v: xr.DataArray) -> xr.DataArray:
+            t = v.astype(ft) / ft.type(s)
+            return _out(k * ((2 ** t - 1) if iv else np.log2(1 + t)), data, o["out_range"])
+
+        return attach(pointwise(x, on_range, lo=0), data, params)
+
+    def adjust_log(v: xr.DataArray) -> xr.DataArray:  # adjust_log's arithmetic
+        return _to_dtype((2 ** (v / s) - 1) * s * k if iv else np.log2(1 + v / s) * s * k, data.dtype)
+
+    return attach(pointwise(x, adjust_log, lo=0), data, params)
 
 
 def _im_level(x: xr.DataArray, s: float, e: xr.DataArray, dtype: np.dtype) -> xr.DataArray:
@@ -730,6 +742,10 @@ def auto_gamma(
     with np.errstate(divide="ignore"):
         e = 1.0 / (np.log((v["mean"] * k) * (1.0 / (fs * k))) / np.log(0.5))
     if o["out_range"] is not None:
-        t = data.astype(np.float64) * (1.0 / full_scale(data.dtype))
-        return attach(_out(xr.where(t < 0, t, t ** e), data, o["out_range"]), data, params)
-    return attach(_im_level(data, full_scale(data.dtype), e, data.dtype), data, params)
+
+        def on_range(x: xr.DataArray) -> xr.DataArray:
+            t = x.astype(np.float64) * (1.0 / full_scale(data.dtype))
+            return _out(xr.where(t < 0, t, t ** e), data, o["out_range"])
+
+        return attach(pointwise(data, on_range), data, params)
+    return attach(pointwise(data, lambda x: _im_level(x, full_scale(data.dtype), e, data.dtype)), data, params)

@@ -1,0 +1,107 @@
+"""The fast paths give the results of the plain ones, bit for bit.
+
+- :func:`volnorm.transforms.common.pointwise`: a transform of 1- and 2-byte integer data
+  applied through a look-up table equals the same formula evaluated on the data (the table
+  path is switched off by setting ``MAX_TABLE_BYTES`` to 0);
+- :func:`volnorm.stats.ranges`: the min and max of :func:`volnorm.summarize`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import volnorm as vn
+from volnorm.transforms import common
+
+INT_DTYPES = ["uint8", "int8", "uint16", "int16"]
+
+CALLS = {
+    "rescale": lambda x: vn.rescale(x, dim=("y", "x")),
+    "rescale_uint8": lambda x: vn.rescale(x, dim=("y", "x"), out_range="uint8"),
+    "rescale_percentiles": lambda x: vn.rescale(x, percentiles=(2, 98), out_range=(-1, 1)),
+    "zscore": lambda x: vn.zscore(x, dim=("y", "x")),
+    "mean_scale": lambda x: vn.mean_scale(abs(x.astype("int32")).astype(x.dtype) + 1, 100.0),
+    "gamma": lambda x: vn.gamma(_nonneg(x), 0.6),
+    "gamma_gain": lambda x: vn.gamma(_nonneg(x), 1.7, gain=0.9),
+    "gamma_out_range": lambda x: vn.gamma(_nonneg(x), 0.5, out_range="uint16"),
+    "gamma_data": lambda x: vn.gamma(_nonneg(x), 0.5, scale="data", dim=("y", "x")),
+    "log": lambda x: vn.log(_nonneg(x)),
+    "log_inv": lambda x: vn.log(_nonneg(x), inv=True, gain=1.3),
+    "log_out_range": lambda x: vn.log(_nonneg(x), out_range=(0, 1)),
+    "log_data": lambda x: vn.log(_nonneg(x), scale="data"),
+    "auto_gamma": lambda x: vn.auto_gamma(_nonneg(x)),
+    "auto_gamma_out_range": lambda x: vn.auto_gamma(_nonneg(x), out_range="uint8"),
+}
+
+
+def _nonneg(x: xr.DataArray) -> xr.DataArray:
+    return x if x.dtype.kind == "u" else abs(x.astype("int32")).clip(0, np.iinfo(x.dtype).max).astype(x.dtype)
+
+
+def _stack(dtype: str) -> xr.DataArray:
+    """Three images of camera() spread over the dtype's range, large enough for the tables
+    (64x64 for 1-byte data, 512x512 for 2-byte data: a quarter of the data's values)."""
+    import skimage.data
+
+    step = 8 if np.dtype(dtype).itemsize == 1 else 1
+    img = skimage.data.camera()[::step, ::step].astype(np.float64) / 255
+    info = np.iinfo(dtype)
+    imgs = [info.min + img * (info.max - info.min), img * info.max * 0.3, info.max - img * (info.max - max(info.min, 0)) * 0.8]
+    return xr.DataArray(np.stack(imgs).round().astype(dtype), dims=("volume", "y", "x"))
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_table_path_equals_the_formula(name, dtype, monkeypatch):
+    x = _stack(dtype)
+    fast = CALLS[name](x)
+    fast_chunked = CALLS[name](x.chunk({"volume": 1, "y": 24}))
+    monkeypatch.setattr(common, "MAX_TABLE_BYTES", 0)
+    plain = CALLS[name](x)
+    assert fast.dtype == plain.dtype
+    np.testing.assert_array_equal(fast.values, plain.values)
+    np.testing.assert_array_equal(fast_chunked.values, plain.values)
+    xr.testing.assert_identical(fast.drop_attrs(), plain.drop_attrs())
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_table_path_is_taken(dtype):
+    x = _stack(dtype).chunk({"volume": 1})
+    y = vn.rescale(x, dim=("y", "x"), out_range="uint8")
+    names = {k[0] if isinstance(k, tuple) else k for k in dict(y.data.__dask_graph__())}
+    assert any(n.startswith("gather-rows") for n in names)  # the table's map
+    assert not any(n.startswith(("sub-", "rint-", "clip-")) for n in names)  # not a chain of ufuncs
+
+
+def test_a_negative_voxel_still_raises_through_the_table():
+    x = _stack("int16")
+    with pytest.raises(ValueError, match="non-negative"):
+        vn.gamma(x, 0.5).compute()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        st.sampled_from([np.dtype(d) for d in ("uint8", "int16", "float32", "float64")]),
+        hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=7),
+    ),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_ranges_equal_summarize(arr, masked, seed):
+    rng = np.random.default_rng(seed)
+    if arr.dtype.kind == "f":
+        arr = arr.copy()
+        arr.flat[rng.integers(0, arr.size, max(1, arr.size // 4))] = rng.choice([np.nan, np.inf, -np.inf])
+    x = xr.DataArray(arr, dims=("a", "b", "c")[: arr.ndim])
+    mask = xr.DataArray(rng.random(arr.shape) < 0.7, dims=x.dims) if masked else None
+    for dim in (None, "b", ("a",)):
+        got = vn.stats.ranges(x.chunk({"a": 2}), dim=dim, mask=mask)
+        s = vn.summarize(x, dim=dim, mask=mask, quantiles=())
+        np.testing.assert_array_equal(got["min"].values, s["min"].values)
+        np.testing.assert_array_equal(got["max"].values, s["max"].values)
