@@ -105,3 +105,32 @@ def test_ranges_equal_summarize(arr, masked, seed):
         s = vn.summarize(x, dim=dim, mask=mask, quantiles=())
         np.testing.assert_array_equal(got["min"].values, s["min"].values)
         np.testing.assert_array_equal(got["max"].values, s["max"].values)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "float64"])
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.5, 1.0, "radial"])
+def test_desaturate_is_the_hsv_round_trip(dtype, w):
+    """The exact ``V - w (V - c)``, rounded half to even; scikit-image's HSV round trip within
+    its float error (1 grey level at exact halves)."""
+    import skimage.data
+    from skimage import color
+
+    img8 = skimage.data.astronaut()[::4, ::4]
+    img = (img8.astype(np.float64) / 255).astype(dtype) if dtype.startswith("float") else (img8.astype(np.uint32) * 257 if dtype == "uint16" else img8).astype(dtype)
+    x = xr.DataArray(img, dims=("y", "x", "channel"))
+    weight = vn.color.radial_weight(x, (40, 60), 10, 60) if w == "radial" else w
+    wv = np.asarray(weight.values if isinstance(weight, xr.DataArray) else weight, dtype=np.float64)[..., None] * np.ones(3)
+    got = vn.color.desaturate(x.chunk({"y": 50}), weight).values
+    assert got.dtype == img.dtype
+    f = img.astype(np.float64)
+    v = f.max(-1, keepdims=True)
+    exact = v - wv * (v - f)
+    white = 1.0 if dtype.startswith("float") else np.iinfo(dtype).max
+    want = np.clip(exact if dtype.startswith("float") else np.rint(exact), 0, white).astype(dtype)
+    np.testing.assert_array_equal(got, want)
+    hsv = color.rgb2hsv(f / white)
+    hsv[..., 1] *= wv[..., 0]
+    sk = color.hsv2rgb(hsv) * white
+    # integers: the rounding (0.5) and the round trip's float error; floats: float32's cast
+    tol = 1e-6 if dtype.startswith("float") else 0.5 + 1e-9 * white
+    assert np.abs(got.astype(np.float64) - sk).max() <= tol

@@ -773,3 +773,21 @@ def luma_rows(x, w0, w1, w2, perceived, tmp, out):  # pragma: no cover - compile
             out[i] = np.sqrt(w0 * (tmp[0] * tmp[0]) + w1 * (tmp[1] * tmp[1]) + w2 * (tmp[2] * tmp[2]))
         else:
             out[i] = w0 * tmp[0] + w1 * tmp[1] + w2 * tmp[2]
+
+
+@numba.njit(nogil=True, cache=True)
+def desaturate_rows(x, w, white, integer, out):  # pragma: no cover - compiled
+    """HSV saturation times ``w`` with hue and value kept, per pixel of ``x`` ``(n, >= 3)``: with
+    ``V`` the largest channel, each channel ``c`` becomes ``V - w (V - c)`` (HSV to RGB of
+    ``(H, w S, V)``, without the round trip), in float64; integer data rounded half to even and
+    clipped to ``[0, white]``, float data clipped to ``[0, white]``. ``w`` has one weight per
+    pixel, or one for all."""
+    one = w.shape[0] == 1
+    for i in range(x.shape[0]):
+        wi = w[0] if one else w[i]
+        v = max(np.float64(x[i, 0]), np.float64(x[i, 1]), np.float64(x[i, 2]))
+        for c in range(3):
+            y = v - wi * (v - np.float64(x[i, c]))
+            if integer:
+                y = np.rint(y)
+            out[i, c] = min(max(y, 0.0), white)

@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from volnorm import _kernels
+from volnorm._histogram import numba_ready
 from volnorm.color.grey import channels, white
 from volnorm.transforms.equalization import equalize
 
@@ -164,6 +166,13 @@ def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, channel_dim: 
     the colour, 0 gives grey of the same value), hue and value unchanged — not a blend of
     the RGB channels with a grey image.
 
+    With ``V`` the largest channel of a pixel, HSV's round trip with the saturation times ``w``
+    gives each channel ``c`` as ``V - w (V - c)``; that is computed directly, in float64, per
+    pixel (one pass, no colour-space temporaries). Integer results are that value rounded half
+    to even: scikit-image's ``hsv2rgb(rgb2hsv(x))`` with ``S * w``, rounded, lands 1 away where
+    the value is an exact half (its float error decides; 5.5 % of ``astronaut()``'s pixels at
+    ``w = 0.5``, none at ``w`` 0 or 1). OpenCV's 8-bit HSV (hue in 2-degree steps) is further off.
+
     Parameters
     ----------
     rgb : xarray.DataArray
@@ -191,10 +200,19 @@ def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, channel_dim: 
     w = weight if isinstance(weight, xr.DataArray) else xr.DataArray(float(weight))
     if float(w.min()) < 0 or float(w.max()) > 1:
         raise ValueError("`weight` must be in [0, 1]")
-    unit, scale = _as_unit(rgb3)
-    hsv = _convert(unit, "rgb2hsv", channel_dim)
-    s = hsv.isel({channel_dim: 1}, drop=True) * w
-    merged = xr.concat([hsv.isel({channel_dim: 0}, drop=True), s.transpose(*hsv.isel({channel_dim: 0}, drop=True).dims), hsv.isel({channel_dim: 2}, drop=True)], dim=channel_dim)
-    out = _convert(merged.transpose(*hsv.dims), "hsv2rgb", channel_dim)
-    labels = {channel_dim: rgb3[channel_dim]} if channel_dim in rgb3.coords else {}
-    return _from_unit(out, rgb3, scale).assign_coords(labels).rename(rgb.name)
+    extra = [d for d in w.dims if d not in rgb3.dims or d == channel_dim]
+    if extra:
+        raise ValueError(f"`weight` has dims {extra!r} that the image grid does not have (dims {rgb3.dims})")
+    dt = rgb3.dtype if rgb3.dtype.kind in "iuf" else np.dtype(np.float64)
+    integer, scale = rgb3.dtype.kind in "iu", white(rgb3.dtype)
+
+    def block(b: np.ndarray, wb: np.ndarray) -> np.ndarray:
+        flat = numba_ready(np.ascontiguousarray(b[..., :3]).reshape(-1, 3))
+        wf = np.ascontiguousarray(np.broadcast_to(wb, b.shape[:-1]) if np.ndim(wb) else np.reshape(wb, 1), dtype=np.float64).reshape(-1)
+        out = np.empty(flat.shape, dtype=dt)
+        _kernels.desaturate_rows(flat, wf, scale, integer, out)
+        return out.reshape(b[..., :3].shape)
+
+    out = xr.apply_ufunc(block, rgb3.transpose(..., channel_dim), w, input_core_dims=[[channel_dim], []],
+                         output_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[dt])
+    return out.transpose(*rgb3.dims).rename(rgb.name)
