@@ -134,3 +134,46 @@ def test_desaturate_is_the_hsv_round_trip(dtype, w):
     # integers: the rounding (0.5) and the round trip's float error; floats: float32's cast
     tol = 1e-6 if dtype.startswith("float") else 0.5 + 1e-9 * white
     assert np.abs(got.astype(np.float64) - sk).max() <= tol
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint16", "float32", "grey_uint8", "grey_float64_nan", "bgr"])
+def test_exposure_equals_numpy_with_images_split_across_chunks(kind):
+    """One fused pass per block, blocks of an image merged (Chan): the report numpy computes in
+    float64 on the whole images."""
+    import skimage.data
+
+    rgb8 = np.stack([skimage.data.astronaut()[::4, ::4], skimage.data.coffee()[:128, :128], skimage.data.chelsea()[:128, :128]])
+    grey = kind.startswith("grey")
+    if kind == "uint16":
+        arr = rgb8.astype(np.uint16) * 257
+    elif kind == "float32":
+        arr = (rgb8 / 255).astype(np.float32)
+    elif grey:
+        arr = rgb8[..., 1] if kind == "grey_uint8" else rgb8[..., 1] / 255.0
+        if kind == "grey_float64_nan":
+            arr = arr.copy()
+            arr[0, :5, :7] = np.nan
+    else:
+        arr = rgb8
+    dims = ("volume", "y", "x") if grey else ("volume", "y", "x", "channel")
+    x = xr.DataArray(arr, dims=dims)
+    if kind == "bgr":
+        x = xr.DataArray(np.ascontiguousarray(arr[..., ::-1]), dims=dims, coords={"channel": ["B", "G", "R"]})
+    got = vn.color.exposure(x.chunk({"volume": 2, "y": 50}))
+    white = 255.0 if kind in ("uint8", "grey_uint8", "bgr") else 65535.0 if kind == "uint16" else 1.0
+    f = arr.astype(np.float64) / white
+    if grey:
+        luma = perceived = f
+    else:
+        luma = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+        perceived = np.sqrt(0.241 * f[..., 0] ** 2 + 0.691 * f[..., 1] ** 2 + 0.068 * f[..., 2] ** 2)
+    ax = (1, 2)
+    np.testing.assert_allclose(got["mean"].values, np.nanmean(luma, ax), rtol=1e-6)
+    np.testing.assert_allclose(got["rms_contrast"].values, np.nanstd(luma, ax), rtol=1e-5)
+    np.testing.assert_allclose(got["brightness"].values, np.nanmean(perceived, ax), rtol=1e-6)
+    # a float32 luma at the edge of 0.1/0.9 may fall on the other side of float64's
+    np.testing.assert_allclose(got["underexposed"].values, (luma < 0.1).mean(ax), atol=2 / luma[0].size)
+    np.testing.assert_allclose(got["overexposed"].values, (luma > 0.9).mean(ax), atol=2 / luma[0].size)
+    whole = vn.color.exposure(x)
+    for v in got.data_vars:
+        np.testing.assert_allclose(got[v].values, whole[v].values, rtol=1e-12)

@@ -791,3 +791,64 @@ def desaturate_rows(x, w, white, integer, out):  # pragma: no cover - compiled
             if integer:
                 y = np.rint(y)
             out[i, c] = min(max(y, 0.0), white)
+
+
+#: Columns of :func:`exposure_rows`' output.
+EXPOSURE = ("n", "mean", "m2", "n_perceived", "perceived_mean", "under", "over", "total")
+
+
+@numba.njit(nogil=True, cache=True)
+def exposure_rows(x, w, pw, scale, dark, bright, tmp, lumas, out):  # pragma: no cover - compiled
+    """Per row of ``x`` ``(rows, n, c)`` (``c`` 3 or more: colour; 1: grey): the luma
+    ``(w . rgb) / scale`` and perceived brightness ``sqrt(pw . rgb²) / scale`` of each pixel, each
+    channel first converted to ``tmp``'s dtype and every operation in it (as :func:`luma_rows`;
+    grey: ``x / scale``, both), summarized into ``out`` (rows, 8), :data:`EXPOSURE`: the count,
+    mean and M2 of the non-NaN lumas (two passes, float64), of the perceived values the count
+    and mean, the pixels with luma below ``dark`` and above ``bright``, and all pixels. ``lumas``
+    (``n``, ``tmp``'s dtype) holds a row's lumas for the second pass."""
+    colour = x.shape[2] >= 3
+    for r in range(x.shape[0]):
+        n = 0
+        s = 0.0
+        npv = 0
+        sp = 0.0
+        under = 0
+        over = 0
+        for i in range(x.shape[1]):
+            if colour:
+                tmp[0] = x[r, i, 0]
+                tmp[1] = x[r, i, 1]
+                tmp[2] = x[r, i, 2]
+                lum = (w[0] * tmp[0] + w[1] * tmp[1] + w[2] * tmp[2]) / scale
+                p = np.sqrt(pw[0] * (tmp[0] * tmp[0]) + pw[1] * (tmp[1] * tmp[1]) + pw[2] * (tmp[2] * tmp[2])) / scale
+            else:
+                tmp[0] = x[r, i, 0]
+                lum = tmp[0] / scale
+                p = lum
+            if lum < dark:
+                under += 1
+            if lum > bright:
+                over += 1
+            if lum == lum:
+                n += 1
+                s += lum
+            if p == p:
+                npv += 1
+                sp += p
+            lumas[i] = lum
+        mean = s / n if n > 0 else np.nan
+        m2 = 0.0
+        for i in range(x.shape[1]):
+            lum = lumas[i]
+            if lum == lum:
+                d = lum - mean
+                m2 += d * d
+        o = out[r]
+        o[0] = n
+        o[1] = mean
+        o[2] = m2
+        o[3] = npv
+        o[4] = sp / npv if npv > 0 else np.nan
+        o[5] = under
+        o[6] = over
+        o[7] = x.shape[1]

@@ -3,11 +3,13 @@ every colour function shares (a ``channel`` dim of 3 or 4, its R, G, B[, A] labe
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
 
 from volnorm import _kernels
-from volnorm._histogram import numba_ready
+from volnorm._histogram import numba_ready, per_block, prepare
 
 __all__ = ["LUMA", "PERCEIVED", "exposure", "to_grey"]
 
@@ -119,6 +121,26 @@ def to_grey(
 
 
 
+def _merge_exposure(parts: np.ndarray) -> list[np.ndarray]:
+    """Merge :func:`volnorm._kernels.exposure_rows` rows of the blocks of one image (axis 0):
+    Chan's update for the luma's mean and M2, weighted means, sums."""
+    n, mean, m2, npv, pmean, under, over, total = (parts[0, ..., k].copy() for k in range(parts.shape[-1]))
+    for p in parts[1:]:
+        nb = p[..., 0]
+        tot = n + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fb = np.where(tot > 0, nb / tot, 0.0)
+            delta = np.where(nb > 0, p[..., 1] - np.nan_to_num(mean), 0.0)
+            mean = np.where(n > 0, mean, 0.0) + np.where(nb > 0, delta * fb, 0.0)
+            m2 = np.where(n > 0, m2, 0.0) + np.where(nb > 0, p[..., 2] + delta * delta * n * fb, 0.0)
+            ptot = npv + p[..., 3]
+            pmean = np.where(ptot > 0, (np.nan_to_num(pmean) * npv + np.nan_to_num(p[..., 4]) * p[..., 3]) / ptot, np.nan)
+        n, npv = tot, ptot
+        mean = np.where(n > 0, mean, np.nan)
+        under, over, total = under + p[..., 5], over + p[..., 6], total + p[..., 7]
+    return [n, mean, m2, npv, pmean, under, over, total]
+
+
 def exposure(
     data: xr.DataArray, *, dark: float = 0.1, bright: float = 0.9, channel_dim: str = "channel", scale: float | None = None
 ) -> xr.Dataset:
@@ -165,20 +187,37 @@ def exposure(
         raise TypeError(f"expected an xarray.DataArray; got {type(data).__name__}")
     if scale is None:
         scale = white(data.dtype)
-    if channel_dim in data.dims:
-        luma = to_grey(data, method="rec601", channel_dim=channel_dim) / scale
-        perceived = to_grey(data, method="perceived", channel_dim=channel_dim) / scale
+    colour = channel_dim in data.dims
+    if colour:
+        data = channels(data, channel_dim).isel({channel_dim: slice(0, 3)})
+        ft = np.dtype(np.float32 if data.dtype.itemsize <= 2 or data.dtype == np.float32 else np.float64)  # to_grey's
     else:
-        luma = perceived = data.astype(np.float32 if data.dtype.itemsize <= 2 else np.float64) / scale
-    over = [d for d in luma.dims if d != "volume"]
-    report = xr.Dataset({
-        "mean": luma.mean(over),
-        "rms_contrast": luma.std(over),
-        "brightness": perceived.mean(over),
-        "underexposed": (luma < dark).mean(over),
-        "overexposed": (luma > bright).mean(over),
-    }).compute()
-    report = report.astype(np.float64)
+        ft = np.dtype(np.float32 if data.dtype.itemsize <= 2 else np.float64)
+    kept = ("volume",) if "volume" in data.dims else ()
+    reduced = tuple(d for d in data.dims if d not in kept and d != channel_dim) + ((channel_dim,) if colour else ())
+    _, args = prepare(data, kept, reduced, None)
+    w, pw = np.array(LUMA["rec601"], dtype=ft), np.array(PERCEIVED, dtype=ft)
+    limits = (ft.type(scale), ft.type(dark), ft.type(bright))
+
+    def block(xb: np.ndarray) -> np.ndarray:
+        rows = math.prod(xb.shape[: len(kept)])
+        x3 = numba_ready(np.ascontiguousarray(xb)).reshape(rows, -1, xb.shape[-1] if colour else 1)
+        x3 = x3.view(np.uint8) if x3.dtype == np.bool_ else x3
+        out = np.empty((rows, len(_kernels.EXPOSURE)), dtype=np.float64)
+        _kernels.exposure_rows(x3, w, pw, *limits, np.empty(3, ft), np.empty(x3.shape[1], ft), out)
+        return out.reshape(xb.shape[: len(kept)] + (1,) * len(reduced) + (out.shape[-1],))
+
+    parts = np.asarray(per_block(block, args, len(kept), len(_kernels.EXPOSURE), np.float64, token=("exposure", str(ft), limits)).compute())
+    parts = np.moveaxis(parts, tuple(range(len(kept), parts.ndim - 1)), tuple(range(len(reduced)))).reshape(-1, *parts.shape[: len(kept)], parts.shape[-1])
+    n, mean, m2, npv, pmean, under, over, total = _merge_exposure(parts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        report = xr.Dataset({
+            "mean": (kept, mean),
+            "rms_contrast": (kept, np.sqrt(m2 / n)),
+            "brightness": (kept, pmean),
+            "underexposed": (kept, under / total),
+            "overexposed": (kept, over / total),
+        }, coords={c: v for c, v in data.coords.items() if set(v.dims) <= set(kept)})
     report["level"] = np.clip(np.round(10 * report["brightness"]), 0, 10).astype(np.int64)
     report.attrs.update(dark=float(dark), bright=float(bright), scale=float(scale))
     return report
