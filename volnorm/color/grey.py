@@ -209,7 +209,7 @@ def exposure(
 
     parts = np.asarray(per_block(block, args, len(kept), len(_kernels.EXPOSURE), np.float64, token=("exposure", str(ft), limits)).compute())
     parts = np.moveaxis(parts, tuple(range(len(kept), parts.ndim - 1)), tuple(range(len(reduced)))).reshape(-1, *parts.shape[: len(kept)], parts.shape[-1])
-    n, mean, m2, npv, pmean, under, over, total = _merge_exposure(parts)
+    n, mean, m2, _, pmean, under, over, total = _merge_exposure(parts)
     with np.errstate(invalid="ignore", divide="ignore"):
         report = xr.Dataset({
             "mean": (kept, mean),
