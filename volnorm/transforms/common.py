@@ -231,18 +231,21 @@ def pointwise(data: xr.DataArray, formula: Any, *, lo: int | None = None) -> xr.
         return formula(data)
     info = np.iinfo(dt)
     start = info.min if lo is None else max(int(lo), info.min)
+    values = np.arange(start, info.max + 1, dtype=dt)
     with np.errstate(all="ignore"):  # values the data may not hold (e.g. log of a negative)
-        table = formula(xr.DataArray(np.arange(start, info.max + 1, dtype=dt), dims=VALUE_DIM))
-    kept = tuple(d for d in table.dims if d != VALUE_DIM)
-    n_rows = math.prod(table.sizes[d] for d in kept)
+        probe = formula(xr.DataArray(values[:1], dims=VALUE_DIM))  # the table's rows, before it is made
+    kept = tuple(d for d in probe.dims if d != VALUE_DIM)
+    n_rows = math.prod(probe.sizes[d] for d in kept)
     if (
         not set(kept) <= set(data.dims)
-        or any(table.sizes[d] != data.sizes[d] for d in kept)
-        or any(d in table.indexes and d in data.indexes and not table.indexes[d].equals(data.indexes[d]) for d in kept)
-        or table.dtype.kind not in "biuf"
-        or table.size * table.dtype.itemsize > min(MAX_TABLE_BYTES, data.size * table.dtype.itemsize / 4)
+        or any(probe.sizes[d] != data.sizes[d] for d in kept)
+        or any(d in probe.indexes and d in data.indexes and not probe.indexes[d].equals(data.indexes[d]) for d in kept)
+        or probe.dtype.kind not in "biuf"
+        or n_rows * len(values) * probe.dtype.itemsize > min(MAX_TABLE_BYTES, data.size * probe.dtype.itemsize / 4)
     ):
         return formula(data)
+    with np.errstate(all="ignore"):
+        table = formula(xr.DataArray(values, dims=VALUE_DIM))
     lut = np.ascontiguousarray(np.asarray(table.transpose(*kept, VALUE_DIM).values).reshape(n_rows, -1))
     if dt.itemsize == 1:
         if dt.kind == "i":  # index by the byte: -128..-1 are bytes 128..255
