@@ -49,19 +49,25 @@ class Inflater(io.RawIOBase):
     (trailing garbage, zero padding) raises :class:`GzipTrailingDataError`:
     volnorm accepts no bytes it cannot account for. With ``limit``, the
     stream raises :class:`GzipTooLongError` as soon as it has decompressed
-    more than ``limit`` bytes (within one 16 MiB output block), so a gzip
+    more than ``limit`` bytes (within one output block), so a gzip
     bomb costs milliseconds, not a full decompression.
+
+    ``block`` is the most each call to ISA-L produces (default 16 MiB). Every
+    block is a new ``bytes`` object: 4 MiB ones cost ~20% less CPU than 16 MiB
+    ones here when the caller copies them into an array of its own (fewer
+    fresh pages to fault in; ``NiftiArray``'s whole reads use 4 MiB).
     """
 
     _IN = 4 * 2**20
     _OUT = 16 * 2**20
 
-    def __init__(self, raw: Any, limit: int | None = None) -> None:
+    def __init__(self, raw: Any, limit: int | None = None, block: int | None = None) -> None:
         from isal import isal_zlib
 
         self._zlib = isal_zlib
         self.raw = raw
         self.limit = limit
+        self.block = block or self._OUT
         self.d = isal_zlib.decompressobj(wbits=31)
         self.out = b""
         self.pos = 0
@@ -108,7 +114,7 @@ class Inflater(io.RawIOBase):
                 if not src:
                     raise EOFError("the compressed stream ended before the end-of-stream marker (truncated)")
             try:
-                self.out = self.d.decompress(src, self._OUT)
+                self.out = self.d.decompress(src, self.block)
             except self._zlib.error as e:
                 raise OSError(f"invalid gzip data: {e}") from None
             self.pos = 0
@@ -127,8 +133,9 @@ class Inflater(io.RawIOBase):
         return n
 
 
-def open_stream(f: Any, compressed: bool, limit: int | None = None) -> Any:
-    """A buffered stream of the file's (decompressed) bytes; ``limit`` bounds a gzip stream."""
+def open_stream(f: Any, compressed: bool, limit: int | None = None, block: int | None = None) -> Any:
+    """A buffered stream of the file's (decompressed) bytes; ``limit`` bounds a gzip stream,
+    ``block`` is the :class:`Inflater`'s output block."""
     if compressed:
-        return io.BufferedReader(Inflater(f, limit), 1)  # large reads go straight to readinto
+        return io.BufferedReader(Inflater(f, limit, block), 1)  # large reads go straight to readinto
     return io.BufferedReader(f, 4 * 2**20)

@@ -5,7 +5,9 @@ single-file NIfTI, that its header is sane (dims, datatype, affine, voxel
 sizes, scaling) and that the file holds all the bytes the header promises
 (for .nii.gz, the size recorded in the gzip trailer). nibabel alone accepts
 truncated and corrupt files silently; a corrupt .nii.gz is only caught by its
-CRC, which the conversion checks on its single streaming read.
+CRC, which every streaming read checks: the conversion's, and a lazy read of a
+whole .nii.gz (what ``open_nifti`` does for volumes up to ``WHOLE_READ_MAX``);
+the ranged reads of larger ones (``indexed_gzip``) do not check it.
 
 A .nii.gz must decompress to exactly the bytes its header needs (``vox_offset``
 plus the voxel data; extensions lie before ``vox_offset``). gzip's trailer
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from volnorm._utils import native
-from volnorm.io.gzipstream import GzipTooLongError, GzipTrailingDataError, Inflater
+from volnorm.io.gzipstream import GzipTooLongError, GzipTrailingDataError, Inflater, open_stream
 
 logger = logging.getLogger(__name__)
 
@@ -558,15 +560,24 @@ def _gz_handle(path: str, size: int, mtime_ns: int):
         return handle
 
 
+#: Largest .nii.gz volume (bytes held while it is decompressed: the raw voxels, plus their
+#: scaled copy when the dtype changes) that ``open_nifti`` decompresses whole, in one task.
+WHOLE_READ_MAX = 2**30
+
+
 class NiftiArray:
     """Picklable lazy view of one NIfTI file's voxels in C order (axes reversed).
 
-    Slicing reads only the needed bytes of a .nii; a .nii.gz is read through a
-    per-process ``indexed_gzip`` handle, so slabs read in order cost one
+    Slicing reads only the needed bytes of a .nii. A .nii.gz read whole (every
+    index of every axis) is decompressed in one streaming pass through ISA-L
+    (:func:`~volnorm.io.gzipstream.open_stream`: CRC, length and trailing bytes
+    checked, as the conversion does); any smaller part is read through a
+    per-process ``indexed_gzip`` handle, so slabs read in order cost one (zlib)
     decompression pass and memory stays O(slab).
     """
 
     def __init__(self, info: NiftiInfo, *, scaled: bool = True, dtype: Any = None) -> None:
+        self.info = info
         self.path = str(info.path)
         self.fshape = info.shape
         self.raw_dtype = info.raw_dtype
@@ -583,10 +594,49 @@ class NiftiArray:
     def __repr__(self) -> str:
         return f"NiftiArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
 
+    @property
+    def whole_read_bytes(self) -> int:
+        """Bytes a whole read holds at its peak: the raw voxels, plus their scaled (or
+        byte-swapped, or cast) copy when the result is not the raw array itself."""
+        raw = self.info.data_bytes
+        same = (self.slope, self.inter) == (1.0, 0.0) and self.dtype == self.raw_dtype
+        return raw if same else raw + math.prod(self.fshape) * self.dtype.itemsize
+
+    def _read_whole_gz(self) -> np.ndarray:
+        """The raw voxels of the .nii.gz (Fortran order, the file's dtype), decompressed in one
+        streaming pass; CRC, length and trailing bytes checked. Raises NiftiError naming the file."""
+        info, path = self.info, self.path
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) != self.stamp:
+            raise _fail(path, "the file changed on disk since it was opened")
+        raw = np.empty(math.prod(self.fshape), dtype=self.raw_dtype)
+        buf = memoryview(raw.view(np.uint8))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                stream = open_stream(f, True, limit=info.needed_bytes, block=4 * 2**20)
+                if stream.read(info.offset) != info.header_bytes:
+                    raise _fail(path, "the header changed on disk since it was opened")
+                got = 0
+                while got < len(buf) and (n := stream.readinto(buf[got:])):
+                    got += n
+                if got < len(buf):
+                    raise _fail(path, f"truncated: the data ended {len(buf) - got} bytes early")
+                # verifies the last member's CRC and ISIZE; the limit refuses any byte more
+                while stream.read(2**20):
+                    pass
+        except NiftiError:
+            raise
+        except (OSError, EOFError, ValueError) as e:
+            # isal/zlib raise OSError subclasses (BadGzipFile, IsalError) on corrupt data
+            raise _fail(path, gzip_problem(info, e)) from None
+        return raw.reshape(self.fshape, order="F")
+
     def _read_raw(self, fkey: tuple) -> np.ndarray:
         from nibabel.arrayproxy import ArrayProxy
 
         spec = (self.fshape, self.raw_dtype, self.offset, 1.0, 0.0)
+        if self.compressed and all(k.indices(n) == (0, n, 1) for k, n in zip(fkey, self.fshape)):
+            return self._read_whole_gz()
         if self.compressed:
             fobj, lock = _gz_handle(self.path, *self.stamp)
             with lock:

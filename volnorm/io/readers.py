@@ -8,7 +8,9 @@ returns a dask-backed ``xarray.DataArray`` (a stack) or ``xarray.DataTree``
 from __future__ import annotations
 
 import logging
+import operator
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,11 +20,21 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from volnorm._utils import native, normalize_chunks
 from volnorm.integrity import checked_store
 from volnorm.io.manifest import IncompleteStoreError, read_manifest
-from volnorm.io.nifti import NiftiArray, NiftiInfo, apply_scaling, expand_paths, header_from_bytes, read_info, scaled_dtype
+from volnorm.io.nifti import (
+    WHOLE_READ_MAX,
+    NiftiArray,
+    NiftiInfo,
+    apply_scaling,
+    expand_paths,
+    header_from_bytes,
+    read_info,
+    scaled_dtype,
+)
 from volnorm.io.niftizarr import check_volume, group_header
 from volnorm.io.store import staging_path
 
@@ -131,6 +143,17 @@ def open_nifti(
         ``affine`` (when shared), ``zooms``, ``units``, ``nifti_scaled`` and
         ``nifti_headers`` (the header bytes of each volume).
 
+    Notes
+    -----
+    A .nii chunk reads its bytes of the file. A .nii.gz is decompressed whole, once, by
+    one task (ISA-L, in one streaming pass that checks the CRC and the length as
+    :func:`volnorm.convert` does: a corrupt file fails at compute time, naming it); its
+    chunks are copies cut from that volume, on the worker that holds it. That task holds
+    the volume (plus its scaled copy, if any) until every chunk is cut: a .nii.gz larger
+    than :func:`whole_read_limit` (1 GiB, or a quarter of the current ``distributed``
+    client's worker memory) is read chunk by chunk through ``indexed_gzip`` instead
+    (slower, CRC not checked). The chunk keys are the same either way.
+
     Examples
     --------
     >>> import volnorm as vn
@@ -167,22 +190,66 @@ def _nifti_stack(infos: Sequence[NiftiInfo], names: Sequence[str], *, chunks: Ch
             raise ValueError(f"`chunks` along 'volume' must be 1 for NIfTI inputs (one file per chunk); got {chunks[0]!r}")
         chunks = tuple(chunks[1:])
     cshape = (1, *normalize_chunks(chunks, dims, shape, dtype.itemsize))
+    meta = np.empty((0,) * len(shape), dtype=dtype)
+    limit = whole_read_limit()
     arrays = []
     for info in infos:
         view = NiftiArray(info, scaled=scaled, dtype=dtype)
-        arrays.append(
-            da.from_array(
-                view,
-                chunks=cshape[1:],
-                meta=np.empty((0,) * len(shape), dtype=dtype),
-                # deterministic across processes, so a re-run resumes the same plan
-                name=f"nifti-{info.name}-{tokenize(str(info.path.absolute()), info.file_size, info.mtime_ns, scaled, str(dtype), cshape)}",
-                fancy=False,
-            )
-        )
+        # deterministic across processes, so a re-run resumes the same plan
+        name = f"nifti-{info.name}-{tokenize(str(info.path.absolute()), info.file_size, info.mtime_ns, scaled, str(dtype), cshape)}"
+        if info.compressed and view.whole_read_bytes <= limit:
+            arrays.append(_whole_gz_array(view, name, cshape[1:], meta))
+        else:
+            arrays.append(da.from_array(view, chunks=cshape[1:], meta=meta, name=name, fancy=False))
     data = da.stack(arrays) if len(arrays) > 1 else arrays[0][None]
     coords = {"volume": list(names), "path": ("volume", [str(i.path) for i in infos])}
     return xr.DataArray(data, dims=full_dims, coords=coords, name="image", attrs=_volume_attrs(infos, names, scaled))
+
+
+def whole_read_limit() -> int:
+    """The largest .nii.gz volume (:attr:`NiftiArray.whole_read_bytes`) read whole, in one task.
+
+    ``WHOLE_READ_MAX`` (1 GiB), or a quarter of the smallest worker memory limit of the current
+    ``distributed`` client when that is smaller (asked only when ``distributed`` is imported
+    and a client is current: without one, the graph may run anywhere, and 1 GiB it is).
+    """
+    if "distributed" not in sys.modules:
+        return WHOLE_READ_MAX
+    try:
+        from distributed import Client
+
+        workers = Client.current(allow_global=True).scheduler_info(n_workers=-1)["workers"].values()
+        limits = [int(w.get("memory_limit") or 0) for w in workers]
+    except Exception:  # noqa: BLE001 - no client, or its scheduler is gone: the fixed bound
+        return WHOLE_READ_MAX
+    return min([WHOLE_READ_MAX, *(v // 4 for v in limits if v > 0)])
+
+
+def _volume_chunk(volume: np.ndarray, region: tuple[slice, ...]) -> np.ndarray:
+    """One chunk of a volume read whole: a copy, so that the volume is freed once its chunks are cut."""
+    part = volume[region]
+    return part if part.shape == volume.shape else part.copy()
+
+
+def _whole_gz_array(view: NiftiArray, name: str, chunks: tuple[int, ...], meta: np.ndarray) -> da.Array:
+    """A .nii.gz as a dask array whose chunks (keys ``(name, i, j, ...)``, as ``da.from_array``
+    names them) are cut from one task that decompresses the whole file in one streaming pass.
+
+    The volume task's key is ``("nifti-<file stem>-<token>",)``: it reads that file, as
+    ``engine.faults.key_inputs`` reads such keys. The chunks depend on it alone, so the
+    schedulers run them where it lives; it is freed once every chunk is cut (they are copies).
+    """
+    whole = f"nifti-{view.info.name}-{tokenize(name, 'whole')}"
+    full = tuple(slice(0, n) for n in view.shape)
+    blocks = da.core.normalize_chunks(chunks, view.shape, dtype=view.dtype)
+    regions = da.core.slices_from_chunks(blocks)
+    indices = np.ndindex(*(len(b) for b in blocks))
+    layers = {
+        whole: {(whole,): (operator.getitem, view, full)},
+        name: {(name, *i): (_volume_chunk, (whole,), r) for i, r in zip(indices, regions)},
+    }
+    graph = HighLevelGraph(layers, {whole: set(), name: {whole}})
+    return da.Array(graph, name, blocks, meta=meta)
 
 
 # ---------------------------------------------------------------------------
