@@ -1,11 +1,14 @@
 """Lazy reads of a .nii.gz: which random-access gzip reader volnorm should use.
 
-Compares indexed_gzip (what ``open_nifti`` uses), a streaming reader whose backward
-seeks rewind (ISA-L, Python's gzip) in file order, reverse order, and through
-``open_nifti(...).max()`` in the order dask's scheduler picks, with peak RSS growth.
-One core, page cache as it is (the file was just written). Result on 2026-11-22: a
-checkpointed zlib reader of our own was 1.7x faster in file order but 15% slower in
-dask's order than indexed_gzip, so it was not kept.
+Compares indexed_gzip (what ``open_nifti`` uses for the ranged reads of a .nii.gz over
+its whole-read bound), a streaming reader whose backward seeks rewind (ISA-L, Python's
+gzip) in file order, reverse order, and through ``open_nifti(...).max()`` in the order
+dask's scheduler picks, with peak RSS growth; and ``open_nifti``'s default for volumes up
+to the bound (1 GiB): one task that decompresses the whole file through ISA-L, the
+chunks cut from it. One core, page cache as it is (the file was just written). Result on
+2026-11-22: a checkpointed zlib reader of our own was 1.7x faster in file order but 15%
+slower in dask's order than indexed_gzip, so it was not kept. Since 2026-12: the whole-file
+task (see ``bench_histogram.py`` rows f for it against ISA-L's decompression).
 
     PYTHONPATH=. python benchmarks/bench_lazy_gz.py [--shape 384 384 384] [--chunk-mib 8]
 """
@@ -52,13 +55,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import volnorm as vn
+    from volnorm.io import readers
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="volnorm-lazygz-"))
     files = sorted(work.glob("sub-*.nii.gz")) or vn.datasets.make_cohort(
         work, 1, shape=tuple(args.shape), compressed=True, seed=0
     )
     path = files[0]
-    stack = vn.open_nifti(path, chunks=args.chunk_mib)
+    whole = vn.open_nifti(path, chunks=args.chunk_mib)
+    bound = readers.WHOLE_READ_MAX
+    readers.WHOLE_READ_MAX = 0  # the ranged reads, through the readers below
+    try:
+        stack = vn.open_nifti(path, chunks=args.chunk_mib)
+    finally:
+        readers.WHOLE_READ_MAX = bound
     info = vn.read_info(path)
     total = info.data_bytes
     nslab = len(stack.chunks[1])
@@ -68,7 +78,7 @@ def main(argv=None) -> int:
         import indexed_gzip
         from isal import igzip
 
-        yield "indexed_gzip (used)", lambda: indexed_gzip.IndexedGzipFile(str(path), spacing=4 * 2**20)
+        yield "indexed_gzip (over the bound)", lambda: indexed_gzip.IndexedGzipFile(str(path), spacing=4 * 2**20)
         yield "isal stream (seek = rewind)", lambda: igzip.open(path, "rb")
         yield "python gzip (seek = rewind)", lambda: gzip.open(path, "rb")
 
@@ -108,6 +118,8 @@ def main(argv=None) -> int:
         finally:
             nifti._gz_handle = ours
         print(f"{name:<30} {'dask x.max()':<15} {total / (m[2] - m[0]) / 1e6:8.0f}   peak RSS growth {grow:.0f} MiB")
+    (m, grow) = _peak_rss_during(lambda: (time.perf_counter(), whole.max().compute(scheduler="sync"), time.perf_counter()))
+    print(f"{'whole-file task (default)':<30} {'dask x.max()':<15} {total / (m[2] - m[0]) / 1e6:8.0f}   peak RSS growth {grow:.0f} MiB")
     return 0
 
 
