@@ -17,7 +17,7 @@ ROOT = Path(volnorm.__file__).parent
 MAX_LINES = 800
 MAX_FUNCTION_LEVEL_IMPORTS = 20
 #: Package-private on purpose: the numba kernels are shared by every statistic.
-SHARED_PRIVATE = ("volnorm._kernels",)
+SHARED_PRIVATE = ("volnorm._kernels", "volnorm._color_kernels")
 
 
 def _modules() -> dict[str, Path]:
@@ -137,12 +137,12 @@ def test_there_is_no_import_cycle():
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"volnorm._utils", "volnorm._kernels", "volnorm._dims", "volnorm.params", "volnorm.arrays", "volnorm.engine", "volnorm.engine.address",
+    {"volnorm._utils", "volnorm._kernels", "volnorm._color_kernels", "volnorm._dims", "volnorm.params", "volnorm.arrays", "volnorm.engine", "volnorm.engine.address",
      "volnorm.engine.clusters", "volnorm.engine.faults", "volnorm.testing"},
     {"volnorm.integrity", "volnorm.io", "volnorm.io.gzipstream", "volnorm.io.manifest", "volnorm.io.nifti", "volnorm.io.niftizarr",
      "volnorm.io.readers", "volnorm.io.store", "volnorm.io.writers", "volnorm.datasets", "volnorm.datasets.samples",
      "volnorm.datasets.phantom", "volnorm.datasets.cohort"},
-    {"volnorm._histogram", "volnorm.stats", "volnorm.fsl"},
+    {"volnorm._histogram", "volnorm._minmax", "volnorm.stats", "volnorm.fsl"},
     {"volnorm.transforms", "volnorm.transforms.common", "volnorm.transforms.intensity", "volnorm.transforms.equalization",
      "volnorm.transforms.nyul", "volnorm.transforms.binary", "volnorm.transforms.thresholds", "volnorm.color",
      "volnorm.color.grey", "volnorm.color.colormaps", "volnorm.color.palette", "volnorm.color.spaces",

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from volnorm import _kernels
+from volnorm import _color_kernels
 from volnorm._histogram import value_range
 from volnorm.color.grey import channels
 from volnorm.color.palette import nearest, rgb_table
@@ -97,7 +97,7 @@ def apply_colormap(
     def block(x: np.ndarray) -> np.ndarray:
         flat = x.astype(ft, copy=False).reshape(-1)
         out = np.empty((flat.size, 4), dtype=np.uint8)
-        _kernels.colormap_rows(flat, lo, span, ft(n), np.empty(1, ft), table, out)  # matplotlib's steps
+        _color_kernels.colormap_rows(flat, lo, span, ft(n), np.empty(1, ft), table, out)  # matplotlib's steps
         return out.reshape(x.shape + (4,))
 
     out = xr.apply_ufunc(
@@ -227,7 +227,7 @@ def invert_colormap(
         pts = x.reshape(-1, x.shape[-1])
         value, dist = np.empty(len(pts), dtype=np.float64), np.empty(len(pts), dtype=np.float32)
         if pts.dtype == np.uint8:
-            _kernels.rgb_invert(pts, *rgb_table(colors.tobytes()), colors, centres, value, dist)
+            _color_kernels.rgb_invert(pts, *rgb_table(colors.tobytes()), colors, centres, value, dist)
         else:
             pts = pts[:, :3].astype(np.float64) * (255.0 if kind == "f" else 1.0)
             i = nearest(pts, colors)

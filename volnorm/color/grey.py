@@ -8,7 +8,7 @@ import math
 import numpy as np
 import xarray as xr
 
-from volnorm import _kernels
+from volnorm import _color_kernels
 from volnorm._histogram import numba_ready, per_block, prepare
 
 __all__ = ["LUMA", "PERCEIVED", "exposure", "to_grey"]
@@ -113,7 +113,7 @@ def to_grey(
     def block(x: np.ndarray) -> np.ndarray:
         flat = numba_ready(x.reshape(-1, x.shape[-1]))
         out = np.empty(len(flat), dtype=ft)
-        _kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
+        _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
         return out.reshape(x.shape[:-1])
 
     out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[ft])
@@ -122,7 +122,7 @@ def to_grey(
 
 
 def _merge_exposure(parts: np.ndarray) -> list[np.ndarray]:
-    """Merge :func:`volnorm._kernels.exposure_rows` rows of the blocks of one image (axis 0):
+    """Merge :func:`volnorm._color_kernels.exposure_rows` rows of the blocks of one image (axis 0):
     Chan's update for the luma's mean and M2, weighted means, sums."""
     n, mean, m2, npv, pmean, under, over, total = (parts[0, ..., k].copy() for k in range(parts.shape[-1]))
     for p in parts[1:]:
@@ -203,11 +203,11 @@ def exposure(
         rows = math.prod(xb.shape[: len(kept)])
         x3 = numba_ready(np.ascontiguousarray(xb)).reshape(rows, -1, xb.shape[-1] if colour else 1)
         x3 = x3.view(np.uint8) if x3.dtype == np.bool_ else x3
-        out = np.empty((rows, len(_kernels.EXPOSURE)), dtype=np.float64)
-        _kernels.exposure_rows(x3, w, pw, *limits, np.empty(3, ft), np.empty(x3.shape[1], ft), out)
+        out = np.empty((rows, len(_color_kernels.EXPOSURE)), dtype=np.float64)
+        _color_kernels.exposure_rows(x3, w, pw, *limits, np.empty(3, ft), np.empty(x3.shape[1], ft), out)
         return out.reshape(xb.shape[: len(kept)] + (1,) * len(reduced) + (out.shape[-1],))
 
-    parts = np.asarray(per_block(block, args, len(kept), len(_kernels.EXPOSURE), np.float64, token=("exposure", str(ft), limits)).compute())
+    parts = np.asarray(per_block(block, args, len(kept), len(_color_kernels.EXPOSURE), np.float64, token=("exposure", str(ft), limits)).compute())
     parts = np.moveaxis(parts, tuple(range(len(kept), parts.ndim - 1)), tuple(range(len(reduced)))).reshape(-1, *parts.shape[: len(kept)], parts.shape[-1])
     n, mean, m2, _, pmean, under, over, total = _merge_exposure(parts)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -12,7 +12,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm import _kernels
+from volnorm import _color_kernels
 from volnorm.color.grey import channels
 from volnorm.params import Params, attach, check
 
@@ -107,11 +107,11 @@ def nearest(pts: np.ndarray, centres: np.ndarray) -> np.ndarray:
     if pts.dtype == np.uint8 and pts.shape[1] >= 3 and centres.shape[1] == 3:
         table, cells = rgb_table(centres.tobytes())
         out = np.empty(len(pts), dtype=table.dtype)
-        _kernels.rgb_lookup(pts, table, cells, out)
+        _color_kernels.rgb_lookup(pts, table, cells, out)
         return out
     out = np.empty(len(pts), dtype=np.int64)
     ok = pts.dtype.kind in "ui" or pts.dtype in (np.float32, np.float64)  # what numba takes as it is
-    _kernels.nearest_rows(pts if ok else pts.astype(np.float64), centres, out)
+    _color_kernels.nearest_rows(pts if ok else pts.astype(np.float64), centres, out)
     return out
 
 
@@ -123,7 +123,7 @@ def _rgb_table_cached(key: bytes) -> tuple[np.ndarray, np.ndarray]:
     centres = np.frombuffer(key, dtype=np.float64).reshape(-1, 3)
     table = np.empty(1 << 24, dtype=np.uint8 if len(centres) <= 256 else np.int32)
     cells = np.empty(1 << 15, dtype=np.int32)
-    _kernels.rgb_nearest_table(centres, table, cells)
+    _color_kernels.rgb_nearest_table(centres, table, cells)
     table.flags.writeable = cells.flags.writeable = False
     return table, cells
 

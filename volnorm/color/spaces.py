@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from volnorm import _kernels
+from volnorm import _color_kernels
 from volnorm._histogram import numba_ready
 from volnorm.color.grey import channels, white
 from volnorm.transforms.equalization import equalize
@@ -210,7 +210,7 @@ def desaturate(rgb: xr.DataArray, weight: xr.DataArray | float, *, channel_dim: 
         flat = numba_ready(np.ascontiguousarray(b[..., :3]).reshape(-1, 3))
         wf = np.ascontiguousarray(np.broadcast_to(wb, b.shape[:-1]) if np.ndim(wb) else np.reshape(wb, 1), dtype=np.float64).reshape(-1)
         out = np.empty(flat.shape, dtype=dt)
-        _kernels.desaturate_rows(flat, wf, scale, integer, out)
+        _color_kernels.desaturate_rows(flat, wf, scale, integer, out)
         return out.reshape(b[..., :3].shape)
 
     out = xr.apply_ufunc(block, rgb3.transpose(..., channel_dim), w, input_core_dims=[[channel_dim], []],
