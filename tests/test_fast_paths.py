@@ -207,3 +207,34 @@ def test_integer_moments_from_the_histogram_equal_the_moments_pass(arr, masked, 
         f = np.where(mask.values, arr.astype(np.float64), np.nan) if masked else arr.astype(np.float64)
         axes = None if dim is None else tuple(x.dims.index(d) for d in ((dim,) if isinstance(dim, str) else dim))
         np.testing.assert_allclose(hist["mean"].values, np.nanmean(f, axis=axes), rtol=1e-12)
+
+
+def test_the_write_pass_reads_each_input_once_with_its_statistics(tmp_path, monkeypatch):
+    """The store and the statistics taken with it share their blocks on a distributed scheduler
+    (``da.store``'s own optimized graph made them read and transform every volume twice)."""
+    import collections
+    import os
+
+    from distributed import Client, LocalCluster
+
+    from volnorm.io import nifti
+
+    files = vn.datasets.make_cohort(tmp_path / "in", 3, shape=(64, 64, 64))  # int16: rescale through its table
+    reads: collections.Counter = collections.Counter()
+    original = nifti.NiftiArray.__getitem__
+
+    def counted(self, key):
+        reads[os.path.basename(self.path)] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(nifti.NiftiArray, "__getitem__", counted)
+    spec = {"version": 1, "input": {"nifti": str(tmp_path / "in" / "*.nii")},
+            "steps": [{"rescale": {"percentiles": [1, 99], "out_range": "uint16"}}],
+            "output": {"store": str(tmp_path / "out.zarr")},
+            "outputs": {"images": True, "statistics": {"path": str(tmp_path / "out.csv")}}}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        vn.pipeline.run(spec, client=client, echo=lambda s: None)
+    assert sorted(reads) == sorted(f.name for f in files)
+    assert set(reads.values()) == {2}  # the fit's pass and the write's (with its statistics), no more
+    got = vn.open_zarr(tmp_path / "out.zarr")
+    assert got.sizes["volume"] == 3 and (tmp_path / "out.csv").read_text().count("\n") >= 4
