@@ -238,3 +238,16 @@ def test_the_write_pass_reads_each_input_once_with_its_statistics(tmp_path, monk
     assert set(reads.values()) == {2}  # the fit's pass and the write's (with its statistics), no more
     got = vn.open_zarr(tmp_path / "out.zarr")
     assert got.sizes["volume"] == 3 and (tmp_path / "out.csv").read_text().count("\n") >= 4
+
+
+@pytest.mark.parametrize("method", ["rec601", "rec709", "perceived", (0.2, 0.5, 0.3)])
+def test_to_grey_of_bytes_through_tables_equals_the_per_pixel_kernel(method):
+    import skimage.data
+
+    rgba = np.concatenate([skimage.data.astronaut()[::3, ::3], np.full((171, 171, 1), 200, np.uint8)], axis=-1)
+    for img in (rgba[..., :3], rgba):  # alpha ignored
+        x = xr.DataArray(img, dims=("y", "x", "channel"))
+        fast = vn.color.to_grey(x.chunk({"y": 50}), method=method).values
+        plain = vn.color.to_grey(x.astype(np.uint16), method=method).values  # 2-byte data: the per-pixel kernel
+        np.testing.assert_array_equal(fast, plain)
+        assert fast.dtype == np.float32

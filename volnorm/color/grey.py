@@ -110,10 +110,16 @@ def to_grey(
     w = [ft(v) for v in weights]
     root = isinstance(method, str) and method == "perceived"
 
+    byte = np.arange(256, dtype=ft)
+    tables = [wk * (byte * byte if root else byte) for wk in w]  # each channel's term, as luma_rows makes it
+
     def block(x: np.ndarray) -> np.ndarray:
         flat = numba_ready(x.reshape(-1, x.shape[-1]))
         out = np.empty(len(flat), dtype=ft)
-        _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
+        if flat.dtype == np.uint8 and len(flat):
+            _color_kernels.luma_tables(np.ascontiguousarray(flat).reshape(-1), *tables, root, out)
+        else:
+            _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
         return out.reshape(x.shape[:-1])
 
     out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[ft])
