@@ -251,3 +251,20 @@ def test_to_grey_of_bytes_through_tables_equals_the_per_pixel_kernel(method):
         plain = vn.color.to_grey(x.astype(np.uint16), method=method).values  # 2-byte data: the per-pixel kernel
         np.testing.assert_array_equal(fast, plain)
         assert fast.dtype == np.float32
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12), st.integers(2, 300), st.integers(0, 2**32 - 1), st.booleans())
+def test_otsu_rows_equal_scikit_image_row_by_row(rows, nbins, seed, sparse):
+    from volnorm.transforms import thresholds
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 10 ** int(rng.integers(1, 9)), (rows, nbins))  # past 2**24: float32 sums round
+    if sparse:  # empty ends, single values, ties
+        counts[rng.random((rows, nbins)) < 0.8] = 0
+        counts[0] = 0
+        counts[0, rng.integers(nbins)] = 7
+    counts[counts.sum(axis=1) == 0, 0] = 1
+    centers = np.sort(rng.choice(np.arange(-1000, 1000), nbins, replace=False)).astype(np.float64) / 4
+    want = np.array([thresholds._one("otsu", c, centers, 3)[0] for c in counts])
+    np.testing.assert_array_equal(thresholds._otsu_rows(counts, centers), want)
