@@ -268,3 +268,19 @@ def test_otsu_rows_equal_scikit_image_row_by_row(rows, nbins, seed, sparse):
     centers = np.sort(rng.choice(np.arange(-1000, 1000), nbins, replace=False)).astype(np.float64) / 4
     want = np.array([thresholds._one("otsu", c, centers, 3)[0] for c in counts])
     np.testing.assert_array_equal(thresholds._otsu_rows(counts, centers), want)
+
+
+def test_the_plan_counts_a_whole_nii_gz_volume_in_the_memory_estimate(tmp_path):
+    """A .nii.gz is decompressed whole by one task: the estimate holds the volume and its chunks."""
+    plain = vn.datasets.make_cohort(tmp_path / "nii", 2, shape=(64, 64, 48))
+    gz = vn.datasets.make_cohort(tmp_path / "gz", 2, shape=(64, 64, 48), compressed=True)
+    assert plain[0].suffix == ".nii" and gz[0].name.endswith(".nii.gz")
+
+    def spec(d):
+        return {"version": 1, "input": {"nifti": str(d / "*")}, "steps": [{"zscore": {}}],
+                "output": {"store": str(tmp_path / f"{d.name}.zarr")}}
+
+    p_nii, p_gz = vn.pipeline.plan(spec(tmp_path / "nii")), vn.pipeline.plan(spec(tmp_path / "gz"))
+    volume = 64 * 64 * 48 * 2
+    assert p_gz["memory"] - p_nii["memory"] == pytest.approx(2 * volume)
+    assert "read whole" in vn.pipeline.describe(p_gz) and "read whole" not in vn.pipeline.describe(p_nii)

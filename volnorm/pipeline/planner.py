@@ -131,12 +131,17 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
             digests[key] = _digest([images_digest, outs[key]])
     check_output_dirs(spec)
     cm = chunk_mib(spec["engine"], spec["input"].get("chunks"))
-    chunk = min(nbytes / max(1, len(files)), (cm if isinstance(cm, int) else 64) * 2**20)
+    volume = nbytes / max(1, len(files))
+    chunk = min(volume, (cm if isinstance(cm, int) else 64) * 2**20)
+    # a .nii.gz is decompressed whole by one task (open_nifti): the volume and the chunks cut
+    # from it are held together until the chunks are consumed
+    whole = 2 * volume if any(str(f).endswith(".gz") for f in files) else 0.0
     return {
         "chunk_bytes": chunk,
+        "volume_bytes": whole / 2,
         # per worker: the process and its imports, then per thread the input chunk, float64
         # intermediates (up to 4x an int16 chunk) and the compressed output
-        "memory": WORKER_BASE_BYTES + THREADS_PER_WORKER * chunk * 10,
+        "memory": WORKER_BASE_BYTES + THREADS_PER_WORKER * (chunk * 10 + whole),
         "name": spec.data.get("name") or Path(spec.source).stem,
         "spec": spec.source,
         "inputs": {"kind": kind, "count": len(files), "bytes": nbytes, "first": str(files[0]) if files else None},
@@ -230,7 +235,8 @@ def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
     if p.get("memory"):
         lines.append(
             f"  memory  ~{p['memory'] / 2**20:.0f} MiB per worker (estimate: {WORKER_BASE_BYTES / 2**20:.0f} MiB for the process, "
-            f"then {THREADS_PER_WORKER} thread x 10 x {p['chunk_bytes'] / 2**20:.1f} MiB input chunks)"
+            f"then {THREADS_PER_WORKER} thread x 10 x {p['chunk_bytes'] / 2**20:.1f} MiB input chunks"
+            + (f", and 2 x {p['volume_bytes'] / 2**20:.1f} MiB: a .nii.gz volume read whole and its chunks)" if p.get("volume_bytes") else ")")
         )
         limit = eng.get("memory_limit")
         if isinstance(limit, (int, float)) and p["memory"] > 0.8 * limit:
