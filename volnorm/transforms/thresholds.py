@@ -99,6 +99,8 @@ def _otsu_rows(counts: np.ndarray, centers: np.ndarray) -> np.ndarray:
         mean1 = np.cumsum(counts * centers, axis=1) / weight1
         mean2 = (np.cumsum((counts * centers)[:, ::-1], axis=1) / weight2[:, ::-1])[:, ::-1]
         variance12 = weight1[:, :-1] * weight2[:, 1:] * (mean1[:, :-1] - mean2[:, 1:]) ** 2
+    if variance12.shape[1] == 0:  # one bin: every row is one value
+        return centers[first].astype(np.float64)
     k = np.arange(variance12.shape[1])
     variance12 = np.where((k >= first[:, None]) & (k < last[:, None]), variance12, -np.inf)
     idx = variance12.argmax(axis=1)
