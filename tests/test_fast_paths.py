@@ -284,3 +284,25 @@ def test_the_plan_counts_a_whole_nii_gz_volume_in_the_memory_estimate(tmp_path):
     volume = 64 * 64 * 48 * 2
     assert p_gz["memory"] - p_nii["memory"] == pytest.approx(2 * volume)
     assert "read whole" in vn.pipeline.describe(p_gz) and "read whole" not in vn.pipeline.describe(p_nii)
+
+
+@pytest.mark.parametrize("method", ["rec601", "perceived"])
+def test_to_grey_to_uint8_is_the_float_result_rounded_and_near_opencv(method):
+    import skimage.data
+
+    img = np.ascontiguousarray(skimage.data.astronaut()[::2, ::2])
+    x = xr.DataArray(img, dims=("y", "x", "channel"))
+    as_float = vn.color.to_grey(x, method=method).values
+    want = np.clip(np.rint(as_float), 0, 255).astype(np.uint8)
+    fast = vn.color.to_grey(x.chunk({"y": 70}), method=method, dtype="uint8").values  # the one-pass kernel
+    plain = vn.color.to_grey(x.astype(np.uint16), method=method, dtype="uint8").values  # float, then rounded
+    assert fast.dtype == np.uint8
+    np.testing.assert_array_equal(fast, want)
+    np.testing.assert_array_equal(plain, want)
+    if method == "rec601":
+        cv2 = pytest.importorskip("cv2")
+        ref = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)  # fixed-point rounding
+        diff = np.abs(fast.astype(int) - ref)
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    with pytest.raises(ValueError, match="integer dtype"):
+        vn.color.to_grey(x, dtype="float32")

@@ -286,3 +286,16 @@ def luma_tables(x, t0, t1, t2, root, out):  # pragma: no cover - compiled
         j = c * i
         v = t0[x[j]] + t1[x[j + 1]] + t2[x[j + 2]]
         out[i] = np.sqrt(v) if root else v
+
+
+@numba.njit(nogil=True, cache=True)
+def luma_tables_int(x, t0, t1, t2, root, lo, hi, out):  # pragma: no cover - compiled
+    """:func:`luma_tables` rounded half to even and clipped to ``[lo, hi]`` into ``out``'s
+    integer dtype, in the same pass (no float image in between)."""
+    c = x.shape[0] // out.shape[0]
+    for i in range(out.shape[0]):
+        j = c * i
+        v = t0[x[j]] + t1[x[j + 1]] + t2[x[j + 2]]
+        if root:
+            v = np.sqrt(v)
+        out[i] = min(max(np.rint(v), lo), hi)

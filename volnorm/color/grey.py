@@ -4,6 +4,7 @@ every colour function shares (a ``channel`` dim of 3 or 4, its R, G, B[, A] labe
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -57,7 +58,8 @@ def white(dtype: np.dtype) -> float:
 
 
 def to_grey(
-    rgb: xr.DataArray, *, method: str | tuple[float, float, float] = "rec601", channel_dim: str = "channel"
+    rgb: xr.DataArray, *, method: str | tuple[float, float, float] = "rec601", channel_dim: str = "channel",
+    dtype: Any = None,
 ) -> xr.DataArray:
     """Greyscale from RGB(A): a weighted sum of the channels (luma), or the perceived
     brightness ``sqrt(0.241 R² + 0.691 G² + 0.068 B²)`` (HSP). Alpha is ignored.
@@ -78,12 +80,16 @@ def to_grey(
         three weights of R, G, B: their weighted sum.
     channel_dim : str
         The name of the channel dim (R, G, B[, A], or labelled in another order).
+    dtype : integer dtype, optional
+        Round the grey values half to even and clip them to this dtype (``"uint8"``: an 8-bit
+        image, as ``cv2.cvtColor`` and PIL's ``convert("L")`` give, within 1 of both: they round
+        in fixed point), computed in one pass. Default: float.
 
     Returns
     -------
     xarray.DataArray
-        float32 for inputs of up to 16 bits, float64 otherwise, without ``channel_dim``; lazy when
-        the input is.
+        float32 for inputs of up to 16 bits, float64 otherwise (or ``dtype``), without
+        ``channel_dim``; lazy when the input is.
 
     Examples
     --------
@@ -96,6 +102,8 @@ def to_grey(
     >>> bgr = px.assign_coords(channel=["B", "G", "R"])   # OpenCV's order: the first pixel is blue
     >>> [round(float(v), 3) for v in vn.color.to_grey(bgr).values]
     [29.07, 255.0]
+    >>> vn.color.to_grey(px, dtype="uint8").values.tolist()
+    [76, 255]
     """
     rgb = channels(rgb, channel_dim)
     ft = np.float32 if rgb.dtype.itemsize <= 2 or rgb.dtype == np.float32 else np.float64
@@ -113,16 +121,30 @@ def to_grey(
     byte = np.arange(256, dtype=ft)
     tables = [wk * (byte * byte if root else byte) for wk in w]  # each channel's term, as luma_rows makes it
 
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "iu":
+            raise ValueError(f"`dtype` must be an integer dtype (or None for float); got {dtype}")
+        info = np.iinfo(dtype)
+        lo, hi = ft(info.min), ft(info.max)
+
     def block(x: np.ndarray) -> np.ndarray:
         flat = numba_ready(x.reshape(-1, x.shape[-1]))
+        if dtype is not None and flat.dtype == np.uint8 and len(flat):  # one pass to the integers
+            out = np.empty(len(flat), dtype=dtype)
+            _color_kernels.luma_tables_int(np.ascontiguousarray(flat).reshape(-1), *tables, root, lo, hi, out)
+            return out.reshape(x.shape[:-1])
         out = np.empty(len(flat), dtype=ft)
         if flat.dtype == np.uint8 and len(flat):
             _color_kernels.luma_tables(np.ascontiguousarray(flat).reshape(-1), *tables, root, out)
         else:
             _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
+        if dtype is not None:
+            out = np.clip(np.rint(out), lo, hi).astype(dtype)
         return out.reshape(x.shape[:-1])
 
-    out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[ft])
+    out_dtype = ft if dtype is None else dtype
+    out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[out_dtype])
     return out.transpose(*[d for d in rgb.dims if d != channel_dim]).rename(rgb.name).assign_attrs(rgb.attrs)
 
 
