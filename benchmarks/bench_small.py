@@ -69,6 +69,8 @@ they give one):
     Pillow ``convert("L")`` loop, both uint8 from fixed-point sums: within 1 level of volnorm
     rounded, and equal for > 99 % of pixels (test_bgr_labelled_channels_equal_opencv; the same
     bound is applied to Pillow).
+7c. ``vn.color.to_grey(rgb, dtype="uint8")`` (BT.601 rounded to uint8 in one pass, the
+    output cv2 and Pillow give); the same peers and the same check as 7a.
 7b. ``vn.color.to_grey(rgb, method=(0.2125, 0.7154, 0.0721))`` (scikit-image's weights;
     volnorm's "rec709" is 0.2126, 0.7152, 0.0722); ``skimage.color.rgb2gray`` loop (float64
     0-1); volnorm / 255 within rtol 1e-6, atol 1e-3 / 255 (the custom-weights test).
@@ -251,6 +253,8 @@ def peers() -> dict[str, dict[str, Callable[[np.ndarray], Any]]]:
         "6": {"PIL ImageStat": lambda s: np.array(loop(pil_exposure, s))},
         "7a": {"cv2.cvtColor": stacked(lambda im: cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)),
                "PIL convert(L)": stacked(lambda im: np.asarray(Image.fromarray(im).convert("L")))},
+        "7c": {"cv2.cvtColor": stacked(lambda im: cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)),
+               "PIL convert(L)": stacked(lambda im: np.asarray(Image.fromarray(im).convert("L")))},
         "7b": {"skimage rgb2gray": stacked(color.rgb2gray)},
         "8": {"cv2.threshold OTSU": lambda s: np.array(loop(cv2_otsu_value, s)),
               "skimage threshold_otsu": lambda s: np.array(loop(filters.threshold_otsu, s))},
@@ -289,6 +293,7 @@ def volnorm_calls() -> dict[str, tuple[str, str, Callable[[Any], Any]]]:
         "5": ("desaturate 0.5 (RGB)", f"vn.color.desaturate(rgb, {DESAT})", lambda s: c.desaturate(s, DESAT)),
         "6": ("exposure report (RGB)", "vn.color.exposure(rgb)", lambda s: c.exposure(s)),
         "7a": ("to_grey BT.601 (RGB)", "vn.color.to_grey(rgb)", lambda s: c.to_grey(s)),
+        "7c": ("to_grey BT.601 -> uint8 (RGB)", 'vn.color.to_grey(rgb, dtype="uint8")', lambda s: c.to_grey(s, dtype="uint8")),
         "7b": ("to_grey skimage weights", "vn.color.to_grey(rgb, method=(0.2125, 0.7154, 0.0721))",
                lambda s: c.to_grey(s, method=(0.2125, 0.7154, 0.0721))),
         "8": ("threshold otsu per image", 'vn.threshold(s, "otsu", dim=("y","x"))',
@@ -297,7 +302,7 @@ def volnorm_calls() -> dict[str, tuple[str, str, Callable[[Any], Any]]]:
     }
 
 
-RGB_ROWS = ("5", "6", "7a", "7b")
+RGB_ROWS = ("5", "6", "7a", "7c", "7b")
 
 
 # ---------------------------------------------------------------------------
@@ -388,6 +393,7 @@ def checks(grey: np.ndarray, rgb: np.ndarray) -> dict[str, Callable[[str, np.nda
         "5": row5,
         "6": lambda n, v, p: check_exposure(v, p, rgb),
         "7a": lambda n, v, p: check_grey_u8(v, p),
+        "7c": lambda n, v, p: check_grey_u8(v, p),
         "7b": lambda n, v, p: within(v / np.float32(255), p, 1e-3 / 255 + 1e-6 * np.abs(p).max(), "1e-3/255 + rtol 1e-6"),
         "8": lambda n, v, p: exact(v.astype(np.float64), p.astype(np.float64)),
         "9": lambda n, v, p: exact(v, p != 0, " (cv2's 0/255 as != 0)") if p.dtype == np.uint8 else exact(v, p),
