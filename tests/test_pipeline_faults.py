@@ -345,3 +345,30 @@ def test_the_scheduler_lost_mid_run_is_a_clear_error_and_a_rerun_completes(setup
     finally:
         stop(procs)
     assert vn.open_zarr(tmp / "lost.zarr").sizes["volume"] == 5
+
+
+def test_a_poison_diagnosis_names_the_other_inputs_killed_with_it():
+    """A worker's death counts against every task it held, running or queued: when another
+    input's task reaches the limit first (or with the culprit), the error names both inputs
+    (seen once in CI: the bystander sub-004 was named, the poisonous sub-003 not)."""
+    from distributed.scheduler import KilledWorker
+
+    from volnorm.engine import faults
+
+    files = ["/d/sub-003.nii", "/d/sub-004.nii"]
+
+    class Client:
+        def run_on_scheduler(self, func, *args):
+            return {"task_sources": ["/d/sub-004.nii"], "erred_inputs": files}[func.__name__]
+
+        def scheduler_info(self):
+            return {"workers": {"w": {"memory_limit": 8 * 2**30}}}
+
+        def get_events(self, topic):
+            return []
+
+    e = KilledWorker(("sum-" + "a" * 32, 3, 0, 0, 0), None, 3)
+    err = faults.poison(e, {"inputs": {"kind": "nifti"}, "files": files, "memory": 400 * 2**20}, Client(), since=0.0)
+    assert isinstance(err, faults.PoisonInputError)
+    assert str(err).startswith("/d/sub-004.nii: workers were killed 4 times")
+    assert "tasks of /d/sub-003.nii were on the same workers when they died, so it may be that one instead" in str(err)

@@ -222,6 +222,7 @@ class ErredSources(SchedulerPlugin):  # type: ignore[misc,valid-type]
 
     def __init__(self) -> None:
         self.sources: dict[str, list[str]] = {}
+        self.when: dict[str, float] = {}
         self.scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
@@ -231,8 +232,21 @@ class ErredSources(SchedulerPlugin):  # type: ignore[misc,valid-type]
         if finish == "erred" and self.scheduler is not None and len(self.sources) < 1000:
             try:
                 self.sources[str(key)] = sources_of(self.scheduler, key)
+                self.when[str(key)] = time.time()
             except Exception:  # noqa: BLE001 - never disturb the scheduler
                 pass
+
+
+def erred_inputs(since: float | None = None, dask_scheduler: Any = None) -> list[str]:
+    """Runs on the scheduler: the inputs of every task that erred (since ``since``, a
+    ``time.time()``) and reads exactly one input, as :class:`ErredSources` recorded them: the
+    other victims of the same worker deaths."""
+    plugin = getattr(dask_scheduler, "plugins", {}).get(ErredSources.name)
+    when = getattr(plugin, "when", {})
+    return sorted({
+        s[0] for k, s in getattr(plugin, "sources", {}).items()
+        if len(s) == 1 and (since is None or when.get(k, 0.0) >= since - 1)
+    })
 
 
 def has_plugin(name: str, dask_scheduler: Any = None) -> bool:
@@ -354,8 +368,20 @@ def poison(e: BaseException, p: Mapping[str, Any], client: Any = None, since: fl
             f"They were killed {times} times {what} (task {key!r}); the input is probably fine."
         )
     if len(sources) == 1:
+        # a worker's death counts against every task it held, running or queued: another
+        # input's task on the same worker can reach the limit first, or with the culprit
+        others: list[str] = []
+        if client is not None:
+            try:
+                others = [f for f in client.run_on_scheduler(erred_inputs, since) if f not in sources]
+            except Exception:  # noqa: BLE001 - the scheduler may be gone
+                others = []
+        also = ""
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            also = f"; tasks of {shown} were on the same workers when they died, so it may be {'that one' if len(others) == 1 else 'one of those'} instead"
         return PoisonInputError(
-            f"{where}: workers were killed {times} times while processing it (task {key!r}); "
+            f"{where}: workers were killed {times} times while processing it (task {key!r}){also}; "
             + (f"the memory limit ({format_size(limit)}) is above the estimate ({format_size(estimate) if estimate else 'unknown'}) and " if limit else "")
             + "no worker was restarted for exceeding its memory budget, so the file may crash its reader: "
             "check or remove that input and run again."
