@@ -85,6 +85,17 @@ def _fail(path: Path | str, problem: str) -> NiftiError:
     return NiftiError(f"{path}: {problem}")
 
 
+def read_exact(f: Any, buf: memoryview, path: Path | str) -> None:
+    """Fill ``buf`` from the stream ``f``; a stream that ends first raises NiftiError naming
+    ``path`` and how many bytes were missing (the conversion's and a whole lazy read's)."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise _fail(path, f"truncated: the data ended {len(buf) - got} bytes early")
+        got += n
+
+
 @dataclass(frozen=True)
 class NiftiInfo:
     """What volnorm knows about one validated NIfTI file (header only).
@@ -616,11 +627,7 @@ class NiftiArray:
                 stream = open_stream(f, True, limit=info.needed_bytes, block=4 * 2**20)
                 if stream.read(info.offset) != info.header_bytes:
                     raise _fail(path, "the header changed on disk since it was opened")
-                got = 0
-                while got < len(buf) and (n := stream.readinto(buf[got:])):
-                    got += n
-                if got < len(buf):
-                    raise _fail(path, f"truncated: the data ended {len(buf) - got} bytes early")
+                read_exact(stream, buf, path)
                 # verifies the last member's CRC and ISIZE; the limit refuses any byte more
                 while stream.read(2**20):
                     pass

@@ -27,7 +27,7 @@ from volnorm._utils import native
 from volnorm.integrity import verify_array
 from volnorm.io.gzipstream import open_stream
 from volnorm.io.manifest import IncompleteStoreError
-from volnorm.io.nifti import NiftiError, NiftiInfo, gzip_problem, header_from_bytes
+from volnorm.io.nifti import NiftiError, NiftiInfo, gzip_problem, header_from_bytes, read_exact
 from volnorm.io.store import compressors
 
 logger = logging.getLogger(__name__)
@@ -192,15 +192,6 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
-def _read_exact(f: Any, buf: memoryview, path: Path) -> None:
-    got = 0
-    while got < len(buf):
-        n = f.readinto(buf[got:])
-        if not n:
-            raise NiftiError(f"{path}: truncated: the data ended {len(buf) - got} bytes early")
-        got += n
-
-
 def stream_slabs(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:
     """Regions, in file order, that each cover whole chunks and contiguous bytes.
 
@@ -266,7 +257,7 @@ def _produce_slabs(
                 return
             sshape = tuple(s.stop - s.start for s in region) + shape[len(region) :]
             slab = np.empty(sshape, dtype=raw)
-            _read_exact(stream, memoryview(slab.reshape(-1).view(np.uint8)), path)
+            read_exact(stream, memoryview(slab.reshape(-1).view(np.uint8)), path)
             out.put((region, slab))
         # drain: verifies the gzip CRC/ISIZE at EOF and hashes the whole file; a .nii.gz
         # stream must end here (the inflater's limit refuses more), a .nii may hold more bytes
