@@ -275,27 +275,20 @@ def exposure_rows(x, w, pw, scale, dark, bright, tmp, lumas, out):  # pragma: no
 
 
 @numba.njit(nogil=True, cache=True)
-def luma_tables(x, t0, t1, t2, root, out):  # pragma: no cover - compiled
+def luma_tables(x, t0, t1, t2, root, integer, lo, hi, out):  # pragma: no cover - compiled
     """:func:`luma_rows` for 1-byte channels: ``t0[R] + t1[G] + t2[B]`` (``sqrt`` of it with
     ``root``), the tables holding each weighted channel term (``w0 * R`` or ``w0 * (R * R)``)
-    computed in ``out``'s dtype as :func:`luma_rows` computes it; the same sums in the same
-    order, bit for bit, at half the time (measured 38 -> 19 ms for 26 M pixels). ``x`` is the
-    flat ``(n * c,)`` bytes of ``(n, c)`` pixels, ``c >= 3``."""
-    c = x.shape[0] // out.shape[0]
-    for i in range(out.shape[0]):
-        j = c * i
-        v = t0[x[j]] + t1[x[j + 1]] + t2[x[j + 2]]
-        out[i] = np.sqrt(v) if root else v
-
-
-@numba.njit(nogil=True, cache=True)
-def luma_tables_int(x, t0, t1, t2, root, lo, hi, out):  # pragma: no cover - compiled
-    """:func:`luma_tables` rounded half to even and clipped to ``[lo, hi]`` into ``out``'s
-    integer dtype, in the same pass (no float image in between)."""
+    computed in the tables' dtype as :func:`luma_rows` computes it; the same sums in the same
+    order, bit for bit, at half the time (measured 38 -> 19 ms for 26 M pixels). With
+    ``integer``, each value rounded half to even and clipped to ``[lo, hi]`` into ``out``'s
+    integer dtype in the same pass. ``x`` is the flat ``(n * c,)`` bytes of ``(n, c)``
+    pixels, ``c >= 3``."""
     c = x.shape[0] // out.shape[0]
     for i in range(out.shape[0]):
         j = c * i
         v = t0[x[j]] + t1[x[j + 1]] + t2[x[j + 2]]
         if root:
             v = np.sqrt(v)
-        out[i] = min(max(np.rint(v), lo), hi)
+        if integer:
+            v = min(max(np.rint(v), lo), hi)
+        out[i] = v

@@ -121,29 +121,24 @@ def to_grey(
     byte = np.arange(256, dtype=ft)
     tables = [wk * (byte * byte if root else byte) for wk in w]  # each channel's term, as luma_rows makes it
 
-    if dtype is not None:
-        dtype = np.dtype(dtype)
-        if dtype.kind not in "iu":
-            raise ValueError(f"`dtype` must be an integer dtype (or None for float); got {dtype}")
-        info = np.iinfo(dtype)
-        lo, hi = ft(info.min), ft(info.max)
+    integer = dtype is not None
+    out_dtype = np.dtype(dtype) if integer else np.dtype(ft)
+    if integer and out_dtype.kind not in "iu":
+        raise ValueError(f"`dtype` must be an integer dtype (or None for float); got {out_dtype}")
+    lo, hi = (ft(np.iinfo(out_dtype).min), ft(np.iinfo(out_dtype).max)) if integer else (ft(0), ft(0))
 
     def block(x: np.ndarray) -> np.ndarray:
         flat = numba_ready(x.reshape(-1, x.shape[-1]))
-        if dtype is not None and flat.dtype == np.uint8 and len(flat):  # one pass to the integers
-            out = np.empty(len(flat), dtype=dtype)
-            _color_kernels.luma_tables_int(np.ascontiguousarray(flat).reshape(-1), *tables, root, lo, hi, out)
+        if flat.dtype == np.uint8 and len(flat):  # through the byte tables, rounded in the same pass
+            out = np.empty(len(flat), dtype=out_dtype)
+            _color_kernels.luma_tables(np.ascontiguousarray(flat).reshape(-1), *tables, root, integer, lo, hi, out)
             return out.reshape(x.shape[:-1])
         out = np.empty(len(flat), dtype=ft)
-        if flat.dtype == np.uint8 and len(flat):
-            _color_kernels.luma_tables(np.ascontiguousarray(flat).reshape(-1), *tables, root, out)
-        else:
-            _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
-        if dtype is not None:
-            out = np.clip(np.rint(out), lo, hi).astype(dtype)
+        _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
+        if integer:
+            out = np.clip(np.rint(out), lo, hi).astype(out_dtype)
         return out.reshape(x.shape[:-1])
 
-    out_dtype = ft if dtype is None else dtype
     out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[out_dtype])
     return out.transpose(*[d for d in rgb.dims if d != channel_dim]).rename(rgb.name).assign_attrs(rgb.attrs)
 
