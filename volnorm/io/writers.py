@@ -313,7 +313,7 @@ def store_blocks(source: da.Array, target: Any, region: tuple[slice, ...] | None
     >>> int(store_blocks(da.arange(4, chunks=2, dtype="i2"), z).sum().compute()), z[:].tolist()
     (0, [0, 1, 2, 3])
     """
-    starts = tuple(0 if region is None or r.start is None else r.start for r in (region or (slice(None),) * source.ndim))
+    starts = tuple(r.start or 0 for r in region) if region else (0,) * source.ndim
 
     def put(block: np.ndarray, block_info: Any = None) -> np.ndarray:
         loc = block_info[0]["array-location"]
