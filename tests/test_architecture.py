@@ -137,7 +137,7 @@ def test_there_is_no_import_cycle():
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"volnorm._utils", "volnorm._kernels", "volnorm._color_kernels", "volnorm._dims", "volnorm.params", "volnorm.arrays", "volnorm.engine", "volnorm.engine.address",
+    {"volnorm._utils", "volnorm._eager", "volnorm._kernels", "volnorm._color_kernels", "volnorm._dims", "volnorm.params", "volnorm.arrays", "volnorm.engine", "volnorm.engine.address",
      "volnorm.engine.clusters", "volnorm.engine.faults", "volnorm.testing"},
     {"volnorm.integrity", "volnorm.io", "volnorm.io.gzipstream", "volnorm.io.manifest", "volnorm.io.nifti", "volnorm.io.niftizarr",
      "volnorm.io.readers", "volnorm.io.store", "volnorm.io.writers", "volnorm.datasets", "volnorm.datasets.samples",

@@ -241,16 +241,29 @@ def test_the_write_pass_reads_each_input_once_with_its_statistics(tmp_path, monk
 
 
 @pytest.mark.parametrize("method", ["rec601", "rec709", "perceived", (0.2, 0.5, 0.3)])
-def test_to_grey_of_bytes_through_tables_equals_the_per_pixel_kernel(method):
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "float64"])
+def test_to_grey_kernels_equal_numpy_bit_for_bit(method, dtype):
+    """Each specialized kernel (stride 3 or 4, root or not, float or integer out) gives numpy's
+    float arithmetic, bit for bit, in memory (shared among threads) and chunked."""
     import skimage.data
 
     rgba = np.concatenate([skimage.data.astronaut()[::3, ::3], np.full((171, 171, 1), 200, np.uint8)], axis=-1)
+    ft = np.float64 if dtype == "float64" else np.float32
+    w = [ft(v) for v in (vn.color.grey.PERCEIVED if method == "perceived" else vn.color.grey.LUMA.get(method, method))]
     for img in (rgba[..., :3], rgba):  # alpha ignored
-        x = xr.DataArray(img, dims=("y", "x", "channel"))
-        fast = vn.color.to_grey(x.chunk({"y": 50}), method=method).values
-        plain = vn.color.to_grey(x.astype(np.uint16), method=method).values  # 2-byte data: the per-pixel kernel
-        np.testing.assert_array_equal(fast, plain)
-        assert fast.dtype == np.float32
+        img = (img / 255).astype(dtype) if dtype.startswith("float") else img.astype(dtype)
+        f = img.astype(ft)
+        if method == "perceived":
+            want = np.sqrt(w[0] * (f[..., 0] * f[..., 0]) + w[1] * (f[..., 1] * f[..., 1]) + w[2] * (f[..., 2] * f[..., 2]))
+        else:
+            want = w[0] * f[..., 0] + w[1] * f[..., 1] + w[2] * f[..., 2]
+        x = xr.DataArray(np.tile(img, (8, 1, 1)), dims=("y", "x", "channel"))  # 1.8-2.3 MB: shared among threads
+        for got in (vn.color.to_grey(x, method=method).values, vn.color.to_grey(x.chunk({"y": 50}), method=method).values):
+            assert got.dtype == ft
+            np.testing.assert_array_equal(got, np.tile(want, (8, 1)))
+        if dtype == "uint8":
+            got = vn.color.to_grey(x, method=method, dtype="uint8").values
+            np.testing.assert_array_equal(got, np.clip(np.rint(np.tile(want, (8, 1))), 0, 255).astype(np.uint8))
 
 
 @settings(max_examples=80, deadline=None)

@@ -151,14 +151,24 @@ def test_gamma_and_log_compute_nothing_when_called():
 
 
 def test_negative_data_raise_when_computed():
-    x = xr.DataArray(np.array([[0.5, -0.25]], np.float32), dims=("y", "x"))
+    a = np.array([[0.5, -0.25]], np.float32)
+    x = xr.DataArray(da.from_array(a), dims=("y", "x"))
     y = vn.gamma(x, 2.0)  # lazy: no error yet
     with pytest.raises(ValueError, match="gamma needs non-negative data; a chunk holds -0.25"):
         y.compute()
     with pytest.raises(ValueError, match="log needs non-negative data"):
         vn.log(x).compute()
     with pytest.raises(ValueError, match="non-negative"):
-        exposure.adjust_log(x.values)  # the reference refuses them too
+        exposure.adjust_log(a)  # the reference refuses them too, when called
+
+
+def test_negative_data_in_memory_raise_when_called():
+    """In-memory data are computed at once, so the error comes at the call, as scikit-image's."""
+    x = xr.DataArray(np.array([[0.5, -0.25]], np.float32), dims=("y", "x"))
+    with pytest.raises(ValueError, match="gamma needs non-negative data; a chunk holds -0.25"):
+        vn.gamma(x, 2.0)
+    with pytest.raises(ValueError, match="log needs non-negative data"):
+        vn.log(x.values)
 
 
 def test_out_range_gives_another_dtype_without_truncation():

@@ -4,6 +4,9 @@ exposure report, each per pixel without numpy temporaries."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -181,21 +184,6 @@ def colormap_rows(x, lo, span, n, tmp, table, out):  # pragma: no cover - compil
 
 
 @numba.njit(nogil=True, cache=True)
-def luma_rows(x, w0, w1, w2, perceived, tmp, out):  # pragma: no cover - compiled
-    """``out[i] = w0 R + w1 G + w2 B`` (or ``sqrt(w0 R² + w1 G² + w2 B²)``) of the rows of ``x``
-    ``(n, >= 3)``, each channel first converted to ``out``'s dtype (through ``tmp``, 3 of it)
-    and every operation in that dtype, left to right: numpy's answer, without its temporaries."""
-    for i in range(x.shape[0]):
-        tmp[0] = x[i, 0]
-        tmp[1] = x[i, 1]
-        tmp[2] = x[i, 2]
-        if perceived:
-            out[i] = np.sqrt(w0 * (tmp[0] * tmp[0]) + w1 * (tmp[1] * tmp[1]) + w2 * (tmp[2] * tmp[2]))
-        else:
-            out[i] = w0 * tmp[0] + w1 * tmp[1] + w2 * tmp[2]
-
-
-@numba.njit(nogil=True, cache=True)
 def desaturate_rows(x, w, white, integer, out):  # pragma: no cover - compiled
     """HSV saturation times ``w`` with hue and value kept, per pixel of ``x`` ``(n, >= 3)``: with
     ``V`` the largest channel, each channel ``c`` becomes ``V - w (V - c)`` (HSV to RGB of
@@ -274,21 +262,33 @@ def exposure_rows(x, w, pw, scale, dark, bright, tmp, lumas, out):  # pragma: no
         o[7] = x.shape[1]
 
 
-@numba.njit(nogil=True, cache=True)
-def luma_tables(x, t0, t1, t2, root, integer, lo, hi, out):  # pragma: no cover - compiled
-    """:func:`luma_rows` for 1-byte channels: ``t0[R] + t1[G] + t2[B]`` (``sqrt`` of it with
-    ``root``), the tables holding each weighted channel term (``w0 * R`` or ``w0 * (R * R)``)
-    computed in the tables' dtype as :func:`luma_rows` computes it; the same sums in the same
-    order, bit for bit, at half the time (measured 38 -> 19 ms for 26 M pixels). With
-    ``integer``, each value rounded half to even and clipped to ``[lo, hi]`` into ``out``'s
-    integer dtype in the same pass. ``x`` is the flat ``(n * c,)`` bytes of ``(n, c)``
-    pixels, ``c >= 3``."""
-    c = x.shape[0] // out.shape[0]
-    for i in range(out.shape[0]):
-        j = c * i
-        v = t0[x[j]] + t1[x[j + 1]] + t2[x[j + 2]]
-        if root:
-            v = np.sqrt(v)
-        if integer:
-            v = min(max(np.rint(v), lo), hi)
-        out[i] = v
+@functools.lru_cache(maxsize=None)
+def luma_kernel(c: int, root: bool, integer: bool, ft: type) -> Any:
+    """A kernel ``k(x, w0, w1, w2, lo, hi, out)``: ``out[i] = w0 R + w1 G + w2 B`` (with
+    ``root``: ``sqrt(w0 R² + w1 G² + w2 B²)``) of the pixels of ``x``, the flat ``(n * c,)``
+    values of ``(n, c)`` pixels (R, G, B first), each channel converted to ``ft`` and every
+    operation in ``ft``, left to right: numpy's answer, without its temporaries. With
+    ``integer``, each value is rounded half to even and clipped to ``[lo, hi]`` into ``out``'s
+    integer dtype in the same pass.
+
+    The stride ``c`` and the options are constants of each compiled kernel (one per
+    combination, cached on disk as the others): LLVM then vectorizes the interleaved loads,
+    4-5x faster than a loop reading them at run time (26 M RGB bytes: 8 ms against 36 ms, and
+    against 6 ms for ``cv2.cvtColor``)."""
+
+    @numba.njit(nogil=True, cache=True)
+    def kernel(x, w0, w1, w2, lo, hi, out):  # pragma: no cover - compiled
+        for i in range(out.shape[0]):
+            j = c * i
+            r = ft(x[j])
+            g = ft(x[j + 1])
+            b = ft(x[j + 2])
+            if root:
+                v = np.sqrt(w0 * (r * r) + w1 * (g * g) + w2 * (b * b))
+            else:
+                v = w0 * r + w1 * g + w2 * b
+            if integer:
+                v = min(max(np.rint(v), lo), hi)
+            out[i] = v
+
+    return kernel

@@ -23,7 +23,8 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import split
-from volnorm.engine import compute_small, usable_cpus
+from volnorm._eager import in_memory_dask, in_memory_rows, reduce_rows
+from volnorm.engine import compute_small
 
 logger = logging.getLogger(__name__)
 
@@ -144,28 +145,6 @@ def _align(data: xr.DataArray, x: xr.DataArray, other: Any, what: str) -> da.Arr
     _check_grid(data, other, what)
     o = other.drop_vars(list(other.coords)).broadcast_like(x.drop_vars(list(x.coords))).transpose(*x.dims)
     return o.data if isinstance(o.data, da.Array) else da.from_array(np.asarray(o.data))
-
-
-def in_memory_dask(a: np.ndarray) -> da.Array:
-    """A numpy array as a dask array whose blocks are views of it: no copy (``da.from_array``
-    copies the whole array, a millisecond per 10 MB and twice the memory) and no hash of its
-    bytes (a random name: hashing cost more than the histogram of 1000 small images); split
-    along its first axis so that every core gets a share when it is large. The lazy results
-    read ``a`` when computed: do not modify it in place before then."""
-    import itertools
-    import uuid
-
-    from dask.array.core import normalize_chunks, slices_from_chunks
-    from dask.highlevelgraph import HighLevelGraph
-
-    n = usable_cpus()
-    split = a.ndim and a.nbytes > 4 * 2**20 and a.shape[0] >= n
-    chunks = normalize_chunks(((-(-a.shape[0] // n),) + (-1,) * (a.ndim - 1)) if split else -1, a.shape, dtype=a.dtype)
-    name = f"array-{uuid.uuid4().hex}"
-    keys = itertools.product(*(range(len(c)) for c in chunks))
-    dsk = {(name, *k): np.asarray(a[s]) for k, s in zip(keys, slices_from_chunks(chunks))}
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return da.Array(graph, name, chunks, meta=np.empty((0,) * a.ndim, dtype=a.dtype))
 
 
 def prepare(
@@ -385,13 +364,19 @@ def bin_spec(
 def totals(
     data: xr.DataArray, spec: BinSpec, kept: tuple, reduced: tuple, mask: Any, weights: Any
 ) -> tuple[xr.DataArray, da.Array, da.Array]:
-    """The transposed data, the lazy ``(*kept, nbins)`` counts and the ``(*kept, NEXTRA)`` extra counters."""
+    """The transposed data, the ``(*kept, nbins)`` counts and the ``(*kept, NEXTRA)`` extra
+    counters: lazy (dask), or numpy for in-memory data (counted now, at once)."""
     if weights is None and kept and tuple(data.dims[: len(reduced)]) == tuple(reduced):
         return _voxel_totals(data, spec, kept, reduced, mask)
+    kspec = spec.kernel()  # what `block` captures
+    at_once = in_memory_rows(data, kept, reduced, mask) if weights is None else None
+    if at_once is not None:  # in memory: a share per thread, no graph; computed counts
+        x, v, m = at_once
+        t = reduce_rows(lambda a, b: _block_hist(a, b, None, nkept=1, spec=kspec), v, m, 0, np.add).reshape(*(x.sizes[d] for d in kept), -1)
+        return x, t[..., : spec.nbins], t[..., spec.nbins :]
     x, args = prepare(data, kept, reduced, mask, weights)
     nk = len(kept)
     has_m, has_w = mask is not None, weights is not None
-    kspec = spec.kernel()  # what `block` captures
 
     def block(xb: np.ndarray, *rest: np.ndarray) -> np.ndarray:
         mb = rest[0] if has_m else None

@@ -13,6 +13,7 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import split
+from volnorm._eager import in_memory_rows, reduce_rows
 from volnorm._histogram import numba_ready, per_block, prepare
 
 __all__ = ["ranges"]
@@ -35,6 +36,10 @@ def _block_ranges(xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int) -
         _kernels.minmax(x2[r], o, None if m2 is None else m2[r])
         out[r] = o if o[0] <= o[1] else (np.inf, -np.inf)  # no valid voxel in the row
     return out.reshape(kshape + (1,) * (xb.ndim - nkept) + (2,))
+
+
+def _merge_ranges(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.stack([np.minimum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1])], axis=1)
 
 
 def ranges(
@@ -67,11 +72,18 @@ def ranges(
     """
     kept, reduced = split(data, dim)
     nk = len(kept)
-    x, args = prepare(data, kept, reduced, mask)
-    lazy = per_block(functools.partial(_block_ranges, nkept=nk), args, nk, 2, np.float64, token="ranges")
-    parts = np.asarray(dask.compute(lazy)[0])  # one row per block: reduced here, not by a graph
-    red = tuple(range(nk, parts.ndim - 1))
-    lo, hi = parts[..., 0].min(axis=red), parts[..., 1].max(axis=red)
+    at_once = in_memory_rows(data, kept, reduced, mask)
+    if at_once is not None:  # in memory: a share per thread, no graph
+        x, v, m = at_once
+        kshape = tuple(x.sizes[d] for d in kept)
+        r = reduce_rows(lambda a, b: _block_ranges(a, b, nkept=1), v, m, (np.inf, -np.inf), _merge_ranges)
+        lo, hi = r[:, 0].reshape(kshape), r[:, 1].reshape(kshape)
+    else:
+        x, args = prepare(data, kept, reduced, mask)
+        lazy = per_block(functools.partial(_block_ranges, nkept=nk), args, nk, 2, np.float64, token="ranges")
+        parts = np.asarray(dask.compute(lazy)[0])  # one row per block: reduced here, not by a graph
+        red = tuple(range(nk, parts.ndim - 1))
+        lo, hi = parts[..., 0].min(axis=red), parts[..., 1].max(axis=red)
     none = lo > hi
     coords = {c: v for c, v in x.coords.items() if set(v.dims) <= set(kept)}
     return xr.Dataset({"min": (kept, np.where(none, np.nan, lo)), "max": (kept, np.where(none, np.nan, hi))}, coords=coords)

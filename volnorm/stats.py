@@ -15,6 +15,7 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import split
+from volnorm._eager import in_memory_dask
 from volnorm._histogram import (
     add_up,
     bin_spec,
@@ -239,7 +240,10 @@ def int_quantile_lazy(
         return out.reshape(c.shape[:-1] + (out.shape[1],))
 
     width = nq + 1 + (len(HIST_MOMENTS) if moments else 0)
-    lazy = counts.map_blocks(rows, chunks=counts.chunks[:-1] + ((width,),), dtype=np.float64)
+    if isinstance(counts, np.ndarray):  # in-memory data, counted at once
+        lazy = in_memory_dask(rows(counts))
+    else:
+        lazy = counts.map_blocks(rows, chunks=counts.chunks[:-1] + ((width,),), dtype=np.float64)
     coords = {k: v for k, v in x.coords.items() if set(v.dims) <= set(kept)}
     return lazy, kept, coords
 

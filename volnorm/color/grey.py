@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 from volnorm import _color_kernels
+from volnorm._eager import in_memory, row_parts, run_parallel
 from volnorm._histogram import numba_ready, per_block, prepare
 
 __all__ = ["LUMA", "PERCEIVED", "exposure", "to_grey"]
@@ -118,25 +119,19 @@ def to_grey(
     w = [ft(v) for v in weights]
     root = isinstance(method, str) and method == "perceived"
 
-    byte = np.arange(256, dtype=ft)
-    tables = [wk * (byte * byte if root else byte) for wk in w]  # each channel's term, as luma_rows makes it
-
     integer = dtype is not None
     out_dtype = np.dtype(dtype) if integer else np.dtype(ft)
     if integer and out_dtype.kind not in "iu":
         raise ValueError(f"`dtype` must be an integer dtype (or None for float); got {out_dtype}")
     lo, hi = (ft(np.iinfo(out_dtype).min), ft(np.iinfo(out_dtype).max)) if integer else (ft(0), ft(0))
+    kernel = _color_kernels.luma_kernel(rgb.sizes[channel_dim], root, integer, ft)
+    shared = in_memory(rgb) is not None  # apply_ufunc then calls `block` once: its pixels shared among threads
 
     def block(x: np.ndarray) -> np.ndarray:
-        flat = numba_ready(x.reshape(-1, x.shape[-1]))
-        if flat.dtype == np.uint8 and len(flat):  # through the byte tables, rounded in the same pass
-            out = np.empty(len(flat), dtype=out_dtype)
-            _color_kernels.luma_tables(np.ascontiguousarray(flat).reshape(-1), *tables, root, integer, lo, hi, out)
-            return out.reshape(x.shape[:-1])
-        out = np.empty(len(flat), dtype=ft)
-        _color_kernels.luma_rows(flat, *w, root, np.empty(3, ft), out)
-        if integer:
-            out = np.clip(np.rint(out), lo, hi).astype(out_dtype)
+        flat = np.ascontiguousarray(numba_ready(x.reshape(-1, x.shape[-1])))
+        out = np.empty(len(flat), dtype=out_dtype)
+        shares = row_parts(len(flat), flat.shape[1] * flat.itemsize + out.itemsize) if shared else [slice(None)]
+        run_parallel(lambda s: kernel(flat[s].reshape(-1), *w, lo, hi, out[s]), shares)
         return out.reshape(x.shape[:-1])
 
     out = xr.apply_ufunc(block, rgb.transpose(..., channel_dim), input_core_dims=[[channel_dim]], dask="parallelized", output_dtypes=[out_dtype])

@@ -17,7 +17,8 @@ import numpy as np
 import xarray as xr
 
 from volnorm import _kernels
-from volnorm._histogram import in_memory_dask, rows_of
+from volnorm._eager import in_memory, in_memory_dask, parts_2d, run_parallel
+from volnorm._histogram import rows_of
 
 __all__ = [
     "check_data", "checked_nonnegative", "dask_data", "float_dtype", "full_scale", "map_rows", "out_range_record",
@@ -26,8 +27,10 @@ __all__ = [
 
 
 def check_data(data: Any) -> xr.DataArray:
-    """The data a transform takes: a numeric DataArray, dask backed (numpy data are wrapped
-    once, without a copy, for the fit and the apply).
+    """The data a transform takes: a numeric DataArray, in memory or dask backed. In-memory
+    data (numpy backed, up to :data:`volnorm._eager.EAGER_MAX_BYTES`) are kept as they are:
+    the transforms compute them at once (numpy in, numpy out, as xarray's arithmetic); larger
+    numpy data are wrapped once, without a copy, for a lazy fit and apply.
 
     Parameters
     ----------
@@ -37,7 +40,7 @@ def check_data(data: Any) -> xr.DataArray:
     Returns
     -------
     xarray.DataArray
-        Dask backed.
+        In memory or dask backed.
 
     Raises
     ------
@@ -48,13 +51,13 @@ def check_data(data: Any) -> xr.DataArray:
     --------
     >>> import numpy as np, xarray as xr
     >>> type(check_data(xr.DataArray(np.zeros(3), dims="x")).data).__name__
-    'Array'
+    'ndarray'
     """
     if not isinstance(data, xr.DataArray):
         raise TypeError(f"`data` must be an xarray.DataArray; got {type(data).__name__}")
     if data.dtype.kind not in "iufb":
         raise TypeError(f"cannot transform dtype {data.dtype}")
-    if not isinstance(data.data, da.Array):  # once, for the fit and the apply
+    if not isinstance(data.data, da.Array) and in_memory(data) is None:  # once, for the fit and the apply
         data = data.copy(data=in_memory_dask(np.asarray(data.data)))
     return data
 
@@ -138,7 +141,7 @@ def out_spec(out_range: Any) -> tuple[float, float, np.dtype | None]:
     return lo, hi, None
 
 
-def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.ndarray], dtype: Any) -> xr.DataArray:
+def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.ndarray], dtype: Any, *, writes_out: bool = False) -> xr.DataArray:
     """Apply ``func(values_2d, *table_rows) -> values_2d`` chunk by chunk, where ``values_2d`` is
     ``(rows, n)`` for the block's indices of the ``kept`` dims and ``table_rows`` the matching rows of
     each ``tables[i]`` (shape ``(nrows_total, ...)``). Lazy; no communication between chunks.
@@ -154,11 +157,17 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
         One row per index of the kept dims.
     dtype : numpy.dtype
         Of the result.
+    writes_out : bool
+        ``func`` takes ``out=``, a C-contiguous ``values_2d``-shaped array of ``dtype`` to
+        write its result into (in-memory data are then written where they belong, without a
+        copy).
 
     Returns
     -------
     xarray.DataArray
-        Lazy, with the dims, coords and name of ``data``.
+        With the dims, coords and name of ``data``: computed for in-memory data
+        (:func:`volnorm._eager.in_memory`: numpy backed, up to 1 GiB; a share of the rows per
+        thread), lazy otherwise (no communication between chunks).
 
     Examples
     --------
@@ -169,9 +178,24 @@ def map_rows(data: xr.DataArray, kept: tuple, func: Any, tables: Sequence[np.nda
     """
     reduced = tuple(d for d in data.dims if d not in kept)
     x = data.transpose(*kept, *reduced)
-    xa = dask_data(x)
     nk = len(kept)
     kshape = tuple(x.sizes[d] for d in kept)
+    src = in_memory(x)
+    if src is not None:  # at once, a share of the rows (or of the columns of one row) per thread
+        n_rows = math.prod(kshape)
+        v = np.ascontiguousarray(src).reshape(n_rows, -1)
+        out = np.empty(v.shape, dtype=dtype)
+
+        def part(share: tuple[slice, slice]) -> None:
+            if writes_out:
+                func(v[share], *[t[share[0]] for t in tables], out=out[share])
+            else:
+                out[share] = func(v[share], *[t[share[0]] for t in tables])
+
+        run_parallel(part, parts_2d(*v.shape, v.itemsize + out.itemsize))
+        y = xr.DataArray(out.reshape(src.shape), dims=x.dims, coords=x.coords, name=data.name)
+        return y.transpose(*data.dims)
+    xa = dask_data(x)
 
     def block(b: np.ndarray, block_info: Any = None) -> np.ndarray:
         rows = rows_of(block_info[0]["array-location"][:nk] if block_info else [], kshape)
@@ -204,7 +228,7 @@ def pointwise(data: xr.DataArray, formula: Any, *, lo: int | None = None) -> xr.
     Parameters
     ----------
     data : xarray.DataArray
-        Dask backed (:func:`check_data`).
+        As :func:`check_data` returns it: in memory (computed at once) or dask backed (lazy).
     formula : callable
         ``formula(x) -> xarray.DataArray``: elementwise in ``x`` (any numpy/xarray arithmetic,
         broadcasting against parameters by dim name); it must not reduce, reorder or look at
@@ -216,7 +240,7 @@ def pointwise(data: xr.DataArray, formula: Any, *, lo: int | None = None) -> xr.
     Returns
     -------
     xarray.DataArray
-        Lazy, with the data's dims, coords and name.
+        With the data's dims, coords and name; lazy when the data are.
 
     Examples
     --------
@@ -251,18 +275,18 @@ def pointwise(data: xr.DataArray, formula: Any, *, lo: int | None = None) -> xr.
         if dt.kind == "i":  # index by the byte: -128..-1 are bytes 128..255
             lut = np.ascontiguousarray(np.roll(lut, -128, axis=1))
 
-        def gather(v: np.ndarray, t: np.ndarray) -> np.ndarray:
-            out = np.empty(v.shape, dtype=t.dtype)
+        def gather(v: np.ndarray, t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+            out = np.empty(v.shape, dtype=t.dtype) if out is None else out
             _kernels.gather_rows(np.ascontiguousarray(v).view(np.uint8), t, out)
             return out
     else:
 
-        def gather(v: np.ndarray, t: np.ndarray) -> np.ndarray:
-            out = np.empty(v.shape, dtype=t.dtype)
+        def gather(v: np.ndarray, t: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+            out = np.empty(v.shape, dtype=t.dtype) if out is None else out
             _kernels.lut_rows(np.ascontiguousarray(v), t, start, out)
             return out
 
-    y = map_rows(data, kept, gather, [lut], lut.dtype)
+    y = map_rows(data, kept, gather, [lut], lut.dtype, writes_out=True)
     return y.drop_vars([c for c in y.coords if c not in data.coords])
 
 
@@ -317,9 +341,10 @@ def out_range_record(out_range: Any) -> Any:
 
 
 def checked_nonnegative(data: xr.DataArray, what: str) -> xr.DataArray:
-    """``data``, with a check run as each chunk is computed: a negative value raises
-    ``ValueError`` then (as scikit-image's exposure functions raise at call time; a lazy
-    transform computes nothing when called). Unsigned and bool data are returned as they are.
+    """``data``, checked for negative values: in-memory data (:func:`volnorm._eager.in_memory`)
+    now, as scikit-image's exposure functions check at call time; dask-backed data as each chunk
+    is computed (a lazy transform computes nothing when called). A negative value raises
+    ``ValueError``. Unsigned and bool data are returned as they are.
 
     Parameters
     ----------
@@ -330,12 +355,12 @@ def checked_nonnegative(data: xr.DataArray, what: str) -> xr.DataArray:
     Returns
     -------
     xarray.DataArray
-        Lazy, the same values.
+        The same values, lazy when ``data`` are.
 
     Examples
     --------
-    >>> import xarray as xr
-    >>> y = checked_nonnegative(xr.DataArray(np.array([1.0, -2.0]), dims="x"), "log")
+    >>> import dask.array as da, xarray as xr
+    >>> y = checked_nonnegative(xr.DataArray(da.from_array(np.array([1.0, -2.0])), dims="x"), "log")
     >>> y.values
     Traceback (most recent call last):
     ...
@@ -350,5 +375,9 @@ def checked_nonnegative(data: xr.DataArray, what: str) -> xr.DataArray:
             raise ValueError(f"{what} needs non-negative data; a chunk holds {float(np.min(b[b < 0]))!r} (rescale first)")
         return b
 
+    src = in_memory(data)
+    if src is not None:  # computed at once, as the transform will be
+        block(src)
+        return data
     xa = dask_data(data)
     return data.copy(data=xa.map_blocks(block, dtype=xa.dtype, name=f"nonnegative-{uuid.uuid4().hex}"))

@@ -19,6 +19,7 @@ import xarray as xr
 
 from volnorm import _kernels
 from volnorm._dims import Dim, reduced_names, split
+from volnorm._eager import in_memory_rows, row_parts, run_parallel
 from volnorm._histogram import histogram, histogram_counts, histogram_rows, numba_ready, prepare
 from volnorm._utils import DEFAULT_CHUNK_BYTES, no_valid_voxels
 from volnorm.params import Params, attach, check
@@ -350,21 +351,12 @@ def _group_chunks(xa: da.Array, nk: int) -> tuple | None:
 def _equalize_groups(data: xr.DataArray, kept: tuple, reduced: tuple, mask: Any, nbins: int, out_range: Any) -> xr.DataArray | None:
     """Per-group equalization without a pass: each block takes its groups' histograms and maps
     them. ``None`` when a group does not fit in a block."""
-    x, args = prepare(data, kept, reduced, mask)
-    nk = len(kept)
-    chunks = _group_chunks(args[0], nk)
-    if chunks is None:
-        return None
-    args = [a.rechunk(chunks) for a in args]
     spec = _plan(data.dtype, out_range)
     res = spec[4]
 
-    def block(b: np.ndarray, *rest: np.ndarray) -> np.ndarray:
-        rows = math.prod(b.shape[:nk])
-        v2 = np.ascontiguousarray(b).reshape(rows, -1)
-        m2 = None if not rest else np.ascontiguousarray(rest[0], dtype=np.bool_).reshape(rows, -1)
+    def rows_of(v2: np.ndarray, m2: np.ndarray | None) -> np.ndarray:
         out = np.empty(v2.shape, dtype=res)
-        for r in range(rows):
+        for r in range(len(v2)):
             h = _group_histogram(v2[r], None if m2 is None else m2[r], nbins)
             if h is None:
                 raise no_valid_voxels("to equalize", some=True)
@@ -374,7 +366,25 @@ def _equalize_groups(data: xr.DataArray, kept: tuple, reduced: tuple, mask: Any,
                 out[r] = _map_int(v2[r : r + 1], table, int(centers[0, 0]))[0]
             else:
                 out[r] = _map_float(v2[r : r + 1], table, centers, spec)[0]
-        return out.reshape(b.shape)
+        return out
+
+    at_once = in_memory_rows(data, kept, reduced, mask)
+    if at_once is not None:  # in memory: a share of the groups per thread
+        x, v, m = at_once
+        shares = row_parts(len(v), v.shape[1] * (v.itemsize + res.itemsize))
+        out = np.concatenate(run_parallel(lambda s: rows_of(v[s], None if m is None else m[s]), shares)) if shares else np.empty(v.shape, res)
+        return xr.DataArray(out.reshape(x.shape), dims=x.dims, coords=x.coords, name=data.name).transpose(*data.dims)
+    x, args = prepare(data, kept, reduced, mask)
+    nk = len(kept)
+    chunks = _group_chunks(args[0], nk)
+    if chunks is None:
+        return None
+    args = [a.rechunk(chunks) for a in args]
+
+    def block(b: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+        rows = math.prod(b.shape[:nk])
+        m2 = None if not rest else np.ascontiguousarray(rest[0], dtype=np.bool_).reshape(rows, -1)
+        return rows_of(np.ascontiguousarray(b).reshape(rows, -1), m2).reshape(b.shape)
 
     name = f"equalize-groups-{uuid.uuid4().hex}"
     ya = da.map_blocks(block, *args, dtype=res, meta=np.empty((0,) * args[0].ndim, dtype=res), name=name)
