@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import io
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from volnorm._utils import native, plain_name, slab_chunks
-from volnorm.engine import compute
+from volnorm.engine import compute, current
 from volnorm.io.nifti import (
     SUPPORTED_DTYPES,
     apply_scaling,
@@ -238,17 +240,47 @@ WRITE_BATCH_BYTES = 1 << 30
 METADATA_THREADS = 8
 
 
-def _batches(items: list, limit: int) -> list[list]:
-    """Consecutive groups of ``(name, dask array, target)`` of at most ``limit`` bytes (one item at least)."""
-    out: list[list] = []
-    size = limit
+def _batches(items: Iterable, limit: int) -> Iterator[list]:
+    """Consecutive groups of ``(name, dask array, target)`` of at most ``limit`` bytes (one item
+    at least), each as soon as its items are there (``items`` may still be being made)."""
+    batch: list = []
+    size = 0
     for it in items:
-        if size + it[1].nbytes > limit and (not out or out[-1]):
-            out.append([])
-            size = 0
-        out[-1].append(it)
+        if batch and size + it[1].nbytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(it)
         size += it[1].nbytes
-    return out
+    if batch:
+        yield batch
+
+
+def _overlapped(batches: Iterable[Any], work: Callable[[Any], Any], done: Callable[[Any, Any], None]) -> None:
+    """``done(batch, work(batch))`` for each batch, in order, with ``work`` (a compute) run on a
+    background thread and the next batch's work started before the previous one is waited for:
+    the workers go from one batch to the next without waiting for the client between them (at
+    28 GB, 26 batches had cost ~1 s each of idle workers: the last volumes' tail, the client
+    marking volumes complete and building the next graph). At most two batches at once;
+    ``done`` runs on this thread, so an interrupt still stops the run between two volumes and
+    the volumes of unfinished batches are not marked complete (a resumed run writes them)."""
+    eng = current()
+    if eng is not None:  # started here: its cluster's contexts belong to this thread's context
+        eng.start()
+    ex = ThreadPoolExecutor(2, thread_name_prefix="volnorm-batch")
+    pending: collections.deque = collections.deque()
+    try:
+        for batch in batches:
+            pending.append((batch, ex.submit(contextvars.copy_context().run, work, batch)))  # the engine is a context var
+            if len(pending) == 2:
+                b, f = pending.popleft()
+                done(b, f.result())
+        while pending:
+            b, f = pending.popleft()
+            done(b, f.result())
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)  # a batch computing now ends with the engine
+        raise
+    ex.shutdown(wait=True)
 
 
 #: Per-volume statistics computed with a write: called with the batch's volumes (a stack) and
@@ -390,14 +422,24 @@ def _write_staged(
         # the groups' metadata are small files, one volume at a time 12 ms each (13 s for 1000
         # volumes on the client, the workers idle): made by threads, in order. (Marking volumes
         # complete stays on this thread, where an interrupt stops it between two volumes.)
-        with ThreadPoolExecutor(METADATA_THREADS) as ex:
-            arrays = [a for a in ex.map(start, vols) if a is not None]
+        # The first batch is computed as soon as its volumes' groups are made, the others' are
+        # made meanwhile.
         index = {name: i for i, (name, _) in enumerate(vols)}
-        for batch in _batches(arrays, WRITE_BATCH_BYTES):  # each batch's volumes are marked complete
+
+        def work(batch: list) -> list[dict]:
             stored = [store_blocks(a, t) for _, a, t in batch]
-            rows = _with_statistics(stored, data, [index[name] for name, _, _ in batch], statistics, progress)
+            return _with_statistics(stored, data, [index[name] for name, _, _ in batch], statistics, progress)
+
+        def done(batch: list, rows: list[dict]) -> None:  # each batch's volumes are marked complete
             for i, (name, _, _) in enumerate(batch):
                 finish_volume(root[name], name, {"statistics": rows[i]} if rows else {})
+
+        meta = ThreadPoolExecutor(METADATA_THREADS)
+        try:
+            made = (a for a in meta.map(start, vols) if a is not None)  # in order, made in the background
+            _overlapped(_batches(made, WRITE_BATCH_BYTES), work, done)
+        finally:
+            meta.shutdown(wait=True, cancel_futures=True)
         for name, _ in vols:
             grp = root[name]
             if not grp.attrs["volnorm"].get("complete"):
