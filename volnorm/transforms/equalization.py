@@ -354,7 +354,7 @@ def _equalize_groups(data: xr.DataArray, kept: tuple, reduced: tuple, mask: Any,
     spec = _plan(data.dtype, out_range)
     res = spec[4]
 
-    def rows_of(v2: np.ndarray, m2: np.ndarray | None) -> np.ndarray:
+    def equalized_rows(v2: np.ndarray, m2: np.ndarray | None) -> np.ndarray:
         out = np.empty(v2.shape, dtype=res)
         for r in range(len(v2)):
             h = _group_histogram(v2[r], None if m2 is None else m2[r], nbins)
@@ -372,7 +372,7 @@ def _equalize_groups(data: xr.DataArray, kept: tuple, reduced: tuple, mask: Any,
     if at_once is not None:  # in memory: a share of the groups per thread
         x, v, m = at_once
         shares = row_parts(len(v), v.shape[1] * (v.itemsize + res.itemsize))
-        out = np.concatenate(run_parallel(lambda s: rows_of(v[s], None if m is None else m[s]), shares)) if shares else np.empty(v.shape, res)
+        out = np.concatenate(run_parallel(lambda s: equalized_rows(v[s], None if m is None else m[s]), shares)) if shares else np.empty(v.shape, res)
         return xr.DataArray(out.reshape(x.shape), dims=x.dims, coords=x.coords, name=data.name).transpose(*data.dims)
     x, args = prepare(data, kept, reduced, mask)
     nk = len(kept)
@@ -384,7 +384,7 @@ def _equalize_groups(data: xr.DataArray, kept: tuple, reduced: tuple, mask: Any,
     def block(b: np.ndarray, *rest: np.ndarray) -> np.ndarray:
         rows = math.prod(b.shape[:nk])
         m2 = None if not rest else np.ascontiguousarray(rest[0], dtype=np.bool_).reshape(rows, -1)
-        return rows_of(np.ascontiguousarray(b).reshape(rows, -1), m2).reshape(b.shape)
+        return equalized_rows(np.ascontiguousarray(b).reshape(rows, -1), m2).reshape(b.shape)
 
     name = f"equalize-groups-{uuid.uuid4().hex}"
     ya = da.map_blocks(block, *args, dtype=res, meta=np.empty((0,) * args[0].ndim, dtype=res), name=name)
