@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from volnorm._utils import native, plain_name, slab_chunks
+from volnorm._utils import cached_fraction, native, plain_name, slab_chunks
 from volnorm.engine import compute, current
 from volnorm.io.nifti import (
     SUPPORTED_DTYPES,
@@ -71,7 +71,10 @@ def _volumes(data: xr.DataArray | xr.DataTree) -> list[tuple[str, xr.DataArray]]
     names = [str(v) for v in data["volume"].values] if "volume" in data.coords else [
         f"vol-{i:04d}" for i in range(data.sizes["volume"])
     ]
-    return [(n, data.isel(volume=i, drop=True).assign_attrs(data.attrs)) for i, n in enumerate(names)]
+    vols = [(n, data.isel(volume=i, drop=True).assign_attrs(data.attrs)) for i, n in enumerate(names)]
+    if "path" in data.coords and data["path"].dims == ("volume",):  # each volume's input file (provenance, read order)
+        vols = [(n, v.assign_coords(path=str(p))) for (n, v), p in zip(vols, data["path"].values)]
+    return vols
 
 
 def _is_nifti_derived(vols: list[tuple[str, xr.DataArray]]) -> bool:
@@ -289,6 +292,20 @@ def _overlapped(batches: Iterable[Any], work: Callable[[Any], Any], done: Callab
 Alongside = Callable[[xr.DataArray, Any], tuple[list, Callable[[Sequence[Any]], list[dict]]]]
 
 
+def _cached_first(vols: list[tuple[str, xr.DataArray]], pool: ThreadPoolExecutor) -> list[tuple[str, xr.DataArray]]:
+    """The volumes whose input files are most in the page cache first (stable otherwise).
+
+    A fit reads the cohort before the write pass reads it again; when the cohort is larger than
+    the RAM, the files it read last are still cached, and the write pass reads them from there
+    if it takes them before its own reads and writes push them out (the fit's reading order is
+    dask's, not the volumes'). Volumes without a ``path`` coordinate keep their order."""
+    paths = [str(v.coords["path"].item()) if "path" in v.coords else "" for _, v in vols]
+    if not any(paths):
+        return vols
+    share = list(pool.map(lambda p: cached_fraction(p) if p else 0.0, paths))
+    return [vols[i] for i in sorted(range(len(vols)), key=lambda i: -share[i])]
+
+
 def _check_names(data: xr.DataArray | xr.DataTree, vols: list[tuple[str, xr.DataArray]], nifti: bool | None = None) -> bool:
     """Whether each volume becomes a group of the store (a cohort); if so, check that every
     name is a plain name (a volume name such as ``../x`` must never become a path out of it)."""
@@ -436,8 +453,10 @@ def _write_staged(
 
         meta = ThreadPoolExecutor(METADATA_THREADS)
         try:
-            made = (a for a in meta.map(start, vols) if a is not None)  # in order, made in the background
-            _overlapped(_batches(made, WRITE_BATCH_BYTES), work, done)
+            made = (a for a in meta.map(start, _cached_first(vols, meta)) if a is not None)  # in order, made in the background
+            # a batch's volumes in their order in ``data``: consecutive ones are one slice of the statistics
+            batches = (sorted(b, key=lambda it: index[it[0]]) for b in _batches(made, WRITE_BATCH_BYTES))
+            _overlapped(batches, work, done)
         finally:
             meta.shutdown(wait=True, cancel_futures=True)
         for name, _ in vols:
