@@ -40,6 +40,8 @@ def test_embedded_cluster_binds_loopback():
             assert w.startswith("tcp://127.0.0.1:")
         env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
         assert set(env.values()) == {None}
+        arenas = client.run(lambda: __import__("os").environ.get("MALLOC_ARENA_MAX"))
+        assert set(arenas.values()) == {"2"}
     finally:
         cluster = client.cluster
         client.close()

@@ -15,11 +15,16 @@ import dask.system
 
 logger = logging.getLogger(__name__)
 
-#: dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker. Setting any
-#: glibc malloc variable turns off glibc's adaptive mmap threshold, so every
+#: dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in every worker. Setting glibc's
+#: trim, top-pad or mmap variables turns off its adaptive mmap threshold, so every
 #: large buffer becomes a fresh mmap (page faults on every chunk); measured
-#: 2.7-3.7x slower histogram passes here (DESIGN.md). We keep glibc's defaults.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+#: 2.7-3.7x slower histogram passes here (DESIGN.md). We keep those defaults.
+#: MALLOC_ARENA_MAX does not touch the threshold: it bounds the arenas a worker's
+#: threads (task thread, background writer, zarr's I/O pool, the event loop) spread
+#: their buffers over, where freed memory of one arena was not reused by another:
+#: peak worker RSS on a 28 GB cohort 581-651 MiB with glibc's default (8 arenas per
+#: core), 550-579 MiB with 2 (benchmarks/README.md, bench_scale).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 
 
 def usable_cpus() -> int:
