@@ -35,6 +35,7 @@ from volnorm.transforms import (
     log,
     match_histogram,
     mean_scale,
+    n4,
     nyul_apply,
     nyul_fit,
     rescale,

@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 #: Steps that take fitted parameters (``params=``) and can be replayed on new data.
 FITTED = {"rescale": "rescale", "zscore": "zscore", "mean_scale": "mean_scale", "equalize": "equalize",
           "gamma": "gamma", "log": "log", "auto_gamma": "auto_gamma"}
-#: Steps applied without fitting (or refitted on each dataset by design).
-UNFITTED = ("equalize_adaptive", "dither", "binarize")
+#: Steps applied without fitting (or refitted on each dataset by design); ``n4`` corrects each
+#: volume on its own (N4 bias field, inside the spec's mask when it has one).
+UNFITTED = ("equalize_adaptive", "dither", "binarize", "n4")
 STEPS = tuple(FITTED) + UNFITTED
 #: A pipeline spec's steps: the command line's, and Nyúl standardization (fit, then apply).
 PIPELINE_STEPS = (*STEPS, "nyul")
@@ -185,6 +186,18 @@ OPTION_RULES: dict[str, Rule] = {
     # multiotsu" (an int >= 2 at run time)
     "q": Rule(lo=0, hi=1),
     "classes": Rule(lo=2),
+    # n4: "shrink_factor : int - ... At least 1"; "iterations : sequence of int - ... Each at least 1";
+    # "convergence_threshold : float - ... At least 0"; "control_points : int - ... more than
+    # spline_order" (checked by n4 itself); "spline_order : int - ... At least 1"; "histogram_bins :
+    # int - ... At least 2"; "bias_field_fwhm" and "wiener_noise : float - ... Greater than 0"
+    "n4.shrink_factor": Rule(lo=1),
+    "n4.iterations": Rule(lo=1, length=(1, None)),
+    "n4.convergence_threshold": Rule(lo=0),
+    "n4.control_points": Rule(lo=2),
+    "n4.spline_order": Rule(lo=1),
+    "n4.histogram_bins": Rule(lo=2),
+    "n4.bias_field_fwhm": Rule(lo=0, open_lo=True),
+    "n4.wiener_noise": Rule(lo=0, open_lo=True),
 }
 
 
@@ -605,6 +618,8 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
             window = opts.get("in_range")
             data = transforms.dither(data, opts.get("method", "bayer"), in_range=tuple(window) if isinstance(window, list) else window,
                                      dim=tuple(opts.get("dim", ("y", "x"))), seed=opts.get("seed", 0))
+        elif name == "n4":  # nothing fitted: the same options, each volume corrected on its own
+            data = transforms.n4(data, mask=mask, **{k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()})
         elif name == "equalize_adaptive":
             data = transforms.equalize_adaptive(data, opts.get("kernel_size"), opts.get("clip_limit", 0.01), opts.get("nbins", 256), dim=tuple(opts.get("dim", ("y", "x"))))
         else:

@@ -9,6 +9,7 @@ module                 functions
 ``nyul``               nyul_fit, nyul_apply
 ``thresholds``         threshold
 ``binary``             binarize, dither
+``n4``                 n4 (N4 bias-field correction per volume, by SimpleITK)
 ``common``             what the families share (data check, float type, out_range, map_rows)
 =====================  ==============================================================
 
@@ -31,6 +32,7 @@ from volnorm.transforms.intensity import (
     rescale,
     zscore,
 )
+from volnorm.transforms.n4 import n4
 from volnorm.transforms.nyul import nyul_apply, nyul_fit
 from volnorm.transforms.thresholds import threshold
 
@@ -48,6 +50,7 @@ __all__ = [
     "log",
     "match_histogram",
     "mean_scale",
+    "n4",
     "nyul_apply",
     "nyul_fit",
     "rescale",
