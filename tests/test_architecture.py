@@ -144,7 +144,7 @@ LAYERS = [
      "volnorm.datasets.phantom", "volnorm.datasets.cohort"},
     {"volnorm._histogram", "volnorm._minmax", "volnorm.stats", "volnorm.fsl"},
     {"volnorm.transforms", "volnorm.transforms.common", "volnorm.transforms.intensity", "volnorm.transforms.equalization",
-     "volnorm.transforms.nyul", "volnorm.transforms.binary", "volnorm.transforms.thresholds", "volnorm.transforms.n4", "volnorm.color",
+     "volnorm.transforms.nyul", "volnorm.transforms.binary", "volnorm.transforms.thresholds", "volnorm.transforms.bias", "volnorm.transforms.tissue", "volnorm.color",
      "volnorm.color.grey", "volnorm.color.colormaps", "volnorm.color.palette", "volnorm.color.spaces",
      "volnorm.normative", "volnorm.voxel", "volnorm.conversion", "volnorm.info", "volnorm.plot", "volnorm.accessor"},
     {"volnorm.pipeline", "volnorm.pipeline.spec", "volnorm.pipeline.steps", "volnorm.pipeline.planner", "volnorm.pipeline.runner",

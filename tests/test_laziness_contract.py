@@ -102,6 +102,7 @@ TABLE: list[Case] = [
     Case("equalize_adaptive-3d", lambda x: vn.equalize_adaptive(x, dim=PER_VOLUME), 0),
     Case("gamma", lambda x: vn.gamma(x, 0.5), 0),  # CHANGING: scales by the dtype range (no fit)
     Case("log", lambda x: vn.log(x), 0),  # CHANGING: scales by the dtype range (no fit)
+    Case("n4", lambda x: vn.n4(x), 0),
     Case("zscore-params", lambda x: vn.zscore(x, params=Z_PARAMS), 0),
     Case("rescale-params", lambda x: vn.rescale(x, params=R_PARAMS), 0),
     Case("binarize-value", lambda x: vn.binarize(x, 500), 0),
@@ -124,6 +125,10 @@ TABLE: list[Case] = [
     Case("fit_rescale", lambda x: vn.fit_rescale(x), 1, why=FIT),
     Case("zscore", lambda x: vn.zscore(x), 1, why=FIT + " (mean, std)"),
     Case("fit_zscore", lambda x: vn.fit_zscore(x), 1, why=FIT),
+    Case("whitestripe", lambda x: vn.whitestripe(x), 1, why=FIT + " (each volume's exact histogram)"),
+    Case("fit_whitestripe", lambda x: vn.fit_whitestripe(x), 1, why=FIT),
+    Case("kde", lambda x: vn.kde(x), 1, why=FIT + " (each volume's exact histogram)"),
+    Case("fit_kde", lambda x: vn.fit_kde(x), 1, why=FIT),
     Case("mean_scale", lambda x: vn.mean_scale(x), 1, why=FIT + " (each volume's mean)"),
     Case("fit_mean_scale", lambda x: vn.fit_mean_scale(x), 1, why=FIT),
     Case("auto_gamma", lambda x: vn.auto_gamma(x), 1, why=FIT + " (the mean sets the exponent)"),  # CHANGING

@@ -7,7 +7,6 @@ command line."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -21,7 +20,7 @@ from volnorm.cli import main
 from volnorm.pipeline.steps import parse_step
 from volnorm.testing import raise_if_dask_computes
 
-n4_module = importlib.import_module("volnorm.transforms.n4")  # `volnorm.transforms.n4` is the function
+from volnorm.transforms import bias as n4_module
 FAST = {"shrink_factor": 2, "iterations": (5, 5)}
 
 

@@ -161,6 +161,9 @@ TYPOS = {
     "dither": ("methd", "method"),
     "binarize": ("inclusiv", "inclusive"),
     "nyul": ("standard_rang", "standard_range"),
+    "n4": ("shrink_factr", "shrink_factor"),
+    "whitestripe": ("widht", "width"),
+    "kde": ("modalty", "modality"),
 }
 
 
@@ -375,6 +378,9 @@ steps:
   - binarize: {threshold: 0.5, inclusive: true, upper: 0.9, invert: false}
   - binarize: {method: percentile, q: 0.9, bins: 512, dim: [z, y, x]}
   - nyul: {percentiles: [2, 25, 50, 75, 98], standard_range: [0, 100]}
+  - n4: {shrink_factor: 2, iterations: [3, 3]}
+  - whitestripe: {width: 0.1, modality: t2}
+  - kde: {modality: pd}
 """
 
 

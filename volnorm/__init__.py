@@ -28,10 +28,13 @@ from volnorm.transforms import (
     equalize,
     equalize_adaptive,
     fit_equalize,
+    fit_kde,
     fit_mean_scale,
     fit_rescale,
+    fit_whitestripe,
     fit_zscore,
     gamma,
+    kde,
     log,
     match_histogram,
     mean_scale,
@@ -40,6 +43,7 @@ from volnorm.transforms import (
     nyul_fit,
     rescale,
     threshold,
+    whitestripe,
     zscore,
 )
 from volnorm.voxel import accumulate, open_voxel_histogram

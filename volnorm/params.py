@@ -229,6 +229,8 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
     "equalize": ("equalize",),
     "nyul_apply": ("nyul",),
     "quantize": ("quantize",),
+    "whitestripe": ("whitestripe",),
+    "kde": ("kde",),
 }
 
 #: For each method, the options its record holds that decide the result (``dim`` aside): the
@@ -247,6 +249,8 @@ FIT_OPTIONS: dict[str, tuple[str, ...]] = {
     "equalize": ("nbins",),
     "nyul": (),
     "quantize": ("n_colors", "seed"),
+    "whitestripe": ("width_l", "width_u", "modality"),
+    "kde": ("modality",),
 }
 
 #: For each method, the dims of its values that are tables (bins, landmarks, a palette), not

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 #: Steps that take fitted parameters (``params=``) and can be replayed on new data.
 FITTED = {"rescale": "rescale", "zscore": "zscore", "mean_scale": "mean_scale", "equalize": "equalize",
-          "gamma": "gamma", "log": "log", "auto_gamma": "auto_gamma"}
+          "gamma": "gamma", "log": "log", "auto_gamma": "auto_gamma", "whitestripe": "whitestripe", "kde": "kde"}
 #: Steps applied without fitting (or refitted on each dataset by design); ``n4`` corrects each
 #: volume on its own (N4 bias field, inside the spec's mask when it has one).
 UNFITTED = ("equalize_adaptive", "dither", "binarize", "n4")
@@ -653,6 +653,8 @@ def _refit_kwargs(name: str, opts: dict[str, Any]) -> dict[str, Any]:
             kw["out_range"] = tuple(out) if isinstance(out, list) else out
     if name == "mean_scale":
         kw.update(target=opts["target"], per_volume=opts.get("per_volume", True))
+    if name in ("whitestripe", "kde"):  # always per volume: no `dim` argument
+        kw = {k: opts[k] for k in ("width_l", "width_u", "modality") if k in opts}
     return kw
 
 

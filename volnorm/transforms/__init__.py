@@ -9,7 +9,8 @@ module                 functions
 ``nyul``               nyul_fit, nyul_apply
 ``thresholds``         threshold
 ``binary``             binarize, dither
-``n4``                 n4 (N4 bias-field correction per volume, by SimpleITK)
+``tissue``             whitestripe, kde, fit_* (per-volume tissue modes, as intensity-normalization)
+``bias``               n4 (N4 bias-field correction per volume, by SimpleITK)
 ``common``             what the families share (data check, float type, out_range, map_rows)
 =====================  ==============================================================
 
@@ -32,9 +33,10 @@ from volnorm.transforms.intensity import (
     rescale,
     zscore,
 )
-from volnorm.transforms.n4 import n4
+from volnorm.transforms.bias import n4
 from volnorm.transforms.nyul import nyul_apply, nyul_fit
 from volnorm.transforms.thresholds import threshold
+from volnorm.transforms.tissue import fit_kde, fit_whitestripe, kde, whitestripe
 
 __all__ = [
     "auto_gamma",
@@ -43,10 +45,13 @@ __all__ = [
     "equalize",
     "equalize_adaptive",
     "fit_equalize",
+    "fit_kde",
     "fit_mean_scale",
     "fit_rescale",
+    "fit_whitestripe",
     "fit_zscore",
     "gamma",
+    "kde",
     "log",
     "match_histogram",
     "mean_scale",
@@ -55,5 +60,6 @@ __all__ = [
     "nyul_fit",
     "rescale",
     "threshold",
+    "whitestripe",
     "zscore",
 ]
