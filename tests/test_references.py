@@ -208,6 +208,46 @@ def inorm_zscore(camera, anat):
     np.testing.assert_allclose(got, (anat - inside.mean()) / inside.std(), rtol=1e-9, atol=1e-9)
 
 
+def _inorm_tissue(anat, normalizer, ours):
+    from intensity_normalization.adapters.images import NumpyImageAdapter
+
+    m = anat > filters.threshold_otsu(anat)
+    ref = normalizer.fit(NumpyImageAdapter(anat.astype(np.float64)), NumpyImageAdapter(m))
+    got = ours(_da(anat, ("z", "y", "x"), 16).expand_dims(volume=1), xr.DataArray(m, dims=("z", "y", "x"))).values[0]
+    want = ref.transform(NumpyImageAdapter(anat.astype(np.float64))).get_data()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def inorm_whitestripe(camera, anat):
+    from intensity_normalization.domain.models import Modality
+    from intensity_normalization.normalizers.individual.whitestripe import WhiteStripeNormalizer
+
+    _inorm_tissue(anat, WhiteStripeNormalizer(width=0.05, modality=Modality.T1), lambda x, m: vn.whitestripe(x, mask=m, width=0.05, modality="t1"))
+
+
+def inorm_kde(camera, anat):
+    from intensity_normalization.domain.models import Modality
+    from intensity_normalization.normalizers.individual.kde import KDENormalizer
+
+    _inorm_tissue(anat, KDENormalizer(modality=Modality.T1), lambda x, m: vn.kde(x, mask=m, modality="t1"))
+
+
+def sitk_n4(camera, anat):
+    """SimpleITK's documented example with shrinking (tests/test_n4.py checks every option)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(anat.astype(np.float32))
+    m = anat > filters.threshold_otsu(anat)
+    mask = sitk.GetImageFromArray(m.astype(np.uint8))
+    mask.CopyInformation(image)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([5, 5])
+    corrector.Execute(sitk.Shrink(image, [4] * 3), sitk.Shrink(mask, [4] * 3))
+    want = sitk.GetArrayFromImage(image / sitk.Exp(corrector.GetLogBiasFieldAsImage(image)))
+    got = vn.n4(_da(anat, ("z", "y", "x"), 16).expand_dims(volume=1), mask=xr.DataArray(m, dims=("z", "y", "x")), shrink_factor=4, iterations=(5, 5)).values[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def inorm_nyul(camera, anat):
     from intensity_normalization import NyulNormalizer  # noqa: F401 - the reference (tests/test_peers.py compares the landmarks)
 
@@ -259,6 +299,9 @@ TABLE: dict[str, Callable] = {
     "`KMeans(16).fit(pixels)`, then `predict`": sklearn_kmeans,
     "`intensity_normalization.ZScoreNormalizer`": inorm_zscore,
     "`intensity_normalization.NyulNormalizer` (fit on a set, then normalize)": inorm_nyul,
+    "`WhiteStripeNormalizer(width=0.05, modality=Modality.T1)`": inorm_whitestripe,
+    "`KDENormalizer(modality=Modality.T1)`": inorm_kde,
+    "`sitk.N4BiasFieldCorrectionImageFilter` (ANTs' `N4BiasFieldCorrection`), SimpleITK's example with shrinking": sitk_n4,
     "`torchio.ZNormalization()`": torchio_znorm,
     "`torchio.RescaleIntensity(out_min_max=(0, 1), percentiles=(1, 99))`": torchio_rescale,
     "`torchio.HistogramStandardization.train(paths)` then the transform": torchio_histogram_standardization,
