@@ -158,3 +158,16 @@ def test_the_command_line_step_and_its_replay_fit_each_volume(tmp_path, cohort):
     assert main(["apply", *map(str, cohort[3:]), str(again), "--params", str(out), "--scheduler", "sync", "--no-progress"]) == 0
     want2 = vn.whitestripe(vn.open_nifti(cohort[3:]), modality="t2", width=0.08)
     np.testing.assert_array_equal(vn.open_zarr(again).values, want2.values)
+
+
+def test_a_stripe_around_zero_takes_in_the_voxels_outside_the_mask_as_the_reference_does():
+    """The reference tests ``data * mask`` against the stripe: when 0 is inside it, every voxel
+    outside the mask is in the stripe, with its own value."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(0, 20, (1, 16, 18, 20)).round().astype("int16")
+    m = rng.random(a.shape) < 0.6
+    x, mask = xr.DataArray(a, dims=("volume", "z", "y", "x")), xr.DataArray(m, dims=("volume", "z", "y", "x"))
+    p = tissue.fit_whitestripe(x, mask=mask, modality="t2", width=0.2)
+    assert float(p.values["stripe_lo"][0]) < 0 < float(p.values["stripe_hi"][0])
+    ws = WhiteStripeNormalizer(width=0.2, modality=Modality.T2).fit(NumpyImageAdapter(a[0].astype(np.float64)), NumpyImageAdapter(m[0]))
+    assert _rel(float(p.values["mean"][0]), ws.mean) < 1e-6 and _rel(float(p.values["std"][0]), ws.std) < 1e-6

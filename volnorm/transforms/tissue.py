@@ -200,26 +200,23 @@ def fit_whitestripe(
         raise no_valid_voxels("to find the white matter in", some=len(rows) > 1)
     modes = [tissue_mode(v, c, m) for v, c in rows]
     bounds = [stripe(v, c, mode, wl, wu) for (v, c), mode in zip(rows, modes)]
-    if mask is None:  # the stripe counts every voxel in it, not only the foreground
-        inside = _rows(h, foreground_only=False)
-    else:
-        inside = list(rows)
-        if any(lo < 0 < hi for lo, hi in bounds):  # 0 (masked out) is in the stripe: the voxels outside count
-            _, every = _per_volume(data, None)
-            for i, ((lo, hi), row) in enumerate(zip(bounds, np.atleast_2d(every.values))):
-                if lo < 0 < hi:
-                    outside = row.astype(np.int64) - np.atleast_2d(h.reindex(bin=every["bin"], fill_value=0).values)[i]
-                    keep = outside > 0
-                    vals = np.concatenate([inside[i][0], every["bin"].values[keep]])
-                    cnts = np.concatenate([inside[i][1], outside[keep]])
-                    order = np.argsort(vals, kind="stable")
-                    inside[i] = (vals[order], cnts[order])
+    # the stripe's voxels: those whose (masked) value is strictly inside it; without a mask every
+    # voxel, not only the foreground. With a mask the reference tests ``data * mask``: when 0 is
+    # inside the stripe, every voxel outside the mask is in it, with its own value.
+    inside = _rows(h, foreground_only=False)
+    if mask is not None and any(lo < 0 < hi for lo, hi in bounds):
+        _, every = _per_volume(data, None)
+        out_counts = np.atleast_2d(every.values).astype(np.int64) - np.atleast_2d(h.reindex(bin=every["bin"], fill_value=0).values)
     mean, std = [], []
-    for (v, c), (lo, hi) in zip(inside, bounds):
+    for i, ((v, c), (lo, hi)) in enumerate(zip(inside, bounds)):
         sel = (v > lo) & (v < hi)
-        if not sel.any():
+        v, c = v[sel], c[sel]
+        if mask is not None and lo < 0 < hi:
+            keep = out_counts[i] > 0
+            v, c = np.concatenate([v, every["bin"].values[keep]]), np.concatenate([c, out_counts[i][keep]])
+        if not len(v):
             raise ValueError(f"whitestripe: no voxel inside the stripe ({lo:g}, {hi:g}) of a volume")
-        a, b = _moments(v[sel].astype(np.float64), c[sel])
+        a, b = _moments(v.astype(np.float64), c)
         if b == 0:
             raise ValueError(f"whitestripe: the stripe ({lo:g}, {hi:g}) of a volume holds one value: its std is 0")
         mean.append(a)
