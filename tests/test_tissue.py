@@ -71,6 +71,12 @@ def test_one_call_fits_and_applies_per_volume(cohort):
     assert "whitestripe" in y.attrs["volnorm_params"]
 
 
+def test_the_accessor_is_the_function(cohort):
+    x = vn.open_nifti(cohort[:2])
+    xr.testing.assert_identical(x.volnorm.whitestripe(modality="t2"), vn.whitestripe(x, modality="t2"))
+    xr.testing.assert_identical(x.volnorm.kde(), vn.kde(x))
+
+
 def test_lazy_until_computed_with_params(cohort):
     x = vn.open_nifti(cohort[:2])
     p = tissue.fit_kde(x)
