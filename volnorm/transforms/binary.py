@@ -168,7 +168,10 @@ def uniform_at(index: np.ndarray, seed: int) -> np.ndarray:
     """
     key = _splitmix(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
     with np.errstate(over="ignore"):
-        z = _splitmix(np.asarray(index).astype(np.uint64) * _GOLDEN + key)
+        # splitmix64 advances its state by the golden gamma before each output: element i is
+        # the output of key + (i + 1) * gamma. (Without the + 1, seed 0's element 0 was the
+        # output of state 0, which is 0: that pixel was on at any level above 0.)
+        z = _splitmix((np.asarray(index).astype(np.uint64) + np.uint64(1)) * _GOLDEN + key)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
