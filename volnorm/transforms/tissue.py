@@ -20,7 +20,7 @@ within a bin width of the reference's (the docstrings say so).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -128,12 +128,27 @@ def _check_modality(modality: str) -> str:
     return m
 
 
-def _per_volume(data: xr.DataArray, mask: xr.DataArray | None) -> tuple[tuple, xr.DataArray]:
+def _per_volume(data: xr.DataArray, mask: xr.DataArray | None) -> xr.DataArray:
     """Each volume's histogram over its own dims: of the mask's voxels, or every voxel."""
     spatial = volume_dims(data, "a tissue-based normalization (one fit per volume)")
     exact = data.dtype.kind in "iub" and data.dtype.itemsize <= 2
-    h = histogram(data, dim=spatial, mask=mask, bins=None if exact else FLOAT_BINS).compute()
-    return spatial, h
+    return histogram(data, dim=spatial, mask=mask, bins=None if exact else FLOAT_BINS).compute()
+
+
+def _foreground(data: xr.DataArray, mask: xr.DataArray | None, what: str) -> tuple[xr.DataArray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Each volume's histogram and its foreground's ``(values, counts)`` (the mask's voxels, else
+    those > 0); raises when a volume has none (``what``: the error's purpose)."""
+    h = _per_volume(data, mask)
+    rows = _rows(h, foreground_only=mask is None)
+    if any(not len(v) for v, _ in rows):
+        raise no_valid_voxels(what, some=len(rows) > 1)
+    return h, rows
+
+
+def _per_volume_values(h: xr.DataArray, **values: Any) -> xr.Dataset:
+    """float64 values, one per volume of the histogram ``h``, with its kept dims and coords."""
+    kept = {k: h.coords[k] for k in h.dims if k != "bin"}
+    return xr.Dataset({k: (tuple(kept), np.asarray(v, dtype=np.float64).reshape(h.shape[:-1])) for k, v in values.items()}, coords=kept)
 
 
 def _rows(h: xr.DataArray, foreground_only: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -194,18 +209,15 @@ def fit_whitestripe(
     data = check_data(data)
     m = _check_modality(modality)
     wl, wu = width_l or width, width_u or width
-    _, h = _per_volume(data, mask)
-    rows = _rows(h, foreground_only=mask is None)
-    if any(not len(v) for v, _ in rows):
-        raise no_valid_voxels("to find the white matter in", some=len(rows) > 1)
+    h, rows = _foreground(data, mask, "to find the white matter in")
     modes = [tissue_mode(v, c, m) for v, c in rows]
     bounds = [stripe(v, c, mode, wl, wu) for (v, c), mode in zip(rows, modes)]
     # the stripe's voxels: those whose (masked) value is strictly inside it; without a mask every
     # voxel, not only the foreground. With a mask the reference tests ``data * mask``: when 0 is
     # inside the stripe, every voxel outside the mask is in it, with its own value.
-    inside = _rows(h, foreground_only=False)
+    inside = rows if mask is not None else _rows(h, foreground_only=False)
     if mask is not None and any(lo < 0 < hi for lo, hi in bounds):
-        _, every = _per_volume(data, None)
+        every = _per_volume(data, None)
         out_counts = np.atleast_2d(every.values).astype(np.int64) - np.atleast_2d(h.reindex(bin=every["bin"], fill_value=0).values)
     mean, std = [], []
     for i, ((v, c), (lo, hi)) in enumerate(zip(inside, bounds)):
@@ -221,11 +233,7 @@ def fit_whitestripe(
             raise ValueError(f"whitestripe: the stripe ({lo:g}, {hi:g}) of a volume holds one value: its std is 0")
         mean.append(a)
         std.append(b)
-    kept = {k: h.coords[k] for k in h.dims if k != "bin"}
-    ds = xr.Dataset({k: (tuple(kept), np.asarray(v, dtype=np.float64).reshape(h.shape[:-1]))
-                     for k, v in {"mean": mean, "std": std, "mode": modes,
-                                  "stripe_lo": [b[0] for b in bounds], "stripe_hi": [b[1] for b in bounds]}.items()},
-                    coords=kept)
+    ds = _per_volume_values(h, mean=mean, std=std, mode=modes, stripe_lo=[lo for lo, _ in bounds], stripe_hi=[hi for _, hi in bounds])
     return Params("whitestripe", ds, {"dim": list(volume_dims(data)), "width_l": wl, "width_u": wu, "modality": m})
 
 
@@ -308,14 +316,9 @@ def fit_kde(data: xr.DataArray, *, mask: xr.DataArray | None = None, modality: M
     """
     data = check_data(data)
     m = _check_modality(modality)
-    _, h = _per_volume(data, mask)
-    rows = _rows(h, foreground_only=mask is None)
-    if any(not len(v) for v, _ in rows):
-        raise no_valid_voxels("to find a tissue mode in", some=len(rows) > 1)
-    modes = np.asarray([tissue_mode(v, c, m, "max/80") for v, c in rows], dtype=np.float64)
-    kept = {k: h.coords[k] for k in h.dims if k != "bin"}
-    ds = xr.Dataset({"mode": (tuple(kept), modes.reshape(h.shape[:-1]))}, coords=kept)
-    return Params("kde", ds, {"dim": list(volume_dims(data)), "modality": m})
+    h, rows = _foreground(data, mask, "to find a tissue mode in")
+    modes = [tissue_mode(v, c, m, "max/80") for v, c in rows]
+    return Params("kde", _per_volume_values(h, mode=modes), {"dim": list(volume_dims(data)), "modality": m})
 
 
 def kde(data: xr.DataArray, *, mask: xr.DataArray | None = None, modality: Modality = "t1", params: Params | None = None) -> xr.DataArray:
