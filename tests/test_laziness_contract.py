@@ -75,6 +75,7 @@ def per_voxel_histogram() -> xr.DataArray:
 REFERENCE = xr.DataArray(np.random.default_rng(1).integers(0, 3000, (8, 16, 16)).astype("uint16"), dims=("z", "y", "x"))
 LANDMARKS = vn.nyul_fit(in_memory())
 EQ_PARAMS, Z_PARAMS, R_PARAMS = vn.fit_equalize(in_memory()), vn.fit_zscore(in_memory()), vn.fit_rescale(in_memory())
+FCM_PARAMS, LSQ_PARAMS = vn.fit_fcm(in_memory(), mask=mask_of()), vn.fit_lsq(in_memory(), mask=mask_of())
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ TABLE: list[Case] = [
     Case("log", lambda x: vn.log(x), 0),  # CHANGING: scales by the dtype range (no fit)
     Case("n4", lambda x: vn.n4(x), 0),
     Case("zscore-params", lambda x: vn.zscore(x, params=Z_PARAMS), 0),
+    Case("fcm-params", lambda x: vn.fcm(x, params=FCM_PARAMS), 0),
+    Case("lsq-params", lambda x: vn.lsq(x, params=LSQ_PARAMS), 0),
     Case("rescale-params", lambda x: vn.rescale(x, params=R_PARAMS), 0),
     Case("binarize-value", lambda x: vn.binarize(x, 500), 0),
     Case("dither-window", lambda x: vn.dither(x, in_range=(0, 4000)), 0),
@@ -129,6 +132,10 @@ TABLE: list[Case] = [
     Case("fit_whitestripe", lambda x: vn.fit_whitestripe(x), 1, why=FIT),
     Case("kde", lambda x: vn.kde(x), 1, why=FIT + " (each volume's exact histogram)"),
     Case("fit_kde", lambda x: vn.fit_kde(x), 1, why=FIT),
+    Case("fcm", lambda x: vn.fcm(x, mask=mask_of()), 1, why=FIT + " (each volume's exact histogram, clustered)"),
+    Case("fit_fcm", lambda x: vn.fit_fcm(x, mask=mask_of()), 1, why=FIT),
+    Case("lsq", lambda x: vn.lsq(x, mask=mask_of()), 1, why=FIT + " (each volume's tissue means and the standard)"),
+    Case("fit_lsq", lambda x: vn.fit_lsq(x, mask=mask_of()), 1, why=FIT),
     Case("mean_scale", lambda x: vn.mean_scale(x), 1, why=FIT + " (each volume's mean)"),
     Case("fit_mean_scale", lambda x: vn.fit_mean_scale(x), 1, why=FIT),
     Case("auto_gamma", lambda x: vn.auto_gamma(x), 1, why=FIT + " (the mean sets the exponent)"),  # CHANGING

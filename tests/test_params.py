@@ -253,3 +253,20 @@ def test_public_names_pickle_by_reference(stack):
     again = pickle.loads(pickle.dumps(p))
     assert type(again) is vn.Params and again == p
     xr.testing.assert_identical(vn.equalize(stack, params=again), vn.equalize(stack, params=p))
+
+
+def test_fcm_and_lsq_params_round_trip_and_are_checked(stack):
+    """The tissue table (``tissue``: csf, gm, wm) is not a part of the data; ``volume`` is."""
+    mask = stack > 0
+    for fit, fn in ((vn.fit_fcm, vn.fcm), (vn.fit_lsq, vn.lsq)):
+        p = fit(stack, mask=mask)
+        again = vn.Params.from_dict(json.loads(json.dumps(p.to_dict())))
+        xr.testing.assert_identical(fn(stack, params=again), fn(stack, params=p))
+        with pytest.raises(ValueError, match=rf"{fn.__name__}\(params=\.\.\.\): these {fit.__name__[4:]} parameters were fitted per 'volume'"):
+            fn(stack.isel(volume=[0]), params=p)
+        with pytest.raises(ValueError, match=r"seed=3 was given, but these parameters were fitted with seed=0"):
+            fn(stack, params=p, seed=3)
+    p = vn.fit_lsq(stack, mask=mask)
+    assert p.values["standard"].dims == ("tissue",) and list(p.values["tissue"].values) == ["csf", "gm", "wm"]
+    with pytest.raises(ValueError, match=r"standard=\[1.0, 2.0, 3.0\] was given, but these parameters were fitted with standard=None"):
+        vn.lsq(stack, params=p, standard=(1, 2, 3))

@@ -232,6 +232,62 @@ def inorm_kde(camera, anat):
     _inorm_tissue(anat, KDENormalizer(modality=Modality.T1), lambda x, m: vn.kde(x, mask=m, modality="t1"))
 
 
+def _otsu_mask(anat):
+    m = anat > filters.threshold_otsu(anat)
+    return m, xr.DataArray(m, dims=("z", "y", "x"))
+
+
+def _seeded_cmeans(data, c, m, error, maxiter):
+    """skfuzzy's cmeans started as volnorm starts: each voxel from its value's column."""
+    import skfuzzy
+
+    values, inverse = np.unique(data.ravel(), return_inverse=True)
+    return skfuzzy.cmeans(data, c, m, error=error, maxiter=maxiter, init=vn.transforms.tissue.initial_memberships(len(values), 0)[:, inverse])
+
+
+def inorm_fcm(camera, anat):
+    """The reference started as volnorm starts (its own start is unseeded random: run to run it
+    moves by about 1e-5 relative, tests/test_tissue.py)."""
+    from intensity_normalization.adapters.images import NumpyImageAdapter
+    from intensity_normalization.domain.models import TissueType
+    from intensity_normalization.normalizers.individual import fcm as module
+
+    m, mask = _otsu_mask(anat)
+    original, module.cmeans = module.cmeans, _seeded_cmeans
+    try:
+        img = NumpyImageAdapter(anat.astype(np.float64))
+        want = module.FCMNormalizer(tissue_type=TissueType.WM).fit(img, NumpyImageAdapter(m)).transform(img).get_data()
+    finally:
+        module.cmeans = original
+    got = vn.fcm(_da(anat, ("z", "y", "x"), 16).expand_dims(volume=1), mask=mask, tissue="wm").values[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def inorm_lsq(camera, anat):
+    """Two subjects (anatomical.nii, and it scaled by 1.7 and flipped): the standard tissue means
+    are the first one's over its CSF mean; each is divided by its least-squares scale (the
+    reference's formula: its transform's float() of a 1x1 array fails under NumPy 2)."""
+    from intensity_normalization.adapters.images import NumpyImageAdapter
+    from intensity_normalization.normalizers.population import lsq as module
+
+    stack = np.stack([anat, (anat[::-1] * 1.7).round().astype(anat.dtype)])
+    masks = np.stack([_otsu_mask(a)[0] for a in stack])
+    original, module.cmeans = module.cmeans, _seeded_cmeans
+    try:
+        ref = module.LSQNormalizer()
+        images = [NumpyImageAdapter(a.astype(np.float64)) for a in stack]
+        ref.fit_population(images, [NumpyImageAdapter(m) for m in masks])
+        want = []
+        for img, m in zip(images, masks):
+            t = ref._get_tissue_means(img.get_data(), ref._get_tissue_membership(img, NumpyImageAdapter(m)))
+            want.append(img.get_data() / ((t.T @ t).item() / (t.T @ ref.standard_tissue_means).item()))
+    finally:
+        module.cmeans = original
+    got = vn.lsq(_da(stack, ("volume", "z", "y", "x"), 16), mask=xr.DataArray(masks, dims=("volume", "z", "y", "x"))).values
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max())
+
+
 def sitk_n4(camera, anat):
     """SimpleITK's documented example with shrinking (tests/test_n4.py checks every option)."""
     import SimpleITK as sitk
@@ -301,6 +357,8 @@ TABLE: dict[str, Callable] = {
     "`intensity_normalization.NyulNormalizer` (fit on a set, then normalize)": inorm_nyul,
     "`WhiteStripeNormalizer(width=0.05, modality=Modality.T1)`": inorm_whitestripe,
     "`KDENormalizer(modality=Modality.T1)`": inorm_kde,
+    "`FCMNormalizer(tissue_type=TissueType.WM)` with a brain mask": inorm_fcm,
+    "`LSQNormalizer().fit_population(images, masks)`, then `transform`": inorm_lsq,
     "`sitk.N4BiasFieldCorrectionImageFilter` (ANTs' `N4BiasFieldCorrection`), SimpleITK's example with shrinking": sitk_n4,
     "`torchio.ZNormalization()`": torchio_znorm,
     "`torchio.RescaleIntensity(out_min_max=(0, 1), percentiles=(1, 99))`": torchio_rescale,

@@ -26,7 +26,7 @@ DATAARRAY_METHODS = (
     "rescale", "zscore", "mean_scale", "gamma", "log", "auto_gamma",
     "equalize", "equalize_adaptive", "match_histogram", "nyul_fit", "nyul_apply", "binarize", "dither",
     "fit_rescale", "fit_zscore", "fit_mean_scale", "fit_equalize",
-    "whitestripe", "fit_whitestripe", "kde", "fit_kde", "n4",
+    "whitestripe", "fit_whitestripe", "kde", "fit_kde", "fcm", "fit_fcm", "lsq", "fit_lsq", "n4",
     "to_zarr", "to_nifti",
 )
 #: Functions offered on collections (DataTree).

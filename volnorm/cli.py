@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--step", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
         help="normalize while converting, e.g. --step rescale:percentiles=1,99 --step equalize "
-        "(steps: rescale, zscore, mean_scale, equalize, gamma, log, auto_gamma, equalize_adaptive, dither, binarize, whitestripe, kde, n4; "
+        "(steps: rescale, zscore, mean_scale, equalize, gamma, log, auto_gamma, equalize_adaptive, dither, binarize, whitestripe, kde, fcm, lsq, n4; "
         "per=volume|slice|voxel for per-volume/per-slice/per-voxel fits, as a spec's per:); the fitted parameters go "
         "into the store's provenance",
     )

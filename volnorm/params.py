@@ -231,6 +231,8 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantize",),
     "whitestripe": ("whitestripe",),
     "kde": ("kde",),
+    "fcm": ("fcm",),
+    "lsq": ("lsq",),
 }
 
 #: For each method, the options its record holds that decide the result (``dim`` aside): the
@@ -251,6 +253,8 @@ FIT_OPTIONS: dict[str, tuple[str, ...]] = {
     "quantize": ("n_colors", "seed"),
     "whitestripe": ("width_l", "width_u", "modality"),
     "kde": ("modality",),
+    "fcm": ("tissue", "fuzziness", "error", "max_iter", "seed"),
+    "lsq": ("norm_value", "standard", "fuzziness", "error", "max_iter", "seed"),
 }
 
 #: For each method, the dims of its values that are tables (bins, landmarks, a palette), not
@@ -261,6 +265,8 @@ TABLE_DIMS: dict[str, tuple[str, ...] | None] = {
     "nyul": ("landmark", "volume"),  # volume_landmarks records the fitted volumes' own; not applied
     "match_histogram": ("value",),
     "quantize": None,
+    "fcm": ("tissue",),  # per volume: the three classes' centres and means
+    "lsq": ("tissue",),  # the standard tissue means, and per volume each class's mean
 }
 
 _NO_DEFAULT = inspect.Parameter.empty

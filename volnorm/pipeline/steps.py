@@ -38,7 +38,10 @@ logger = logging.getLogger(__name__)
 
 #: Steps that take fitted parameters (``params=``) and can be replayed on new data.
 FITTED = {"rescale": "rescale", "zscore": "zscore", "mean_scale": "mean_scale", "equalize": "equalize",
-          "gamma": "gamma", "log": "log", "auto_gamma": "auto_gamma", "whitestripe": "whitestripe", "kde": "kde"}
+          "gamma": "gamma", "log": "log", "auto_gamma": "auto_gamma", "whitestripe": "whitestripe", "kde": "kde",
+          "fcm": "fcm", "lsq": "lsq"}
+#: Steps that cluster tissues inside a brain mask: they need the spec's ``mask``.
+NEED_MASK = ("fcm", "lsq")
 #: Steps applied without fitting (or refitted on each dataset by design); ``n4`` corrects each
 #: volume on its own (N4 bias field, inside the spec's mask when it has one).
 UNFITTED = ("equalize_adaptive", "dither", "binarize", "n4")
@@ -198,6 +201,16 @@ OPTION_RULES: dict[str, Rule] = {
     "n4.histogram_bins": Rule(lo=2),
     "n4.bias_field_fwhm": Rule(lo=0, open_lo=True),
     "n4.wiener_noise": Rule(lo=0, open_lo=True),
+    # fcm / lsq: "fuzziness : float - skfuzzy's m (> 1)"; "error : float - ... (> 0)"; "max_iter :
+    # int - ... (>= 1)"; lsq: "standard : sequence of 3 float"; "norm_value : float - The standard
+    # CSF mean" (0 would leave no scale to fit); the seed of numpy's generator is >= 0
+    "fuzziness": Rule(lo=1, open_lo=True),
+    "error": Rule(lo=0, open_lo=True),
+    "max_iter": Rule(lo=1),
+    "fcm.seed": Rule(lo=0),
+    "lsq.seed": Rule(lo=0),
+    "lsq.standard": Rule(length=(3, 3)),
+    "lsq.norm_value": Rule(lo=0, open_lo=True),
 }
 
 
@@ -572,6 +585,8 @@ def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *
             data = transforms.nyul_apply(data, transforms.nyul_fit(data, mask=mask, **fit_kw), mask=mask)
             continue
         func = getattr(transforms, name)
+        if mask is None and name in NEED_MASK:
+            raise ValueError(f"step {name!r} needs a brain mask: a pipeline spec's `mask:` (a file, or a threshold per volume)")
         if mask is not None and "mask" in inspect.signature(func).parameters:
             kwargs = {**kwargs, "mask": mask}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists: the API's tuples
@@ -588,7 +603,13 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
         opts = dict(rec.get("options", {}))
         p = Params.from_dict(rec) if rec.get("values") is not None else None
         per_part = opts.get("dim") is not None or (name == "mean_scale" and opts.get("per_volume"))
-        if name in FITTED and per_part:
+        if name in NEED_MASK:
+            # each volume's tissues are clustered again inside the mask; lsq keeps its standard means
+            kw = _refit_kwargs(name, opts)
+            if name == "lsq" and p is not None:
+                kw["standard"] = tuple(float(v) for v in p.values["standard"].values)
+            data = getattr(transforms, name)(data, mask=mask, **kw)
+        elif name in FITTED and per_part:
             # per-volume/per-slice parameters belong to the volumes they were fitted on: refit
             # the same step on these data (dataset-wide parameters are reused as they are)
             logger.info("step %s was fitted per %s: fitting it again on the new data", name, opts.get("dim") or "volume")
@@ -655,6 +676,9 @@ def _refit_kwargs(name: str, opts: dict[str, Any]) -> dict[str, Any]:
         kw.update(target=opts["target"], per_volume=opts.get("per_volume", True))
     if name in ("whitestripe", "kde"):  # always per volume: no `dim` argument
         kw = {k: opts[k] for k in ("width_l", "width_u", "modality") if k in opts}
+    if name in NEED_MASK:
+        keys = ("tissue", "fuzziness", "error", "max_iter", "seed") if name == "fcm" else ("norm_value", "fuzziness", "error", "max_iter", "seed")
+        kw = {k: opts[k] for k in keys if k in opts}
     return kw
 
 

@@ -9,7 +9,8 @@ module                 functions
 ``nyul``               nyul_fit, nyul_apply
 ``thresholds``         threshold
 ``binary``             binarize, dither
-``tissue``             whitestripe, kde, fit_* (per-volume tissue modes, as intensity-normalization)
+``tissue``             whitestripe, kde, fcm, fit_* (per-volume tissue modes and fuzzy c-means, as intensity-normalization)
+``harmonize``          lsq, fit_lsq (population least-squares tissue-means harmonization)
 ``bias``               n4 (N4 bias-field correction per volume, by SimpleITK)
 ``common``             what the families share (data check, float type, out_range, map_rows)
 =====================  ==============================================================
@@ -36,7 +37,8 @@ from volnorm.transforms.intensity import (
 from volnorm.transforms.bias import n4
 from volnorm.transforms.nyul import nyul_apply, nyul_fit
 from volnorm.transforms.thresholds import threshold
-from volnorm.transforms.tissue import fit_kde, fit_whitestripe, kde, whitestripe
+from volnorm.transforms.harmonize import fit_lsq, lsq
+from volnorm.transforms.tissue import fcm, fit_fcm, fit_kde, fit_whitestripe, kde, whitestripe
 
 __all__ = [
     "auto_gamma",
@@ -44,8 +46,11 @@ __all__ = [
     "dither",
     "equalize",
     "equalize_adaptive",
+    "fcm",
     "fit_equalize",
+    "fit_fcm",
     "fit_kde",
+    "fit_lsq",
     "fit_mean_scale",
     "fit_rescale",
     "fit_whitestripe",
@@ -53,6 +58,7 @@ __all__ = [
     "gamma",
     "kde",
     "log",
+    "lsq",
     "match_histogram",
     "mean_scale",
     "n4",
