@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chunks", type=int, default=None, metavar="MIB", help="target chunk size in MiB (default 64)")
     c.add_argument("--codec", default="lz4", choices=["lz4", "zstd", "zarr-default", "none"], help="compression (default lz4)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing volnorm store")
+    c.add_argument("--levels", type=int, default=1, metavar="N",
+                   help="resolution levels per volume, level 0 included (default 1: no pyramid); each halves x, y, z: "
+                   "an OME-Zarr multiscale for napari and neuroglancer")
+    c.add_argument("--downsample", default=None, choices=["mean", "mode"],
+                   help="how a level is made from the one above: mean (images, the default) or mode (labels, masks)")
     c.add_argument("--dry-run", action="store_true", help="validate the inputs and print the plan; write nothing")
     c.add_argument(
         "--step", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
@@ -345,7 +350,8 @@ def _convert(args: argparse.Namespace) -> int:
         return 0
     if args.step:
         return _convert_with_steps(args, inputs, store)
-    result = vn.convert(inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec, progress=args.progress)
+    result = vn.convert(inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec, progress=args.progress,
+                        levels=args.levels, downsample=args.downsample or "mean")
     if not args.quiet:
         print(result)
     return 0
@@ -359,7 +365,8 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
     data = _open_stack(inputs, "--step")
     out = run_steps(data, steps)
     history = json.loads(out.attrs.get("volnorm_params", "[]"))
-    vn.to_zarr(out, store, overwrite=args.overwrite, steps=history, progress=current().progress)
+    vn.to_zarr(out, store, overwrite=args.overwrite, steps=history, progress=current().progress, levels=args.levels,
+               downsample=args.downsample)
     if args.save_params:
         Path(args.save_params).write_text(json.dumps(history, indent=1))
     if not args.quiet:

@@ -20,6 +20,7 @@ from volnorm._utils import format_bytes, normalize_chunks
 from volnorm.engine import check_address, check_scheduler, progress_bar, running
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
 from volnorm.io.niftizarr import header_json, ingest_nifti
+from volnorm.io.pyramid import check_downsample, level_factors
 from volnorm.io.readers import open_images, unique_names
 from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging, read_manifest
 from volnorm.io.writers import to_zarr
@@ -167,6 +168,8 @@ def convert(
     progress: bool | None = None,
     steps: list | None = None,
     allow_insecure: bool = False,
+    levels: int = 1,
+    downsample: str = "mean",
 ) -> ConvertResult:
     """Convert NIfTI files (or image files) into one volnorm Zarr store.
 
@@ -202,6 +205,13 @@ def convert(
     allow_insecure : bool
         Allow a plain ``tcp://`` scheduler on another machine (refused by default, before
         anything is read or written: :func:`volnorm.engine.check_address`).
+    levels : int
+        Resolution levels of each volume, level 0 included (default 1: no pyramid), as
+        :func:`to_zarr`'s: OME-Zarr 0.5 multiscale levels for napari and neuroglancer. The
+        conversion task of each file makes them from the level 0 it has just written (the
+        file is still read once), before the volume is marked complete.
+    downsample : {"mean", "mode"}
+        ``"mean"`` for images (default), ``"mode"`` for label and mask files.
 
     Returns
     -------
@@ -221,6 +231,7 @@ def convert(
     if scheduler is not None:  # the one rule, before anything exists on disk
         check_scheduler(scheduler, "scheduler")
         check_address(scheduler, allow_insecure=allow_insecure)
+    check_downsample(downsample, levels)
     files = expand_paths(inputs, suffixes=(".nii", ".nii.gz", ".png", ".tif", ".tiff", ".npy", ".jpg"), what="input")
     if progress is None:
         progress = sys.stderr.isatty()
@@ -229,7 +240,7 @@ def convert(
             raise ValueError("inputs mix NIfTI and image files; convert them into separate stores")
         data = open_images(files, chunks=chunks)
         with running(scheduler, allow_insecure=allow_insecure) as eng:
-            to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress)
+            to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress, levels=levels)
         vol = {"name": "image", "shape": list(data.shape), "stats": {"dtype": data.dtype.name}}
         return ConvertResult(Path(store), [vol], int(data.nbytes), time.perf_counter() - t0, 0, eng.description)
 
@@ -246,6 +257,10 @@ def convert(
         "chunks": plan_chunks,
         "codec": str(codec),
     }
+    if levels > 1:  # a plan without a pyramid keeps the digest it always had (its stagings resume)
+        plan["pyramid"] = {"levels": levels, "downsample": downsample}
+        for info, name in zip(infos, names):  # too many levels for a volume: refused before anything is written
+            level_factors(tuple(reversed(info.shape)), info.dims, levels, where=str(info.path))
     staging = Staging(Path(store), plan, overwrite=overwrite, inputs=files)
     existed = staging.final.exists()
     try:
@@ -257,7 +272,8 @@ def convert(
             f"{_describe_write_error(e, staging)}; {_output_fate(staging, store, existed)}", e.errno
         ) from e
     try:
-        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0, existed, allow_insecure)
+        return _run(infos, names, plan_chunks, staging, store, codec, scheduler, progress, steps, t0, existed, allow_insecure,
+                    (levels, downsample))
     except OutputWriteError:
         raise
     except OSError as e:
@@ -286,6 +302,7 @@ def _run(
     t0: float,
     existed: bool = False,
     allow_insecure: bool = False,
+    pyramid: tuple[int, str] = (1, "mean"),
 ) -> ConvertResult:
     root = zarr.open_group(staging.path, mode="r", zarr_format=3)
     done: dict[str, dict] = {}
@@ -306,7 +323,7 @@ def _run(
         futures = {}
         for info, name in todo:
             fut = ex.submit(
-                _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes),
+                _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes), *pyramid,
                 # unique per output and run: two converts of the same files must not share tasks
                 key=f"ingest-{name}-{uuid.uuid4().hex[:12]}",
             )
@@ -380,5 +397,6 @@ def _run(
     )
 
 
-def _ingest(info: NiftiInfo, store_path: str, name: str, chunks: Sequence[int], codec: Any, hdr: dict) -> dict:
-    return ingest_nifti(info, store_path, name, chunks, codec, hdr)
+def _ingest(info: NiftiInfo, store_path: str, name: str, chunks: Sequence[int], codec: Any, hdr: dict,
+            levels: int = 1, downsample: str = "mean") -> dict:
+    return ingest_nifti(info, store_path, name, chunks, codec, hdr, levels, downsample)

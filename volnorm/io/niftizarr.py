@@ -28,6 +28,7 @@ from volnorm.integrity import verify_array
 from volnorm.io.gzipstream import open_stream
 from volnorm.io.manifest import IncompleteStoreError
 from volnorm.io.nifti import NiftiError, NiftiInfo, gzip_problem, header_from_bytes, read_exact
+from volnorm.io.pyramid import level_chunks, level_factors, level_shape, multiscales, pyramid
 from volnorm.io.store import compressors
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,12 @@ _OME_UNITS = {
 }
 
 
-def ome_metadata(name: str, dims: Sequence[str], zooms: Sequence[float], units: Sequence[str]) -> dict:
-    """OME-Zarr 0.5 ``ome`` attribute for one level (dims in C order, zooms in NIfTI order)."""
+def ome_metadata(
+    name: str, dims: Sequence[str], zooms: Sequence[float], units: Sequence[str],
+    factors: Sequence[Sequence[int]] | None = None, method: str = "mean",
+) -> dict:
+    """OME-Zarr 0.5 ``ome`` attribute (dims in C order, zooms in NIfTI order); ``factors``:
+    each pyramid level's factor per dim (:func:`volnorm.io.pyramid.level_factors`), default one level."""
     space_unit = _OME_UNITS.get(units[0]) or "millimeter"
     time_unit = _OME_UNITS.get(units[1]) or "second"
     zoom_of = {"x": zooms[0], "y": zooms[1], "z": zooms[2], "t": zooms[3] if len(zooms) > 3 else 1.0}
@@ -55,20 +60,7 @@ def ome_metadata(name: str, dims: Sequence[str], zooms: Sequence[float], units: 
         else:
             axes.append({"name": d, "type": "space", "unit": space_unit})
     scale = [float(zoom_of[d]) if zoom_of[d] > 0 else 1.0 for d in dims]
-    ms = {
-        "name": name,
-        "axes": axes,
-        "datasets": [
-            {
-                "path": "0",
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": scale},
-                    {"type": "translation", "translation": [0.0] * len(dims)},
-                ],
-            }
-        ],
-        "type": "none",
-    }
+    ms = multiscales(name, dims, scale, axes, factors or [(1,) * len(dims)], method)
     return {"version": "0.5", "multiscales": [ms]}
 
 
@@ -94,14 +86,25 @@ def create_volume_group(
     zooms: Sequence[float],
     units: Sequence[str],
     attrs: dict | None = None,
+    levels: int = 1,
+    downsample: str = "mean",
 ) -> Any:
     """Create one NIfTI-Zarr group; returns the group.
+
+    ``levels > 1`` adds the empty pyramid levels ``"1"``, ``"2"``, ... (same dtype and codec,
+    chunks :func:`~volnorm.io.pyramid.level_chunks`) and their OME-Zarr multiscale entries;
+    the group's ``volnorm`` attrs record ``pyramid: {levels, downsample}``.
 
     An incomplete group with the same layout and source is reused rather than
     deleted, so a task that runs twice (``distributed`` may re-run a task whose
     worker it lost) rewrites the same bytes instead of pulling the group from
     under the other copy. Any other incomplete group is re-created.
     """
+    factors = level_factors(shape, dims, levels, where=name)
+    ome = ome_metadata(name, dims, zooms, units, factors, downsample)
+    attrs = dict(attrs or {})
+    if levels > 1:
+        attrs["pyramid"] = {"levels": levels, "downsample": downsample}
     if name in root:
         existing = root[name]
         v = existing.attrs.get("volnorm", {})
@@ -115,6 +118,8 @@ def create_volume_group(
                 and a.chunks == tuple(chunks)
                 and a.dtype == native(dtype)
                 and group_header(existing) == header_bytes
+                and existing.attrs.get("ome") == ome
+                and all(str(k) in existing for k in range(levels))
             )
         except (KeyError, ValueError):
             same = False
@@ -123,18 +128,20 @@ def create_volume_group(
         del root[name]
     grp = root.create_group(
         name,
-        attributes={"ome": ome_metadata(name, dims, zooms, units), "volnorm": dict(attrs or {}, complete=False)},
+        attributes={"ome": ome, "volnorm": dict(attrs, complete=False)},
     )
-    grp.create_array(
-        "0",
-        shape=tuple(shape),
-        chunks=tuple(chunks),
-        dtype=native(dtype),
-        compressors=compressors(codec),
-        fill_value=0,
-        dimension_names=list(dims),
-        config={"write_empty_chunks": True},
-    )
+    for k, f in enumerate(factors):
+        lshape = level_shape(shape, f)
+        grp.create_array(
+            str(k),
+            shape=lshape,
+            chunks=tuple(chunks) if k == 0 else level_chunks(chunks, lshape, dims),
+            dtype=native(dtype),
+            compressors=compressors(codec),
+            fill_value=0,
+            dimension_names=list(dims),
+            config={"write_empty_chunks": True},
+        )
     hb = np.frombuffer(header_bytes, dtype=np.uint8)
     # attributes at creation: one metadata write (attrs.update writes once per key)
     nif = grp.create_array(
@@ -155,9 +162,39 @@ def data_array(grp: Any) -> Any:
     return grp["0"].with_config({"write_empty_chunks": True})
 
 
+def level_paths(grp: Any) -> list[str]:
+    """The paths of a group's resolution levels, finest first (``["0"]`` without a pyramid),
+    from its OME-Zarr ``multiscales``."""
+    try:
+        return [str(d["path"]) for d in grp.attrs["ome"]["multiscales"][0]["datasets"]]
+    except (KeyError, IndexError, TypeError):
+        return ["0"]
+
+
+def level_arrays(grp: Any) -> list[Any]:
+    """The pyramid levels ``1, 2, ...`` of a group, opened for writing every chunk (:func:`data_array`)."""
+    return [grp[p].with_config({"write_empty_chunks": True}) for p in level_paths(grp)[1:]]
+
+
+def write_levels(grp: Any, downsample: str = "mean") -> None:
+    """Write a group's pyramid levels ``1, 2, ...`` from its level 0 (already written), in this
+    thread (dask's synchronous scheduler: it runs inside a conversion task). Nothing to do
+    without a pyramid."""
+    import dask.array as da
+
+    targets = level_arrays(grp)
+    if not targets:
+        return
+    src = grp["0"]
+    dims = tuple(src.metadata.dimension_names)
+    made = pyramid(da.from_zarr(src), dims, len(targets) + 1, downsample, src.chunks)
+    da.store(made, targets, lock=False, scheduler="sync")
+
+
 def finish_volume(grp: Any, name: str, summary: dict) -> None:
-    """Verify every chunk is present, then mark the volume complete."""
-    verify_array(grp["0"], f"{name}/0")
+    """Verify every chunk of every level is present, then mark the volume complete."""
+    for p in level_paths(grp):
+        verify_array(grp[p], f"{name}/{p}")
     v = dict(grp.attrs["volnorm"])
     v.update(summary)
     v["complete"] = True
@@ -280,6 +317,8 @@ def ingest_nifti(
     chunks: Sequence[int],
     codec: Any,
     header_attrs: dict | None = None,
+    levels: int = 1,
+    downsample: str = "mean",
 ) -> dict:
     """Convert one NIfTI file into a NIfTI-Zarr group inside a staging store.
 
@@ -290,6 +329,9 @@ def ingest_nifti(
     thread compresses and writes the current one; memory: about four chunks
     (one being read, one queued, one being written and its compressed copy),
     whatever the file size.
+    With ``levels > 1``, the pyramid levels are then made from the level 0 just written
+    (:func:`write_levels`: the store is read once more, not the file), before the volume is
+    marked complete.
     Runs on a worker; raises ``NiftiError`` naming the file on bad data.
     """
     import zarr
@@ -313,6 +355,8 @@ def ingest_nifti(
         zooms=info.zooms,
         units=info.units,
         attrs={"source": {"path": str(path), "size": info.file_size, "mtime_ns": info.mtime_ns}},
+        levels=levels,
+        downsample=downsample,
     )
     arr = data_array(grp)
     acc: dict[str, Any] = {"min": None, "max": None, "nan": 0, "posinf": 0, "neginf": 0}
@@ -355,6 +399,7 @@ def ingest_nifti(
     }
     if hashing.nread != info.file_size:
         raise NiftiError(f"{path}: read {hashing.nread} bytes but the file has {info.file_size}")
+    write_levels(grp, downsample)
     finish_volume(grp, name, summary)
     return {"name": name, **summary}
 

@@ -35,7 +35,8 @@ from volnorm.io.nifti import (
     read_info,
     scaled_dtype,
 )
-from volnorm.io.niftizarr import check_volume, group_header
+from volnorm.io.niftizarr import check_volume, group_header, level_paths
+from volnorm.io.pyramid import level_affine, level_header
 from volnorm.io.store import staging_path
 
 logger = logging.getLogger(__name__)
@@ -494,6 +495,7 @@ def open_zarr(
     *,
     scaled: bool = True,
     allow_incomplete: bool = False,
+    level: int = 0,
 ) -> xr.DataArray | xr.DataTree:
     """Open a volnorm Zarr store lazily as a stack or a collection.
 
@@ -507,6 +509,12 @@ def open_zarr(
     allow_incomplete : bool
         Open a store that lacks the completion marker (for inspection only;
         reading an unwritten chunk raises :class:`~volnorm.integrity.DamagedStoreError`).
+    level : int
+        The resolution level to read (``to_zarr(..., levels=N)``): 0 (default) is the data
+        as written; level ``k`` halves ``x``, ``y``, ``z`` ``k`` times (each axis down to 1).
+        Its ``attrs`` describe that level: ``zooms`` and ``affine`` (level-``k`` voxel
+        centres to the same world positions), ``nifti_headers`` with the level's shape,
+        voxel sizes and qform/sform (so :func:`to_nifti` writes a correct file), ``level``.
 
     Returns
     -------
@@ -521,6 +529,9 @@ def open_zarr(
     DamagedStoreError
         When computed: a chunk is missing or fails its CRC-32C (the message names
         the chunk; ``volnorm verify`` lists all).
+    ValueError
+        ``level`` is not a level of every volume (the message names the volume and the
+        levels it has).
 
     Examples
     --------
@@ -531,13 +542,16 @@ def open_zarr(
     25
     """
     try:
-        return _open_zarr(Path(store), scaled=scaled, allow_incomplete=allow_incomplete)
+        return _open_zarr(Path(store), scaled=scaled, allow_incomplete=allow_incomplete, level=level)
     except RecursionError:  # json of a hostile or damaged zarr.json, anywhere in the store
         raise ValueError(f"{store}: metadata nested too deeply to be a volnorm store's (damaged or not volnorm's)") from None
 
 
-def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataArray | xr.DataTree:
+def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool, level: int = 0) -> xr.DataArray | xr.DataTree:
     import zarr
+
+    if not isinstance(level, int) or isinstance(level, bool) or level < 0:
+        raise ValueError(f"{path}: `level` must be a resolution level, an integer >= 0; got {level!r}")
 
     if not path.exists():
         staged = staging_path(path.absolute())
@@ -559,6 +573,8 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
     store_ = checked_store(path)  # every chunk read is checked: missing or failing its CRC-32C is an error naming it
     root = zarr.open_group(store_, mode="r", zarr_format=3)
     if m.get("kind") == "images":
+        if level:
+            raise ValueError(f"{path}: an image stack has no pyramid (level 0 only); got level={level}")
         ds = xr.open_zarr(store_, zarr_format=3, decode_cf=False, mask_and_scale=False, consolidated=False)
         arr = ds["image"]
         arr.attrs = {k: v for k, v in arr.attrs.items() if k != "_FillValue"}
@@ -571,13 +587,22 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
         grp = root[name]
         check_volume(grp, f"{path}/{name}", allow_incomplete=allow_incomplete)
         hb = group_header(grp)
-        hdr = header_from_bytes(hb)
-        arr = grp["0"]
+        paths = level_paths(grp)
+        if level >= len(paths) or paths[level] not in grp:
+            have = f"levels 0..{len(paths) - 1}" if len(paths) > 1 else "level 0 only (no pyramid)"
+            raise ValueError(f"{path}/{name}: no resolution level {level}; the volume has {have} "
+                             f"(write the store with levels={level + 1} or more: `volnorm convert --levels`)")
+        arr = grp[paths[level]]
         dims = tuple(arr.metadata.dimension_names)
+        affine = np.asarray(header_from_bytes(hb).get_best_affine(), dtype=np.float64)
+        if level:  # the level's own header and affine (level-k voxel centres at the same world positions)
+            factors = _factors(grp, level, dims)
+            hb, affine = level_header(hb, arr.shape, factors, dims), level_affine(affine, factors, dims)
+        hdr = header_from_bytes(hb)
         slope, inter = (float(hdr["scl_slope"]), float(hdr["scl_inter"]))
         if slope == 0 or not np.isfinite(slope):
             slope, inter = 1.0, 0.0
-        vols.append((name, grp, arr, dims, hb, hdr, slope if scaled else 1.0, inter if scaled else 0.0))
+        vols.append((name, grp, arr, dims, hb, hdr, slope if scaled else 1.0, inter if scaled else 0.0, affine))
     if not vols:
         raise ValueError(f"{path}: the store holds no volume")
 
@@ -589,7 +614,7 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
 
     def attrs_for(sub: list) -> dict:
         first_hdr = sub[0][5]
-        affines = [np.asarray(v[5].get_best_affine(), dtype=np.float64) for v in sub]
+        affines = [v[8] for v in sub]
         out: dict[str, Any] = {
             "zooms": tuple(float(z) for z in first_hdr.get_zooms()),
             "units": tuple(first_hdr.get_xyzt_units()),
@@ -597,6 +622,8 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
             "nifti_headers": HeaderMap({v[0]: v[4] for v in sub}),
             "store": str(path),
         }
+        if level:
+            out["level"] = level
         if all(np.array_equal(a, affines[0]) for a in affines):
             out["affine"] = affines[0].tolist()
         return out
@@ -616,3 +643,13 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool) -> xr.DataAr
         a = xr.DataArray(lazy(v[2], v[6], v[7], dtype), dims=v[3], name="image", attrs=attrs_for([v]))
         nodes[v[0]] = xr.Dataset({"image": a}, attrs=a.attrs)
     return xr.DataTree.from_dict(nodes)
+
+
+def _factors(grp: Any, level: int, dims: Sequence[str]) -> tuple[int, ...]:
+    """A level's factor per dim, from the group's OME-Zarr scales (level ``k`` over level 0)."""
+    sets = grp.attrs["ome"]["multiscales"][0]["datasets"]
+
+    def scale(k: int) -> list[float]:
+        return next(t["scale"] for t in sets[k]["coordinateTransformations"] if t["type"] == "scale")
+
+    return tuple(int(round(b / a)) if a else 1 for a, b in zip(scale(0), scale(level)))

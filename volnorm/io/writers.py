@@ -30,9 +30,11 @@ from volnorm.io.niftizarr import (
     create_volume_group,
     data_array,
     finish_volume,
+    level_arrays,
     stream_slabs,
     write_nifti_file,
 )
+from volnorm.io.pyramid import check_downsample, pyramid
 from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 
 logger = logging.getLogger(__name__)
@@ -187,6 +189,8 @@ def to_zarr(
     codec: Codec | Any = DEFAULT_CODEC,
     steps: list | None = None,
     progress: bool = False,
+    levels: int = 1,
+    downsample: str | None = None,
 ) -> None:
     """Write a stack or collection to a volnorm Zarr store, safely.
 
@@ -211,6 +215,16 @@ def to_zarr(
         Processing steps recorded in the provenance.
     progress : bool
         Show a progress bar.
+    levels : int
+        Resolution levels of each volume, level 0 included (default 1: no pyramid). Each
+        level halves ``x``, ``y``, ``z`` (:mod:`volnorm.io.pyramid`), is written in the same
+        pass from the same graph as level 0, and is an OME-Zarr 0.5 multiscale level that
+        napari and neuroglancer open; ``open_zarr(store, level=k)`` reads one. Volumes only
+        (NIfTI-Zarr groups): a 2-D image stack has no pyramid.
+    downsample : {"mean", "mode"}, optional
+        How a level is made from the one above: ``"mean"`` (images; cast back to the stored
+        dtype, integers rounded) or ``"mode"`` (labels and masks). Default: ``"mode"`` for
+        boolean data, else ``"mean"``.
 
     Returns
     -------
@@ -226,12 +240,13 @@ def to_zarr(
     ('volume', 't', 'z', 'y', 'x')
     """
     vols = _volumes(data)
-    token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec))
+    pyr = [levels, downsample] if levels != 1 or downsample is not None else []  # older plans' tokens unchanged
+    token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec), *pyr)
     plan = {"kind": "cohort" if _is_nifti_derived(vols) else "images", "token": token}
-    _check_names(data, vols)  # before anything exists on disk
+    _check_levels(levels, downsample, _check_names(data, vols))  # before anything exists on disk
     staging = Staging(Path(store), plan, overwrite=overwrite).prepare()
     try:
-        write_staged(data, staging, codec=codec, steps=steps, progress=progress)
+        write_staged(data, staging, codec=codec, steps=steps, progress=progress, levels=levels, downsample=downsample)
     finally:
         staging.release()
 
@@ -317,9 +332,18 @@ def _check_names(data: xr.DataArray | xr.DataTree, vols: list[tuple[str, xr.Data
     return groups
 
 
+def _check_levels(levels: Any, downsample: Any, groups: bool) -> None:
+    """Refuse a pyramid that cannot be written (bad values, or a 2-D image stack)."""
+    check_downsample(downsample, levels)
+    if levels > 1 and not groups:
+        raise ValueError(f"levels={levels}: pyramids are written for volumes (NIfTI-Zarr groups); a 2-D image stack "
+                         "(dims volume, y, x) is one array without levels")
+
+
 def write_staged(
     data: xr.DataArray | xr.DataTree, staging: Staging, *, codec: Any = DEFAULT_CODEC, steps: list | None = None,
     progress: bool = False, manifest: dict | None = None, statistics: Alongside | None = None,
+    levels: int = 1, downsample: str | None = None,
 ) -> None:
     """Write ``data`` into a prepared :class:`~volnorm.io.store.Staging` and commit it (the
     body of :func:`to_zarr`, for runners that own the staging: its plan, resume, lock).
@@ -327,11 +351,14 @@ def write_staged(
     keys to the committed manifest. ``statistics`` (a stack only) are computed with each
     batch's write, in the same graph (the data are made and read once), and kept with the
     volumes: each volume group's ``statistics`` attribute (cohort stores), the manifest's
-    ``volume_statistics`` (image stacks)."""
+    ``volume_statistics`` (image stacks). ``levels``/``downsample``: the pyramid, as
+    :func:`to_zarr`'s."""
     if statistics is not None and (not isinstance(data, xr.DataArray) or "volume" not in data.dims):
         raise ValueError("write_staged: `statistics` needs a stack (a DataArray with a volume dim)")
     vols = _volumes(data)
-    _write_staged(data, vols, staging, _is_nifti_derived(vols), codec, steps, progress, manifest or {}, statistics)
+    nifti = _is_nifti_derived(vols)
+    _check_levels(levels, downsample, _check_names(data, vols, nifti))
+    _write_staged(data, vols, staging, nifti, codec, steps, progress, manifest or {}, statistics, levels, downsample)
 
 
 def store_blocks(source: da.Array, target: Any, region: tuple[slice, ...] | None = None) -> da.Array:
@@ -406,6 +433,8 @@ def _write_staged(
     progress: bool,
     extra: dict,
     statistics: Alongside | None = None,
+    levels: int = 1,
+    downsample: str | None = None,
 ) -> None:
     import zarr
 
@@ -413,12 +442,14 @@ def _write_staged(
     if _check_names(data, vols, nifti):
         root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
 
-        def start(item: tuple[str, xr.DataArray]) -> tuple[str, da.Array, Any] | None:
+        def start(item: tuple[str, xr.DataArray]) -> tuple[str, da.Array, list] | None:
+            """(name, raw level 0, [(each level's dask array, its zarr array)]), the group made."""
             name, vol = item
             if name in root and root[name].attrs.get("volnorm", {}).get("complete"):
                 return None
             raw, hb = raw_for_header(name, vol)
             raw, chunks = _aligned(raw)
+            method = downsample or ("mode" if vol.dtype == np.bool_ else "mean")  # a mean of a mask is not a mask
             hdr = header_from_bytes(hb)
             zooms = tuple(float(z) for z in hdr.get_zooms())
             grp = create_volume_group(
@@ -433,8 +464,11 @@ def _write_staged(
                 zooms=zooms + (1.0,) * (4 - len(zooms)),
                 units=tuple(hdr.get_xyzt_units()),
                 attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
+                levels=levels,
+                downsample=method,
             )
-            return name, raw, data_array(grp)
+            made = pyramid(raw, tuple(vol.dims), levels, method, chunks)  # from the same graph: read once
+            return name, raw, list(zip([raw, *made], [data_array(grp), *level_arrays(grp)]))
 
         # the groups' metadata are small files, one volume at a time 12 ms each (13 s for 1000
         # volumes on the client, the workers idle): made by threads, in order. (Marking volumes
@@ -444,7 +478,7 @@ def _write_staged(
         index = {name: i for i, (name, _) in enumerate(vols)}
 
         def work(batch: list) -> list[dict]:
-            stored = [store_blocks(a, t) for _, a, t in batch]
+            stored = [store_blocks(a, t) for _, _, levels_ in batch for a, t in levels_]
             return _with_statistics(stored, data, [index[name] for name, _, _ in batch], statistics, progress)
 
         def done(batch: list, rows: list[dict]) -> None:  # each batch's volumes are marked complete

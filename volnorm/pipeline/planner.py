@@ -109,6 +109,12 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
         "input": {k: v for k, v in spec["input"].items()}, "identity": ident, "mask": mask,
         "steps": spec["steps"], "params_from": params_id, "codec": spec["output"]["codec"],
     }
+    levels = spec["output"].get("levels", 1)
+    if levels > 1 and "images" in spec["input"]:
+        raise SpecError(f"{spec.source}: output.levels: {levels}: pyramids are written for volumes (NIfTI-Zarr groups); "
+                        "a 2-D image stack is one array without levels")
+    if levels > 1 or "downsample" in spec["output"]:  # without a pyramid: the digest it always had
+        core["pyramid"] = [spec["output"].get("levels", 1), spec["output"].get("downsample")]
     images_digest = _digest(core)
     outs = spec["outputs"]
     passes: list[tuple[str, str]] = []
@@ -120,7 +126,7 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     if params_id is not None:
         passes.append(("load parameters", f"from {spec['params_from']}"))
     if outs["images"]:
-        passes.append(("write", f"-> {spec['output']['store']}"))
+        passes.append(("write", f"-> {spec['output']['store']}" + (f" ({levels} resolution levels)" if levels > 1 else "")))
     if "voxel_histogram" in outs:
         passes.append(("voxel histogram", f"-> {spec['output']['store']}/{outs['voxel_histogram']['name']}"))
     if "statistics" in outs:

@@ -241,6 +241,7 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             t0 = time.perf_counter()
             along = statistics_alongside(out, outs["statistics"], mask, p["digests"]["statistics"]) if "statistics" in outs and not done.get("statistics") else None
             write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along,
+                         levels=spec["output"].get("levels", 1), downsample=spec["output"].get("downsample"),
                          manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
             say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
             result.written.append(str(store))

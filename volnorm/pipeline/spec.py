@@ -352,6 +352,11 @@ SCHEMA: dict[str, Field] = {
         "store": Field(str, required=True, help="the output Zarr store (NIfTI-Zarr for NIfTI input)"),
         "codec": Field(lambda v: v if v in ("lz4", "zstd", "zarr-default", "none") else (_ for _ in ()).throw(
             ValueError("expected lz4, zstd, zarr-default or none")), default="lz4"),
+        "levels": Field(_positive_int, help="resolution levels per volume, level 0 included (default 1: no pyramid); "
+                        "each halves x, y, z: an OME-Zarr multiscale for napari and neuroglancer"),
+        "downsample": Field(lambda v: v if v in ("mean", "mode") else (_ for _ in ()).throw(
+            ValueError("expected mean (images) or mode (labels, masks)")),
+            help="how a level is made from the one above; default: mode for boolean output (masks), else mean"),
     }),
     "outputs": Field(default={}, fields={
         "images": Field(bool, default=True, help="write the normalized images into output.store"),
