@@ -198,6 +198,26 @@ def test_the_affine_of_each_level_maps_its_voxel_centres_to_the_same_world_posit
                                    nib.load(ANAT).affine @ ([(2**k - 1) / 2] * 3 + [1]))
 
 
+def test_level_affines_of_every_nibabel_file(nib_file, tmp_path):
+    """Oblique, 4-D, big-endian, NIfTI-2, scaled: level 1's affine, zooms and values, each file."""
+    out = tmp_path / "c.zarr"
+    vn.convert(nib_file, out, levels=2, scheduler="sync")
+    img = nib.load(nib_file)
+    lvl = vn.open_zarr(out, level=1)
+    halved = [n > 1 for n in img.shape[:3]]
+    even = tuple(slice(None, None, 2) if h else slice(None) for h in halved)
+    odd = tuple(slice(1, None, 2) if h else slice(None) for h in halved)
+    ref = (img.slicer[even].affine + img.slicer[odd].affine) / 2
+    np.testing.assert_allclose(np.asarray(lvl.attrs["affine"]), ref, atol=1e-5)
+    factors = [2 if h else 1 for h in halved] + [1] * (len(img.header.get_zooms()) - 3)
+    np.testing.assert_allclose(lvl.attrs["zooms"], np.asarray(img.header.get_zooms()) * factors, rtol=1e-6)
+    name = nib_file.name.split(".")[0]
+    above = _raw(out, name, 0)
+    np.testing.assert_array_equal(_raw(out, name, 1), _reference_mean(above, lvl.dims[1:]))
+    raw = vn.open_zarr(out, level=1, scaled=False).values[0]
+    np.testing.assert_array_equal(raw, _raw(out, name, 1))
+
+
 def test_ome_zarr_validates_and_reads_every_level(tmp_path):
     """ome-zarr-models validates the group as an OME-Zarr 0.5 image; ome-zarr-py (napari-ome-zarr's
     reader) opens it with every level."""
@@ -264,6 +284,22 @@ def test_nothing_is_computed_before_asked(tmp_path):
     vn.to_zarr(vn.open_nifti(ANAT), out, levels=3)
     lvl = vn.open_zarr(out, level=2)
     assert isinstance(lvl.data, da.Array)
+
+
+def test_the_data_are_read_once_for_every_level(tmp_path):
+    """to_zarr computes level 0 and its levels in one graph: each input block is made once."""
+    reads: collections.Counter = collections.Counter()
+
+    def counted(block, block_info=None):
+        reads[tuple(block_info[0]["chunk-location"])] += 1
+        return block
+
+    stack = vn.open_nifti(ANAT, chunks={"z": 6})
+    data = stack.copy(data=stack.data.map_blocks(counted, dtype=stack.dtype))
+    with vn.engine.running("threads"):
+        vn.to_zarr(data, tmp_path / "a.zarr", levels=4)
+    assert len(reads) == stack.data.npartitions and set(reads.values()) == {1}
+    assert verify(tmp_path / "a.zarr").ok
 
 
 def test_verify_checks_the_levels(tmp_path):

@@ -5,6 +5,7 @@ Layout of a store (one Zarr v3 group)::
     cohort.zarr/                 root; attrs["volnorm"] = manifest (written last)
       sub-001/                   a NIfTI-Zarr group (OME-Zarr 0.5 multiscale)
         0/                       raw voxels (t, z, y, x), native byte order
+        1/, 2/ ...               resolution levels (``levels=N``; volnorm.io.pyramid), same dtype
         nifti/                   the NIfTI header bytes, byte for byte; JSON form in attrs
       sub-002/ ...
 
