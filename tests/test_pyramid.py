@@ -25,6 +25,7 @@ import volnorm as vn
 from volnorm.cli import main
 from volnorm.integrity import DamagedStoreError, verify
 from volnorm.io import writers
+from volnorm.io.nifti import NiftiError
 from volnorm.io.pyramid import downsample, level_affine, level_factors, pyramid
 from volnorm.pipeline import SpecError, load_spec, run
 
@@ -362,6 +363,31 @@ def test_levels_on_a_distributed_cluster(cohort, nib_paths, cluster_client, tmp_
         for k in (1, 2):
             above = _raw(tmp_path / "t.zarr", name, k - 1)
             np.testing.assert_array_equal(_raw(tmp_path / "t.zarr", name, k), _reference_mean(above, ("z", "y", "x")))
+
+
+def test_an_interrupted_conversion_resumes_with_every_level(tmp_path, monkeypatch):
+    """A volume is complete only once its levels are written: one whose levels failed is
+    converted again by the next run, the others are kept."""
+    from volnorm.io import niftizarr
+
+    real = niftizarr.write_levels
+
+    def failing(grp, downsample="mean"):
+        if grp.basename == "functional":
+            raise OSError("the levels could not be written")
+        real(grp, downsample)
+
+    monkeypatch.setattr(niftizarr, "write_levels", failing)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(NiftiError, match="1 of 2 inputs failed"):
+        vn.convert([ANAT, FUNC], out, levels=3, scheduler="sync")
+    monkeypatch.setattr(niftizarr, "write_levels", real)
+    res = vn.convert([ANAT, FUNC], out, levels=3, scheduler="sync")
+    assert res.resumed == 1 and verify(out).ok
+    for name in ("anatomical", "functional"):
+        dims = vn.open_zarr(out)[name]["image"].dims
+        for k in (1, 2):
+            np.testing.assert_array_equal(_raw(out, name, k), _reference_mean(_raw(out, name, k - 1), dims))
 
 
 # ---------------------------------------------------------------------------
