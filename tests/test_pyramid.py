@@ -26,7 +26,7 @@ from volnorm.cli import main
 from volnorm.integrity import DamagedStoreError, verify
 from volnorm.io import writers
 from volnorm.io.nifti import NiftiError
-from volnorm.io.pyramid import downsample, level_affine, level_factors, pyramid
+from volnorm.io.pyramid import SlabLevels, downsample, level_affine, level_factors, pyramid
 from volnorm.pipeline import SpecError, load_spec, run
 
 ANAT = Path(data_path) / "anatomical.nii"
@@ -84,6 +84,25 @@ def test_levels_equal_downscale_local_mean_of_the_level_above(tmp_path):
     np.testing.assert_array_equal(lvl.values[0], _raw(out, "anatomical", 2))
     ome = zarr.open_group(out / "anatomical", mode="r").attrs["ome"]["multiscales"][0]
     assert [d["path"] for d in ome["datasets"]] == ["0", "1", "2", "3"] and ome["type"] == "local_mean"
+
+
+@pytest.mark.parametrize("z, streams", [(6, True), (25, True), (5, False), (1, False)])
+def test_convert_reduces_the_slabs_as_it_reads_them(tmp_path, z, streams):
+    """convert makes the levels from each slab as the file is read (even chunk lengths along the
+    slab axis), else from the level 0 it has written; the same bytes either way, and the same as
+    to_zarr's. functional.nii is 4-D: t is never halved."""
+    for src, name, dims in ((ANAT, "anatomical", ("z", "y", "x")), (FUNC, "functional", ("t", "z", "y", "x"))):
+        out = tmp_path / f"{name}.zarr"
+        chunks = {"z": z} if name == "anatomical" else {"t": 1, "z": min(z, 3)}
+        vn.convert(src, out, levels=3, chunks=chunks, scheduler="sync")
+        level0 = zarr.open_group(out / name, mode="r")["0"]
+        if name == "anatomical":
+            assert SlabLevels([level0], level0.shape, dims, level0.chunks).streams is streams
+        for k in (1, 2):
+            np.testing.assert_array_equal(_raw(out, name, k), _reference_mean(_raw(out, name, k - 1), dims))
+        vn.to_zarr(vn.open_nifti(src), tmp_path / f"{name}-t.zarr", levels=3)
+        for k in (1, 2):
+            np.testing.assert_array_equal(_raw(out, name, k), _raw(tmp_path / f"{name}-t.zarr", name, k))
 
 
 @st.composite
@@ -368,20 +387,18 @@ def test_levels_on_a_distributed_cluster(cohort, nib_paths, cluster_client, tmp_
 def test_an_interrupted_conversion_resumes_with_every_level(tmp_path, monkeypatch):
     """A volume is complete only once its levels are written: one whose levels failed is
     converted again by the next run, the others are kept."""
-    from volnorm.io import niftizarr
+    real = SlabLevels.feed
 
-    real = niftizarr.write_levels
-
-    def failing(grp, downsample="mean"):
-        if grp.basename == "functional":
+    def failing(self, region, slab, level=0):
+        if "functional" in self.targets[0].path and level == 1:  # level 1 written, level 2 not
             raise OSError("the levels could not be written")
-        real(grp, downsample)
+        real(self, region, slab, level)
 
-    monkeypatch.setattr(niftizarr, "write_levels", failing)
+    monkeypatch.setattr(SlabLevels, "feed", failing)
     out = tmp_path / "c.zarr"
     with pytest.raises(NiftiError, match="1 of 2 inputs failed"):
         vn.convert([ANAT, FUNC], out, levels=3, scheduler="sync")
-    monkeypatch.setattr(niftizarr, "write_levels", real)
+    monkeypatch.setattr(SlabLevels, "feed", real)
     res = vn.convert([ANAT, FUNC], out, levels=3, scheduler="sync")
     assert res.resumed == 1 and verify(out).ok
     for name in ("anatomical", "functional"):

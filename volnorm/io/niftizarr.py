@@ -28,7 +28,7 @@ from volnorm.integrity import verify_array
 from volnorm.io.gzipstream import open_stream
 from volnorm.io.manifest import IncompleteStoreError
 from volnorm.io.nifti import NiftiError, NiftiInfo, gzip_problem, header_from_bytes, read_exact
-from volnorm.io.pyramid import level_chunks, level_factors, level_shape, multiscales, pyramid
+from volnorm.io.pyramid import SlabLevels, level_chunks, level_factors, level_shape, multiscales, pyramid
 from volnorm.io.store import compressors
 
 logger = logging.getLogger(__name__)
@@ -329,9 +329,12 @@ def ingest_nifti(
     thread compresses and writes the current one; memory: about four chunks
     (one being read, one queued, one being written and its compressed copy),
     whatever the file size.
-    With ``levels > 1``, the pyramid levels are then made from the level 0 just written
-    (:func:`write_levels`: the store is read once more, not the file), before the volume is
-    marked complete.
+    With ``levels > 1``, each slab is reduced as it is written
+    (:class:`~volnorm.io.pyramid.SlabLevels`), so the levels are written in the same pass;
+    when the slabs cannot be reduced alone (an odd chunk length along the slab axis, or
+    single planes of a spatial axis), the levels are made from the level 0 just written
+    (:func:`write_levels`: the store is read once more, not the file). Either way before the
+    volume is marked complete.
     Runs on a worker; raises ``NiftiError`` naming the file on bad data.
     """
     import zarr
@@ -359,6 +362,7 @@ def ingest_nifti(
         downsample=downsample,
     )
     arr = data_array(grp)
+    pyr = SlabLevels(level_arrays(grp), shape, info.dims, chunks, downsample)
     acc: dict[str, Any] = {"min": None, "max": None, "nan": 0, "posinf": 0, "neginf": 0}
     raw = info.raw_dtype
     with open(path, "rb", buffering=0) as f:
@@ -383,6 +387,8 @@ def ingest_nifti(
                     slab = slab.byteswap(inplace=True).view(native(raw))
                 _summarize(slab, acc)
                 arr[region] = slab
+                if pyr.streams:
+                    pyr.feed(region, slab)
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
@@ -399,7 +405,8 @@ def ingest_nifti(
     }
     if hashing.nread != info.file_size:
         raise NiftiError(f"{path}: read {hashing.nread} bytes but the file has {info.file_size}")
-    write_levels(grp, downsample)
+    if not pyr.streams:
+        write_levels(grp, downsample)
     finish_volume(grp, name, summary)
     return {"name": name, **summary}
 

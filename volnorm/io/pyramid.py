@@ -41,7 +41,7 @@ import numpy as np
 from volnorm.io.nifti import header_from_bytes
 
 __all__ = [
-    "DOWNSAMPLE", "check_downsample", "SPATIAL", "downsample", "level_affine", "level_chunks", "level_factors", "level_header",
+    "DOWNSAMPLE", "SlabLevels", "check_downsample", "SPATIAL", "downsample", "level_affine", "level_chunks", "level_factors", "level_header",
     "level_shape",
     "multiscales", "pyramid",
 ]
@@ -393,3 +393,77 @@ def level_header(header_bytes: bytes, shape: Sequence[int], factors: Sequence[in
         hdr.set_sform(level_affine(sform, factors, dims), int(scode))
     block = hdr.binaryblock
     return block + header_bytes[len(block):]
+
+
+# ---------------------------------------------------------------------------
+# levels of a stream of slabs (conversion: the file is read once, in order)
+# ---------------------------------------------------------------------------
+
+
+class SlabLevels:
+    """Make and write the levels ``1, 2, ...`` of a volume from its level-0 slabs, as a
+    conversion reads them in file order (:func:`volnorm.io.niftizarr.stream_slabs`: regions
+    over the leading axes, each whole along the later ones).
+
+    Each slab is reduced as it comes (the same kernels, so the bytes equal :func:`pyramid`'s);
+    a level's pieces are kept until they fill a whole chunk of that level along the slab axis,
+    then written and passed on to the next level. Memory: about a quarter of a level-0 chunk.
+
+    Parameters
+    ----------
+    targets : sequence of zarr.Array
+        The levels ``1 .. N-1`` (empty: nothing to do).
+    shape, dims, chunks : sequence
+        Level 0's.
+    method : {"mean", "mode"}
+        See :func:`downsample`.
+
+    Examples
+    --------
+    >>> import zarr
+    >>> x = np.arange(64, dtype=np.int16).reshape(4, 4, 4)
+    >>> z = zarr.create_array({}, shape=(2, 2, 2), chunks=(2, 2, 2), dtype="i2")
+    >>> sl = SlabLevels([z], x.shape, "zyx", (2, 4, 4))
+    >>> sl.streams
+    True
+    >>> for s in (0, 2):
+    ...     sl.feed((slice(s, s + 2),), x[s:s + 2])
+    >>> bool((z[:] == downsample(da.from_array(x), "zyx").compute()).all())
+    True
+    """
+
+    def __init__(self, targets: Sequence[Any], shape: Sequence[int], dims: Sequence[str], chunks: Sequence[int],
+                 method: str = "mean") -> None:
+        self.targets, self.dims, self.method = list(targets), tuple(dims), method
+        factors = level_factors(shape, dims, len(self.targets) + 1)
+        self.shapes = [level_shape(shape, f) for f in factors]
+        # the step of each level from the one above
+        self.steps = [tuple(b // a for a, b in zip(factors[k - 1], factors[k])) for k in range(1, len(factors))]
+        k = 0
+        while k < len(shape) - 1 and chunks[k] == 1:
+            k += 1
+        self.axis = k  # the slab axis; the axes before it go one index at a time
+        lead_halved = any(s[i] > 1 for s in self.steps for i in range(k))
+        aligned = all(s[k] == 1 for s in self.steps) or chunks[k] % 2 == 0 or chunks[k] >= shape[k]
+        #: whether the slabs can be reduced as they come (else the levels are made from the written level 0)
+        self.streams = bool(self.targets) and not lead_halved and aligned
+        self.pending: list[list[tuple[tuple[slice, ...], np.ndarray]]] = [[] for _ in self.targets]
+
+    def feed(self, region: tuple[slice, ...], slab: np.ndarray, level: int = 0) -> None:
+        """Take the slab ``region`` of level ``level`` (0: the file's); write what it completes."""
+        if level >= len(self.targets):
+            return
+        k, step = self.axis, self.steps[level]
+        kernel = _mean_block if self.method == "mean" else _mode_block
+        out = kernel(slab, step)
+        part = region[:k] + (slice(region[k].start // step[k], math.ceil(region[k].stop / step[k])),)
+        pending = self.pending[level]
+        pending.append((part, out))
+        target = self.targets[level]
+        start, stop = pending[0][0][k].start, part[k].stop
+        if stop - start >= target.chunks[k] or stop == self.shapes[level + 1][k]:
+            data = pending[0][1] if len(pending) == 1 else np.concatenate([p for _, p in pending], axis=k)
+            whole = part[:k] + (slice(start, stop),)
+            target[whole] = data
+            pending.clear()
+            self.feed(whole, data, level + 1)
