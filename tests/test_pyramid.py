@@ -168,6 +168,23 @@ def test_labels_use_the_mode(tmp_path):
     assert set(np.unique(g["1"][:])) <= {0, 1}
 
 
+def test_nifti_label_intent_means_mode(tmp_path):
+    """A file whose NIfTI intent is a label image (NIFTI_INTENT_LABEL) gets the mode by itself,
+    in convert and in to_zarr; an explicit downsample wins."""
+    rng = np.random.default_rng(1)
+    img = nib.Nifti1Image(rng.integers(0, 6, (9, 8, 7)).astype(np.int16), np.diag([1.5, 1.5, 2.0, 1.0]))
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "seg.nii")
+    ref = _reference_mode(np.asarray(img.dataobj).T, ("z", "y", "x"))
+    vn.convert(tmp_path / "seg.nii", tmp_path / "c.zarr", levels=2, scheduler="sync")
+    vn.to_zarr(vn.open_nifti(tmp_path / "seg.nii"), tmp_path / "t.zarr", levels=2)
+    for out in ("c.zarr", "t.zarr"):
+        np.testing.assert_array_equal(_raw(tmp_path / out, "seg", 1), ref)
+        assert zarr.open_group(tmp_path / out / "seg", mode="r").attrs["ome"]["multiscales"][0]["type"] == "mode"
+    vn.convert(tmp_path / "seg.nii", tmp_path / "m.zarr", levels=2, downsample="mean", scheduler="sync")
+    np.testing.assert_array_equal(_raw(tmp_path / "m.zarr", "seg", 1), _reference_mean(_raw(tmp_path / "m.zarr", "seg", 0), "zyx"))
+
+
 def test_bad_options_are_refused_before_writing(tmp_path):
     data = vn.open_nifti(ANAT)
     with pytest.raises(ValueError, match="`downsample` must be 'mean'"):

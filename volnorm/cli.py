@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="resolution levels per volume, level 0 included (default 1: no pyramid); each halves x, y, z: "
                    "an OME-Zarr multiscale for napari and neuroglancer")
     c.add_argument("--downsample", default=None, choices=["mean", "mode"],
-                   help="how a level is made from the one above: mean (images, the default) or mode (labels, masks)")
+                   help="how a level is made from the one above: mean (images) or mode (labels, masks); default: mode for "
+                   "masks and for files whose NIfTI intent is a label image (intent_code 1002/1003), else mean")
     c.add_argument("--dry-run", action="store_true", help="validate the inputs and print the plan; write nothing")
     c.add_argument(
         "--step", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
@@ -351,7 +352,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.step:
         return _convert_with_steps(args, inputs, store)
     result = vn.convert(inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec, progress=args.progress,
-                        levels=args.levels, downsample=args.downsample or "mean")
+                        levels=args.levels, downsample=args.downsample)
     if not args.quiet:
         print(result)
     return 0

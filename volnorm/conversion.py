@@ -20,7 +20,7 @@ from volnorm._utils import format_bytes, normalize_chunks
 from volnorm.engine import check_address, check_scheduler, progress_bar, running
 from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path, read_info
 from volnorm.io.niftizarr import header_json, ingest_nifti
-from volnorm.io.pyramid import check_downsample, level_factors
+from volnorm.io.pyramid import auto_downsample, check_downsample, level_factors
 from volnorm.io.readers import open_images, unique_names
 from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging, read_manifest
 from volnorm.io.writers import to_zarr
@@ -169,7 +169,7 @@ def convert(
     steps: list | None = None,
     allow_insecure: bool = False,
     levels: int = 1,
-    downsample: str = "mean",
+    downsample: str | None = None,
 ) -> ConvertResult:
     """Convert NIfTI files (or image files) into one volnorm Zarr store.
 
@@ -210,8 +210,9 @@ def convert(
         :func:`to_zarr`'s: OME-Zarr 0.5 multiscale levels for napari and neuroglancer. The
         conversion task of each file makes them from the level 0 it has just written (the
         file is still read once), before the volume is marked complete.
-    downsample : {"mean", "mode"}
-        ``"mean"`` for images (default), ``"mode"`` for label and mask files.
+    downsample : {"mean", "mode"}, optional
+        ``"mean"`` for images, ``"mode"`` for label and mask files. Default: ``"mode"`` for
+        files whose NIfTI intent is a label image (``intent_code`` 1002/1003), else ``"mean"``.
 
     Returns
     -------
@@ -302,7 +303,7 @@ def _run(
     t0: float,
     existed: bool = False,
     allow_insecure: bool = False,
-    pyramid: tuple[int, str] = (1, "mean"),
+    pyramid: tuple[int, str | None] = (1, None),
 ) -> ConvertResult:
     root = zarr.open_group(staging.path, mode="r", zarr_format=3)
     done: dict[str, dict] = {}
@@ -323,7 +324,8 @@ def _run(
         futures = {}
         for info, name in todo:
             fut = ex.submit(
-                _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes), *pyramid,
+                _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes), pyramid[0],
+                pyramid[1] or auto_downsample(info.raw_dtype, info.header_bytes),
                 # unique per output and run: two converts of the same files must not share tasks
                 key=f"ingest-{name}-{uuid.uuid4().hex[:12]}",
             )

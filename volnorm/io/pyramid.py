@@ -41,7 +41,7 @@ import numpy as np
 from volnorm.io.nifti import header_from_bytes
 
 __all__ = [
-    "DOWNSAMPLE", "SlabLevels", "check_downsample", "SPATIAL", "downsample", "level_affine", "level_chunks", "level_factors", "level_header",
+    "DOWNSAMPLE", "LABEL_INTENTS", "SlabLevels", "auto_downsample", "check_downsample", "SPATIAL", "downsample", "level_affine", "level_chunks", "level_factors", "level_header",
     "level_shape",
     "multiscales", "pyramid",
 ]
@@ -66,6 +66,25 @@ def check_downsample(method: Any, levels: Any) -> None:
         raise ValueError(f"`levels` must be a positive integer (1: no pyramid); got {levels!r}")
     if method is not None and method not in DOWNSAMPLE:
         raise ValueError(f"`downsample` must be 'mean' (images) or 'mode' (labels, masks); got {method!r}")
+
+
+#: NIfTI intent codes of label images (NIFTI_INTENT_LABEL, NIFTI_INTENT_NEURONAME): their levels take the mode.
+LABEL_INTENTS = (1002, 1003)
+
+
+def auto_downsample(dtype: Any, header_bytes: bytes | None = None) -> str:
+    """``"mode"`` for what is known to be labels or a mask: boolean data, or a NIfTI header
+    whose intent is a label image (``intent_code`` 1002 ``NIFTI_INTENT_LABEL`` or 1003
+    ``NIFTI_INTENT_NEURONAME``); else ``"mean"``. An explicit ``downsample=`` wins.
+
+    >>> auto_downsample(np.bool_), auto_downsample(np.int16)
+    ('mode', 'mean')
+    """
+    if np.dtype(dtype) == np.bool_:
+        return "mode"
+    if header_bytes is not None and int(header_from_bytes(header_bytes)["intent_code"]) in LABEL_INTENTS:
+        return "mode"
+    return "mean"
 
 
 def level_factors(shape: Sequence[int], dims: Sequence[str], levels: int, *, where: str = "") -> list[tuple[int, ...]]:

@@ -34,7 +34,7 @@ from volnorm.io.niftizarr import (
     stream_slabs,
     write_nifti_file,
 )
-from volnorm.io.pyramid import check_downsample, pyramid
+from volnorm.io.pyramid import auto_downsample, check_downsample, pyramid
 from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,8 @@ def to_zarr(
     downsample : {"mean", "mode"}, optional
         How a level is made from the one above: ``"mean"`` (images; cast back to the stored
         dtype, integers rounded) or ``"mode"`` (labels and masks). Default: ``"mode"`` for
-        boolean data, else ``"mean"``.
+        boolean data and for volumes whose NIfTI intent is a label image (``intent_code``
+        1002/1003), else ``"mean"``.
 
     Returns
     -------
@@ -449,7 +450,7 @@ def _write_staged(
                 return None
             raw, hb = raw_for_header(name, vol)
             raw, chunks = _aligned(raw)
-            method = downsample or ("mode" if vol.dtype == np.bool_ else "mean")  # a mean of a mask is not a mask
+            method = downsample or auto_downsample(vol.dtype, hb)  # a mean of labels or a mask is neither
             hdr = header_from_bytes(hb)
             zooms = tuple(float(z) for z in hdr.get_zooms())
             grp = create_volume_group(

@@ -356,7 +356,8 @@ SCHEMA: dict[str, Field] = {
                         "each halves x, y, z: an OME-Zarr multiscale for napari and neuroglancer"),
         "downsample": Field(lambda v: v if v in ("mean", "mode") else (_ for _ in ()).throw(
             ValueError("expected mean (images) or mode (labels, masks)")),
-            help="how a level is made from the one above; default: mode for boolean output (masks), else mean"),
+            help="how a level is made from the one above; default: mode for boolean output (masks) and label images "
+            "(NIfTI intent_code 1002/1003), else mean"),
     }),
     "outputs": Field(default={}, fields={
         "images": Field(bool, default=True, help="write the normalized images into output.store"),
