@@ -193,6 +193,9 @@ def test_bad_options_are_refused_before_writing(tmp_path):
         vn.to_zarr(data, tmp_path / "x.zarr", levels=0)
     with pytest.raises(ValueError, match="has only 7 level"):  # 41 -> 21 -> 11 -> 6 -> 3 -> 2 -> 1
         vn.convert(ANAT, tmp_path / "x.zarr", levels=8, scheduler="sync")
+    with pytest.raises(ValueError, match="anatomical: levels=8: shape .* has only 7 level"):
+        vn.to_zarr(data, tmp_path / "x.zarr", levels=8)
+    assert not (tmp_path / ".x.zarr.volnorm-partial").exists()
     stack = xr.DataArray(np.zeros((2, 8, 8), np.uint8), dims=("volume", "y", "x"))
     with pytest.raises(ValueError, match="2-D image stack"):
         vn.to_zarr(stack, tmp_path / "x.zarr", levels=2)

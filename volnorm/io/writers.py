@@ -34,7 +34,7 @@ from volnorm.io.niftizarr import (
     stream_slabs,
     write_nifti_file,
 )
-from volnorm.io.pyramid import auto_downsample, check_downsample, pyramid
+from volnorm.io.pyramid import auto_downsample, check_downsample, level_factors, pyramid
 from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def to_zarr(
     pyr = [levels, downsample] if levels != 1 or downsample is not None else []  # older plans' tokens unchanged
     token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec), *pyr)
     plan = {"kind": "cohort" if _is_nifti_derived(vols) else "images", "token": token}
-    _check_levels(levels, downsample, _check_names(data, vols))  # before anything exists on disk
+    _check_levels(levels, downsample, _check_names(data, vols), vols)  # before anything exists on disk
     staging = Staging(Path(store), plan, overwrite=overwrite).prepare()
     try:
         write_staged(data, staging, codec=codec, steps=steps, progress=progress, levels=levels, downsample=downsample)
@@ -333,12 +333,14 @@ def _check_names(data: xr.DataArray | xr.DataTree, vols: list[tuple[str, xr.Data
     return groups
 
 
-def _check_levels(levels: Any, downsample: Any, groups: bool) -> None:
-    """Refuse a pyramid that cannot be written (bad values, or a 2-D image stack)."""
+def _check_levels(levels: Any, downsample: Any, groups: bool, vols: list[tuple[str, xr.DataArray]]) -> None:
+    """Refuse a pyramid that cannot be written (bad values, a 2-D image stack, more levels than a volume has)."""
     check_downsample(downsample, levels)
     if levels > 1 and not groups:
         raise ValueError(f"levels={levels}: pyramids are written for volumes (NIfTI-Zarr groups); a 2-D image stack "
                          "(dims volume, y, x) is one array without levels")
+    for name, vol in vols if levels > 1 else ():
+        level_factors(vol.shape, vol.dims, levels, where=name)
 
 
 def write_staged(
@@ -358,7 +360,7 @@ def write_staged(
         raise ValueError("write_staged: `statistics` needs a stack (a DataArray with a volume dim)")
     vols = _volumes(data)
     nifti = _is_nifti_derived(vols)
-    _check_levels(levels, downsample, _check_names(data, vols, nifti))
+    _check_levels(levels, downsample, _check_names(data, vols, nifti), vols)
     _write_staged(data, vols, staging, nifti, codec, steps, progress, manifest or {}, statistics, levels, downsample)
 
 
