@@ -442,3 +442,12 @@ def test_fcm_and_lsq_spec_steps_and_their_replay(tmp_path, cohort):
     np.testing.assert_array_equal(steps.replay(new, history, mask=mn).values, vn.lsq(new, mask=mn, standard=standard).values)
     with pytest.raises(ValueError, match=r"step 'fcm' needs a brain mask"):
         steps.run_steps(x, [("fcm", {})])
+
+
+def test_the_command_line_fcm_step_without_a_mask_is_a_clear_error(tmp_path, cohort, capsys):
+    """`volnorm convert` has no mask: a step that needs one says where masks come from."""
+    from volnorm.cli import main
+
+    assert main(["convert", *map(str, cohort[:2]), str(tmp_path / "o.zarr"), "--step", "lsq", "--scheduler", "sync", "--no-progress"]) != 0
+    assert "step 'lsq' needs a brain mask: a pipeline spec's `mask:`" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()

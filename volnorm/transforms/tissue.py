@@ -1,6 +1,7 @@
-"""Tissue-based normalization: WhiteStripe and the KDE tissue mode, per volume.
+"""Tissue-based normalization: WhiteStripe, the KDE tissue mode and fuzzy c-means, per volume.
 
-intensity-normalization 3.x (``WhiteStripeNormalizer``, ``KDENormalizer``) is the reference;
+intensity-normalization 3.x (``WhiteStripeNormalizer``, ``KDENormalizer``, ``FCMNormalizer``) is
+the reference;
 its papers are Shinohara et al. 2014 (WhiteStripe) and Reinhold et al. 2019. The reference
 works on one volume's voxels in memory: a Gaussian kernel density estimate of the (masked)
 intensities on an 80-point grid, the tissue mode picked from it by modality (T1: the last
@@ -15,6 +16,11 @@ interpolation), the mode's quantile and the stripe's moments are those of the vo
 themselves: equal to the reference's up to float rounding. Float data are histogrammed in
 ``FLOAT_BINS`` equal bins, each bin's voxels taken at its centre: the landmarks are then
 within a bin width of the reference's (the docstrings say so).
+
+Fuzzy c-means (:func:`fcm`, and the tissue means of :func:`volnorm.transforms.harmonize.lsq`)
+is skfuzzy's iteration on the same histogram: once the centres are known a voxel's memberships
+depend only on its value, so clustering the voxels is clustering the distinct values weighted
+by their counts (:func:`cmeans`), a few thousand values instead of a million voxels.
 """
 
 from __future__ import annotations
