@@ -7,6 +7,7 @@ import os
 import textwrap
 from pathlib import Path
 
+import dask
 import nibabel as nib
 import numpy as np
 import pytest
@@ -264,3 +265,43 @@ def test_integer_output_statistics_are_computed_with_the_write(tmp_path, monkeyp
     (tmp_path / "stats.json").unlink()
     assert vn.pipeline.run(spec, echo=None).status == "done"
     assert json.loads((tmp_path / "stats.json").read_text())["volumes"] == got
+
+
+@pytest.mark.parametrize("kind", ["nifti", "images"])
+def test_statistics_with_the_write_are_one_task_chain_per_block(tmp_path, monkeypatch, kind):
+    """The statistics taken with the write count the blocks the write task returns: read,
+    transform, write and count fuse into one task per block (not a task for the data with two
+    dependents, the write and the count). The values are checked against numpy above; here
+    the graph's shape."""
+    import imageio.v3 as iio
+
+    from volnorm.io import writers
+
+    if kind == "nifti":
+        vn.datasets.make_cohort(tmp_path, n_subjects=4, shape=(24, 28, 20), seed=5)
+        inp, n, blocks = {"nifti": str(tmp_path / "sub-*.nii")}, 4, 4
+    else:
+        rng = np.random.default_rng(1)
+        (tmp_path / "img").mkdir()
+        for i in range(6):
+            iio.imwrite(tmp_path / "img" / f"im{i}.png", rng.integers(0, 256, (30, 20), dtype=np.uint8))
+        inp, n, blocks = {"images": str(tmp_path / "img" / "*.png"), "chunks": {"volume": 2}}, 6, 3
+    spec = {"version": 1, "input": inp, "steps": [{"rescale": {"out_range": "uint16"}}],
+            "output": {"store": str(tmp_path / "out.zarr")},
+            "outputs": {"statistics": {"path": str(tmp_path / "stats.json"), "quantiles": [0.5]}},
+            "engine": {"scheduler": "threads", "progress": False}}
+    real, tasks = writers.compute, []
+
+    def compute(*targets, progress=False):
+        graph = dask.base.collections_to_expr(targets, optimize_graph=True).__dask_graph__()
+        _, dependents = dask.core.get_deps(dict(graph))
+        # tasks whose output two tasks take (constants, such as the fitted range, aside)
+        tasks.append(sorted(str(k) for k, d in dependents.items() if len(d) > 1 and type(graph[k]).__name__ != "DataNode"))
+        return real(*targets, progress=progress)
+
+    monkeypatch.setattr(writers, "compute", compute)
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    assert tasks == [[]]  # no task feeds two: each block's data go to the write, then the count
+    got = json.loads((tmp_path / "stats.json").read_text())["volumes"]
+    out = vn.open_zarr(tmp_path / "out.zarr").values.reshape(n, -1)
+    assert [r["q0.5"] for r in got] == np.median(out, axis=1).tolist()
