@@ -470,3 +470,17 @@ def test_spec_output_levels(tmp_path):
     np.save(npy, np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(SpecError, match="2-D image stack"):
         run({**spec, "input": {"images": str(npy)}, "steps": []}, echo=None)
+
+
+def test_info_lists_each_volumes_levels(tmp_path, capsys):
+    """`volnorm info` says how many levels a volume has, how they were made and their shapes
+    (and the JSON facts give the shapes); a store without a pyramid shows no levels line."""
+    main(["convert", str(ANAT), str(tmp_path / "p.zarr"), "--levels", "3", "--scheduler", "sync"])
+    main(["convert", str(ANAT), str(tmp_path / "flat.zarr"), "--scheduler", "sync"])
+    capsys.readouterr()
+    main(["info", str(tmp_path / "p.zarr")])
+    assert "levels 3 (mean): 0 (25, 41, 33), 1 (13, 21, 17), 2 (7, 11, 9)" in capsys.readouterr().out
+    _, facts = vn.info.describe(tmp_path / "p.zarr")
+    assert facts["volumes"]["anatomical"]["levels"] == [[25, 41, 33], [13, 21, 17], [7, 11, 9]]
+    main(["info", str(tmp_path / "flat.zarr")])
+    assert "levels" not in capsys.readouterr().out

@@ -155,6 +155,7 @@ def _describe_store(path: Path) -> tuple[str, dict]:
             "scaling": {"slope": hdr_json.get("ScaleSlope"), "inter": hdr_json.get("ScaleOffset")},
             "stats": v.get("stats", {}),
             "source": inputs.get(name, v.get("source")),
+            "levels": [list(grp[str(k)].shape) for k in range(int(v.get("pyramid", {}).get("levels", 1))) if str(k) in grp],
         }
         if "nifti" in grp:
             try:
@@ -169,6 +170,8 @@ def _describe_store(path: Path) -> tuple[str, dict]:
             f"    voxel size {vf['voxel size']}, scaling slope {vf['scaling']['slope']} inter {vf['scaling']['inter']}",
             f"    values {_stats_text(vf['stats'])}",
         ]
+        if len(vf["levels"]) > 1:
+            lines.append(f"    levels {len(vf['levels'])} ({v['pyramid'].get('downsample')}): " + ", ".join(f"{k} {tuple(s)}" for k, s in enumerate(vf["levels"])))
         src = vf["source"] or {}
         if src.get("blake3"):
             lines.append(f"    source {src.get('path')} ({format_bytes(src.get('size', 0))}, blake3 {src['blake3'][:16]}...)")
