@@ -1,6 +1,8 @@
-"""WhiteStripe and KDE tissue-mode normalization equal intensity-normalization 3.x's."""
+"""WhiteStripe, KDE, FCM and LSQ tissue normalization equal intensity-normalization 3.x's."""
 
 from __future__ import annotations
+
+import json
 
 import dask
 import numpy as np
@@ -404,7 +406,7 @@ def test_fcm_and_lsq_lazy_until_computed_with_params_and_the_accessor(cohort):
         assert calls == [] and isinstance(y.data, dask.array.Array) and isinstance(yl.data, dask.array.Array)
         y.compute(scheduler="sync")
     assert calls
-    assert [r["method"] for r in __import__("json").loads(yl.attrs["volnorm_params"])] == ["lsq"]
+    assert [r["method"] for r in json.loads(yl.attrs["volnorm_params"])] == ["lsq"]
 
 
 def test_fcm_and_lsq_on_a_distributed_cluster_equal_sync(cohort, cluster_client):
@@ -435,10 +437,10 @@ def test_fcm_and_lsq_spec_steps_and_their_replay(tmp_path, cohort):
     assert vn.pipeline.run(spec2, echo=None).status == "done"
     np.testing.assert_array_equal(vn.open_zarr(tmp_path / "fcm.zarr").values, vn.fcm(x, mask=m, tissue="gm").values)
     # replayed on new volumes: each volume's tissues clustered again, the recorded standard kept
-    history = __import__("json").loads(want.attrs["volnorm_params"])
+    history = json.loads(want.attrs["volnorm_params"])
     new = vn.open_nifti(cohort[4:])
     mn = new > vn.threshold(new, "otsu", dim=("z", "y", "x"))
-    standard = tuple(want.attrs and vn.fit_lsq(x, mask=m, norm_value=2.0).values["standard"].values)
+    standard = tuple(vn.Params.from_dict(history[-1]).values["standard"].values)
     np.testing.assert_array_equal(steps.replay(new, history, mask=mn).values, vn.lsq(new, mask=mn, standard=standard).values)
     with pytest.raises(ValueError, match=r"step 'fcm' needs a brain mask"):
         steps.run_steps(x, [("fcm", {})])
