@@ -453,3 +453,19 @@ def test_the_command_line_fcm_step_without_a_mask_is_a_clear_error(tmp_path, coh
     assert main(["convert", *map(str, cohort[:2]), str(tmp_path / "o.zarr"), "--step", "lsq", "--scheduler", "sync", "--no-progress"]) != 0
     assert "step 'lsq' needs a brain mask: a pipeline spec's `mask:`" in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_replayed_fcm_refits_each_volume_and_lsq_needs_its_standard(cohort):
+    from volnorm.pipeline import steps
+
+    x = vn.open_nifti(cohort[:2])
+    m = x > 200
+    rec = json.loads(vn.fcm(x, mask=m, tissue="gm", max_iter=30).attrs["volnorm_params"])
+    new = vn.open_nifti(cohort[2:4])
+    xr.testing.assert_identical(steps.replay(new, rec, mask=new > 200), vn.fcm(new, mask=new > 200, tissue="gm", max_iter=30))
+    with pytest.raises(ValueError, match=r"fcm needs a brain mask \(mask=\)"):
+        steps.replay(new, rec)
+    rec = json.loads(vn.lsq(x, mask=m).attrs["volnorm_params"])
+    del rec[-1]["values"]
+    with pytest.raises(ValueError, match="step 'lsq' was recorded without its standard tissue means"):
+        steps.replay(new, rec, mask=new > 200)

@@ -606,7 +606,9 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
         if name in NEED_MASK:
             # each volume's tissues are clustered again inside the mask; lsq keeps its standard means
             kw = _refit_kwargs(name, opts)
-            if name == "lsq" and p is not None:
+            if name == "lsq":
+                if p is None or "standard" not in p.values:
+                    raise ValueError("step 'lsq' was recorded without its standard tissue means; fit it again")
                 kw["standard"] = tuple(float(v) for v in p.values["standard"].values)
             data = getattr(transforms, name)(data, mask=mask, **kw)
         elif name in FITTED and per_part:
