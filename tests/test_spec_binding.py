@@ -164,6 +164,8 @@ TYPOS = {
     "n4": ("shrink_factr", "shrink_factor"),
     "whitestripe": ("widht", "width"),
     "kde": ("modalty", "modality"),
+    "fcm": ("tisue", "tissue"),
+    "lsq": ("norm_valu", "norm_value"),
 }
 
 
@@ -381,6 +383,8 @@ steps:
   - n4: {shrink_factor: 2, iterations: [3, 3]}
   - whitestripe: {width: 0.1, modality: t2}
   - kde: {modality: pd}
+  - fcm: {tissue: gm, max_iter: 100}
+  - lsq: {norm_value: 2, standard: [1, 2, 3], seed: 4}
 """
 
 
