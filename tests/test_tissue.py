@@ -446,13 +446,35 @@ def test_fcm_and_lsq_spec_steps_and_their_replay(tmp_path, cohort):
         steps.run_steps(x, [("fcm", {})])
 
 
-def test_the_command_line_fcm_step_without_a_mask_is_a_clear_error(tmp_path, cohort, capsys):
-    """`volnorm convert` has no mask: a step that needs one says where masks come from."""
-    from volnorm.cli import main
+def test_the_command_line_fcm_and_lsq_steps_take_a_mask(tmp_path, cohort, capsys):
+    """`volnorm convert --step lsq --mask M` equals vn.lsq with that mask, `volnorm apply
+    --mask M` replays it (the standard kept) on new volumes; without --mask, a step that needs
+    one says where masks come from and nothing is written."""
+    import nibabel as nib
 
-    assert main(["convert", *map(str, cohort[:2]), str(tmp_path / "o.zarr"), "--step", "lsq", "--scheduler", "sync", "--no-progress"]) != 0
+    from volnorm.cli import main
+    from volnorm.io.readers import open_mask
+
+    run = ["--scheduler", "sync", "--no-progress"]
+    assert main(["convert", *map(str, cohort[:2]), str(tmp_path / "o.zarr"), "--step", "lsq", *run]) != 0
     assert "step 'lsq' needs a brain mask: a pipeline spec's `mask:`" in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists()
+    img = nib.load(cohort[0])
+    nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 200).astype(np.uint8), img.affine), tmp_path / "brain.nii")
+    mask = ["--mask", str(tmp_path / "brain.nii")]
+    assert main(["convert", *map(str, cohort[:3]), str(tmp_path / "o.zarr"), "--step", "lsq", *mask, *run]) == 0
+    x = vn.open_nifti(cohort[:3])
+    m = open_mask(tmp_path / "brain.nii", like=x)
+    want = vn.lsq(x, mask=m)
+    np.testing.assert_allclose(vn.open_zarr(tmp_path / "o.zarr").values, want.values, rtol=1e-6)
+    new = vn.open_nifti(cohort[3:5])
+    assert main(["apply", *map(str, cohort[3:5]), str(tmp_path / "a.zarr"), "--params", str(tmp_path / "o.zarr"), *mask, *run]) == 0
+    standard = tuple(vn.Params.from_dict(json.loads(want.attrs["volnorm_params"])[-1]).values["standard"].values)
+    np.testing.assert_allclose(vn.open_zarr(tmp_path / "a.zarr").values,
+                               vn.lsq(new, mask=open_mask(tmp_path / "brain.nii", like=new), standard=standard).values, rtol=1e-6)
+    capsys.readouterr()
+    assert main(["convert", str(cohort[0]), str(tmp_path / "m.zarr"), *mask, *run]) != 0
+    assert "--mask is for the --step steps" in capsys.readouterr().err and not (tmp_path / "m.zarr").exists()
 
 
 def test_replayed_fcm_refits_each_volume_and_lsq_needs_its_standard(cohort):

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         "per=volume|slice|voxel for per-volume/per-slice/per-voxel fits, as a spec's per:); the fitted parameters go "
         "into the store's provenance",
     )
+    c.add_argument("--mask", default=None, metavar="NIFTI",
+                   help="a NIfTI brain mask for the steps that take one (statistics inside it; fcm and lsq need one): one file "
+                   "for every volume, or a glob/folder of one per volume in the inputs' order")
     c.add_argument("--save-params", default=None, metavar="FILE", help="also write the fitted steps as JSON (for volnorm apply)")
     _add_engine(c)
 
@@ -173,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("apply", help="apply the fitted steps of a store or a --save-params file to new data")
     ap.add_argument("inputs", nargs="+", help="a volnorm store or NIfTI files; then the output store")
     ap.add_argument("--params", required=True, help="a JSON file from --save-params, or a store whose provenance has the steps")
+    ap.add_argument("--mask", default=None, metavar="NIFTI",
+                    help="a NIfTI brain mask for the steps that take one (statistics inside it; fcm and lsq need one): one file "
+                    "for every volume, or a glob/folder of one per volume in the inputs' order")
     ap.add_argument("--overwrite", action="store_true")
     _add_engine(ap)
 
@@ -351,6 +357,8 @@ def _convert(args: argparse.Namespace) -> int:
         return 0
     if args.step:
         return _convert_with_steps(args, inputs, store)
+    if args.mask:
+        raise ValueError("--mask is for the --step steps (their statistics inside the mask); give a --step, or convert without it")
     result = vn.convert(inputs, store, chunks=args.chunks, overwrite=args.overwrite, codec=args.codec, progress=args.progress,
                         levels=args.levels, downsample=args.downsample)
     if not args.quiet:
@@ -364,7 +372,7 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
     if args.save_params and Path(args.save_params).exists() and not args.overwrite:
         raise ValueError(f"{args.save_params} exists; pass --overwrite to replace it")
     data = _open_stack(inputs, "--step")
-    out = run_steps(data, steps)
+    out = run_steps(data, steps, mask=open_mask(args.mask, like=data) if args.mask else None)
     history = json.loads(out.attrs.get("volnorm_params", "[]"))
     vn.to_zarr(out, store, overwrite=args.overwrite, steps=history, progress=current().progress, levels=args.levels,
                downsample=args.downsample)
@@ -466,7 +474,7 @@ def _apply(args: argparse.Namespace) -> int:
     *inputs, store = args.inputs
     history = load_history(args.params)
     data = _open_stack(inputs, "apply")
-    out = replay(data, history)
+    out = replay(data, history, mask=open_mask(args.mask, like=data) if args.mask else None)
     vn.to_zarr(out, store, overwrite=args.overwrite, steps=json.loads(out.attrs.get("volnorm_params", "[]")), progress=current().progress)
     if not args.quiet:
         print(f"wrote {store}: {dict(out.sizes)} {out.dtype}, steps {', '.join(h['method'] for h in history)} (parameters from {args.params})")

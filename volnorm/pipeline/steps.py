@@ -586,7 +586,8 @@ def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *
             continue
         func = getattr(transforms, name)
         if mask is None and name in NEED_MASK:
-            raise ValueError(f"step {name!r} needs a brain mask: a pipeline spec's `mask:` (a file, or a threshold per volume)")
+            raise ValueError(f"step {name!r} needs a brain mask: a pipeline spec's `mask:` (a file, or a threshold per volume), "
+                             "or --mask on the command line")
         if mask is not None and "mask" in inspect.signature(func).parameters:
             kwargs = {**kwargs, "mask": mask}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists: the API's tuples
