@@ -240,3 +240,227 @@ def test_the_command_line_step(tmp_path, cohort):
     again = tmp_path / "again.zarr"
     assert main(["apply", *map(str, cohort), str(again), "--params", str(out), "--scheduler", "sync", "--no-progress"]) == 0
     np.testing.assert_array_equal(vn.open_zarr(again).values, want.values)
+
+
+# ---------------------------------------------------------------------------
+# 6. the estimated bias field: from the same tasks, written beside the images
+# ---------------------------------------------------------------------------
+
+
+class FilterSpy:
+    """SimpleITK's N4 filter, counting its runs and recording the threads it ran with."""
+
+    runs: list[int] = []  # the filter's number of threads at each Execute
+    set_threads: list[int] = []
+
+    def __init__(self):
+        self._f = REAL_FILTER()
+
+    def SetNumberOfThreads(self, n):
+        FilterSpy.set_threads.append(n)
+        self._f.SetNumberOfThreads(n)
+
+    def Execute(self, *args):
+        FilterSpy.runs.append(self._f.GetNumberOfThreads())
+        return self._f.Execute(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+REAL_FILTER = sitk.N4BiasFieldCorrectionImageFilter
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    FilterSpy.runs, FilterSpy.set_threads = [], []
+    monkeypatch.setattr(sitk, "N4BiasFieldCorrectionImageFilter", FilterSpy)
+    return FilterSpy
+
+
+def sitk_field(volume: np.ndarray, spacing, **kw) -> np.ndarray:
+    """exp(GetLogBiasFieldAsImage) of SimpleITK's recipe called directly (float64)."""
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing([float(s) for s in spacing])
+    mask = sitk.OtsuThreshold(image, 0, 1, 200)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations(list(kw["iterations"]))
+    corrector.Execute(sitk.Shrink(image, [kw["shrink_factor"]] * 3), sitk.Shrink(mask, [kw["shrink_factor"]] * 3))
+    return sitk.GetArrayFromImage(sitk.Exp(corrector.GetLogBiasFieldAsImage(image)))
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_the_field_comes_from_the_same_tasks_one_filter_run_per_volume(spy, scheduler):
+    import dask
+
+    img, _ = phantom((12, 16, 14))
+    stack = xr.DataArray(np.stack([img, img * 2.0, img[::-1]]), dims=("volume", "z", "y", "x"),
+                         coords={"volume": ["a", "b", "c"]}).chunk({"volume": 2, "z": 5})
+    with raise_if_dask_computes():
+        corrected, field = vn.n4(stack, **FAST, return_field=True)
+    assert spy.runs == []
+    assert corrected.dtype == field.dtype == np.float32 and field.name == "bias_field"
+    assert corrected.dims == field.dims == stack.dims and list(field["volume"].values) == ["a", "b", "c"]
+    c, f = dask.compute(corrected, field, scheduler=scheduler)
+    assert len(spy.runs) == 3  # one N4 run per volume for both
+    # corrected * field is the input, up to float32 rounding
+    np.testing.assert_allclose(c.values * f.values, stack.values, rtol=2e-6, atol=0)
+    # the same as corrected alone, and as the in-memory path
+    np.testing.assert_array_equal(c.values, vn.n4(stack, **FAST).values)
+    np.testing.assert_array_equal(f.values, vn.n4(stack.compute(), **FAST, return_field=True)[1].values)
+
+
+def test_the_field_equals_simpleitks_exp_log_field_on_real_data():
+    stack = vn.open_nifti(os.path.join(data_path, "anatomical.nii"))
+    corrected, field = vn.n4(stack, **FAST, return_field=True)
+    want = sitk_field(stack.values[0], stack.attrs["zooms"][:3], **FAST)
+    assert np.abs(field.values[0] - want).max() / np.abs(want).max() <= 1e-5
+    np.testing.assert_array_equal(corrected.values[0], sitk_n4(stack.values[0], stack.attrs["zooms"][:3], **FAST).astype(np.float32))
+    np.testing.assert_allclose(corrected.values * field.values, stack.values, rtol=2e-6, atol=0)
+    assert field.attrs["affine"] == stack.attrs["affine"] and "nifti_scaled" not in field.attrs
+
+
+def test_the_threads_option_reaches_the_filter(spy):
+    x = xr.DataArray(phantom((12, 16, 14))[0], dims=("z", "y", "x"))
+    vn.n4(x, **FAST, threads=2)
+    assert spy.set_threads == [2] and spy.runs == [2]
+    spy.runs.clear(), spy.set_threads.clear()
+    vn.n4(x, **FAST)  # not on a cluster: SimpleITK's own default
+    assert spy.set_threads == [] and spy.runs == [REAL_FILTER().GetNumberOfThreads()]
+    with pytest.raises(ValueError, match="`threads` must be an integer >= 1"):
+        vn.n4(x, threads=0)
+
+
+def test_on_a_distributed_worker_the_filter_gets_one_thread(spy):
+    distributed = pytest.importorskip("distributed")
+    x = xr.DataArray(phantom((12, 16, 14))[0][None], dims=("volume", "z", "y", "x")).chunk()
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster):
+        vn.n4(x, **FAST).compute()
+    assert spy.set_threads == [1] and spy.runs == [1]
+
+
+def n4_spec(cohort, store, **extra):
+    return {"version": 1, "input": {"nifti": [str(f) for f in cohort]},
+            "steps": [{"n4": {"shrink_factor": 2, "iterations": [3, 3], "field": "bias_field"}}],
+            "output": {"store": str(store)}, "engine": {"scheduler": "sync", "progress": False}, **extra}
+
+
+def test_a_spec_writes_the_field_beside_the_images_in_the_same_pass(spy, tmp_path, cohort):
+    import json
+
+    store = tmp_path / "out.zarr"
+    assert vn.pipeline.run(n4_spec(cohort, store), echo=None).status == "done"
+    assert len(spy.runs) == len(cohort)  # images and fields: one N4 run per volume
+    x = vn.open_nifti(cohort)
+    corrected, field = vn.n4(x, shrink_factor=2, iterations=(3, 3), return_field=True)
+    np.testing.assert_array_equal(vn.open_zarr(store).values, corrected.values)
+    got = vn.open_zarr(store, group="bias_field")
+    assert got.dtype == np.float32 and list(got["volume"].values) == list(x["volume"].values)
+    np.testing.assert_array_equal(got.values, field.values)
+    assert got.attrs["affine"] == x.attrs["affine"] and got.attrs["zooms"] == x.attrs["zooms"]
+    # committed with the store: in its manifest, every array checksummed, each volume group complete
+    m = json.loads((store / "zarr.json").read_text())["attributes"]["volnorm"]
+    assert m["beside"] == ["bias_field"] and m["complete"]
+    for name in x["volume"].values:
+        assert m["arrays"][f"bias_field/{name}/0"]["checksum"] == "crc32c"
+        assert json.loads((store / "bias_field" / name / "zarr.json").read_text())["attributes"]["volnorm"]["complete"]
+    assert vn.verify(store, sources=False).ok
+    with pytest.raises(ValueError, match=r"no group 'bias' beside the volumes \(groups beside them: bias_field\)"):
+        vn.open_zarr(store, group="bias")
+    # the recorded step says where its field went; replayed without a store it is only the correction
+    steps = json.loads((store / "zarr.json").read_text())["attributes"]["volnorm"]["steps"]
+    assert steps[0]["options"]["field"] == "bias_field"
+    # the Python API: to_zarr(..., beside=)
+    py = tmp_path / "py.zarr"
+    vn.to_zarr(corrected, py, beside={"bias_field": field})
+    np.testing.assert_array_equal(vn.open_zarr(py, group="bias_field").values, got.values)
+    with pytest.raises(ValueError, match="must have the data's volumes and shapes"):
+        vn.to_zarr(corrected, tmp_path / "bad.zarr", beside={"bias_field": field.isel(volume=[0])})
+    with pytest.raises(ValueError, match="volume"):
+        vn.to_zarr(corrected, tmp_path / "bad.zarr", beside={str(x["volume"].values[0]): field})
+
+
+def test_a_killed_run_leaves_no_store_and_resumes_with_the_fields(spy, tmp_path, cohort, monkeypatch):
+    from volnorm.io import writers
+
+    store = tmp_path / "out.zarr"
+    monkeypatch.setattr(writers, "WRITE_BATCH_BYTES", 1)  # one volume per batch, each marked complete when done
+    real = n4_module._correct
+    seen = []
+
+    def dies_on_the_second(*a, **k):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(n4_module, "_correct", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        vn.pipeline.run(n4_spec(cohort, store), echo=None)
+    assert not store.exists()
+    monkeypatch.setattr(n4_module, "_correct", real)
+    spy.runs.clear()
+    assert vn.pipeline.run(n4_spec(cohort, store), echo=None).status == "done"
+    assert len(spy.runs) == 1  # the first volume and its field were complete: only the second is corrected
+    _, field = vn.n4(vn.open_nifti(cohort), shrink_factor=2, iterations=(3, 3), return_field=True)
+    np.testing.assert_array_equal(vn.open_zarr(store, group="bias_field").values, field.values)
+
+
+def test_n4_then_mask_then_normalize_equals_the_steps_in_python(spy, tmp_path, cohort):
+    spec = {**n4_spec(cohort, tmp_path / "chain.zarr"), "mask": {"threshold": {"method": "otsu", "per": "volume"}, "after": "n4"},
+            "outputs": {"statistics": {"path": str(tmp_path / "stats.json")}}}
+    spec["steps"] = [spec["steps"][0], {"zscore": {"per": "volume"}}]
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    # N4 in each pass over its output: the mask's threshold (its range, then its histogram), the zscore fit, the write
+    # (images, fields and the mask); the statistics read the mask written beside the images
+    assert len(spy.runs) == 4 * len(cohort)
+    written_mask = vn.open_zarr(tmp_path / "chain.zarr", group="mask")
+    assert written_mask.dtype == np.uint8 and written_mask.attrs["affine"] == vn.open_nifti(cohort).attrs["affine"]
+    x = vn.open_nifti(cohort)
+    corrected = vn.n4(x, shrink_factor=2, iterations=(3, 3))  # n4 without the mask: its own Otsu mask
+    m = corrected > vn.threshold(corrected, "otsu", dim=("z", "y", "x"))  # the mask of the corrected images
+    want = vn.zscore(corrected, dim=("z", "y", "x"), mask=m)
+    np.testing.assert_allclose(vn.open_zarr(tmp_path / "chain.zarr").values, want.values, rtol=0, atol=1e-5)
+    import json
+    rows = json.loads((tmp_path / "stats.json").read_text())["volumes"]
+    assert [r["count"] for r in rows] == [int(m.values[i].sum()) for i in range(len(cohort))]
+    np.testing.assert_array_equal(written_mask.values, m.values)
+    # the statistics again (their file removed), the images up to date: from the mask written, no N4 run
+    (tmp_path / "stats.json").unlink()
+    spy.runs.clear()
+    assert vn.pipeline.run(spec, echo=None).status == "done" and spy.runs == []
+    assert json.loads((tmp_path / "stats.json").read_text())["volumes"] == rows
+    p = vn.pipeline.plan(spec)
+    assert [s for s, _ in p["passes"]][:2] == ["fit mask threshold", "fit zscore"]
+    assert "output of step 'n4'" in p["passes"][0][1] and "N4 runs again" in p["passes"][1][1]
+
+
+def test_the_example_spec_on_real_files_equals_the_steps_in_python(tmp_path):
+    import shutil
+
+    from volnorm.pipeline import load_spec
+
+    example = os.path.join(os.path.dirname(__file__), "..", "workflows", "examples", "n4-normalize.yaml")
+    (tmp_path / "data").mkdir()
+    shutil.copy(os.path.join(data_path, "anatomical.nii"), tmp_path / "data" / "sub-01.nii")
+    shutil.copy(example, tmp_path)
+    spec = load_spec(tmp_path / "n4-normalize.yaml")
+    spec.data["engine"]["scheduler"] = "sync"
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    x = vn.open_nifti(tmp_path / "data" / "sub-01.nii")
+    corrected, field = vn.n4(x, shrink_factor=4, iterations=(50, 50, 50, 50), return_field=True)
+    m = corrected > vn.threshold(corrected, "otsu", dim=("z", "y", "x"))
+    want = vn.zscore(corrected, dim=("z", "y", "x"), mask=m)
+    np.testing.assert_allclose(vn.open_zarr(tmp_path / "n4-normalized.zarr").values, want.values, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(vn.open_zarr(tmp_path / "n4-normalized.zarr", group="bias_field").values, field.values)
+
+
+def test_the_planner_counts_n4s_memory(tmp_path, cohort):
+    from volnorm.pipeline.planner import N4_BYTES_PER_VOXEL, describe
+
+    p = vn.pipeline.plan(n4_spec(cohort, tmp_path / "o.zarr"))
+    assert p["n4_bytes"] == N4_BYTES_PER_VOXEL * 24 * 28 * 20
+    plain = vn.pipeline.plan({**n4_spec(cohort, tmp_path / "o.zarr"), "steps": ["zscore"]})
+    assert p["memory"] - plain["memory"] == p["n4_bytes"]
+    assert "an n4 task's whole volume, 32 bytes per voxel" in describe(p)

@@ -208,6 +208,53 @@ def test_options_the_runner_supplies_are_refused(option):
     assert msg.startswith(f"<spec>, line 8: steps[0].zscore.{option}: step 'zscore': {option!r} is set by the pipeline")
 
 
+def test_n4s_return_field_is_the_runners_its_field_option_a_plain_name(tmp_path, capsys):
+    assert refused(step("n4", "return_field", "true")) == (
+        "<spec>, line 8: steps[0].n4.return_field: step 'n4': 'return_field' is set by the pipeline, not an option "
+        "(use the step's `field: NAME`)")
+    assert list(step_options("n4"))[-2:] == ["threads", "field"]
+    for bad in ("../x", ".hidden", "a/b", "''"):
+        both(tmp_path, capsys, step("n4", "field", bad), "line 8: steps[0].n4.field: expected a plain name (no path separators, not hidden)")
+    assert refused(step("n4", "field", "3")) == (
+        "<spec>, line 8: steps[0].n4.field: expected a plain name (no path separators, not hidden), e.g. 'bias_field' or null, got int 3")
+    assert refused(step("n4", "threads", "0")).startswith("<spec>, line 8: steps[0].n4.threads: expected an integer >= 1 or null, got int 0")
+    assert load_spec(step("n4", "field", "bias_field"), base="/b")["steps"][0]["options"] == {"field": "bias_field"}
+    # one field per name; written beside the images only
+    two = HEAD + "steps:\n  - n4: {field: f}\n  - n4: {field: f}\n"
+    assert refused(two) == "<spec>, line 8: steps[1].n4.field: 'f' is already the field of steps[0]"
+    nowhere = step("n4", "field", "f") + "outputs:\n  images: false\n  params: p.json\n"
+    assert refused(nowhere) == ("<spec>, line 8: steps[0].n4.field: the bias field is written beside the images; "
+                                "outputs.images is false")
+    # the command line's --step n4 has no store to write it beside
+    with pytest.raises(ValueError, match=r"^step 'n4:field=f': field: written beside the images by a pipeline spec only"):
+        parse_step("n4:field=f")
+
+
+MASK_AFTER = HEAD + "mask:\n  threshold: {method: otsu, per: volume}\n  after: %s\nsteps:\n%s"
+
+
+@pytest.mark.parametrize(("after", "steps", "words"), [
+    ("n4s", "  - n4\n  - zscore\n", "mask.after: 'n4s' is not one of the steps (n4, zscore); did you mean 'n4'?"),
+    ("n4", "  - n4\n  - n4\n", "mask.after: step 'n4' is given 2 times: mask.after needs one"),
+    ("n4", "  - fcm\n  - n4\n", "mask.after: 'n4': step 'fcm' needs the mask but runs before it is made"),
+    ("n4", "  []\n", "mask.after: 'n4' is not one of the steps (none)"),
+])
+def test_mask_after_names_one_step(tmp_path, capsys, after, steps, words):
+    text = MASK_AFTER % (after, steps)
+    assert refused(text) == f"<spec>, line 8: {words}"
+    both(tmp_path, capsys, text, f"line 8: {words}")
+
+
+def test_mask_after_loads_and_says_how_many_steps_run_before_the_mask():
+    from volnorm.pipeline.spec import steps_before_mask
+
+    s = load_spec(MASK_AFTER % ("n4", "  - n4: {field: bias_field}\n  - zscore: {per: volume}\n"), base="/b")
+    assert s["mask"]["after"] == "n4" and steps_before_mask(s) == 1
+    assert steps_before_mask(load_spec(HEAD + "mask:\n  threshold: {method: otsu}\nsteps:\n  - n4\n", base="/b")) == 0
+    pf = HEAD + "mask:\n  threshold: {method: otsu}\n  after: n4\nparams_from: old.zarr\n"
+    assert refused(pf) == "<spec>, line 8: mask.after names one of the spec's `steps`; with params_from there are none"
+
+
 def test_a_required_option_is_required(tmp_path, capsys):
     for text in (HEAD + "steps:\n  - gamma\n", HEAD + "steps:\n  - gamma: {}\n"):
         both(tmp_path, capsys, text, "line 7: steps[0]", "step 'gamma' needs the option 'gamma' (a number > 0)")
@@ -380,7 +427,7 @@ steps:
   - binarize: {threshold: 0.5, inclusive: true, upper: 0.9, invert: false}
   - binarize: {method: percentile, q: 0.9, bins: 512, dim: [z, y, x]}
   - nyul: {percentiles: [2, 25, 50, 75, 98], standard_range: [0, 100]}
-  - n4: {shrink_factor: 2, iterations: [3, 3]}
+  - n4: {shrink_factor: 2, iterations: [3, 3], threads: 1, field: bias_field}
   - whitestripe: {width: 0.1, modality: t2}
   - kde: {modality: pd}
   - fcm: {tissue: gm, max_iter: 100}

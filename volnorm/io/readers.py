@@ -496,6 +496,7 @@ def open_zarr(
     scaled: bool = True,
     allow_incomplete: bool = False,
     level: int = 0,
+    group: str | None = None,
 ) -> xr.DataArray | xr.DataTree:
     """Open a volnorm Zarr store lazily as a stack or a collection.
 
@@ -515,6 +516,10 @@ def open_zarr(
         Its ``attrs`` describe that level: ``zooms`` and ``affine`` (level-``k`` voxel
         centres to the same world positions), ``nifti_headers`` with the level's shape,
         voxel sizes and qform/sform (so :func:`to_nifti` writes a correct file), ``level``.
+    group : str, optional
+        Read the volumes of a group written beside them (``to_zarr(..., beside=)``, a spec's
+        ``n4: {field: NAME}``: the bias fields) instead: ``NAME/<volume>``, the same volume
+        names, each with its own header.
 
     Returns
     -------
@@ -531,7 +536,7 @@ def open_zarr(
         the chunk; ``volnorm verify`` lists all).
     ValueError
         ``level`` is not a level of every volume (the message names the volume and the
-        levels it has).
+        levels it has); ``group`` is not a group the store holds beside its volumes.
 
     Examples
     --------
@@ -542,12 +547,12 @@ def open_zarr(
     25
     """
     try:
-        return _open_zarr(Path(store), scaled=scaled, allow_incomplete=allow_incomplete, level=level)
+        return _open_zarr(Path(store), scaled=scaled, allow_incomplete=allow_incomplete, level=level, group=group)
     except RecursionError:  # json of a hostile or damaged zarr.json, anywhere in the store
         raise ValueError(f"{store}: metadata nested too deeply to be a volnorm store's (damaged or not volnorm's)") from None
 
 
-def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool, level: int = 0) -> xr.DataArray | xr.DataTree:
+def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool, level: int = 0, group: str | None = None) -> xr.DataArray | xr.DataTree:
     import zarr
 
     if not isinstance(level, int) or isinstance(level, bool) or level < 0:
@@ -572,6 +577,9 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool, level: int =
         )
     store_ = checked_store(path)  # every chunk read is checked: missing or failing its CRC-32C is an error naming it
     root = zarr.open_group(store_, mode="r", zarr_format=3)
+    if group is not None and group not in (m.get("beside") or []):
+        have = ", ".join(m.get("beside") or []) or "none"
+        raise ValueError(f"{path}: no group {group!r} beside the volumes (groups beside them: {have})")
     if m.get("kind") == "images":
         if level:
             raise ValueError(f"{path}: an image stack has no pyramid (level 0 only); got level={level}")
@@ -580,6 +588,8 @@ def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool, level: int =
         arr.attrs = {k: v for k, v in arr.attrs.items() if k != "_FillValue"}
         return arr
     names = list(m.get("volumes") or [k for k, _ in root.groups()])
+    if group is not None:  # a group beside the volumes: the same names, one level down
+        root, path = root[group], path / group
     vols = []
     for name in names:
         if name not in root:

@@ -8,7 +8,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,7 @@ def to_zarr(
     progress: bool = False,
     levels: int = 1,
     downsample: str | None = None,
+    beside: Mapping[str, xr.DataArray] | None = None,
 ) -> None:
     """Write a stack or collection to a volnorm Zarr store, safely.
 
@@ -226,6 +227,12 @@ def to_zarr(
         dtype, integers rounded) or ``"mode"`` (labels and masks). Default: ``"mode"`` for
         boolean data and for volumes whose NIfTI intent is a label image (``intent_code``
         1002/1003), else ``"mean"``.
+    beside : mapping of str to xarray.DataArray, optional
+        More stacks with the data's volumes and shapes, each written as the sub-group
+        ``NAME/<volume>`` of NIfTI-Zarr volume groups (the volume's header and affine, the
+        stack's dtype; the same levels), in the same pass and graph as the volumes (e.g.
+        ``vn.n4(x, return_field=True)``'s field: N4 runs once per volume), checksummed and
+        committed with them; ``open_zarr(store, group=NAME)`` reads one. Volume groups only.
 
     Returns
     -------
@@ -239,15 +246,23 @@ def to_zarr(
     >>> vn.to_zarr(vn.open_nifti(vn.datasets.nibabel_files()["functional.nii"]), out)
     >>> vn.open_zarr(out).dims
     ('volume', 't', 'z', 'y', 'x')
+    >>> x = vn.open_nifti(vn.datasets.nibabel_files()["anatomical.nii"])
+    >>> corrected, field = vn.n4(x, shrink_factor=2, iterations=(3,), return_field=True)
+    >>> out = os.path.join(tempfile.mkdtemp(), "n4.zarr")
+    >>> vn.to_zarr(corrected, out, beside={"bias_field": field})
+    >>> vn.open_zarr(out, group="bias_field").dtype
+    dtype('float32')
     """
     vols = _volumes(data)
     pyr = [levels, downsample] if levels != 1 or downsample is not None else []  # older plans' tokens unchanged
-    token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec), *pyr)
+    more = [sorted(beside), *[beside[k].data for k in sorted(beside)]] if beside else []  # older plans' tokens unchanged
+    token = dask.base.tokenize(*[v.data for _, v in vols], [n for n, _ in vols], str(codec), *pyr, *more)
     plan = {"kind": "cohort" if _is_nifti_derived(vols) else "images", "token": token}
     _check_levels(levels, downsample, _check_names(data, vols), vols)  # before anything exists on disk
+    _check_beside(beside, data, vols, _is_nifti_derived(vols))
     staging = Staging(Path(store), plan, overwrite=overwrite).prepare()
     try:
-        write_staged(data, staging, codec=codec, steps=steps, progress=progress, levels=levels, downsample=downsample)
+        write_staged(data, staging, codec=codec, steps=steps, progress=progress, levels=levels, downsample=downsample, beside=beside)
     finally:
         staging.release()
 
@@ -346,7 +361,7 @@ def _check_levels(levels: Any, downsample: Any, groups: bool, vols: list[tuple[s
 def write_staged(
     data: xr.DataArray | xr.DataTree, staging: Staging, *, codec: Any = DEFAULT_CODEC, steps: list | None = None,
     progress: bool = False, manifest: dict | None = None, statistics: Alongside | None = None,
-    levels: int = 1, downsample: str | None = None,
+    levels: int = 1, downsample: str | None = None, beside: Mapping[str, xr.DataArray] | None = None,
 ) -> None:
     """Write ``data`` into a prepared :class:`~volnorm.io.store.Staging` and commit it (the
     body of :func:`to_zarr`, for runners that own the staging: its plan, resume, lock).
@@ -355,13 +370,31 @@ def write_staged(
     batch's write, in the same graph (the data are made and read once), and kept with the
     volumes: each volume group's ``statistics`` attribute (cohort stores), the manifest's
     ``volume_statistics`` (image stacks). ``levels``/``downsample``: the pyramid, as
+    :func:`to_zarr`'s. ``beside``: stacks written beside the volumes, as
     :func:`to_zarr`'s."""
     if statistics is not None and (not isinstance(data, xr.DataArray) or "volume" not in data.dims):
         raise ValueError("write_staged: `statistics` needs a stack (a DataArray with a volume dim)")
     vols = _volumes(data)
     nifti = _is_nifti_derived(vols)
     _check_levels(levels, downsample, _check_names(data, vols, nifti), vols)
-    _write_staged(data, vols, staging, nifti, codec, steps, progress, manifest or {}, statistics, levels, downsample)
+    _check_beside(beside, data, vols, nifti)
+    _write_staged(data, vols, staging, nifti, codec, steps, progress, manifest or {}, statistics, levels, downsample, beside)
+
+
+def _check_beside(beside: Mapping[str, Any] | None, data: Any, vols: list[tuple[str, xr.DataArray]], nifti: bool) -> None:
+    """Refuse stacks beside the volumes that cannot be written: not a store of volume groups,
+    a name that is not a plain name or is a volume's, other volumes or shapes."""
+    for key, stack in (beside or {}).items():
+        plain_name(key, "a group beside the volumes", taken=[n for n, _ in vols])
+        if not _check_names(data, vols, nifti):
+            raise ValueError(f"beside={{{key!r}: ...}}: groups beside the volumes are written for volumes (NIfTI-Zarr groups), "
+                             "not for a 2-D image stack")
+        if not isinstance(stack, xr.DataArray):
+            raise TypeError(f"beside[{key!r}] must be an xarray.DataArray; got {type(stack).__name__}")
+        theirs = [(n, v.shape) for n, v in _volumes(stack)]
+        mine = [(n, v.shape) for n, v in vols]
+        if theirs != mine:
+            raise ValueError(f"beside[{key!r}] must have the data's volumes and shapes {mine}; got {theirs}")
 
 
 def store_blocks(source: da.Array, target: Any, region: tuple[slice, ...] | None = None, *, passthrough: bool = False) -> da.Array:
@@ -457,6 +490,34 @@ def _with_statistics(writes: list[tuple[da.Array, Any, tuple[slice, ...] | None,
     return rows
 
 
+def _volume_group(root: Any, name: str, vol: xr.DataArray, codec: Any, levels: int, downsample: str | None) -> tuple[da.Array, list, bool]:
+    """Make volume ``name``'s NIfTI-Zarr group in ``root``: (its raw level 0, [(level 0's and
+    each level's dask array, its zarr array)], whether level 0 holds the volume's own values)."""
+    raw, hb = raw_for_header(name, vol)
+    same = raw is vol.data  # neither scaled back nor cast: the statistics can be taken on the written blocks
+    raw, chunks = _aligned(raw)
+    method = downsample or auto_downsample(vol.dtype, hb)  # a mean of labels or a mask is neither
+    hdr = header_from_bytes(hb)
+    zooms = tuple(float(z) for z in hdr.get_zooms())
+    grp = create_volume_group(
+        root,
+        name,
+        header_bytes=hb,
+        shape=raw.shape,
+        dtype=raw.dtype,
+        dims=tuple(vol.dims),
+        chunks=chunks,
+        codec=codec,
+        zooms=zooms + (1.0,) * (4 - len(zooms)),
+        units=tuple(hdr.get_xyzt_units()),
+        attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
+        levels=levels,
+        downsample=method,
+    )
+    made = pyramid(raw, tuple(vol.dims), levels, method, chunks)  # from the same graph: read once
+    return raw, list(zip([raw, *made], [data_array(grp), *level_arrays(grp)])), same
+
+
 def _write_staged(
     data: xr.DataArray | xr.DataTree,
     vols: list[tuple[str, xr.DataArray]],
@@ -469,6 +530,7 @@ def _write_staged(
     statistics: Alongside | None = None,
     levels: int = 1,
     downsample: str | None = None,
+    beside: Mapping[str, xr.DataArray] | None = None,
 ) -> None:
     import zarr
 
@@ -476,35 +538,22 @@ def _write_staged(
     if _check_names(data, vols, nifti):
         root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
 
+        extras = {key: (root.require_group(key), dict(_volumes(stack))) for key, stack in (beside or {}).items()}
+
         def start(item: tuple[str, xr.DataArray]) -> tuple[str, da.Array, list, bool] | None:
-            """(name, raw level 0, [(level 0's and each level's dask array, its zarr array)],
-            whether level 0 holds the volume's own values), the group made."""
+            """(name, raw level 0, [(level 0's and each level's dask array, its zarr array)] of the
+            volume then of its groups beside, whether level 0 holds the volume's own values), the
+            groups made. The groups beside come first: a volume marked complete has them complete."""
             name, vol = item
             if name in root and root[name].attrs.get("volnorm", {}).get("complete"):
                 return None
-            raw, hb = raw_for_header(name, vol)
-            same = raw is vol.data  # neither scaled back nor cast: the statistics can be taken on the written blocks
-            raw, chunks = _aligned(raw)
-            method = downsample or auto_downsample(vol.dtype, hb)  # a mean of labels or a mask is neither
-            hdr = header_from_bytes(hb)
-            zooms = tuple(float(z) for z in hdr.get_zooms())
-            grp = create_volume_group(
-                root,
-                name,
-                header_bytes=hb,
-                shape=raw.shape,
-                dtype=raw.dtype,
-                dims=tuple(vol.dims),
-                chunks=chunks,
-                codec=codec,
-                zooms=zooms + (1.0,) * (4 - len(zooms)),
-                units=tuple(hdr.get_xyzt_units()),
-                attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
-                levels=levels,
-                downsample=method,
-            )
-            made = pyramid(raw, tuple(vol.dims), levels, method, chunks)  # from the same graph: read once
-            return name, raw, list(zip([raw, *made], [data_array(grp), *level_arrays(grp)])), same
+            pairs = []
+            for grp, vols_ in extras.values():
+                if name in grp and grp[name].attrs.get("volnorm", {}).get("complete"):
+                    del grp[name]  # its volume was not: both are written again, from one graph
+                pairs += _volume_group(grp, name, vols_[name], codec, levels, downsample)[1]
+            raw, own, same = _volume_group(root, name, vol, codec, levels, downsample)
+            return name, raw, own + pairs, same
 
         # the groups' metadata are small files, one volume at a time 12 ms each (13 s for 1000
         # volumes on the client, the workers idle): made by threads, in order. (Marking volumes
@@ -514,12 +563,14 @@ def _write_staged(
         index = {name: i for i, (name, _) in enumerate(vols)}
 
         def work(batch: list) -> list[dict]:
-            writes = [(a, t, None, same) for _, _, ((a, t), *_), same in batch]
+            writes = [(a, t, None, same) for _, _, ((a, t), *_), same in batch]  # the volumes' level 0; the rest: levels, groups beside
             levels_ = [pair for _, _, (_, *rest), _ in batch for pair in rest]
             return _with_statistics(writes, data, [index[name] for name, *_ in batch], statistics, progress, levels_)
 
-        def done(batch: list, rows: list[dict]) -> None:  # each batch's volumes are marked complete
+        def done(batch: list, rows: list[dict]) -> None:  # each batch's volumes are marked complete, after their groups beside
             for i, (name, *_) in enumerate(batch):
+                for key, (grp, _) in extras.items():
+                    finish_volume(grp[name], f"{key}/{name}", {})
                 finish_volume(root[name], name, {"statistics": rows[i]} if rows else {})
 
         meta = ThreadPoolExecutor(METADATA_THREADS)
@@ -531,11 +582,13 @@ def _write_staged(
         finally:
             meta.shutdown(wait=True, cancel_futures=True)
         for name, _ in vols:
-            grp = root[name]
-            if not grp.attrs["volnorm"].get("complete"):
-                finish_volume(grp, name, {})
+            for grp in [g[name] for g, _ in extras.values()] + [root[name]]:
+                if not grp.attrs["volnorm"].get("complete"):
+                    finish_volume(grp, name, {})
         sources = [{"name": n, "path": str(v.coords["path"].item()) if "path" in v.coords else None} for n, v in vols]
         manifest = {"kind": "cohort", "volumes": [n for n, _ in vols], "inputs": sources, "steps": steps or []}
+        if extras:
+            manifest["beside"] = sorted(extras)
     else:
         arr = data
         same = isinstance(arr.data, da.Array)  # the statistics can be taken on the written blocks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,24 +40,39 @@ def _store_identity(p: Path) -> list[Any]:
     return [str(p), m.get("plan_digest"), m.get("finished")]
 
 
-def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int, list[str]]:
-    """The kind of input, its files (or store), their identities, bytes of voxels and the names
-    the output store will hold (its volume groups, or ``image``). Reads headers only."""
+def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int, list[str], int]:
+    """The kind of input, its files (or store), their identities, bytes of voxels, the names
+    the output store will hold (its volume groups, or ``image``) and the voxels of the largest
+    3-D volume (NIfTI input; else 0). Reads headers only."""
     inp = spec["input"]
     if "nifti" in inp:
         infos = validate_inputs(expand_paths(inp["nifti"]))
         files = [Path(i.path) for i in infos]
-        return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos), unique_names(infos)
+        voxels = max((math.prod(i.shape[:3]) for i in infos), default=0)
+        return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos), unique_names(infos), voxels
     if "images" in inp:
         files = expand_paths(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
-        return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files), ["image"]
+        return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files), ["image"], 0
     store = Path(inp["store"])
     if not (store / "zarr.json").exists():
         raise FileNotFoundError(f"{store}: no volnorm store here (input.store)")
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     m = read_manifest(store) or {}
     names = ["image"] if m.get("kind") == "images" else [str(v) for v in m.get("volumes") or []]
-    return "store", [store], [_store_identity(store)], size, names
+    return "store", [store], [_store_identity(store)], size, names, _store_voxels(store, names)
+
+
+def _store_voxels(store: Path, names: list[str]) -> int:
+    """The voxels of the largest 3-D volume of a store's volume groups (their arrays' metadata
+    only); 0 for an image stack."""
+    sizes = [0]
+    for name in names if names != ["image"] else []:
+        try:
+            shape = json.loads((store / name / "0" / "zarr.json").read_text())["shape"]
+        except (OSError, ValueError, KeyError):
+            continue
+        sizes.append(math.prod(shape[-3:]))
+    return max(sizes)
 
 
 def _digest(obj: Any) -> str:
@@ -92,12 +108,17 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     (1, ['fit zscore', 'write'])
     """
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
-    kind, files, ident, nbytes, names = _inputs(spec)
-    if "voxel_histogram" in spec["outputs"]:  # a group beside the volumes: never one of them
-        try:
-            plain_name(spec["outputs"]["voxel_histogram"]["name"], "outputs.voxel_histogram.name", taken=names)
-        except ValueError as e:
-            raise SpecError(f"{spec.source}: {e}") from None
+    kind, files, ident, nbytes, names, voxels = _inputs(spec)
+    fields = [st["options"]["field"] for st in spec["steps"] if st["name"] == "n4" and st["options"].get("field") is not None]
+    if "after" in spec.data.get("mask", {}) and spec["outputs"]["images"]:  # the mask of a step's output is kept beside the images
+        fields.append(MASK_GROUP)
+    try:
+        if "voxel_histogram" in spec["outputs"]:  # a group beside the volumes: never one of them
+            plain_name(spec["outputs"]["voxel_histogram"]["name"], "outputs.voxel_histogram.name", taken=names + fields)
+        for i, name in enumerate(fields):  # the bias fields' groups (and the mask's), beside the volumes too
+            plain_name(name, "the n4 step's field", taken=names + fields[i + 1:])
+    except ValueError as e:
+        raise SpecError(f"{spec.source}: {e}") from None
     mask = dict(spec.data.get("mask", {}))
     if "file" in mask:
         mask["identity"] = _identity(Path(mask["file"]))
@@ -118,15 +139,23 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     images_digest = _digest(core)
     outs = spec["outputs"]
     passes: list[tuple[str, str]] = []
-    if "threshold" in mask:
-        passes.append(("fit mask threshold", f"{mask['threshold'].get('method', 'otsu')} over the input"))
+    mask_pass = ("fit mask threshold", f"{mask['threshold'].get('method', 'otsu')} over the "
+                 + (f"output of step {mask['after']!r}" if "after" in mask else "input")) if "threshold" in mask else None
+    if mask_pass and "after" not in mask:
+        passes.append(mask_pass)
+    again = ""  # each pass over the output of an n4 step runs N4 again (nothing is kept between passes)
     for st in spec["steps"]:
         if st["name"] in FITTED or st["name"] == "nyul":
-            passes.append((f"fit {st['name']}", "statistics pass over the data so far"))
+            passes.append((f"fit {st['name']}", "statistics pass over the data so far" + again))
+        again = again or (" (N4 runs again in this pass)" if st["name"] == "n4" else "")
+        if mask_pass and st["name"] == mask.get("after"):
+            passes.append((mask_pass[0], mask_pass[1] + again))
     if params_id is not None:
         passes.append(("load parameters", f"from {spec['params_from']}"))
     if outs["images"]:
-        passes.append(("write", f"-> {spec['output']['store']}" + (f" ({levels} resolution levels)" if levels > 1 else "")))
+        passes.append(("write", f"-> {spec['output']['store']}" + (f" ({levels} resolution levels)" if levels > 1 else "")
+                       + "".join(f", bias fields -> {name}/<volume>" for name in fields if name != MASK_GROUP)
+                       + (f", the mask -> {MASK_GROUP}/<volume>" if MASK_GROUP in fields else "")))
     if "voxel_histogram" in outs:
         passes.append(("voxel histogram", f"-> {spec['output']['store']}/{outs['voxel_histogram']['name']}"))
     if "statistics" in outs:
@@ -142,12 +171,15 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
     # a .nii.gz is decompressed whole by one task (open_nifti): the volume and the chunks cut
     # from it are held together until the chunks are consumed
     whole = 2 * volume if any(str(f).endswith(".gz") for f in files) else 0.0
+    # an n4 task holds one whole volume as float32 in and out, and SimpleITK's copies
+    n4 = N4_BYTES_PER_VOXEL * voxels if any(st["name"] == "n4" for st in spec["steps"]) else 0
     return {
         "chunk_bytes": chunk,
         "volume_bytes": whole / 2,
         # per worker: the process and its imports, then per thread the input chunk, float64
         # intermediates (up to 4x an int16 chunk) and the compressed output
-        "memory": WORKER_BASE_BYTES + THREADS_PER_WORKER * (chunk * 10 + whole),
+        "memory": WORKER_BASE_BYTES + THREADS_PER_WORKER * (chunk * 10 + whole + n4),
+        "n4_bytes": n4,
         "name": spec.data.get("name") or Path(spec.source).stem,
         "spec": spec.source,
         "inputs": {"kind": kind, "count": len(files), "bytes": nbytes, "first": str(files[0]) if files else None},
@@ -162,6 +194,17 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
 
 #: Memory of an idle dask worker process after volnorm's imports (measured: 330-380 MiB).
 WORKER_BASE_BYTES = 360 * 2**20
+#: The group beside the images that a mask made from a step's output (``mask.after``) is
+#: written into (``mask/<volume>``, uint8): the statistics and voxel histograms read it there
+#: rather than running the steps up to it again.
+MASK_GROUP = "mask"
+#: Memory of one n4 task per voxel of its volume. Measured (psutil, RSS sampled every 5 ms) on a
+#: 256x256x192 float32 phantom with the defaults (shrink 4, 4 x 50 iterations), SimpleITK
+#: 2.5.7, one and two filter threads: 314 and 309 MiB over the process before the call, 26.2
+#: bytes per voxel (6.5 x the float32 volume: the float32 image, its Otsu mask, the float64 log
+#: field and its exponential, the float64 quotient, the two float32 results; 6.6 s). Plus the
+#: task's float32 input block (4 bytes per voxel): 30, rounded up to 32.
+N4_BYTES_PER_VOXEL = 32
 #: Threads per worker of the local cluster (one: numpy and the kernels release the GIL in
 #: large calls, and one thread keeps a worker's memory to one chunk's working set).
 THREADS_PER_WORKER = 1
@@ -242,7 +285,8 @@ def describe(p: dict[str, Any], done: Mapping[str, bool] | None = None) -> str:
         lines.append(
             f"  memory  ~{p['memory'] / 2**20:.0f} MiB per worker (estimate: {WORKER_BASE_BYTES / 2**20:.0f} MiB for the process, "
             f"then {THREADS_PER_WORKER} thread x 10 x {p['chunk_bytes'] / 2**20:.1f} MiB input chunks"
-            + (f", and 2 x {p['volume_bytes'] / 2**20:.1f} MiB: a .nii.gz volume read whole and its chunks)" if p.get("volume_bytes") else ")")
+            + (f", and 2 x {p['volume_bytes'] / 2**20:.1f} MiB: a .nii.gz volume read whole and its chunks" if p.get("volume_bytes") else "")
+            + (f", and {p['n4_bytes'] / 2**20:.0f} MiB: an n4 task's whole volume, {N4_BYTES_PER_VOXEL} bytes per voxel)" if p.get("n4_bytes") else ")")
         )
         limit = eng.get("memory_limit")
         if isinstance(limit, (int, float)) and p["memory"] > 0.8 * limit:

@@ -23,8 +23,8 @@ from volnorm.io.readers import open_images, open_mask, open_nifti, open_zarr
 from volnorm.io.store import Staging, read_manifest
 from volnorm.io.writers import write_staged
 from volnorm.pipeline.outputs import atomic_write, statistics_alongside, write_statistics, write_voxel_histogram, written_statistics
-from volnorm.pipeline.planner import THREADS_PER_WORKER, chunk_mib, describe, plan, status
-from volnorm.pipeline.spec import Spec, load_spec
+from volnorm.pipeline.planner import MASK_GROUP, THREADS_PER_WORKER, chunk_mib, describe, plan, status
+from volnorm.pipeline.spec import Spec, load_spec, steps_before_mask
 from volnorm.pipeline.steps import load_history, replay, run_steps
 from volnorm.transforms import threshold
 
@@ -71,6 +71,10 @@ def open_input(spec: Spec) -> xr.DataArray:
     return data
 
 
+#: A mask not made yet.
+_UNSET: Any = object()
+
+
 def _mask(spec: Spec, data: xr.DataArray) -> xr.DataArray | None:
     m = spec.data.get("mask")
     if not m:
@@ -82,14 +86,26 @@ def _mask(spec: Spec, data: xr.DataArray) -> xr.DataArray | None:
     return data > threshold(data, method=method, **opts)
 
 
-def _transformed(spec: Spec, data: xr.DataArray, mask: xr.DataArray | None, fitted: list | None, say: Callable[[str], None]) -> xr.DataArray:
-    """Apply the steps: with saved parameters (a resumed run, ``params_from``) or fitting them."""
-    if fitted is not None:
-        return replay(data, fitted, mask=mask) if fitted else data
+def _transformed(spec: Spec, data: xr.DataArray, fitted: list | None, say: Callable[[str], None],
+                 fields: dict[str, xr.DataArray] | None = None) -> tuple[xr.DataArray, xr.DataArray | None]:
+    """Apply the steps, with saved parameters (a resumed run, ``params_from``) or fitting them:
+    the output and the spec's mask (from the input, or with ``mask.after`` from that step's
+    output, given to the steps after it only). n4's fields go into ``fields``."""
+    k = steps_before_mask(spec)
+    todo = fitted if fitted is not None else spec["steps"]
+    out = _apply(data, todo[:k], None, fitted is not None, fields, say)
+    mask = _mask(spec, out)
+    return _apply(out, todo[k:], mask, fitted is not None, fields, say), mask
+
+
+def _apply(data: xr.DataArray, todo: list, mask: xr.DataArray | None, saved: bool, fields: dict | None,
+           say: Callable[[str], None]) -> xr.DataArray:
+    if saved:
+        return replay(data, todo, mask=mask, fields=fields) if todo else data
     out = data
-    for st in spec["steps"]:
+    for st in todo:
         t0 = time.perf_counter()
-        out = run_steps(out, [(st["name"], dict(st["options"]))], mask=mask)
+        out = run_steps(out, [(st["name"], dict(st["options"]))], mask=mask, fields=fields)
         say(f"  fit {st['name']}: {time.perf_counter() - t0:.1f} s")
     return out
 
@@ -225,7 +241,7 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
     outs = spec["outputs"]
     store = Path(spec["output"]["store"])
     data = open_input(spec)
-    mask = _mask(spec, data)
+    mask: Any = _UNSET  # made with the steps (with mask.after: from that step's output)
     fitted = load_history(spec["params_from"]) if "params_from" in spec.data else None
     if not done.get("images", True):
         if staging is None:
@@ -235,12 +251,15 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             saved = staging.manifest().get("pipeline_fitted") if staging.resumed else None
             if saved is not None:
                 say("  resuming: the fitted parameters of the interrupted run are reused")
-            out = _transformed(spec, data, mask, saved if saved is not None else fitted, say)
+            fields: dict[str, xr.DataArray] = {}
+            out, mask = _transformed(spec, data, saved if saved is not None else fitted, say, fields)
+            if steps_before_mask(spec):  # a mask of a step's output: written beside the images, from the same tasks
+                fields[MASK_GROUP] = mask.assign_attrs({k: v for k, v in out.attrs.items() if k not in ("nifti_scaled", "volnorm_params")})
             history = json.loads(out.attrs.get("volnorm_params", "[]"))
             staging.update_manifest(pipeline_fitted=history)
             t0 = time.perf_counter()
             along = statistics_alongside(out, outs["statistics"], mask, p["digests"]["statistics"]) if "statistics" in outs and not done.get("statistics") else None
-            write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along,
+            write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along, beside=fields,
                          levels=spec["output"].get("levels", 1), downsample=spec["output"].get("downsample"),
                          manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
             say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
@@ -250,8 +269,12 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
     if outs["images"]:  # the written images (opened only when read: 300 volumes take seconds), their steps
         output = functools.cache(lambda: open_zarr(store))
         history = list((read_manifest(store) or {}).get("steps", []))
+        if steps_before_mask(spec):  # the mask of a step's output, as written (not made again from that step)
+            mask = open_zarr(store, group=MASK_GROUP) != 0
+        elif mask is _UNSET:  # the images were up to date: the mask of the input
+            mask = _mask(spec, data)
     else:  # statistics / params only: the transformed data, lazily
-        out = _transformed(spec, data, mask, fitted, say)
+        out, mask = _transformed(spec, data, fitted, say)
         output = functools.cache(lambda: out)
         history = json.loads(out.attrs.get("volnorm_params", "[]"))
     if "voxel_histogram" in outs and not done.get("voxel_histogram"):

@@ -28,7 +28,7 @@ from typing import Any
 
 from volnorm._utils import plain_name
 from volnorm.engine import check_scheduler
-from volnorm.pipeline.steps import PIPELINE_STEPS, OptionError, check_options, check_threshold_options
+from volnorm.pipeline.steps import NEED_MASK, PIPELINE_STEPS, OptionError, check_options, check_threshold_options
 
 #: Larger specs are refused before parsing (a spec is a page of text).
 MAX_SPEC_BYTES = 256 * 1024
@@ -345,6 +345,9 @@ SCHEMA: dict[str, Field] = {
     "mask": Field(fields={
         "file": Field(str, help="a NIfTI mask on the input's grid, applied to every volume"),
         "threshold": Field(_threshold_options, help="a mask from the data: {method: otsu|li|yen|..., dim: volume}"),
+        "after": Field(str, help="a step's name: the threshold is taken on that step's output and the mask goes to the steps "
+                       "after it only, and is written beside the images as mask/<volume> (e.g. after: n4, for N4 -> mask -> "
+                       "normalize); default: from the input, to every step"),
     }),
     "steps": Field(_steps, default=[], help="transforms, in order, as in the Python API"),
     "params_from": Field(str, help="a previous run's output store (or --save-params JSON): its fitted steps are applied, not refitted"),
@@ -506,6 +509,9 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str |
     _one_of(out["input"], ("nifti", "images", "store"), "input", lines, source)
     if "mask" in out:
         _one_of(out["mask"], ("file", "threshold"), "mask", lines, source)
+        if "after" in out["mask"]:
+            steps_before_mask(out, lines, source)
+    _check_fields(out, lines, source)
     if "params_from" in out and out["steps"]:
         raise SpecError(f"{_where('params_from', lines, source)}: give either `steps` (fitted here) or `params_from` (fitted before), not both")
     o = out["outputs"]
@@ -513,6 +519,56 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str |
         raise SpecError(f"{_where('outputs', lines, source)}: outputs asks for nothing (images: false and no voxel_histogram or statistics)")
     _resolve_paths(out, root)
     return Spec(out, source, root, lines)
+
+
+def steps_before_mask(spec: Spec | Mapping[str, Any], lines: Mapping[str, int] | None = None, source: str = "<spec>") -> int:
+    """How many of the spec's steps run before its mask is made (and without it): 0 (the mask
+    is made from the input and goes to every step), or with ``mask.after: NAME`` the steps up
+    to and including the one step called NAME. Raises :class:`SpecError` for a name that is no
+    step or is two, and when a step before the mask needs one (fcm, lsq).
+
+    Examples
+    --------
+    >>> steps_before_mask({"mask": {"threshold": {}, "after": "n4"}, "steps": [{"name": "n4"}, {"name": "zscore"}]})
+    1
+    >>> steps_before_mask({"mask": {"threshold": {}, "after": "n4s"}, "steps": [{"name": "n4"}, {"name": "zscore"}]})
+    Traceback (most recent call last):
+    ...
+    volnorm.pipeline.spec.SpecError: <spec>: mask.after: 'n4s' is not one of the steps (n4, zscore); did you mean 'n4'?
+    """
+    data = spec.data if isinstance(spec, Spec) else spec
+    after = data.get("mask", {}).get("after")
+    if after is None:
+        return 0
+    where = _where("mask.after", lines or {}, source)
+    names = [st["name"] for st in data.get("steps") or []]
+    if names.count(after) != 1:
+        if "params_from" in data:
+            raise SpecError(f"{where}: mask.after names one of the spec's `steps`; with params_from there are none")
+        hint = difflib.get_close_matches(str(after), names, n=1)
+        why = (f"step {after!r} is given {names.count(after)} times: mask.after needs one" if after in names
+               else f"{after!r} is not one of the steps ({', '.join(names) or 'none'})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        raise SpecError(f"{where}: mask.after: {why}")
+    k = names.index(after) + 1
+    early = [n for n in names[:k] if n in NEED_MASK]
+    if early:
+        raise SpecError(f"{where}: mask.after: {after!r}: step {early[0]!r} needs the mask but runs before it is made")
+    return k
+
+
+def _check_fields(out: dict[str, Any], lines: Mapping[str, int], source: str) -> None:
+    """n4's ``field`` names: written into the output store beside the images, each once."""
+    seen: dict[str, int] = {}
+    for i, st in enumerate(out["steps"]):
+        name = st["options"].get("field")
+        if st["name"] != "n4" or name is None:
+            continue
+        at = f"steps[{i}].n4.field"
+        if not out["outputs"]["images"]:
+            raise SpecError(f"{_where(at, lines, source)}: {at}: the bias field is written beside the images; outputs.images is false")
+        if name in seen:
+            raise SpecError(f"{_where(at, lines, source)}: {at}: {name!r} is already the field of steps[{seen[name]}]")
+        seen[name] = i
 
 
 def _resolve_paths(d: dict[str, Any], root: Path) -> None:

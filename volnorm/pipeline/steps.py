@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from volnorm import _dims, transforms
+from volnorm._utils import plain_name
 from volnorm.params import Params
 from volnorm.transforms import threshold
 from volnorm.transforms.thresholds import METHODS
@@ -55,8 +56,15 @@ PIPELINE_STEPS = (*STEPS, "nyul")
 
 #: The ``volnorm`` function each step calls: its signature is the step's options.
 STEP_FUNCTIONS: dict[str, str] = {**{name: name for name in STEPS}, "nyul": "nyul_fit"}
-#: Arguments the runner gives a step itself; never options.
-RUNNER_SUPPLIED = ("data", "mask", "params")
+#: Arguments the runner gives a step itself; never options (n4's ``return_field``: from its
+#: ``field`` option).
+RUNNER_SUPPLIED = ("data", "mask", "params", "return_field")
+#: Options of a step that its function lacks, acted on by the runner: n4's ``field`` names the
+#: group beside the images that each volume's estimated bias field is written into
+#: (``NAME/<volume>``; :func:`run_steps` ``fields``).
+RUNNER_OPTIONS: dict[str, dict[str, tuple[inspect.Parameter, Any]]] = {
+    "n4": {"field": (inspect.Parameter("field", inspect.Parameter.KEYWORD_ONLY, default=None), Union[str, None])},
+}
 #: Steps whose ``**kwargs`` go on to another function: its keyword options are the step's too.
 PASSED_ON = {"binarize": "threshold"}
 #: The ``per`` words (:mod:`volnorm._dims`) a step takes besides ``dim``: ``mean_scale``'s
@@ -91,6 +99,14 @@ def per_words(name: str) -> tuple[str, ...]:
     return tuple(_dims.PER) if "dim" in step_options(name) else ()
 #: YAML 1.1's booleans, strings in a spec (only ``true`` / ``false`` are booleans).
 YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n", "true", "false"})
+
+
+def _is_plain(name: str) -> bool:
+    try:
+        plain_name(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _integer_dtype(name: str) -> bool:
@@ -201,6 +217,9 @@ OPTION_RULES: dict[str, Rule] = {
     "n4.histogram_bins": Rule(lo=2),
     "n4.bias_field_fwhm": Rule(lo=0, open_lo=True),
     "n4.wiener_noise": Rule(lo=0, open_lo=True),
+    # n4: "threads : int, optional - ... At least 1"; the spec's `field`: a plain name inside the store
+    "n4.threads": Rule(lo=1),
+    "n4.field": Rule(words=_is_plain, words_text="a plain name (no path separators, not hidden), e.g. 'bias_field'"),
     # fcm / lsq: "fuzziness : float - skfuzzy's m (> 1)"; "error : float - ... (> 0)"; "max_iter :
     # int - ... (>= 1)"; lsq: "standard : sequence of 3 float"; "norm_value : float - The standard
     # CSF mean" (0 would leave no scale to fit); the seed of numpy's generator is >= 0
@@ -274,12 +293,13 @@ def step_options(name: str) -> dict[str, inspect.Parameter]:
     >>> list(step_options("binarize"))[-3:]
     ['bins', 'classes', 'q']
     """
-    return _options(step_function(name), PASSED_ON.get(name))
+    return _options(step_function(name), PASSED_ON.get(name), name)
 
 
-def _options(func: Callable[..., Any], passed_on: str | None = None) -> dict[str, inspect.Parameter]:
+def _options(func: Callable[..., Any], passed_on: str | None = None, step: str = "") -> dict[str, inspect.Parameter]:
     params = list(inspect.signature(func).parameters.values())[1:]  # the first one is the data
     out = {p.name: p for p in params if p.name not in RUNNER_SUPPLIED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    out.update({k: p for k, (p, _) in RUNNER_OPTIONS.get(step, {}).items()})
     if passed_on is not None and any(p.kind is p.VAR_KEYWORD for p in params):
         for p in list(inspect.signature(getattr(transforms, passed_on)).parameters.values())[1:]:
             if p.name not in out and p.name not in RUNNER_SUPPLIED and p.kind is p.KEYWORD_ONLY:
@@ -330,7 +350,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """
     what = f"step {name!r}"
     opts = _per_words(options, what, per_words(name))
-    _bind(step_function(name), {k: v for k, v in opts.items() if k != "per"}, rules=name, what=what, passed_on=PASSED_ON.get(name))
+    _bind(step_function(name), {k: v for k, v in opts.items() if k != "per"}, rules=name, what=what, passed_on=PASSED_ON.get(name), step=name)
     return opts
 
 
@@ -379,14 +399,16 @@ def check_threshold_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _bind(func: Callable[..., Any], options: Mapping[str, Any], *, rules: str, what: str, passed_on: str | None = None) -> dict[str, Any]:
-    params = _options(func, passed_on)
-    hints = _hints(func)
+def _bind(func: Callable[..., Any], options: Mapping[str, Any], *, rules: str, what: str, passed_on: str | None = None,
+          step: str = "") -> dict[str, Any]:
+    params = _options(func, passed_on, step)
+    hints = {**_hints(func), **{k: tp for k, (_, tp) in RUNNER_OPTIONS.get(step, {}).items()}}
     if passed_on is not None:
             hints = {**_hints(getattr(transforms, passed_on)), **hints}
     for key in options:
         if key in RUNNER_SUPPLIED:
-            raise OptionError(key, f"{what}: {key!r} is set by the pipeline, not an option (use the spec's `mask` / `params_from`)")
+            use = "the step's `field: NAME`" if key == "return_field" else "the spec's `mask` / `params_from`"
+            raise OptionError(key, f"{what}: {key!r} is set by the pipeline, not an option (use {use})")
         if key not in params:
             hint = difflib.get_close_matches(str(key), list(params), n=1)
             raise OptionError(
@@ -561,6 +583,8 @@ def parse_step(text: str) -> tuple[str, dict[str, Any]]:
         kwargs[key.strip().replace("-", "_")] = _value(val.strip())
     try:
         kwargs = check_options(name, kwargs)
+        if set(kwargs) & set(RUNNER_OPTIONS.get(name, {})):
+            raise OptionError(next(iter(set(kwargs) & set(RUNNER_OPTIONS[name]))), "written beside the images by a pipeline spec only (volnorm run)")
     except OptionError as e:
         raise ValueError(f"step {text!r}: " + (f"{e.option}: " if e.option else "") + str(e)) from None
     return name, kwargs
@@ -574,12 +598,19 @@ def _resolve_dim(name: str, data: xr.DataArray, kwargs: Mapping[str, Any]) -> di
     return _dims.resolve(kwargs, data)
 
 
-def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *, mask: xr.DataArray | None = None) -> xr.DataArray:
+def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *, mask: xr.DataArray | None = None,
+              fields: dict[str, xr.DataArray] | None = None) -> xr.DataArray:
     """Fit and apply ``steps`` left to right; the fitted parameters accumulate in
     ``attrs["volnorm_params"]``. ``mask`` goes to every step that takes one (its
-    statistics are taken inside the mask). Computes: each step's fit pass."""
+    statistics are taken inside the mask). n4's ``field: NAME`` puts the lazy bias field in
+    ``fields[NAME]`` (made by the same tasks as the corrected data) and is recorded with the
+    step; without ``fields`` it is not made. Computes: each step's fit pass."""
     for name, kwargs in steps:
-        kwargs = _resolve_dim(name, data, kwargs)
+        field = kwargs.get("field")
+        kwargs = _resolve_dim(name, data, {k: v for k, v in kwargs.items() if k not in RUNNER_OPTIONS.get(name, {})})
+        if name == "n4":
+            data = _n4(data, mask, {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}, field, fields)
+            continue
         if name == "nyul":  # fit the landmarks on these data, then map them
             fit_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
             data = transforms.nyul_apply(data, transforms.nyul_fit(data, mask=mask, **fit_kw), mask=mask)
@@ -595,10 +626,25 @@ def run_steps(data: xr.DataArray, steps: Sequence[tuple[str, dict[str, Any]]], *
     return data
 
 
-def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.DataArray | None = None) -> xr.DataArray:
+def _n4(data: xr.DataArray, mask: xr.DataArray | None, kwargs: dict[str, Any], field: str | None,
+        fields: dict[str, xr.DataArray] | None) -> xr.DataArray:
+    """The n4 step: with ``field`` (and ``fields`` to put it in), its bias field from the same
+    tasks, and ``field`` recorded in the step's options (a replay writes it again)."""
+    if field is None or fields is None:
+        return transforms.n4(data, mask=mask, **kwargs)
+    out, fields[field] = transforms.n4(data, mask=mask, return_field=True, **kwargs)
+    history = json.loads(out.attrs["volnorm_params"])
+    history[-1]["options"]["field"] = field
+    out.attrs["volnorm_params"] = json.dumps(history)
+    return out
+
+
+def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.DataArray | None = None,
+           fields: dict[str, xr.DataArray] | None = None) -> xr.DataArray:
     """Apply recorded steps (``attrs["volnorm_params"]`` / a store's ``steps``) with their fitted
     parameters: no fit pass for fitted steps. Lazy except for the unfitted ones' own passes
-    (and Nyúl's per-volume landmarks, taken inside ``mask``)."""
+    (and Nyúl's per-volume landmarks, taken inside ``mask``). A recorded n4 ``field`` goes
+    into ``fields`` as :func:`run_steps` puts it (ignored without ``fields``)."""
     for rec in history:
         name = rec["method"]
         opts = dict(rec.get("options", {}))
@@ -642,8 +688,9 @@ def replay(data: xr.DataArray, history: Sequence[dict[str, Any]], *, mask: xr.Da
             window = opts.get("in_range")
             data = transforms.dither(data, opts.get("method", "bayer"), in_range=tuple(window) if isinstance(window, list) else window,
                                      dim=tuple(opts.get("dim", ("y", "x"))), seed=opts.get("seed", 0))
-        elif name == "n4":  # nothing fitted: the same options, each volume corrected on its own
-            data = transforms.n4(data, mask=mask, **{k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()})
+        elif name == "n4":  # nothing fitted: the same options, each volume corrected on its own (its field too)
+            field = opts.pop("field", None)
+            data = _n4(data, mask, {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}, field, fields)
         elif name == "equalize_adaptive":
             data = transforms.equalize_adaptive(data, opts.get("kernel_size"), opts.get("clip_limit", 0.01), opts.get("nbins", 256), dim=tuple(opts.get("dim", ("y", "x"))))
         else:

@@ -64,8 +64,24 @@ def _checked_mask(mask: Any, data: xr.DataArray) -> xr.DataArray:
     return bare.expand_dims({d: data.sizes[d] for d in data.dims if d not in bare.dims}).transpose(*data.dims)
 
 
-def _correct(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float], options: dict[str, Any]) -> np.ndarray:
-    """SimpleITK's N4 recipe on one ``(z, y, x)`` volume: the corrected float32 volume."""
+def _threads(requested: int | None) -> int | None:
+    """SimpleITK threads for one filter: ``requested``; by default 1 inside a task of a
+    ``distributed`` worker (the cluster already runs a task per worker thread on each core),
+    else None (SimpleITK's global default, one per core)."""
+    if requested is not None:
+        return int(requested)
+    try:
+        from distributed import get_worker  # optional: only on a cluster
+        get_worker()
+    except (ImportError, ValueError):
+        return None
+    return 1
+
+
+def _correct(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float], options: dict[str, Any],
+             threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK's N4 recipe on one ``(z, y, x)`` volume: the corrected volume and the bias
+    field ``exp(log_field)``, both float32 (one filter run gives both)."""
     import SimpleITK as sitk  # on first use: a large import
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
@@ -81,6 +97,9 @@ def _correct(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[floa
         shrunk = sitk.Shrink(image, [factor] * image.GetDimension())
         shrunk_mask = sitk.Shrink(mask_image, [factor] * image.GetDimension())
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    n_threads = _threads(threads)
+    if n_threads is not None:
+        corrector.SetNumberOfThreads(n_threads)
     corrector.SetMaximumNumberOfIterations([int(i) for i in options["iterations"]])
     corrector.SetConvergenceThreshold(float(options["convergence_threshold"]))
     corrector.SetNumberOfControlPoints([int(options["control_points"])] * image.GetDimension())
@@ -89,25 +108,33 @@ def _correct(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[floa
     corrector.SetBiasFieldFullWidthAtHalfMaximum(float(options["bias_field_fwhm"]))
     corrector.SetWienerFilterNoise(float(options["wiener_noise"]))
     corrector.Execute(shrunk, shrunk_mask)
-    log_field = corrector.GetLogBiasFieldAsImage(image)
-    corrected = image / sitk.Exp(log_field)
-    return sitk.GetArrayFromImage(corrected).astype(np.float32)  # SimpleITK's float64, rounded
+    field = sitk.Exp(corrector.GetLogBiasFieldAsImage(image))  # float64
+    corrected = sitk.GetArrayFromImage(image / field).astype(np.float32)  # SimpleITK's float64, rounded
+    return corrected, sitk.GetArrayFromImage(field).astype(np.float32)
 
 
-def _volumes(v: np.ndarray, m: np.ndarray | None, start: Sequence[int], *, options: dict[str, Any], sizes: np.ndarray, volume_axis: int | None) -> np.ndarray:
+def _volumes(v: np.ndarray, m: np.ndarray | None, start: Sequence[int], *, options: dict[str, Any], sizes: np.ndarray,
+             volume_axis: int | None, threads: int | None = None, field: bool = False) -> np.ndarray:
     """:func:`_correct` on each ``(z, y, x)`` volume of ``v`` (dims ``(lead..., z, y, x)``), whose
-    first volume is at ``start`` in the lead dims (``volume_axis`` picks its row of ``sizes``)."""
-    out = np.empty(v.shape, dtype=np.float32)
+    first volume is at ``start`` in the lead dims (``volume_axis`` picks its row of ``sizes``):
+    the corrected volumes, or with ``field`` the corrected volumes and the fields stacked on a
+    new first axis (of 2)."""
+    out = np.empty((2, *v.shape) if field else v.shape, dtype=np.float32)
     for idx in np.ndindex(v.shape[:-3]):
         at = tuple(a + b for a, b in zip(start, idx))
-        out[idx] = _correct(v[idx], None if m is None else m[idx], sizes[at[volume_axis] if volume_axis is not None else 0], options)
+        corrected, f = _correct(v[idx], None if m is None else m[idx], sizes[at[volume_axis] if volume_axis is not None else 0], options, threads)
+        if field:
+            out[(0, *idx)], out[(1, *idx)] = corrected, f
+        else:
+            out[idx] = corrected
     return out
 
 
-def _block(v: np.ndarray, *mask: np.ndarray, options: dict[str, Any], sizes: np.ndarray, volume_axis: int | None, block_info: Any = None) -> np.ndarray:
+def _block(v: np.ndarray, *mask: np.ndarray, options: dict[str, Any], sizes: np.ndarray, volume_axis: int | None,
+           threads: int | None = None, field: bool = False, block_info: Any = None) -> np.ndarray:
     """One block of :func:`n4`: one volume (each lead dim has a chunk of 1)."""
-    start = block_info[None]["chunk-location"][:-3] if block_info else (0,) * (v.ndim - 3)
-    return _volumes(v, mask[0] if mask else None, start, options=options, sizes=sizes, volume_axis=volume_axis)
+    start = block_info[0]["chunk-location"][:-3] if block_info else (0,) * (v.ndim - 3)
+    return _volumes(v, mask[0] if mask else None, start, options=options, sizes=sizes, volume_axis=volume_axis, threads=threads, field=field)
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -146,7 +173,9 @@ def n4(
     histogram_bins: int = 200,
     bias_field_fwhm: float = 0.15,
     wiener_noise: float = 0.01,
-) -> xr.DataArray:
+    threads: int | None = None,
+    return_field: bool = False,
+) -> xr.DataArray | tuple[xr.DataArray, xr.DataArray]:
     """N4 bias-field correction of each 3-D volume by SimpleITK's
     ``N4BiasFieldCorrectionImageFilter`` (ANTs' ``N4BiasFieldCorrection``).
 
@@ -158,8 +187,14 @@ def n4(
     axis; the filter run on them; then ``image / exp(log_field)`` with the log bias field
     evaluated on the full-resolution grid (``GetLogBiasFieldAsImage``). The result is
     SimpleITK's (a float64 image: the log field is float64) rounded to float32, bit for bit
-    (``tests/test_n4.py``). The defaults are the filter's own (SimpleITK 2.5.7). SimpleITK runs
-    the filter with its own threads (its global default number of threads).
+    (``tests/test_n4.py``). The defaults are the filter's own (SimpleITK 2.5.7).
+
+    Threads: SimpleITK runs the filter with threads of its own. On a ``distributed`` cluster
+    (volnorm's local cluster, SLURM, ...) each worker thread already runs one task, one volume,
+    so by default the filter there gets one thread (``SetNumberOfThreads(1)``): two workers on
+    two cores run two volumes on two threads, not 2 x 2. Elsewhere (in memory, dask's
+    ``threads`` or ``sync`` scheduler) it gets SimpleITK's global default (one per core).
+    ``threads=`` sets it for every volume.
 
     Parameters
     ----------
@@ -191,14 +226,23 @@ def n4(
         (log domain). Greater than 0.
     wiener_noise : float
         Noise of the Wiener filter that deconvolves the histogram. Greater than 0.
+    threads : int, optional
+        SimpleITK threads per volume (``SetNumberOfThreads``); default: 1 on a ``distributed``
+        worker, else SimpleITK's global default (see above). At least 1.
+    return_field : bool
+        Also return the estimated bias field ``exp(log_field)`` (float32; ``corrected * field``
+        is ``data`` up to rounding), made by the same tasks: computed together, the filter
+        runs once per volume.
 
     Returns
     -------
-    xarray.DataArray
+    xarray.DataArray or (xarray.DataArray, xarray.DataArray)
         float32, with the dims, coords, name and attrs of ``data`` (but ``nifti_scaled``: the
         values are no longer the header's scaled integers) and the options in
-        ``attrs["volnorm_params"]``. Lazy for dask-backed data (one task per volume; nothing
-        computes at call time); computed at once for in-memory data (numpy backed, up to 1 GiB).
+        ``attrs["volnorm_params"]``; with ``return_field``, ``(corrected, field)``, the field
+        named ``bias_field`` with the same dims, coords and attrs. Lazy for dask-backed data
+        (one task per volume; nothing computes at call time); computed at once for in-memory
+        data (numpy backed, up to 1 GiB).
 
     Raises
     ------
@@ -220,6 +264,9 @@ def n4(
     >>> cv = lambda a: a[inside].std() / a[inside].mean()
     >>> bool(cv(out.values) < cv(vol.values))
     True
+    >>> out, est = vn.n4(vol, shrink_factor=1, iterations=(20, 20), return_field=True)
+    >>> bool(np.allclose(out * est, vol, rtol=1e-5))
+    True
     """
     data = check_data(data)
     missing = [d for d in SPATIAL if d not in data.dims]
@@ -234,18 +281,35 @@ def n4(
         "bias_field_fwhm": bias_field_fwhm, "wiener_noise": wiener_noise,
     }
     _check_options(options)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise ValueError(f"`threads` must be an integer >= 1 or None; got {threads!r}")
+    if not isinstance(return_field, (bool, np.bool_)):
+        raise TypeError(f"`return_field` must be True or False; got {return_field!r}")
     options = {k: [int(i) for i in v] if k == "iterations" else v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
     lead = tuple(d for d in data.dims if d not in SPATIAL)
     x = data.transpose(*lead, *SPATIAL)
     m = None if mask is None else _checked_mask(mask, data).transpose(*x.dims)
-    where = {"sizes": _voxel_sizes(data), "volume_axis": lead.index("volume") if "volume" in lead else None}
+    where = {"sizes": _voxel_sizes(data), "volume_axis": lead.index("volume") if "volume" in lead else None,
+             "threads": None if threads is None else int(threads), "field": bool(return_field)}
     src, msrc = in_memory(x), None if m is None else in_memory(m)
     if src is not None and (m is None or msrc is not None):  # in memory: at once, volume by volume
         ya = _volumes(src, msrc, (0,) * len(lead), options=options, **where)
-    else:  # one block, hence one task, per volume
+    else:  # one block, hence one task, per volume (with the field: both from that task, on a new first axis)
         xa = dask_data(x).rechunk({i: 1 for i in range(len(lead))} | {len(lead) + k: -1 for k in range(3)})
         args = [xa] if m is None else [xa, dask_data(m).rechunk(xa.chunks)]
-        ya = da.map_blocks(_block, *args, options=options, **where, dtype=np.float32, meta=np.empty((0,) * xa.ndim, dtype=np.float32), token="n4")
+        extra = {"new_axis": 0, "chunks": ((2,), *xa.chunks)} if return_field else {}
+        ya = da.map_blocks(_block, *args, options=options, **where, dtype=np.float32,
+                           meta=np.empty((0,) * (xa.ndim + bool(return_field)), dtype=np.float32), token="n4", **extra)
+    recorded = {**options, "threads": where["threads"]}
+    y = _like(ya[0] if return_field else ya, x, data, recorded)
+    if not return_field:
+        return y
+    return y, _like(ya[1], x, data, recorded).rename("bias_field")
+
+
+def _like(ya: Any, x: xr.DataArray, data: xr.DataArray, options: dict[str, Any]) -> xr.DataArray:
+    """``ya`` (dims of ``x``) as a DataArray like ``data``: its dims' order, coords, attrs but
+    ``nifti_scaled``, and the n4 record."""
     y = xr.DataArray(ya, dims=x.dims, coords=x.coords).transpose(*data.dims)
     y = attach(y, data, Params("n4", xr.Dataset(), options))
     y.attrs.pop("nifti_scaled", None)  # float values, no longer raw * scl_slope + scl_inter
