@@ -458,7 +458,7 @@ def _with_statistics(writes: list[tuple[da.Array, Any, tuple[slice, ...] | None,
     blocks (:func:`store_blocks` ``passthrough``): read, transform, write and count are one
     task per block; else the data's task has two dependents (measured on 8 phantoms: 2 tasks
     per volume instead of 6.6). ``also``: more (source, zarr array) writes of the batch (the
-    volumes' resolution levels), in the same graph."""
+    volumes' resolution levels, the groups beside them), in the same graph."""
     more = [store_blocks(a, t) for a, t in also]
     if statistics is None:
         compute(*(store_blocks(a, t, r) for a, t, r, _ in writes), *more, progress=progress)
@@ -564,8 +564,8 @@ def _write_staged(
 
         def work(batch: list) -> list[dict]:
             writes = [(a, t, None, same) for _, _, ((a, t), *_), same in batch]  # the volumes' level 0; the rest: levels, groups beside
-            levels_ = [pair for _, _, (_, *rest), _ in batch for pair in rest]
-            return _with_statistics(writes, data, [index[name] for name, *_ in batch], statistics, progress, levels_)
+            more = [pair for _, _, (_, *rest), _ in batch for pair in rest]
+            return _with_statistics(writes, data, [index[name] for name, *_ in batch], statistics, progress, more)
 
         def done(batch: list, rows: list[dict]) -> None:  # each batch's volumes are marked complete, after their groups beside
             for i, (name, *_) in enumerate(batch):

@@ -79,9 +79,10 @@ def _threads(requested: int | None) -> int | None:
 
 
 def _correct(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float], options: dict[str, Any],
-             threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """SimpleITK's N4 recipe on one ``(z, y, x)`` volume: the corrected volume and the bias
-    field ``exp(log_field)``, both float32 (one filter run gives both)."""
+             threads: int | None = None, field: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """SimpleITK's N4 recipe on one ``(z, y, x)`` volume: the corrected volume and (with
+    ``field``, else None) the bias field ``exp(log_field)``, both float32 (one filter run
+    gives both)."""
     import SimpleITK as sitk  # on first use: a large import
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
@@ -108,9 +109,9 @@ def _correct(volume: np.ndarray, mask: np.ndarray | None, spacing: Sequence[floa
     corrector.SetBiasFieldFullWidthAtHalfMaximum(float(options["bias_field_fwhm"]))
     corrector.SetWienerFilterNoise(float(options["wiener_noise"]))
     corrector.Execute(shrunk, shrunk_mask)
-    field = sitk.Exp(corrector.GetLogBiasFieldAsImage(image))  # float64
-    corrected = sitk.GetArrayFromImage(image / field).astype(np.float32)  # SimpleITK's float64, rounded
-    return corrected, sitk.GetArrayFromImage(field).astype(np.float32)
+    exp_field = sitk.Exp(corrector.GetLogBiasFieldAsImage(image))  # float64
+    corrected = sitk.GetArrayFromImage(image / exp_field).astype(np.float32)  # SimpleITK's float64, rounded
+    return corrected, sitk.GetArrayFromImage(exp_field).astype(np.float32) if field else None
 
 
 def _volumes(v: np.ndarray, m: np.ndarray | None, start: Sequence[int], *, options: dict[str, Any], sizes: np.ndarray,
@@ -122,7 +123,7 @@ def _volumes(v: np.ndarray, m: np.ndarray | None, start: Sequence[int], *, optio
     out = np.empty((2, *v.shape) if field else v.shape, dtype=np.float32)
     for idx in np.ndindex(v.shape[:-3]):
         at = tuple(a + b for a, b in zip(start, idx))
-        corrected, f = _correct(v[idx], None if m is None else m[idx], sizes[at[volume_axis] if volume_axis is not None else 0], options, threads)
+        corrected, f = _correct(v[idx], None if m is None else m[idx], sizes[at[volume_axis] if volume_axis is not None else 0], options, threads, field)
         if field:
             out[(0, *idx)], out[(1, *idx)] = corrected, f
         else:
