@@ -95,7 +95,8 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
         the write and the other outputs), ``digest`` (of everything the images depend on:
         spec, input identities, mask, parameters) and ``digests`` (one per output). Also
         ``files``, ``output`` (the store), ``engine``, the spec's ``name`` and source
-        (``spec``), and the estimates ``chunk_bytes`` and ``memory`` (per worker).
+        (``spec``), and the estimates ``chunk_bytes``, ``n4_bytes`` (an n4 task's whole volume and
+        SimpleITK's copies of it; 0 without an n4 step) and ``memory`` (per worker).
 
     Examples
     --------
