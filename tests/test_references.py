@@ -359,7 +359,7 @@ TABLE: dict[str, Callable] = {
     "`KDENormalizer(modality=Modality.T1)`": inorm_kde,
     "`FCMNormalizer(tissue_type=TissueType.WM)` with a brain mask": inorm_fcm,
     "`LSQNormalizer().fit_population(images, masks)`, then `transform`": inorm_lsq,
-    "`sitk.N4BiasFieldCorrectionImageFilter` (ANTs' `N4BiasFieldCorrection`), SimpleITK's example with shrinking": sitk_n4,
+    "`sitk.N4BiasFieldCorrectionImageFilter` (ANTs' `N4BiasFieldCorrection`), SimpleITK's example with shrinking; `sitk.Exp(GetLogBiasFieldAsImage(img))`": sitk_n4,
     "`torchio.ZNormalization()`": torchio_znorm,
     "`torchio.RescaleIntensity(out_min_max=(0, 1), percentiles=(1, 99))`": torchio_rescale,
     "`torchio.HistogramStandardization.train(paths)` then the transform": torchio_histogram_standardization,
