@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import xarray as xr
 
 import volnorm as vn
+from volnorm.engine import eager_roots
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +45,28 @@ def test_embedded_cluster_binds_loopback():
         assert set(env.values()) == {None}
         arenas = client.run(lambda: __import__("os").environ.get("MALLOC_ARENA_MAX"))
         assert set(arenas.values()) == {"2"}
+        # the freed heap goes back to the system every second (glibc): the plugin runs in each worker
+        trims = client.run(lambda dask_worker: dask_worker.plugins["volnorm-heap-trim"]._callback is not None)
+        assert set(trims.values()) == {platform.libc_ver()[0] == "glibc"}
+        # the pipeline's fused passes: every root task to the workers at once, then dask's default back
+        saturation = lambda: client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)  # noqa: E731
+        default = saturation()
+        with eager_roots(client) as changed:
+            assert changed and saturation() == float("inf")
+        assert saturation() == default != float("inf")
     finally:
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+def test_eager_roots_leaves_a_cluster_volnorm_did_not_start_alone():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, Client(cluster, set_as_default=False) as client:
+        with eager_roots(client) as changed:
+            assert not changed
+            assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) != float("inf")
 
 
 def test_two_converts_of_the_same_files_on_one_cluster(cohort, cluster_client, tmp_path):

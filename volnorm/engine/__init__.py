@@ -36,7 +36,7 @@ import dask
 from dask.diagnostics import ProgressBar
 
 from volnorm.engine.address import ENCRYPTED_SCHEMES, InsecureSchedulerError, check_address, is_loopback
-from volnorm.engine.clusters import JOB_EXTRAS, WORKER_ENV, import_keeping_sigint, job_cluster, local_cluster, usable_cpus
+from volnorm.engine.clusters import JOB_EXTRAS, WORKER_ENV, HeapTrim, eager_roots, import_keeping_sigint, job_cluster, local_cluster, usable_cpus
 from volnorm.engine.faults import ClusterLostError, RunStalledError, is_lost, watchdog
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ ENV_VAR = "VOLNORM_SCHEDULER"
 __all__ = [
     "DISTRIBUTED", "ENCRYPTED_SCHEMES", "compute_small", "ENV_VAR", "JOB_CLUSTERS", "WORDS", "ClusterLostError", "Engine", "Executor",
     "InsecureSchedulerError", "RunStalledError", "WORKER_ENV", "check_address", "check_scheduler", "compute", "current",
-    "dask_scheduler", "default_scheduler", "executor", "import_keeping_sigint", "is_loopback", "job_cluster",
+    "dask_scheduler", "default_scheduler", "eager_roots", "executor", "import_keeping_sigint", "is_loopback", "job_cluster",
     "local_cluster", "progress_bar", "running", "usable_cpus",
 ]
 
@@ -559,6 +559,7 @@ def _start(scheduler: Any, allow_insecure: bool, n_workers: int | None, memory_l
             else:
                 job.scale(jobs=int(jobs))
             with Client(job, set_as_default=False) as client:
+                client.register_plugin(HeapTrim())  # the workers to come get it too
                 client.wait_for_workers(int(min_workers), timeout=float(wait))
                 n = len(client.scheduler_info()["workers"])
                 yield f"{scheduler} cluster {client.scheduler.address}, {n} workers so far" + _dashboard(client), client

@@ -17,7 +17,7 @@ from typing import Any
 import xarray as xr
 
 from volnorm import _dims
-from volnorm.engine import ClusterLostError, Engine, RunStalledError, faults, running
+from volnorm.engine import ClusterLostError, Engine, RunStalledError, current, eager_roots, faults, running
 from volnorm.engine.faults import PoisonInputError, WorkerMemoryError
 from volnorm.io.readers import open_images, open_mask, open_nifti, open_zarr
 from volnorm.io.store import Staging, read_manifest
@@ -244,9 +244,13 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
     mask: Any = _UNSET  # made with the steps (with mask.after: from that step's output)
     fitted = load_history(spec["params_from"]) if "params_from" in spec.data else None
     if not done.get("images", True):
+        stack = contextlib.ExitStack()
         if staging is None:
             staging = _lock_output(spec, p, done, overwrite)
+        eng = current()
         try:
+            # the fit and write passes are fused chains of tasks: every root task to the workers at once
+            stack.enter_context(eager_roots(eng.client if eng is not None else None))
             staging._prepare(None)  # the lock is held since _lock_output: create or resume the staging group
             saved = staging.manifest().get("pipeline_fitted") if staging.resumed else None
             if saved is not None:
@@ -265,6 +269,7 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
             result.written.append(str(store))
         finally:
+            stack.close()
             staging.release()
     if outs["images"]:  # the written images (opened only when read: 300 volumes take seconds), their steps
         output = functools.cache(lambda: open_zarr(store))
