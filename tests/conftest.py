@@ -60,3 +60,13 @@ def _no_stray_default_client():
     except (ImportError, ValueError):
         return
     raise AssertionError("a test left a default distributed client behind")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The SLURM jobs the tests submitted: their ids, as SLURM numbered them."""
+    from _clusters import SLURM_JOBS
+
+    if SLURM_JOBS:
+        terminalreporter.section("SLURM jobs submitted by the tests")
+        for job, what in SLURM_JOBS:
+            terminalreporter.write_line(f"job {job}: {what}")

@@ -220,6 +220,45 @@ def test_an_interrupted_image_stack_write_resumes_from_the_last_batch(tmp_path, 
     assert list(got["volume"].values) == list(want["volume"].values)
 
 
+def test_write_batches_are_sized_by_the_time_they_take(tmp_path, monkeypatch):
+    """A cohort's volumes are marked complete batch by batch; the first batch has 4 volumes,
+    the next ones as many as took ~30 s so far: slow steps (N4) make small batches, and an
+    interrupted run loses ~1 min of work, not a batch of 64 volumes."""
+    from volnorm.io import writers
+
+    sizer = writers._BatchSize(most=64, seconds=30, first=4)
+    assert sizer.n == 4
+    sizer.record(4, 40.0)  # 10 s per volume
+    assert sizer.n == 3
+    sizer.record(3, 0.03)  # fast volumes: up to the cap
+    assert sizer.n == 64
+    sizer.record(64, 1e4)
+    assert sizer.n == 1
+    items = [(f"v{i}", np.zeros(10, np.uint8)) for i in range(10)]
+    sizer = writers._BatchSize(most=64, seconds=30, first=4)
+    got = []
+    for b in writers._batches(iter(items), limit=1 << 30, most=sizer):
+        got.append(len(b))
+        sizer.record(len(b), 20.0 * len(b))  # 20 s per volume: 1 per batch after the first
+    assert got == [4, 1, 1, 1, 1, 1, 1]
+    assert [len(b) for b in writers._batches(iter(items), limit=30, most=64)] == [3, 3, 3, 1]  # bytes first
+
+    # a cohort run: batches of 4, then of what the timing allows; every volume complete, equal to one batch
+    files = vn.datasets.make_cohort(tmp_path / "d", n_subjects=9, shape=(16, 18, 12), seed=3)
+    seen: list[int] = []
+    real = writers._with_statistics
+
+    def spy(writes, *a, **k):
+        seen.append(len(writes))
+        return real(writes, *a, **k)
+
+    monkeypatch.setattr(writers, "_with_statistics", spy)
+    monkeypatch.setattr(writers._BatchSize.__init__, "__defaults__", (64, 1e-9, 4))  # every batch "slow": 1 volume each after the first
+    vn.to_zarr(vn.open_nifti(files), tmp_path / "a.zarr")
+    assert seen[:2] == [4, 4] and all(n == 1 for n in seen[2:]) and sum(seen) == 9
+    np.testing.assert_array_equal(vn.open_zarr(tmp_path / "a.zarr").values, vn.open_nifti(files).values)
+
+
 @pytest.mark.parametrize("kind", ["nifti", "images"])
 def test_integer_output_statistics_are_computed_with_the_write(tmp_path, monkeypatch, kind):
     """8/16-bit outputs: the statistics come from the write's own graph (the store is not read

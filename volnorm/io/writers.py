@@ -8,6 +8,8 @@ import io
 import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -274,18 +276,42 @@ WRITE_BATCH_BYTES = 1 << 30
 #: until its batch is gathered, and small volumes would otherwise make batches of thousands
 #: (800 volumes of 64x64x48 in one batch: +60 MiB per worker by the batch's end).
 WRITE_BATCH_VOLUMES = 64
+#: ... and of about this many seconds of work, from the batches done so far (the first has
+#: :data:`WRITE_BATCH_FIRST` volumes): what an interrupted run loses is bounded in time, also
+#: for slow steps (N4: seconds to minutes per volume; 40 volumes in one batch never completed
+#: within a SLURM job's 30-60 s before its time limit's SIGTERM, requeued again and again).
+WRITE_BATCH_SECONDS = 30.0
+WRITE_BATCH_FIRST = 4
 #: Threads that write the volume groups' metadata (small files) of a cohort store.
 METADATA_THREADS = 8
 
 
-def _batches(items: Iterable, limit: int, most: int = WRITE_BATCH_VOLUMES) -> Iterator[list]:
+class _BatchSize:
+    """How many volumes the next batch takes: :data:`WRITE_BATCH_FIRST`, then as many as the
+    batches done so far did in :data:`WRITE_BATCH_SECONDS` (at most ``most``). Two batches run
+    at once (:func:`_overlapped`), so a batch's time counts the other's share of the workers:
+    the estimate errs on the small side."""
+
+    def __init__(self, most: int = WRITE_BATCH_VOLUMES, seconds: float = WRITE_BATCH_SECONDS, first: int = WRITE_BATCH_FIRST) -> None:
+        self.most, self.seconds, self.n = most, seconds, min(first, most)
+        self._lock = threading.Lock()
+
+    def record(self, volumes: int, elapsed: float) -> None:
+        """A batch of ``volumes`` took ``elapsed`` seconds (called from the batches' thread)."""
+        with self._lock:
+            per = elapsed / max(1, volumes)
+            self.n = self.most if per <= 0 else max(1, min(self.most, int(self.seconds / per)))
+
+
+def _batches(items: Iterable, limit: int, most: _BatchSize | int = WRITE_BATCH_VOLUMES) -> Iterator[list]:
     """Consecutive groups of ``(name, dask array, target)`` of at most ``limit`` bytes and
-    ``most`` items (one item at least), each as soon as its items are there (``items`` may still
-    be being made)."""
+    ``most`` items (a number, or a :class:`_BatchSize` asked at each batch; one item at least),
+    each as soon as its items are there (``items`` may still be being made)."""
     batch: list = []
     size = 0
     for it in items:
-        if batch and (size + it[1].nbytes > limit or len(batch) >= most):
+        n = most if isinstance(most, int) else most.n
+        if batch and (size + it[1].nbytes > limit or len(batch) >= n):
             yield batch
             batch, size = [], 0
         batch.append(it)
@@ -567,10 +593,15 @@ def _write_staged(
         # made meanwhile.
         index = {name: i for i, (name, _) in enumerate(vols)}
 
+        sizer = _BatchSize()
+
         def work(batch: list) -> list[dict]:
             writes = [(a, t, None, same) for _, _, ((a, t), *_), same in batch]  # the volumes' level 0; the rest: levels, groups beside
             more = [pair for _, _, (_, *rest), _ in batch for pair in rest]
-            return _with_statistics(writes, data, [index[name] for name, *_ in batch], statistics, progress, more)
+            t0 = time.monotonic()
+            rows = _with_statistics(writes, data, [index[name] for name, *_ in batch], statistics, progress, more)
+            sizer.record(len(batch), time.monotonic() - t0)
+            return rows
 
         def done(batch: list, rows: list[dict]) -> None:  # each batch's volumes are marked complete, after their groups beside
             for i, (name, *_) in enumerate(batch):
@@ -582,7 +613,7 @@ def _write_staged(
         try:
             made = (a for a in meta.map(start, _cached_first(vols, meta)) if a is not None)  # in order, made in the background
             # a batch's volumes in their order in ``data``: consecutive ones are one slice of the statistics
-            batches = (sorted(b, key=lambda it: index[it[0]]) for b in _batches(made, WRITE_BATCH_BYTES))
+            batches = (sorted(b, key=lambda it: index[it[0]]) for b in _batches(made, WRITE_BATCH_BYTES, sizer))
             _overlapped(batches, work, done)
         finally:
             meta.shutdown(wait=True, cancel_futures=True)
