@@ -83,6 +83,7 @@ class TLSCluster:
 
     def __init__(self, root: Path, n_workers: int = 2) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.certs = _certificates(root)
         self.env = _tls_env(self.certs)
         tls = ["--tls-ca-file", str(self.certs["ca"]), "--tls-cert", str(self.certs["cert"]), "--tls-key", str(self.certs["key"])]
