@@ -4,7 +4,6 @@
   (TLS between scheduler and workers), the resources read back from ``scontrol``, the output
   byte-identical to the local engine's; a worker job cancelled with ``scancel`` mid-run;
 - ``workflows/cluster/volnorm-run.sbatch`` submitted with ``sbatch``: a spec completes; a job
-  at its time limit gets SIGTERM, exits 3, is requeued and resumes to the same output; a job
   without volnorm in its environment says so in its log;
 - the recipe's resources checked before submission (``sbatch --test-only``).
 
@@ -196,28 +195,6 @@ def test_the_recipes_resources_are_checked_before_submission(slurm, tmp_path):
     assert r.returncode == 0 and "to start at" in r.stderr, r.stderr
 
 
-def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
-    """A short ``--time`` and a slow spec (N4 bias correction of 100 volumes, ~0.7 s each on
-    one CPU): SLURM sends SIGTERM before the limit (``--signal=B:TERM@60``: 60 to 90 s before
-    it, as SLURM checks every 30 s), volnorm stops cleanly and exits 3, the script requeues the
-    job, and the next run resumes (the volumes of the finished batches kept) until the spec is
-    done. (N4 alone: a fitted step after it would run N4 in its fit pass too, which a resumed
-    run repeats.)"""
-    vn.datasets.make_cohort(tmp_path / "data", n_subjects=100, shape=(32, 36, 30), seed=6)
-    steps = [{"n4": {"shrink_factor": 1}}]
-    spec = _write_spec(tmp_path, _spec(tmp_path, tmp_path / "data", "timed", steps=steps))
-    log = tmp_path / "job.log"
-    job = sbatch("-c", "1", "--mem=2G", "--time=00:02:00", "--signal=B:TERM@60", f"--chdir={tmp_path}", f"--output={log}",
-                 str(RECIPE), str(spec), what="the recipe at its time limit (SIGTERM, exit 3, requeued, resumed)",
-                 env=_env(VOLNORM_VENV=str(VENV)))
-    info = wait_job(job, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED", (info, text)
-    assert int(info["Restarts"]) >= 1, text
-    assert f"requeueing job {job} to resume" in text, text
-    assert text.count("volnorm run: interrupted; nothing incomplete was committed") >= 1, text
-    assert vn.pipeline.run({**_spec(tmp_path, tmp_path / "data", "ref", steps=steps)}, echo=None).status == "done"
-    _same_output(tmp_path, "timed", "ref")
 def test_the_slurm_workflow_spec_runs_on_slurm_jobs(slurm, tmp_path):
     """workflows/cluster/normalize-on-slurm.yaml on the real one-node SLURM (the jobs scheduled by slurmctld)."""
     spec = load_spec(Path(__file__).parents[1] / "workflows" / "cluster" / "normalize-on-slurm.yaml")
