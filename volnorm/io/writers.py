@@ -320,12 +320,12 @@ def _batches(items: Iterable, limit: int, most: _BatchSize | int = WRITE_BATCH_V
         yield batch
 
 
-def _overlapped(batches: Iterable[Any], work: Callable[[Any], Any], done: Callable[[Any, Any], None]) -> None:
+def _overlapped(batches: Iterable[Any], work: Callable[[Any], Any], done: Callable[[Any, Any], None], at_once: int = 2) -> None:
     """``done(batch, work(batch))`` for each batch, in order, with ``work`` (a compute) run on a
     background thread and the next batch's work started before the previous one is waited for:
     the workers go from one batch to the next without waiting for the client between them (at
     28 GB, 26 batches had cost ~1 s each of idle workers: the last volumes' tail, the client
-    marking volumes complete and building the next graph). At most two batches at once;
+    marking volumes complete and building the next graph). At most ``at_once`` batches at once (2);
     ``done`` runs on this thread, so an interrupt still stops the run between two volumes and
     the volumes of unfinished batches are not marked complete (a resumed run writes them)."""
     eng = current()
@@ -336,7 +336,7 @@ def _overlapped(batches: Iterable[Any], work: Callable[[Any], Any], done: Callab
     try:
         for batch in batches:
             pending.append((batch, ex.submit(contextvars.copy_context().run, work, batch)))  # the engine is a context var
-            if len(pending) == 2:
+            if len(pending) >= at_once:
                 b, f = pending.popleft()
                 done(b, f.result())
         while pending:
@@ -614,7 +614,10 @@ def _write_staged(
             made = (a for a in meta.map(start, _cached_first(vols, meta)) if a is not None)  # in order, made in the background
             # a batch's volumes in their order in ``data``: consecutive ones are one slice of the statistics
             batches = (sorted(b, key=lambda it: index[it[0]]) for b in _batches(made, WRITE_BATCH_BYTES, sizer))
-            _overlapped(batches, work, done)
+            # groups beside the volumes (an N4 field, a mask after a step) share their graph's tasks
+            # across batches: two batches at once on a cluster lost a shared key (KeyError, seen
+            # once in CI on the n4-normalize example); one batch at a time there
+            _overlapped(batches, work, done, at_once=1 if extras else 2)
         finally:
             meta.shutdown(wait=True, cancel_futures=True)
         for name, _ in vols:
