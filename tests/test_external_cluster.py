@@ -7,6 +7,7 @@ One worker is killed with SIGKILL in the middle of the write: the output is stil
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import os
 import signal
@@ -50,8 +51,6 @@ def _certificates(d: Path) -> dict[str, Path]:
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
     cert = (x509.CertificateBuilder().subject_name(name("dask")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - days).not_valid_after(now + days)

@@ -288,9 +288,9 @@ METADATA_THREADS = 8
 
 class _BatchSize:
     """How many volumes the next batch takes: :data:`WRITE_BATCH_FIRST`, then as many as the
-    batches done so far did in :data:`WRITE_BATCH_SECONDS` (at most ``most``). Two batches run
-    at once (:func:`_overlapped`), so a batch's time counts the other's share of the workers:
-    the estimate errs on the small side."""
+    batches done so far did in :data:`WRITE_BATCH_SECONDS` (at most ``most``). Up to two
+    batches run at once (:func:`_overlapped`), so a batch's time may count the other's share of
+    the workers: the estimate errs on the small side."""
 
     def __init__(self, most: int = WRITE_BATCH_VOLUMES, seconds: float = WRITE_BATCH_SECONDS, first: int = WRITE_BATCH_FIRST) -> None:
         self.most, self.seconds, self.n = most, seconds, min(first, most)
