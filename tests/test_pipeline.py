@@ -52,6 +52,9 @@ def test_run_equals_the_python_api_and_records_its_spec(work):
     m = json.loads((tmp / "out.zarr" / "zarr.json").read_text())["attributes"]["volnorm"]
     assert m["complete"] and m["pipeline"]["spec"]["steps"] == [{"name": "rescale", "options": {"percentiles": [1, 99]}}]
     assert [h["method"] for h in m["steps"]] == ["rescale"]
+    for f in files:  # each volume names the file it came from (a path, not a printed array)
+        vol = json.loads((tmp / "out.zarr" / Path(f).name.split(".")[0] / "zarr.json").read_text())["attributes"]["volnorm"]
+        assert vol["source"] == {"path": str(f)}
     stats = json.loads((tmp / "stats.json").read_text())
     v = want.values
     assert [r["volume"] for r in stats["volumes"]] == ["sub-001", "sub-002", "sub-003", "sub-004"]

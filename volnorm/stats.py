@@ -495,12 +495,11 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
     r = ranks(counts.sum(axis=1) + pinf + ninf)
     b = _groups(counts, ninf, pinf, r)
     inside = (b >= 1) & (b <= 2**KEY_BITS)
-    # one slot per (row, wanted bin); a row's slot table maps its key bins to slots
+    # one slot per (row, wanted bin), numbered row by row; each block builds the slot table of
+    # its own rows from these (a dense table of every row would be 256 KiB per row in every
+    # task: 26 MB per task for 100 volumes, which filled a worker's memory)
     wanted = [np.unique(b[row][inside[row]]) - 1 for row in range(nrows)]
-    first_slot = np.concatenate([[0], np.cumsum([len(w) for w in wanted])])
-    slot = np.full((nrows, 2**KEY_BITS), -1, dtype=np.int32)
-    for row, w in enumerate(wanted):
-        slot[row, w] = np.arange(first_slot[row], first_slot[row + 1])
+    first_slot = np.concatenate([[0], np.cumsum([len(w) for w in wanted])]).astype(np.int64)
     all_w = np.concatenate(wanted).astype(np.uint64) if nrows else np.empty(0, np.uint64)
     shift = np.uint64(8 * itemsize - KEY_BITS)
     lower = _key_values(all_w << shift, itemsize)
@@ -509,7 +508,8 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
     if len(all_w):
         for img, m in parts:
             _, args = prepare(img, tuple(img.dims[:nkept]), tuple(img.dims[nkept:]), m)
-            func = functools.partial(_block_pick_keys, nkept=nkept, kshape=kshape, ft=ft, slot=slot, ilo=lower, row_cap=row_cap)
+            func = functools.partial(_block_pick_keys, nkept=nkept, kshape=kshape, ft=ft, bins=all_w.astype(np.int64),
+                                     first_slot=first_slot, ilo=lower, row_cap=row_cap)
             nd = args[0].ndim
             picks = da.map_blocks(
                 func, *args, dtype=object, meta=np.empty((0,) * nd, dtype=object),
@@ -527,21 +527,26 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
     ilo = lower.reshape(1, -1)
     for row, col in zip(*np.nonzero(inside)):
         bin_ = b[row, col] - 1
-        out[row, col] = _lookup(allv, key, at_lo, ilo, 0, int(slot[row, bin_]), int(r[row, col] - cum_before[row, bin_]))
+        at = first_slot[row] + int(np.searchsorted(wanted[row], bin_))
+        out[row, col] = _lookup(allv, key, at_lo, ilo, 0, at, int(r[row, col] - cum_before[row, bin_]))
     return out
 
 
 def _block_pick_keys(
-    xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int, kshape: tuple, ft: np.dtype, slot: np.ndarray,
-    ilo: np.ndarray, row_cap: np.ndarray, block_info: Any = None,
+    xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int, kshape: tuple, ft: np.dtype, bins: np.ndarray,
+    first_slot: np.ndarray, ilo: np.ndarray, row_cap: np.ndarray, block_info: Any = None,
 ) -> np.ndarray:
     """One block of the pick pass: ``(values, slots, at_lo)`` in a one-element object array
-    (``None`` when none of its rows wants a voxel)."""
+    (``None`` when none of its rows wants a voxel). Row ``r`` wants the key bins
+    ``bins[first_slot[r]:first_slot[r + 1]]``, numbered as slots ``first_slot[r]`` onwards."""
     out = np.empty((1,) * xb.ndim, dtype=object)
     g = rows_of(block_info[0]["array-location"][:nkept] if block_info else [], kshape)
-    slot = slot[g]
-    if not (slot >= 0).any():
+    if not (first_slot[g + 1] > first_slot[g]).any():
         return out
+    slot = np.full((len(g), 2**KEY_BITS), -1, dtype=np.int32)
+    for i, row in enumerate(g):
+        a, z = first_slot[row], first_slot[row + 1]
+        slot[i, bins[a:z]] = np.arange(a, z, dtype=np.int32)
     cap = int(row_cap[g].sum())
     out[(0,) * xb.ndim] = _pick_keys(xb, mb, nkept=nkept, ft=ft, slot=slot, ilo=ilo, cap=cap if cap <= 2**22 else -1)
     return out

@@ -541,7 +541,7 @@ def _volume_group(root: Any, name: str, vol: xr.DataArray, codec: Any, levels: i
         codec=codec,
         zooms=zooms + (1.0,) * (4 - len(zooms)),
         units=tuple(hdr.get_xyzt_units()),
-        attrs={"source": {"path": str(vol.attrs.get("store") or vol.coords.get("path", "") or "")}},
+        attrs={"source": {"path": str(vol.attrs.get("store") or (vol.coords["path"].item() if "path" in vol.coords else ""))}},
         levels=levels,
         downsample=method,
     )
