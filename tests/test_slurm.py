@@ -4,6 +4,7 @@
   (TLS between scheduler and workers), the resources read back from ``scontrol``, the output
   byte-identical to the local engine's; a worker job cancelled with ``scancel`` mid-run;
 - ``workflows/cluster/volnorm-run.sbatch`` submitted with ``sbatch``: a spec completes; a job
+  at its time limit gets SIGTERM, exits 3, is requeued and resumes to the same output; a job
   without volnorm in its environment says so in its log;
 - the recipe's resources checked before submission (``sbatch --test-only``).
 
@@ -193,6 +194,32 @@ def test_the_recipes_resources_are_checked_before_submission(slurm, tmp_path):
     r = subprocess.run(["sbatch", "--test-only", "-c", "1", "--mem=1G", f"--chdir={tmp_path}", str(RECIPE), str(spec)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "to start at" in r.stderr, r.stderr
+
+
+def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
+    """A short ``--time`` and a slow spec (N4 bias correction of 80 volumes, ~0.7 s each on
+    one CPU): SLURM sends SIGTERM before the limit (``--signal=B:TERM@60``: 60 to 90 s before
+    it, as SLURM checks every 30 s), volnorm stops cleanly and exits 3, the script requeues the
+    job, and the next run resumes (the volumes of the finished batches kept) until the spec is
+    done (attempts of 30-60 s here, about 40 volumes each). N4 alone: a fitted step after
+    it would run N4 in its fit pass too, which a resumed run repeats. Before the statistics
+    pass's pick tasks stopped carrying every volume's key table, the last attempt's pass
+    paused its worker at the memory limit and the job never finished."""
+    vn.datasets.make_cohort(tmp_path / "data", n_subjects=80, shape=(32, 36, 30), seed=6)
+    steps = [{"n4": {"shrink_factor": 1}}]
+    spec = _write_spec(tmp_path, _spec(tmp_path, tmp_path / "data", "timed", steps=steps))
+    log = tmp_path / "job.log"
+    job = sbatch("-c", "1", "--mem=2G", "--time=00:02:00", "--signal=B:TERM@60", f"--chdir={tmp_path}", f"--output={log}",
+                 str(RECIPE), str(spec), what="the recipe at its time limit (SIGTERM, exit 3, requeued, resumed)",
+                 env=_env(VOLNORM_VENV=str(VENV)))
+    info = wait_job(job, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", (info, text)
+    assert int(info["Restarts"]) >= 1, text
+    assert f"requeueing job {job} to resume" in text, text
+    assert text.count("volnorm run: interrupted; nothing incomplete was committed") >= 1, text
+    assert vn.pipeline.run({**_spec(tmp_path, tmp_path / "data", "ref", steps=steps)}, echo=None).status == "done"
+    _same_output(tmp_path, "timed", "ref")
 
 
 def test_the_slurm_workflow_spec_runs_on_slurm_jobs(slurm, tmp_path):

@@ -495,9 +495,8 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
     r = ranks(counts.sum(axis=1) + pinf + ninf)
     b = _groups(counts, ninf, pinf, r)
     inside = (b >= 1) & (b <= 2**KEY_BITS)
-    # one slot per (row, wanted bin), numbered row by row; each block builds the slot table of
-    # its own rows from these (a dense table of every row would be 256 KiB per row in every
-    # task: 26 MB per task for 100 volumes, which filled a worker's memory)
+    # one slot per (row, wanted bin), numbered row by row; each block builds its own rows' slot
+    # table (a dense table of all rows, 256 KiB per row in every task, filled a worker's memory)
     wanted = [np.unique(b[row][inside[row]]) - 1 for row in range(nrows)]
     first_slot = np.concatenate([[0], np.cumsum([len(w) for w in wanted])]).astype(np.int64)
     all_w = np.concatenate(wanted).astype(np.uint64) if nrows else np.empty(0, np.uint64)
@@ -516,8 +515,7 @@ def _key_order_stats(parts, nkept: int, kshape: tuple, ranks: Callable[[np.ndarr
                 chunks=tuple((1,) * n for n in args[0].numblocks), name=f"pick-keys-{uuid.uuid4().hex}",
             )
             found += [f for f in compute_small(picks)[0].ravel() if f is not None]
-    nslots = len(all_w)
-    at_lo = (np.sum([f[2] for f in found], axis=0) if found else np.zeros(nslots, np.int64)).reshape(1, -1)
+    at_lo = (np.sum([f[2] for f in found], axis=0) if found else np.zeros(len(all_w), np.int64)).reshape(1, -1)
     allv = np.concatenate([f[0] for f in found]) if found else np.empty(0)
     key = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
     order = np.lexsort((allv, key))
@@ -536,9 +534,8 @@ def _block_pick_keys(
     xb: np.ndarray, mb: np.ndarray | None = None, *, nkept: int, kshape: tuple, ft: np.dtype, bins: np.ndarray,
     first_slot: np.ndarray, ilo: np.ndarray, row_cap: np.ndarray, block_info: Any = None,
 ) -> np.ndarray:
-    """One block of the pick pass: ``(values, slots, at_lo)`` in a one-element object array
-    (``None`` when none of its rows wants a voxel). Row ``r`` wants the key bins
-    ``bins[first_slot[r]:first_slot[r + 1]]``, numbered as slots ``first_slot[r]`` onwards."""
+    """One block of the pick pass: ``(values, slots, at_lo)`` in a one-element object array (``None``
+    if no row wants a voxel). Row ``r`` wants key bins ``bins[first_slot[r]:first_slot[r + 1]]``."""
     out = np.empty((1,) * xb.ndim, dtype=object)
     g = rows_of(block_info[0]["array-location"][:nkept] if block_info else [], kshape)
     if not (first_slot[g + 1] > first_slot[g]).any():
