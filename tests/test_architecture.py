@@ -140,7 +140,7 @@ LAYERS = [
     {"volnorm._utils", "volnorm._eager", "volnorm._kernels", "volnorm._color_kernels", "volnorm._dims", "volnorm.params", "volnorm.arrays", "volnorm.engine", "volnorm.engine.address",
      "volnorm.engine.clusters", "volnorm.engine.faults", "volnorm.testing"},
     {"volnorm.integrity", "volnorm.io", "volnorm.io.gzipstream", "volnorm.io.manifest", "volnorm.io.nifti", "volnorm.io.niftizarr",
-     "volnorm.io.readers", "volnorm.io.store", "volnorm.io.writers", "volnorm.io.pyramid", "volnorm.datasets", "volnorm.datasets.samples",
+     "volnorm.io.readers", "volnorm.io.store", "volnorm.io.location", "volnorm.io.objectstore", "volnorm.io.writers", "volnorm.io.pyramid", "volnorm.datasets", "volnorm.datasets.samples",
      "volnorm.datasets.phantom", "volnorm.datasets.cohort"},
     {"volnorm._histogram", "volnorm._minmax", "volnorm.stats", "volnorm.fsl"},
     {"volnorm.transforms", "volnorm.transforms.common", "volnorm.transforms.intensity", "volnorm.transforms.equalization",

@@ -250,6 +250,8 @@ def checked_store(path: str | os.PathLike | Store, *, read_only: bool = True) ->
     """
     if isinstance(path, Store):
         return path if isinstance(path, CheckedStore) else CheckedStore(path)
+    if hasattr(path, "zarr_store"):  # a volnorm.io.location.Remote: an object-store URL
+        return CheckedStore(path.zarr_store(read_only=read_only), where=str(path))
     return CheckedStore(LocalStore(os.fspath(path), read_only=read_only), where=os.fspath(path))
 
 
@@ -304,7 +306,7 @@ def verify_array(arr: Any, where: str) -> None:
         raise IncompleteStoreError(f"{where}: {have} of {n} chunks were written")
 
 
-def seal(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def seal(path: str | os.PathLike | Any) -> dict[str, dict[str, Any]]:
     """Make a group volnorm wrote ready to commit: remove zarr's temporaries left inside
     (:func:`remove_partial_files`), check that every chunk of every array is present, and
     return what it holds, the inventory recorded with it (the manifest's ``arrays``), so that
@@ -312,8 +314,9 @@ def seal(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
     Parameters
     ----------
-    path : path
-        A zarr v3 group on disk that volnorm wrote (a staging directory, a new histogram group).
+    path : path or Remote
+        A zarr v3 group that volnorm wrote (a staging directory, a new histogram group, a store
+        on object storage written in place).
 
     Returns
     -------
@@ -336,8 +339,11 @@ def seal(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """
     import zarr
 
-    remove_partial_files(path)
-    root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
+    if hasattr(path, "zarr_store"):  # an object-store URL (a Remote): a PUT is atomic, no temporaries
+        root = zarr.open_group(path.zarr_store(read_only=True), mode="r", zarr_format=3)
+    else:
+        remove_partial_files(path)
+        root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
     out = {}
     for name, arr in _arrays(root):
         verify_array(arr, f"{path}/{name}")

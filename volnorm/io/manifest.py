@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 FORMAT = "volnorm-store"
 FORMAT_VERSION = 1
@@ -21,7 +22,7 @@ class IncompleteStoreError(OSError):
     """A store lacks volnorm's completion marker (interrupted or still being written)."""
 
 
-def read_attributes(path: str | os.PathLike) -> dict | None:
+def read_attributes(path: str | os.PathLike | Any) -> dict | None:
     """The attributes in a zarr v3 node's ``zarr.json``, or None when there is none (or they
     are not a JSON object); metadata nested too deeply (damaged or hostile) is a ValueError.
 
@@ -29,7 +30,7 @@ def read_attributes(path: str | os.PathLike) -> dict | None:
     >>> read_attributes(tempfile.mkdtemp()) is None
     True
     """
-    meta = Path(path) / "zarr.json"
+    meta = (path if hasattr(path, "zarr_store") else Path(path)) / "zarr.json"  # a local path or a Remote (URL)
     try:
         doc = json.loads(meta.read_text())
     except (OSError, ValueError):
@@ -40,7 +41,7 @@ def read_attributes(path: str | os.PathLike) -> dict | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def read_manifest(path: str | os.PathLike) -> dict | None:
+def read_manifest(path: str | os.PathLike | Any) -> dict | None:
     """The volnorm manifest of a store, or None when it has none (not volnorm's)."""
     attrs = read_attributes(path)
     if attrs is None:
@@ -49,6 +50,6 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
-def is_complete(path: str | os.PathLike) -> bool:
+def is_complete(path: str | os.PathLike | Any) -> bool:
     m = read_manifest(path)
     return bool(m and m.get("complete") is True)

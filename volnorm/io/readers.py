@@ -35,6 +35,7 @@ from volnorm.io.nifti import (
     read_info,
     scaled_dtype,
 )
+from volnorm.io.location import Remote, location
 from volnorm.io.niftizarr import check_volume, group_header, level_paths
 from volnorm.io.pyramid import level_affine, level_header
 from volnorm.io.store import staging_path
@@ -497,13 +498,15 @@ def open_zarr(
     allow_incomplete: bool = False,
     level: int = 0,
     group: str | None = None,
+    storage_options: dict | None = None,
 ) -> xr.DataArray | xr.DataTree:
     """Open a volnorm Zarr store lazily as a stack or a collection.
 
     Parameters
     ----------
-    store : path
-        A store written by :func:`to_zarr` or :func:`convert`.
+    store : path or URL
+        A store written by :func:`to_zarr` or :func:`convert`: a local path, or an object-store
+        URL (``s3://bucket/cohort.zarr``; :mod:`volnorm.io.location`).
     scaled : bool
         Apply each volume's NIfTI ``scl_slope``/``scl_inter`` as nibabel does
         (default) or return the stored raw values.
@@ -520,6 +523,9 @@ def open_zarr(
         Read the volumes of a group written beside them (``to_zarr(..., beside=)``, a spec's
         ``n4: {field: NAME}``: the bias fields) instead: ``NAME/<volume>``, the same volume
         names, each with its own header.
+    storage_options : dict, optional
+        fsspec options for a URL (credentials, ``client_kwargs={"endpoint_url": ...}``,
+        ``anon=True``); by default the standard AWS variables and files (``AWS_ENDPOINT_URL``).
 
     Returns
     -------
@@ -547,20 +553,20 @@ def open_zarr(
     25
     """
     try:
-        return _open_zarr(Path(store), scaled=scaled, allow_incomplete=allow_incomplete, level=level, group=group)
+        return _open_zarr(location(store, storage_options), scaled=scaled, allow_incomplete=allow_incomplete, level=level, group=group)
     except RecursionError:  # json of a hostile or damaged zarr.json, anywhere in the store
         raise ValueError(f"{store}: metadata nested too deeply to be a volnorm store's (damaged or not volnorm's)") from None
 
 
-def _open_zarr(path: Path, *, scaled: bool, allow_incomplete: bool, level: int = 0, group: str | None = None) -> xr.DataArray | xr.DataTree:
+def _open_zarr(path: Path | Remote, *, scaled: bool, allow_incomplete: bool, level: int = 0, group: str | None = None) -> xr.DataArray | xr.DataTree:
     import zarr
 
     if not isinstance(level, int) or isinstance(level, bool) or level < 0:
         raise ValueError(f"{path}: `level` must be a resolution level, an integer >= 0; got {level!r}")
 
     if not path.exists():
-        staged = staging_path(path.absolute())
-        if staged.exists():
+        staged = None if isinstance(path, Remote) else staging_path(path.absolute())
+        if staged is not None and staged.exists():
             raise IncompleteStoreError(
                 f"{path}: the store is incomplete: an interrupted run is staged at {staged}; "
                 "re-run the same command to finish it."

@@ -22,6 +22,7 @@ without the marker, and volnorm never deletes a directory it did not create.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -278,6 +279,16 @@ class Staging:
         attrs["volnorm"] = manifest
         zarr.open_group(self.path, mode="w-", zarr_format=3, attributes=attrs)
         return self
+
+    def named_errors(self) -> Any:
+        """A context for the writes: here nothing (a local OSError names its file already);
+        :class:`volnorm.io.objectstore.RemoteStaging` names the URL in a server's error."""
+        return contextlib.nullcontext()
+
+    def store(self, read_only: bool = False) -> Any:
+        """What zarr opens the staging group from (here its directory; a URL's zarr store for
+        :class:`volnorm.io.objectstore.RemoteStaging`)."""
+        return self.path
 
     def manifest(self) -> dict:
         """The staging group's ``volnorm`` attributes (the manifest so far, e.g. progress marks)."""

@@ -37,6 +37,7 @@ from volnorm.io.niftizarr import (
     write_nifti_file,
 )
 from volnorm.io.pyramid import auto_downsample, check_downsample, level_factors, pyramid
+from volnorm.io.objectstore import staging_for
 from volnorm.io.store import DEFAULT_CODEC, Codec, Staging, encoding
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def to_zarr(
     levels: int = 1,
     downsample: str | None = None,
     beside: Mapping[str, xr.DataArray] | None = None,
+    storage_options: dict | None = None,
 ) -> None:
     """Write a stack or collection to a volnorm Zarr store, safely.
 
@@ -207,9 +209,11 @@ def to_zarr(
     ----------
     data : xarray.DataArray or xarray.DataTree
         A stack with dims ``("volume", ...)``, one volume, or a collection.
-    store : path
-        Output directory. Must not exist unless it is a volnorm store and
-        ``overwrite=True``; volnorm never deletes a directory it did not create.
+    store : path or URL
+        Output directory, or an object-store URL (``s3://bucket/cohort.zarr``: written in
+        place with the completion marker last and a lock object beside it,
+        :mod:`volnorm.io.objectstore`). Must not exist unless it is a volnorm store and
+        ``overwrite=True``; volnorm never deletes a directory (or objects) it did not create.
     overwrite : bool
         Replace an existing volnorm store (only after the new one is complete).
     codec : {"lz4", "zstd", "zarr-default", "none"} or a zarr codec
@@ -235,6 +239,9 @@ def to_zarr(
         stack's dtype; the same levels), in the same pass and graph as the volumes (e.g.
         ``vn.n4(x, return_field=True)``'s field: N4 runs once per volume), checksummed and
         committed with them; ``open_zarr(store, group=NAME)`` reads one. Volume groups only.
+    storage_options : dict, optional
+        fsspec options for a URL (credentials, endpoint); by default the standard AWS
+        variables and files (``AWS_ENDPOINT_URL`` for S3-compatible servers).
 
     Returns
     -------
@@ -262,9 +269,10 @@ def to_zarr(
     plan = {"kind": "cohort" if _is_nifti_derived(vols) else "images", "token": token}
     _check_levels(levels, downsample, _check_names(data, vols), vols)  # before anything exists on disk
     _check_beside(beside, data, vols, _is_nifti_derived(vols))
-    staging = Staging(Path(store), plan, overwrite=overwrite).prepare()
+    staging = staging_for(store, plan, overwrite=overwrite, storage_options=storage_options).prepare()
     try:
-        write_staged(data, staging, codec=codec, steps=steps, progress=progress, levels=levels, downsample=downsample, beside=beside)
+        with staging.named_errors():
+            write_staged(data, staging, codec=codec, steps=steps, progress=progress, levels=levels, downsample=downsample, beside=beside)
     finally:
         staging.release()
 
@@ -567,7 +575,7 @@ def _write_staged(
 
     sources: list[dict] = []
     if _check_names(data, vols, nifti):
-        root = zarr.open_group(staging.path, mode="r+", zarr_format=3)
+        root = zarr.open_group(staging.store(), mode="r+", zarr_format=3)
 
         extras = {key: (root.require_group(key), dict(_volumes(stack))) for key, stack in (beside or {}).items()}
 
@@ -640,9 +648,9 @@ def _write_staged(
             ds["image"].attrs = {k: v for k, v in arr.attrs.items() if _jsonable(v)}
             ds.attrs = {"volnorm": staging.manifest()}  # to_zarr rewrites the root's attributes: keep the manifest
             enc = encoding(ds, codec, image={"chunks": chunks})  # every array checksummed, coords too
-            ds.to_zarr(staging.path, mode="a", zarr_format=3, encoding=enc, compute=False, consolidated=False, write_empty_chunks=True)
+            ds.to_zarr(staging.store(), mode="a", zarr_format=3, encoding=enc, compute=False, consolidated=False, write_empty_chunks=True)
         # write_empty_chunks is forgotten on reopening: an all-fill chunk must be stored too
-        target = zarr.open_array(staging.path / "image", mode="r+").with_config({"write_empty_chunks": True})
+        target = zarr.open_array(staging.store(), path="image", mode="r+").with_config({"write_empty_chunks": True})
         axis = arr.dims.index("volume")
         bounds = np.cumsum((0, *raw.chunks[axis]))
         per_volume = raw.nbytes / max(1, raw.shape[axis])
