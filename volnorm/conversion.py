@@ -22,6 +22,8 @@ from volnorm.io.nifti import NiftiError, NiftiInfo, expand_paths, is_nifti_path,
 from volnorm.io.niftizarr import header_json, ingest_nifti
 from volnorm.io.pyramid import auto_downsample, check_downsample, level_factors
 from volnorm.io.readers import open_images, unique_names
+from volnorm.io.location import is_url
+from volnorm.io.objectstore import RemoteStaging, staging_for
 from volnorm.io.store import DEFAULT_CODEC, IncompleteStoreError, Staging, read_manifest
 from volnorm.io.writers import to_zarr
 
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 class ConvertResult:
     """What :func:`convert` did; ``print()`` it for a summary."""
 
-    store: Path
+    store: Path | Any  # a Path, or a volnorm.io.location.Remote for a URL
     volumes: list[dict] = field(default_factory=list)
     bytes_in: int = 0
     seconds: float = 0.0
@@ -128,6 +130,13 @@ def _output_fate(staging: Staging, store: Any, existed: bool) -> str:
     """What became of the output after a failed run, checked on disk, not assumed."""
 
     final = staging.final
+    if isinstance(staging, RemoteStaging):  # written in place: say what the marker says now
+        m = read_manifest(final)
+        if m is None:
+            return f"the output {store} was not created"
+        if m.get("complete"):
+            return f"the existing store {store} was kept unchanged"
+        return f"the store {store} is incomplete (readers refuse it); nothing was committed"
     if existed:
         if read_manifest(final) is not None:
             return f"the existing store {store} was kept unchanged (it is replaced only once the new one is complete)"
@@ -170,6 +179,7 @@ def convert(
     allow_insecure: bool = False,
     levels: int = 1,
     downsample: str | None = None,
+    storage_options: dict | None = None,
 ) -> ConvertResult:
     """Convert NIfTI files (or image files) into one volnorm Zarr store.
 
@@ -186,8 +196,9 @@ def convert(
     inputs : path, glob, directory or iterable of them
         ``.nii``/``.nii.gz`` files; or image files / ``.npy`` / multi-page
         TIFF for a 2-D image stack.
-    store : path
-        Output directory (see :func:`to_zarr` for the overwrite rules).
+    store : path or URL
+        Output directory or object-store URL (see :func:`to_zarr` for the overwrite rules and
+        the commit protocol on object storage).
     chunks : None, int (MiB), mapping or tuple
         Chunking of each volume; default whole-plane slabs of ~64 MiB.
     overwrite : bool
@@ -213,6 +224,11 @@ def convert(
     downsample : {"mean", "mode"}, optional
         ``"mean"`` for images, ``"mode"`` for label and mask files. Default: ``"mode"`` for
         files whose NIfTI intent is a label image (``intent_code`` 1002/1003), else ``"mean"``.
+    storage_options : dict, optional
+        fsspec options for every URL among ``inputs`` and ``store`` (``s3://...``; by default
+        the standard AWS variables and files, ``AWS_ENDPOINT_URL`` included). Inputs and output
+        in stores with different credentials: give :class:`volnorm.io.location.Remote` objects,
+        each with its own options.
 
     Returns
     -------
@@ -233,7 +249,8 @@ def convert(
         check_scheduler(scheduler, "scheduler")
         check_address(scheduler, allow_insecure=allow_insecure)
     check_downsample(downsample, levels)
-    files = expand_paths(inputs, suffixes=(".nii", ".nii.gz", ".png", ".tif", ".tiff", ".npy", ".jpg"), what="input")
+    files = expand_paths(inputs, suffixes=(".nii", ".nii.gz", ".png", ".tif", ".tiff", ".npy", ".jpg"), what="input",
+                         storage_options=storage_options)
     if progress is None:
         progress = sys.stderr.isatty()
     if not all(is_nifti_path(f) for f in files):
@@ -241,9 +258,10 @@ def convert(
             raise ValueError("inputs mix NIfTI and image files; convert them into separate stores")
         data = open_images(files, chunks=chunks)
         with running(scheduler, allow_insecure=allow_insecure) as eng:
-            to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress, levels=levels)
+            to_zarr(data, store, overwrite=overwrite, codec=codec, steps=steps, progress=progress, levels=levels,
+                    storage_options=storage_options if is_url(store) else None)
         vol = {"name": "image", "shape": list(data.shape), "stats": {"dtype": data.dtype.name}}
-        return ConvertResult(Path(store), [vol], int(data.nbytes), time.perf_counter() - t0, 0, eng.description)
+        return ConvertResult(staging_for(store, {}, storage_options=storage_options if is_url(store) else None).final, [vol], int(data.nbytes), time.perf_counter() - t0, 0, eng.description)
 
     infos = validate_inputs(files)
     names = unique_names(infos)
@@ -262,7 +280,7 @@ def convert(
         plan["pyramid"] = {"levels": levels, "downsample": downsample}
         for info, name in zip(infos, names):  # too many levels for a volume: refused before anything is written
             level_factors(tuple(reversed(info.shape)), info.dims, levels, where=str(info.path))
-    staging = Staging(Path(store), plan, overwrite=overwrite, inputs=files)
+    staging = staging_for(store, plan, overwrite=overwrite, inputs=files, storage_options=storage_options if is_url(store) else None)
     existed = staging.final.exists()
     try:
         staging.prepare()
@@ -305,7 +323,7 @@ def _run(
     allow_insecure: bool = False,
     pyramid: tuple[int, str | None] = (1, None),
 ) -> ConvertResult:
-    root = zarr.open_group(staging.path, mode="r", zarr_format=3)
+    root = zarr.open_group(staging.store(read_only=True), mode="r", zarr_format=3)
     done: dict[str, dict] = {}
     for info, name in zip(infos, names):
         if name in root:
@@ -324,7 +342,7 @@ def _run(
         futures = {}
         for info, name in todo:
             fut = ex.submit(
-                _ingest, info, str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes), pyramid[0],
+                _ingest, info, staging.path if isinstance(staging, RemoteStaging) else str(staging.path), name, plan_chunks[name], codec, header_json(info.header_bytes), pyramid[0],
                 pyramid[1] or auto_downsample(info.raw_dtype, info.header_bytes),
                 # unique per output and run: two converts of the same files must not share tasks
                 key=f"ingest-{name}-{uuid.uuid4().hex[:12]}",
@@ -358,7 +376,7 @@ def _run(
             raise OutputWriteError(msg, write_errno)
         raise NiftiError(msg)
     # trust nothing the workers said: every volume must be complete in the staging store
-    root = zarr.open_group(staging.path, mode="r", zarr_format=3)
+    root = zarr.open_group(staging.store(read_only=True), mode="r", zarr_format=3)
     missing = [n for n in names if n not in root or not root[n].attrs.get("volnorm", {}).get("complete")]
     if missing:
         raise IncompleteStoreError(
@@ -390,7 +408,7 @@ def _run(
         }
     )
     return ConvertResult(
-        store=Path(store),
+        store=staging.final,
         volumes=volumes,
         bytes_in=sum(i.data_bytes for i in infos),
         seconds=time.perf_counter() - t0,
@@ -399,6 +417,6 @@ def _run(
     )
 
 
-def _ingest(info: NiftiInfo, store_path: str, name: str, chunks: Sequence[int], codec: Any, hdr: dict,
+def _ingest(info: NiftiInfo, store_path: Any, name: str, chunks: Sequence[int], codec: Any, hdr: dict,
             levels: int = 1, downsample: str = "mean") -> dict:
     return ingest_nifti(info, store_path, name, chunks, codec, hdr, levels, downsample)

@@ -85,6 +85,12 @@ class Remote:
     def __truediv__(self, other: str) -> "Remote":
         return Remote(f"{self.url}/{str(other).strip('/')}", self.storage_options)
 
+    def absolute(self) -> "Remote":
+        return self
+
+    def resolve(self) -> "Remote":
+        return self
+
     @property
     def scheme(self) -> str:
         return self.url.split("://", 1)[0].lower()

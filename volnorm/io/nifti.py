@@ -43,6 +43,8 @@ import numpy as np
 
 from volnorm._utils import native
 from volnorm.io.gzipstream import GzipTooLongError, GzipTrailingDataError, Inflater, open_stream
+from volnorm.io.location import Remote, is_url
+from volnorm.io.location import glob as glob_urls
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class NiftiInfo:
     data (header, extension flag and extensions), byte for byte.
     """
 
-    path: Path
+    path: Path | Remote
     version: int
     shape: tuple[int, ...]
     raw_dtype: np.dtype
@@ -197,6 +199,8 @@ def is_nifti_path(p: str | os.PathLike) -> bool:
 
 def _dangling(p: Path) -> str | None:
     """Why ``p`` is a symlink to nothing (naming its target), or None."""
+    if isinstance(p, Remote):
+        return None
     if p.is_symlink() and not p.exists():
         return f"{p}: is a symlink to {os.readlink(p)}, which does not exist"
     return None
@@ -206,7 +210,8 @@ def expand_paths(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     suffixes: Sequence[str] = NIFTI_SUFFIXES,
     what: str = "NIfTI",
-) -> list[Path]:
+    storage_options: dict | None = None,
+) -> list[Path | Remote]:
     """Expand globs and directories into an ordered list of absolute file paths.
 
     Paths are made absolute here, on the client, so that tasks work on
@@ -221,6 +226,8 @@ def expand_paths(
         File name endings a directory's files must have to be inputs.
     what : str
         What the files are, for messages.
+    storage_options : dict, optional
+        fsspec options for URLs (``s3://bucket/cohort/*.nii.gz``: globs are expanded by listing).
 
     Returns
     -------
@@ -250,6 +257,9 @@ def expand_paths(
     out: list[Path] = []
     problems: list[str] = []
     for p in paths:
+        if is_url(p):
+            out.extend(_expand_url(p, suffixes, what, storage_options))
+            continue
         s = os.fspath(p)
         if glob.has_magic(s):
             matches = sorted(glob.glob(s))
@@ -275,13 +285,32 @@ def expand_paths(
         )
     if not out:
         raise ValueError(f"no {what} input given")
-    seen: dict[Path, Path] = {}
+    seen: dict[Any, Any] = {}
     for p in out:
-        key = p.resolve()
+        key = p if isinstance(p, Remote) else p.resolve()
         if key in seen:
             raise ValueError(f"{p}: the same file is given twice (also as {seen[key]})")
         seen[key] = p
     return out
+
+
+def _expand_url(url: Any, suffixes: Sequence[str], what: str, storage_options: dict | None) -> list[Remote]:
+    """The objects of a URL input: a glob (by listing), a prefix (its objects ending with one
+    of ``suffixes``) or one object."""
+    r = url if isinstance(url, Remote) else Remote(url, dict(storage_options or {}))
+    if glob.has_magic(r.url):
+        found = glob_urls(r.url, r.storage_options)
+        if not found:
+            raise FileNotFoundError(f"{r}: the pattern matches no object")
+        return found
+    if r.fs.isdir(r.path):
+        found = [q for q in glob_urls(r.url, r.storage_options) if q.name.endswith(tuple(suffixes))]
+        if not found:
+            raise FileNotFoundError(f"{r}: the prefix holds no {what} object ({', '.join(suffixes)})")
+        return found
+    if not r.exists():
+        raise FileNotFoundError(f"{r}: no such object")
+    return [r]
 
 
 # ---------------------------------------------------------------------------
@@ -289,18 +318,43 @@ def expand_paths(
 # ---------------------------------------------------------------------------
 
 
-def _open_raw(path: Path, compressed: bool):
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+def _open_raw(path: Path | Remote, compressed: bool):
+    return gzip.open(open_file(path, stream=True), "rb") if compressed else open_file(path)
 
 
-def read_info(path: str | os.PathLike) -> NiftiInfo:
+def open_file(path: str | os.PathLike | Remote, *, stream: bool = False) -> Any:
+    """A binary file object for a local path or an object-store URL (:class:`Remote`).
+
+    A URL is read with HTTP range requests: ``stream=False`` fetches exactly the bytes each
+    read asks for (a chunk of a .nii), ``stream=True`` reads ahead 8 MiB blocks (a .nii.gz
+    decompressed front to back, one block in flight)."""
+    if isinstance(path, Remote):
+        if stream:
+            return path.fs.open(path.path, "rb", block_size=8 * 2**20, cache_type="readahead")
+        return path.fs.open(path.path, "rb", cache_type="none")
+    return open(path, "rb")
+
+
+def file_stamp(path: str | os.PathLike | Remote) -> tuple[int, int]:
+    """``(size, modification time in ns)`` of a local file or an object (its ``LastModified``)."""
+    if isinstance(path, Remote):
+        info = path.fs.info(path.path)
+        when = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+        ns = int(when.timestamp() * 1e9) if hasattr(when, "timestamp") else int(float(when or 0) * 1e9)
+        return int(info["size"]), ns
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def read_info(path: str | os.PathLike | Remote) -> NiftiInfo:
     """Validate one NIfTI file's header and size, without reading voxels.
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, os.PathLike or Remote
         A single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``); gzip is recognized by
-        the file's first bytes.
+        the file's first bytes. A :class:`~volnorm.io.location.Remote` (an object-store URL) is
+        read by ranged requests (its header, the gzip trailer), as a file would be.
 
     Returns
     -------
@@ -326,17 +380,27 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
     """
     import nibabel as nib
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise _fail(path, "is a directory, not a NIfTI file")
-    if not os.access(path, os.R_OK):
-        raise PermissionError(f"{path}: permission denied (cannot read the file)")
-    st = path.stat()
-    if st.st_size == 0:
+    if isinstance(path, Remote):
+        try:
+            size, mtime_ns = file_stamp(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such object") from None
+        except PermissionError as e:
+            raise PermissionError(f"{path}: access denied ({e}); check the credentials") from None
+        if path.fs.isdir(path.path):
+            raise _fail(path, "is a prefix (a folder), not a NIfTI file")
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.is_dir():
+            raise _fail(path, "is a directory, not a NIfTI file")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"{path}: permission denied (cannot read the file)")
+        size, mtime_ns = file_stamp(path)
+    if size == 0:
         raise _fail(path, "the file is empty (0 bytes)")
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         magic2 = f.read(2)
     compressed = magic2 == b"\x1f\x8b"
     if path.name.endswith(".gz") and not compressed:
@@ -399,19 +463,19 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
 
     # size: .nii against the file size, .nii.gz against the gzip trailer (ISIZE)
     if compressed:
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
+        with open_file(path) as f:
+            f.seek(size - 4)
             isize = struct.unpack("<I", f.read(4))[0]
         if isize != expected % 2**32:
             # a multi-member gzip (bgzip, concatenated streams) records only its last
             # member's size: decompress once to tell it from a truncated or corrupt file
             # (stopping at the first byte past `expected`: a bomb costs nothing)
-            _check_gzip_size(path, expected, st.st_size)
-    elif st.st_size < expected:
+            _check_gzip_size(path, expected, size)
+    elif size < expected:
         raise _fail(
             path,
             f"truncated: the header needs {expected} bytes (data {tuple(shape)} {raw_dtype.name} "
-            f"at offset {offset}) but the file has {st.st_size}",
+            f"at offset {offset}) but the file has {size}",
         )
 
     zooms = tuple(float(z) for z in hdr["pixdim"][1 : 1 + len(shape)])
@@ -451,8 +515,8 @@ def read_info(path: str | os.PathLike) -> NiftiInfo:
         zooms=zooms,
         units=units,  # type: ignore[arg-type]
         compressed=compressed,
-        file_size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
+        file_size=size,
+        mtime_ns=mtime_ns,
     )
 
 
@@ -471,7 +535,7 @@ def _check_gzip_size(path: Path, expected: int, file_size: int) -> None:
     total = 0
     buf = bytearray(16 * 2**20)
     try:
-        with open(path, "rb") as f:
+        with open_file(path, stream=True) as f:
             inflater = Inflater(f, limit=expected)
             while n := inflater.readinto(buf):
                 total += n
@@ -550,7 +614,7 @@ _GZ_CACHE_LOCK = threading.Lock()
 _GZ_CACHE_SIZE = 8
 
 
-def _gz_handle(path: str, size: int, mtime_ns: int):
+def _gz_handle(path: str | Remote, size: int, mtime_ns: int):
     """A per-process cached ``IndexedGzipFile``: its seek index grows as slabs are read."""
     import indexed_gzip
 
@@ -560,10 +624,11 @@ def _gz_handle(path: str, size: int, mtime_ns: int):
         if hit is not None:
             _GZ_CACHE.move_to_end(key)
             return hit
-        st = os.stat(path)
-        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        if file_stamp(path) != (size, mtime_ns):
             raise _fail(path, "the file changed on disk since it was opened")
-        handle = (indexed_gzip.IndexedGzipFile(path, spacing=4 * 2**20), threading.Lock())
+        gz = (indexed_gzip.IndexedGzipFile(fileobj=open_file(path), spacing=4 * 2**20) if isinstance(path, Remote)
+              else indexed_gzip.IndexedGzipFile(path, spacing=4 * 2**20))
+        handle = (gz, threading.Lock())
         _GZ_CACHE[key] = handle
         while len(_GZ_CACHE) > _GZ_CACHE_SIZE:
             _, (old, _) = _GZ_CACHE.popitem(last=False)
@@ -589,7 +654,7 @@ class NiftiArray:
 
     def __init__(self, info: NiftiInfo, *, scaled: bool = True, dtype: Any = None) -> None:
         self.info = info
-        self.path = str(info.path)
+        self.path = info.path if isinstance(info.path, Remote) else str(info.path)  # a Remote pickles its options
         self.fshape = info.shape
         self.raw_dtype = info.raw_dtype
         self.offset = info.offset
@@ -617,13 +682,12 @@ class NiftiArray:
         """The raw voxels of the .nii.gz (Fortran order, the file's dtype), decompressed in one
         streaming pass; CRC, length and trailing bytes checked. Raises NiftiError naming the file."""
         info, path = self.info, self.path
-        st = os.stat(path)
-        if (st.st_size, st.st_mtime_ns) != self.stamp:
+        if file_stamp(path) != self.stamp:
             raise _fail(path, "the file changed on disk since it was opened")
         raw = np.empty(math.prod(self.fshape), dtype=self.raw_dtype)
         buf = memoryview(raw.view(np.uint8))
         try:
-            with open(path, "rb", buffering=0) as f:
+            with (open_file(path, stream=True) if isinstance(path, Remote) else open(path, "rb", buffering=0)) as f:
                 stream = open_stream(f, True, limit=info.needed_bytes, block=4 * 2**20)
                 if stream.read(info.offset) != info.header_bytes:
                     raise _fail(path, "the header changed on disk since it was opened")
@@ -648,7 +712,7 @@ class NiftiArray:
             fobj, lock = _gz_handle(self.path, *self.stamp)
             with lock:
                 return ArrayProxy(fobj, spec)[fkey]
-        with open(self.path, "rb") as fobj:
+        with open_file(self.path) as fobj:
             return ArrayProxy(fobj, spec)[fkey]
 
     def __getitem__(self, key: Any) -> np.ndarray:

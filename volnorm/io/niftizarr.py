@@ -27,7 +27,8 @@ from volnorm._utils import native
 from volnorm.integrity import verify_array
 from volnorm.io.gzipstream import open_stream
 from volnorm.io.manifest import IncompleteStoreError
-from volnorm.io.nifti import NiftiError, NiftiInfo, gzip_problem, header_from_bytes, read_exact
+from volnorm.io.location import Remote
+from volnorm.io.nifti import NiftiError, NiftiInfo, file_stamp, gzip_problem, header_from_bytes, open_file, read_exact
 from volnorm.io.pyramid import SlabLevels, level_chunks, level_factors, level_shape, multiscales, pyramid
 from volnorm.io.store import compressors
 
@@ -312,7 +313,7 @@ def _produce_slabs(
 
 def ingest_nifti(
     info: NiftiInfo,
-    store_path: str,
+    store_path: str | Remote,
     name: str,
     chunks: Sequence[int],
     codec: Any,
@@ -340,10 +341,10 @@ def ingest_nifti(
     import zarr
 
     path = info.path
-    st = os.stat(path)
-    if (st.st_size, st.st_mtime_ns) != (info.file_size, info.mtime_ns):
+    if file_stamp(path) != (info.file_size, info.mtime_ns):
         raise NiftiError(f"{path}: the file changed on disk since it was validated")
-    root = zarr.open_group(store_path, mode="r+", zarr_format=3)
+    root = zarr.open_group(store_path.zarr_store(read_only=False) if hasattr(store_path, "zarr_store") else store_path,
+                           mode="r+", zarr_format=3)
     shape = tuple(reversed(info.shape))
     grp = create_volume_group(
         root,
@@ -365,7 +366,7 @@ def ingest_nifti(
     pyr = SlabLevels(level_arrays(grp), shape, info.dims, chunks, downsample)
     acc: dict[str, Any] = {"min": None, "max": None, "nan": 0, "posinf": 0, "neginf": 0}
     raw = info.raw_dtype
-    with open(path, "rb", buffering=0) as f:
+    with open_file(path, stream=True) if isinstance(path, Remote) else open(path, "rb", buffering=0) as f:
         hashing = _HashingReader(f)
         # a .nii.gz must decompress to exactly the bytes the header needs: stop at the first byte more
         stream = open_stream(hashing, info.compressed, limit=info.offset + info.data_bytes)

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import dask.array as da
@@ -89,11 +89,11 @@ def unique_names(infos: Sequence[NiftiInfo]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     # same file name in different folders: use the path relative to the common folder
-    common = Path(os.path.commonpath([str(i.path.absolute().parent) for i in infos]))
-    names = [
-        str(i.path.absolute().parent.relative_to(common) / i.name).replace(os.sep, "_").lstrip("._")
-        for i in infos
-    ]
+    def folder(i: NiftiInfo) -> PurePath:
+        return PurePosixPath(str(i.path.parent)) if isinstance(i.path, Remote) else i.path.absolute().parent
+
+    common = PurePath(os.path.commonpath([str(folder(i)) for i in infos]))
+    names = [str(folder(i).relative_to(common) / i.name).replace("/", "_").replace(os.sep, "_").lstrip("._") for i in infos]
     if len(set(names)) != len(names):
         raise ValueError(f"cannot give unique names to the inputs {[str(i.path) for i in infos]}")
     return names
@@ -117,6 +117,7 @@ def open_nifti(
     *,
     chunks: ChunksLike = None,
     scaled: bool = True,
+    storage_options: dict | None = None,
 ) -> xr.DataArray | xr.DataTree:
     """Open NIfTI files lazily as a stack or a collection.
 
@@ -126,13 +127,17 @@ def open_nifti(
     Parameters
     ----------
     paths : str, path, glob or iterable of them
-        ``.nii``/``.nii.gz`` files, glob patterns or directories.
+        ``.nii``/``.nii.gz`` files, glob patterns or directories; or object-store URLs
+        (``s3://bucket/cohort/*.nii.gz``, a glob expanded by listing, or a prefix).
     chunks : None, "auto", int, mapping or tuple
         ``None``/"auto": whole-plane slabs of about 64 MiB (a .nii slab is
         contiguous on disk); an int is a size in MiB; a mapping names dims.
     scaled : bool
         Apply ``scl_slope``/``scl_inter`` exactly as nibabel does (default), or
         return the raw stored integers (``scaled=False``).
+    storage_options : dict, optional
+        fsspec options for URLs (credentials, ``client_kwargs={"endpoint_url": ...}``,
+        ``anon=True``); by default the standard AWS variables and files.
 
     Returns
     -------
@@ -163,7 +168,7 @@ def open_nifti(
     >>> stack.dims, stack.dtype.name
     (('volume', 'z', 'y', 'x'), 'int16')
     """
-    files = expand_paths(paths)
+    files = expand_paths(paths, storage_options=storage_options)
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as ex:
         infos = list(ex.map(read_info, files))
     names = unique_names(infos)

@@ -178,6 +178,8 @@ class Staging:
         """Refuse outputs that would destroy data, with a message naming the path."""
         final = self.final
         for p in self.inputs:
+            if hasattr(p, "zarr_store"):  # an object-store input cannot be inside a local output
+                continue
             rp = Path(p).resolve()
             if rp == final.resolve() or final.resolve() in rp.parents:
                 raise ValueError(f"{final}: the output would overwrite or contain the input {p}")
