@@ -146,19 +146,19 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(s3, bucket):
         RemoteStaging(target, {"kind": "cohort", "token": "x"}).prepare()
 
 
-def test_a_writer_killed_mid_write_resumes_to_the_same_store(s3, bucket, tmp_path):
+def test_a_writer_killed_mid_write_resumes_to_the_same_store(s3, bucket, tmp_path, caplog):
     """SIGKILL while volumes are being written: the store is refused; the rerun takes over the
     dead writer's lock, keeps the finished volumes and ends equal to a run in one go."""
     files = vn.datasets.make_cohort(tmp_path / "data", n_subjects=24, shape=(24, 28, 20), seed=3)
     url = f"{bucket}/cohort.zarr"
     script = textwrap.dedent(f"""
-        import time, sys, dask, volnorm as vn, volnorm.io.writers as w
+        import time, dask, volnorm as vn, volnorm.io.writers as w
+        from dask.callbacks import Callback
         w.WRITE_BATCH_FIRST = 1
         w.WRITE_BATCH_VOLUMES = 1
-        slow = lambda b: (time.sleep(0.15), b)[1]
         data = vn.open_nifti({str(tmp_path / "data" / "*.nii")!r})
-        data = data.copy(data=data.data.map_blocks(slow, dtype=data.dtype))
-        with dask.config.set(scheduler="synchronous"):
+        # slow, without changing the graph (the rerun's plan must be the same to resume)
+        with dask.config.set(scheduler="synchronous"), Callback(pretask=lambda *a: time.sleep(0.05)):
             vn.to_zarr(data, {url!r}, storage_options={s3.storage_options!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
@@ -178,9 +178,15 @@ def test_a_writer_killed_mid_write_resumes_to_the_same_store(s3, bucket, tmp_pat
     proc.wait()
     with pytest.raises(IncompleteStoreError):
         vn.open_zarr(url, storage_options=s3.storage_options)
-    before = {k: fs.info(k)["LastModified"] for k in fs.find(f"{root}/sub-001")}
-    vn.to_zarr(vn.open_nifti(files), url, storage_options=s3.storage_options)
-    assert {k: fs.info(k)["LastModified"] for k in fs.find(f"{root}/sub-001")} == before  # kept, not rewritten
+    before = {k: fs.info(k)["ETag"] for k in fs.find(f"{root}/sub-001")}
+    time.sleep(1.1)  # LastModified has a resolution of a second
+    stamps = {k: fs.info(k)["LastModified"] for k in fs.find(f"{root}/sub-001")}
+    with caplog.at_level("INFO", logger="volnorm.io.objectstore"):
+        vn.to_zarr(vn.open_nifti(files), url, storage_options=s3.storage_options)
+    assert "resuming the interrupted run" in caplog.text and "deleting" not in caplog.text
+    assert "taking over a stale lock" in caplog.text  # the killed writer's, on this host, pid dead
+    assert {k: fs.info(k)["LastModified"] for k in fs.find(f"{root}/sub-001")} == stamps  # kept, not rewritten
+    assert {k: fs.info(k)["ETag"] for k in fs.find(f"{root}/sub-001")} == before
     vn.to_zarr(vn.open_nifti(files), tmp_path / "ref.zarr")
     a, b = vn.open_zarr(url, storage_options=s3.storage_options), vn.open_zarr(tmp_path / "ref.zarr")
     assert np.array_equal(a.values, b.values)
@@ -197,7 +203,7 @@ def test_wrong_credentials_and_a_missing_bucket_are_named(s3, bucket):
 
 
 def test_a_server_that_goes_away_mid_run_commits_nothing(tmp_path):
-    files = vn.datasets.make_cohort(tmp_path / "data", n_subjects=12, shape=(24, 28, 20), seed=4)
+    files = vn.datasets.make_cohort(tmp_path / "data", n_subjects=24, shape=(24, 28, 20), seed=4)
     with S3Server(tmp_path / "server") as server:
         url = server.make_bucket("gone") + "/cohort.zarr"
         so = {**server.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
@@ -210,7 +216,19 @@ def test_a_server_that_goes_away_mid_run_commits_nothing(tmp_path):
         data = data.copy(data=data.data.map_blocks(slow, dtype=data.dtype))
         import threading
 
-        threading.Timer(1.5, server.stop).start()
+        def stop_when_writing() -> None:  # the server goes once a volume is written, long before the last
+            fs = server.filesystem()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if fs.find("gone/cohort.zarr/sub-001/0"):
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            server.stop()
+
+        threading.Thread(target=stop_when_writing, daemon=True).start()
         with pytest.raises(OSError, match="cohort.zarr: the object store failed while writing .*nothing was committed"):
             vn.to_zarr(data, url, storage_options=so)
 
@@ -268,3 +286,24 @@ def test_convert_from_and_to_buckets_equals_convert_on_disk(s3, bucket, tmp_path
     # the provenance names the inputs by URL, never with the credentials
     meta = s3.filesystem().cat_file(f"{bucket.removeprefix('s3://')}/a.zarr/zarr.json").decode()
     assert f"{bucket}/raw/sub-001.nii" in meta and s3.secret not in meta and s3.key not in meta
+
+
+def test_the_cli_reaches_the_bucket_with_the_standard_aws_variables(s3, bucket, tmp_path):
+    """``volnorm convert | info | stats | verify`` on URLs, credentials and endpoint from
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` only; no secret in
+    any output, no "Unclosed client session" from the workers."""
+    files = vn.datasets.make_cohort(tmp_path / "in", n_subjects=3, shape=(24, 28, 20), compressed="mixed", seed=2)
+    _upload(s3, files, f"{bucket}/raw")
+    env = {**os.environ, **s3.env()}
+    exe = [sys.executable, "-m", "volnorm"]
+    out = f"{bucket}/cli.zarr"
+    for cmd in (["convert", f"{bucket}/raw/*.nii*", out], ["info", out], ["stats", out], ["verify", out]):
+        r = subprocess.run(exe + cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+        text = r.stdout + r.stderr
+        assert s3.secret not in text and "Unclosed" not in text and "Traceback" not in text, (cmd, text)
+    assert "checksums match" in r.stdout and f"{bucket}/raw/sub-001.nii: matches" in r.stdout
+    ref = vn.convert(files, tmp_path / "ref.zarr", scheduler="threads")
+    assert np.array_equal(vn.open_zarr(out, storage_options=s3.storage_options).values, vn.open_zarr(ref.store).values)
+    r = subprocess.run(exe + ["convert", f"{bucket}/raw/*.nii*", out], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "already exists" in r.stderr

@@ -26,6 +26,7 @@ from volnorm.conversion import validate_inputs
 from volnorm.engine import ENV_VAR, ClusterLostError, check_address, check_scheduler, current, running
 from volnorm.info import describe
 from volnorm.integrity import verify
+from volnorm.io.location import is_url, location
 from volnorm.io.nifti import expand_paths
 from volnorm.io.readers import open_mask, open_nifti, open_zarr
 from volnorm.normative import scores_stack
@@ -383,10 +384,15 @@ def _convert_with_steps(args: argparse.Namespace, inputs: list[str], store: str)
     return 0
 
 
+def _is_store(path: str) -> bool:
+    """Whether ``path`` (a folder or an object-store URL) is a Zarr store rather than NIfTI input."""
+    return (location(path) / "zarr.json").exists()
+
+
 def _open_stack(inputs: list[str], what: str):
     """A store or NIfTI files as one stack; volumes of different shapes are refused."""
 
-    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").exists() else vn.open_nifti(inputs)
+    data = vn.open_zarr(inputs[0]) if len(inputs) == 1 and _is_store(inputs[0]) else vn.open_nifti(inputs)
     if isinstance(data, xr.DataTree):
         raise ValueError(f"{what} needs volumes of one shape (a stack); these differ: register them first")
     return data
@@ -482,15 +488,18 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    text, data = describe(Path(args.path))
+    text, data = describe(args.path if is_url(args.path) else Path(args.path))
     print(json.dumps(data, indent=2, default=str) if args.json else text)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     """``volnorm verify STORE``: 0 when the store is whole, 1 (with the report) when it is damaged."""
-    store = Path(args.store)
-    if not store.is_dir() or not (store / "zarr.json").is_file():
+    store = location(args.store)
+    if is_url(store):
+        if not (store / "zarr.json").exists():
+            raise ValueError(f"{store}: no Zarr store there (no zarr.json); give the URL of a volnorm store")
+    elif not store.is_dir() or not (store / "zarr.json").is_file():
         what = "does not exist" if not store.exists() else "is not a Zarr store (no zarr.json)"
         raise ValueError(f"{store} {what}; give the path of a volnorm store (a .zarr directory)")
     show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -514,7 +523,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _open_for_stats(paths: list[str], mask_path: str | None, per: str | None):
     """(data, mask, dim) for the stats/threshold/hist commands; ``per`` is :mod:`volnorm._dims`' word."""
-    if len(paths) == 1 and (Path(paths[0]) / "zarr.json").exists():
+    if len(paths) == 1 and _is_store(paths[0]):
         data = open_zarr(paths[0])
     else:
         data = open_nifti(paths)

@@ -14,6 +14,7 @@ from volnorm.io.manifest import read_manifest
 from volnorm.io.nifti import header_from_bytes, read_info
 from volnorm.io.niftizarr import group_header
 from volnorm.io.readers import open_nifti
+from volnorm.io.location import Remote, location
 from volnorm.io.store import staging_path
 from volnorm.stats import summarize
 
@@ -40,6 +41,9 @@ def describe(path: Path) -> tuple[str, dict]:
     >>> facts["shape"]
     [4, 5, 7]
     """
+    where = location(path)
+    if isinstance(where, Remote):  # an object-store URL: a store if it has a zarr.json
+        return _describe_store(where) if (where / "zarr.json").exists() or where.url.endswith(".zarr") else _describe_nifti(where)
     path = Path(path)
     if path.is_dir() or str(path).endswith(".zarr"):
         return _describe_store(path)
@@ -89,6 +93,10 @@ def _describe_store(path: Path) -> tuple[str, dict]:
     import zarr
 
     m = read_manifest(path)
+    if m is None and isinstance(path, Remote):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such store")
+        raise ValueError(f"{path}: not a volnorm store (no volnorm manifest in its zarr.json)")
     if m is None:
         staged = staging_path(path.absolute())
         if not path.exists() and staged.exists():

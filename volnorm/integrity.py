@@ -37,6 +37,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
 from volnorm.engine import progress_bar
+from volnorm.io.location import Remote, is_url, location
 from volnorm.io.manifest import IncompleteStoreError, read_manifest
 
 __all__ = [
@@ -405,7 +406,8 @@ def quick_check(path: str | os.PathLike) -> dict[str, Any]:
     """
     import zarr
 
-    root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
+    remote = isinstance(path, Remote)
+    root = zarr.open_group(path.zarr_store(read_only=True) if remote else os.fspath(path), mode="r", zarr_format=3)
     missing: dict[str, int] = {}
     n_arrays = n_chunks = n_crc = 0
     for name, arr in _arrays(root):
@@ -417,7 +419,7 @@ def quick_check(path: str | os.PathLike) -> dict[str, Any]:
         n_crc += _has_checksum(arr.metadata.to_dict())
     checks = "all" if n_crc == n_arrays else "none" if n_crc == 0 else "some"
     return {"arrays": n_arrays, "chunks": int(n_chunks), "missing": missing, "checksums": checks,
-            "partial": [str(p) for p in partial_files(path)]}
+            "partial": [] if remote else [str(p) for p in partial_files(path)]}
 
 
 # ---------------------------------------------------------------------------
@@ -481,15 +483,21 @@ async def _fetch(store: Store, keys: list[str]) -> list[Buffer | None]:
     return list(await asyncio.gather(*(store.get(k, proto) for k in keys)))
 
 
-def _blake3(path: Path) -> str:
+def _blake3(path: Path | Remote) -> str:
     import blake3
 
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    h.update_mmap(path)
+    if isinstance(path, Remote):  # streamed, 8 MiB at a time
+        with path.fs.open(path.path, "rb", block_size=8 * 2**20) as f:
+            while block := f.read(8 * 2**20):
+                h.update(block)
+    else:
+        h.update_mmap(path)
     return h.hexdigest()
 
 
-def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = True, batch: int = 64) -> VerifyReport:
+def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = True, batch: int = 64,
+           storage_options: dict | None = None) -> VerifyReport:
     """Check a whole store: every chunk present and matching its checksum, every array the
     manifest records present, no temporary file left inside, and (``sources=True``) each source
     file whose digest the manifest records still hashes to it.
@@ -500,8 +508,9 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
 
     Parameters
     ----------
-    store : path
-        A volnorm store (a per-voxel histogram group inside it is checked too).
+    store : path or URL
+        A volnorm store (a per-voxel histogram group inside it is checked too), on disk or at an
+        object-store URL.
     progress : bool
         Show a progress bar (chunks).
     sources : bool
@@ -509,6 +518,8 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
         source is a warning, not damage to the store.
     batch : int
         Chunks fetched concurrently.
+    storage_options : dict, optional
+        fsspec options when ``store`` is an object-store URL (default: the AWS variables and files).
 
     Returns
     -------
@@ -526,8 +537,9 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
     import zarr
     from zarr.core.sync import sync
 
-    path = Path(store)
-    if not (path / "zarr.json").is_file():
+    path = location(store, storage_options)
+    remote = isinstance(path, Remote)
+    if not ((path / "zarr.json").exists() if remote else (path / "zarr.json").is_file()):
         raise FileNotFoundError(f"{path}: not a Zarr store (no zarr.json)")
     report = VerifyReport(str(path))
     manifest = read_manifest(path)
@@ -535,7 +547,7 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
         report.warnings.append("not a volnorm store (no volnorm manifest): chunks checked, nothing else")
     elif not manifest.get("complete"):
         report.damaged.append("the store is incomplete (no completion marker): re-run the command that wrote it")
-    raw = LocalStore(os.fspath(path), read_only=True)
+    raw = path.zarr_store(read_only=True) if remote else LocalStore(os.fspath(path), read_only=True)
     root = zarr.open_group(raw, mode="r", zarr_format=3)
     arrays = list(_arrays(root))
     report.arrays = len(arrays)
@@ -568,11 +580,23 @@ def verify(store: str | os.PathLike, *, progress: bool = False, sources: bool = 
                         except Exception as e:  # noqa: BLE001 - any decoding failure is damage
                             report.damaged.append(f"{where}: cannot be decoded ({type(e).__name__}: {e})")
                 bar.update(len(part))
-    for p in partial_files(path):
+    for p in [] if remote else partial_files(path):
         report.warnings.append(f"{p.relative_to(path)}: a temporary file left by a killed writer (not data; safe to delete)")
     if sources and manifest:
         for inp in manifest.get("inputs") or []:
             if not isinstance(inp, dict) or not inp.get("path") or not inp.get("blake3"):
+                continue
+            if is_url(inp["path"]):  # an object-store source: its options are the store's, if any
+                src_r = Remote(inp["path"], path.storage_options if remote else {})
+                try:
+                    size = src_r.fs.info(src_r.path)["size"]
+                except OSError as e:
+                    report.sources[str(src_r)] = f"not found or not readable (not checked: {type(e).__name__})"
+                    continue
+                if inp.get("size") is not None and size != inp["size"]:
+                    report.sources[str(src_r)] = f"CHANGED since conversion: {size} bytes, {inp['size']} recorded"
+                else:
+                    report.sources[str(src_r)] = "matches" if _blake3(src_r) == inp["blake3"] else "CHANGED since conversion (BLAKE3 differs)"
                 continue
             src = Path(inp["path"])
             if not src.is_file():

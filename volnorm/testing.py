@@ -187,10 +187,12 @@ class S3Server:
                 "AWS_DEFAULT_REGION": "us-east-1"}
 
     def filesystem(self):  # type: ignore[no-untyped-def]
-        """A fresh (uncached) s3fs filesystem on this server."""
+        """An s3fs filesystem on this server (listings not cached: a test sees every change)."""
         import s3fs
 
-        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+        # fsspec's cached instance: an uncached one, collected on another thread's event loop,
+        # closed its session on the wrong loop ("attached to a different loop" on stderr)
+        return s3fs.S3FileSystem(use_listings_cache=False, **self.storage_options)
 
     def make_bucket(self, name: str) -> str:
         """Create bucket ``name`` (if missing); returns ``s3://name``."""

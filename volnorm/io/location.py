@@ -15,8 +15,10 @@ same code, untested here.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,28 @@ class Remote:
         if not read_only and not self.writable:
             raise ValueError(f"{self.url}: {self.scheme}:// is read-only; write to s3://, gs://, az:// or a local path")
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+
+def _close_sessions() -> None:
+    """At exit, close the sessions of the async s3fs filesystems zarr's stores used (made with
+    ``asynchronous=True``, they have no finalizer: aiohttp printed "Unclosed client session"
+    from every worker process that had read a store), on zarr's loop where they were made."""
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:
+        return
+    from zarr.core.sync import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client = getattr(fs, "_s3", None)
+        if not getattr(fs, "asynchronous", False) or client is None:
+            continue
+        try:
+            sync(client.close(), timeout=5)
+        except Exception:  # noqa: BLE001 - the loop may be gone at exit: nothing more to do
+            pass
+
+
+atexit.register(_close_sessions)
 
 
 def location(where: Any, storage_options: dict | None = None) -> Path | Remote:
