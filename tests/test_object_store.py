@@ -307,3 +307,29 @@ def test_the_cli_reaches_the_bucket_with_the_standard_aws_variables(s3, bucket, 
     assert np.array_equal(vn.open_zarr(out, storage_options=s3.storage_options).values, vn.open_zarr(ref.store).values)
     r = subprocess.run(exe + ["convert", f"{bucket}/raw/*.nii*", out], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "already exists" in r.stderr
+
+
+def test_a_workflow_spec_with_both_ends_in_buckets_equals_it_on_disk(s3, bucket, tmp_path, monkeypatch):
+    """``input.nifti: s3://.../*.nii*``, ``output.store: s3://...`` on the default engine (a
+    local dask cluster), credentials from the AWS variables: the same voxels and statistics as
+    the spec on local files; run again, everything is up to date."""
+    files = vn.datasets.make_cohort(tmp_path / "in", n_subjects=4, shape=(24, 28, 20), compressed="mixed", seed=7)
+    _upload(s3, files, f"{bucket}/raw")
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    steps = [{"rescale": {"percentiles": [1, 99], "out_range": "uint16"}}]
+
+    def spec(src: str, store: str, csv: str) -> dict:
+        return {"version": 1, "input": {"nifti": src}, "steps": steps, "output": {"store": store},
+                "outputs": {"images": True, "statistics": {"path": csv}}, "engine": {"n_workers": 2, "memory_limit": "1GiB"}}
+
+    remote = spec(f"{bucket}/raw/*.nii*", f"{bucket}/norm.zarr", str(tmp_path / "remote.csv"))
+    assert vn.pipeline.run(remote, echo=None).status == "done"
+    vn.pipeline.run(spec(str(tmp_path / "in" / "*.nii*"), str(tmp_path / "norm.zarr"), str(tmp_path / "local.csv")), echo=None)
+    assert np.array_equal(vn.open_zarr(f"{bucket}/norm.zarr").values, vn.open_zarr(tmp_path / "norm.zarr").values)
+    rows = [(tmp_path / f).read_text().splitlines()[2:] for f in ("remote.csv", "local.csv")]  # after the digest and the header
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    again = vn.pipeline.run(remote, echo=None)
+    assert again.status == "up to date" and not again.written
+    with pytest.raises(ValueError, match="only the output store may be a URL"):
+        vn.pipeline.run({**remote, "outputs": {"images": True, "statistics": {"path": f"{bucket}/s.csv"}}}, echo=None)

@@ -230,6 +230,11 @@ def location(where: Any, storage_options: dict | None = None) -> Path | Remote:
     return Path(os.fspath(where))
 
 
+def zarr_target(where: Path | Remote, *, read_only: bool = True) -> Any:
+    """What ``zarr.open_group`` takes for a place: a local path as is, a URL's zarr store."""
+    return where.zarr_store(read_only=read_only) if isinstance(where, Remote) else where
+
+
 def glob(pattern: str, storage_options: dict | None = None) -> list[Remote]:
     """The objects matching a URL glob (``s3://bucket/cohort/*.nii.gz``), sorted, by listing.
 

@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from volnorm.io.location import zarr_target
 from volnorm.io.store import read_manifest
 from volnorm.stats import summarize, summary_graph
 from volnorm.voxel import accumulate
@@ -71,7 +72,7 @@ def written_statistics(store: Path, digest_: str) -> list[dict[str, Any]] | None
         if len(rows) != len(m.get("volumes", [])):
             return None
     else:
-        root = zarr.open_group(store, mode="r", zarr_format=3)
+        root = zarr.open_group(zarr_target(store), mode="r", zarr_format=3)
         rows = [root[name].attrs.get("volnorm", {}).get("statistics") for name in m.get("volumes", [])]
     if not rows or any(not r or r.get("digest") != digest_ for r in rows):
         return None

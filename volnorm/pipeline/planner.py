@@ -14,7 +14,8 @@ from volnorm._utils import plain_name
 from volnorm.conversion import validate_inputs
 from volnorm.engine import default_scheduler
 from volnorm.engine.faults import format_size
-from volnorm.io.nifti import expand_paths
+from volnorm.io.location import Remote, is_url, location
+from volnorm.io.nifti import expand_paths, file_stamp
 from volnorm.io.readers import unique_names
 from volnorm.io.store import digest, read_manifest
 from volnorm.pipeline.spec import Spec, SpecError, load_spec
@@ -28,9 +29,9 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
 
 
-def _identity(p: Path) -> list[Any]:
-    st = p.stat()
-    return [str(p), st.st_size, st.st_mtime_ns]
+def _identity(p: Path | Remote) -> list[Any]:
+    size, mtime_ns = file_stamp(p)
+    return [str(p), size, mtime_ns]
 
 
 def _store_identity(p: Path) -> list[Any]:
@@ -47,16 +48,17 @@ def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int, list[str
     inp = spec["input"]
     if "nifti" in inp:
         infos = validate_inputs(expand_paths(inp["nifti"]))
-        files = [Path(i.path) for i in infos]
+        files = [i.path if isinstance(i.path, Remote) else Path(i.path) for i in infos]
         voxels = max((math.prod(i.shape[:3]) for i in infos), default=0)
         return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos), unique_names(infos), voxels
     if "images" in inp:
         files = expand_paths(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
         return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files), ["image"], 0
-    store = Path(inp["store"])
+    store = location(inp["store"])
     if not (store / "zarr.json").exists():
         raise FileNotFoundError(f"{store}: no volnorm store here (input.store)")
-    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    size = (sum(store.fs.du(store.path, total=False).values()) if isinstance(store, Remote)
+            else sum(f.stat().st_size for f in store.rglob("*") if f.is_file()))
     m = read_manifest(store) or {}
     names = ["image"] if m.get("kind") == "images" else [str(v) for v in m.get("volumes") or []]
     return "store", [store], [_store_identity(store)], size, names, _store_voxels(store, names)
@@ -221,6 +223,11 @@ def check_output_dirs(spec: Spec) -> None:
     if "params" in outs:
         named.append(("outputs.params", outs["params"]))
     for key, path in named:
+        if is_url(path):
+            if key != "output.store":
+                raise ValueError(f"{spec.source}: {key} {path}: only the output store may be a URL; write this file locally")
+            location(path).check_bucket()
+            continue
         parent = Path(path).parent
         if not parent.is_dir():
             raise FileNotFoundError(f"{spec.source}: {key} {path}: the directory {parent} does not exist (create it first)")
@@ -230,7 +237,10 @@ def status(spec: Spec, p: dict[str, Any], overwrite: bool) -> dict[str, bool]:
     """Which outputs are already up to date; raise if one exists from another spec or input."""
     outs = spec["outputs"]
     done: dict[str, bool] = {}
-    store = Path(spec["output"]["store"])
+    store = location(spec["output"]["store"])
+    if "voxel_histogram" in outs and isinstance(store, Remote):
+        raise ValueError(f"{spec.source}: outputs.voxel_histogram into a store at a URL ({store}) is not supported yet; "
+                         "write the store locally (or run the histogram from the URL store into a local one)")
     if outs["images"] or "voxel_histogram" in outs:
         m = read_manifest(store) if store.exists() else None
         mine = (m or {}).get("pipeline", {}).get("digest")

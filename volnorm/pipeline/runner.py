@@ -20,7 +20,9 @@ from volnorm import _dims
 from volnorm.engine import ClusterLostError, Engine, RunStalledError, current, eager_roots, faults, running
 from volnorm.engine.faults import PoisonInputError, WorkerMemoryError
 from volnorm.io.readers import open_images, open_mask, open_nifti, open_zarr
-from volnorm.io.store import Staging, read_manifest
+from volnorm.io.location import is_url, location
+from volnorm.io.objectstore import staging_for
+from volnorm.io.store import read_manifest
 from volnorm.io.writers import write_staged
 from volnorm.pipeline.outputs import atomic_write, statistics_alongside, write_statistics, write_voxel_histogram, written_statistics
 from volnorm.pipeline.planner import MASK_GROUP, THREADS_PER_WORKER, chunk_mib, describe, plan, status
@@ -229,8 +231,8 @@ def _lock_output(spec: Spec, p: dict, done: Mapping[str, bool], overwrite: bool)
     not after its cluster has started. Release it when the run ends."""
     if done.get("images", True):
         return None
-    staging = Staging(Path(spec["output"]["store"]), {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite,
-                      inputs=[Path(f) for f in p["files"]])
+    staging = staging_for(spec["output"]["store"], {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite,
+                          inputs=[f if is_url(f) else Path(f) for f in p["files"]])
     staging.check_output()
     staging._acquire()
     return staging
@@ -239,7 +241,7 @@ def _lock_output(spec: Spec, p: dict, done: Mapping[str, bool], overwrite: bool)
 def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, show: bool, say: Callable[[str], None],
          staging: Any = None) -> None:
     outs = spec["outputs"]
-    store = Path(spec["output"]["store"])
+    store = location(spec["output"]["store"])
     data = open_input(spec)
     mask: Any = _UNSET  # made with the steps (with mask.after: from that step's output)
     fitted = load_history(spec["params_from"]) if "params_from" in spec.data else None
@@ -263,9 +265,10 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             staging.update_manifest(pipeline_fitted=history)
             t0 = time.perf_counter()
             along = statistics_alongside(out, outs["statistics"], mask, p["digests"]["statistics"]) if "statistics" in outs and not done.get("statistics") else None
-            write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along, beside=fields,
-                         levels=spec["output"].get("levels", 1), downsample=spec["output"].get("downsample"),
-                         manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
+            with staging.named_errors():
+                write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along, beside=fields,
+                             levels=spec["output"].get("levels", 1), downsample=spec["output"].get("downsample"),
+                             manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
             say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
             result.written.append(str(store))
         finally:
