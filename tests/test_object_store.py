@@ -117,6 +117,9 @@ def test_overwrite_replaces_only_a_volnorm_store(s3, bucket):
         vn.to_zarr(_anat() + 1, url, storage_options=s3.storage_options)
     vn.to_zarr(_anat() + 1, url, storage_options=s3.storage_options, overwrite=True)
     assert np.array_equal(vn.open_zarr(url, storage_options=s3.storage_options).values, _anat().values + 1)
+    # a store deleted by hand leaves no object, only the server's empty "folders": writable again
+    s3.filesystem().rm(url.removeprefix("s3://"), recursive=True)
+    vn.to_zarr(_anat(), url, storage_options=s3.storage_options)
 
 
 def test_a_store_without_the_marker_is_refused(s3, bucket):

@@ -137,9 +137,13 @@ class Remote:
         return bool(self.fs.exists(self.path))
 
     def is_prefix(self) -> bool:
-        """Whether any object lies under this URL as a prefix."""
+        """Whether any object lies under this URL as a prefix (objects only: SeaweedFS keeps
+        and lists the empty "folders" of deleted objects, which a listing by delimiter took for
+        objects, refusing to write where a deleted store had been)."""
+        self.fs.invalidate_cache(self.path)
         try:
-            return bool(self.fs.ls(self.path, detail=False, refresh=True))
+            found = self.fs.find(self.path, withdirs=False, detail=True)
+            return any(info.get("type") != "directory" for info in found.values())
         except (FileNotFoundError, NotADirectoryError):
             return False
 
