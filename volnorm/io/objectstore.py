@@ -69,6 +69,7 @@ class RemoteStaging(Staging):
         self.resumed = False
         self._locked = False
         self._token = secrets.token_hex(8)
+        self._started = now()  # kept by the lease renewals
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -102,7 +103,7 @@ class RemoteStaging(Staging):
         return self.final.parent / f".{self.final.name}.volnorm-lock"
 
     def _lock_body(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token, "started": now(),
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token, "started": self._started,
                            "lease_until": time.time() + LEASE_SECONDS}).encode()
 
     def _acquire(self) -> None:
@@ -122,7 +123,7 @@ class RemoteStaging(Staging):
                 raise FileExistsError(
                     f"{self.final}: another volnorm run (pid {other.get('pid')} on {other.get('host')}, started "
                     f"{other.get('started')}) is writing this output; wait for it to finish, or delete {lock} if that "
-                    f"run is dead (a lock not renewed for {LEASE_SECONDS:.0f} s is taken over by itself)."
+                    f"run is dead (a lock whose lease ended {LEASE_SECONDS:.0f} s ago is taken over by itself)."
                 ) from None
             self._locked = True
             self._stop.clear()
