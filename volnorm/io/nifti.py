@@ -25,6 +25,7 @@ Fortran-order (i, j, k, t) becomes C-order (t, z, y, x).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -34,7 +35,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,8 +319,16 @@ def _expand_url(url: Any, suffixes: Sequence[str], what: str, storage_options: d
 # ---------------------------------------------------------------------------
 
 
-def _open_raw(path: Path | Remote, compressed: bool):
-    return gzip.open(open_file(path, stream=True), "rb") if compressed else open_file(path)
+@contextlib.contextmanager
+def _open_raw(path: Path | Remote, compressed: bool) -> Iterator[Any]:
+    """The file's bytes, decompressed when ``compressed``; the file is closed afterwards (a
+    ``GzipFile`` over a file object does not close it)."""
+    with open_file(path, stream=compressed) as f:
+        if not compressed:
+            yield f
+            return
+        with gzip.open(f, "rb") as g:
+            yield g
 
 
 def open_file(path: str | os.PathLike | Remote, *, stream: bool = False) -> Any:
@@ -327,12 +336,13 @@ def open_file(path: str | os.PathLike | Remote, *, stream: bool = False) -> Any:
 
     A URL is read with HTTP range requests: ``stream=False`` fetches exactly the bytes each
     read asks for (a chunk of a .nii), ``stream=True`` reads ahead 8 MiB blocks (a .nii.gz
-    decompressed front to back, one block in flight)."""
+    decompressed front to back, one block in flight); a local stream is unbuffered (its reader
+    asks for large blocks: a buffer would only copy them)."""
     if isinstance(path, Remote):
         if stream:
             return path.fs.open(path.path, "rb", block_size=8 * 2**20, cache_type="readahead")
         return path.fs.open(path.path, "rb", cache_type="none")
-    return open(path, "rb")
+    return open(path, "rb", buffering=0) if stream else open(path, "rb")
 
 
 def file_stamp(path: str | os.PathLike | Remote) -> tuple[int, int]:
@@ -687,7 +697,7 @@ class NiftiArray:
         raw = np.empty(math.prod(self.fshape), dtype=self.raw_dtype)
         buf = memoryview(raw.view(np.uint8))
         try:
-            with (open_file(path, stream=True) if isinstance(path, Remote) else open(path, "rb", buffering=0)) as f:
+            with open_file(path, stream=True) as f:
                 stream = open_stream(f, True, limit=info.needed_bytes, block=4 * 2**20)
                 if stream.read(info.offset) != info.header_bytes:
                     raise _fail(path, "the header changed on disk since it was opened")

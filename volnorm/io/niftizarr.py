@@ -366,7 +366,7 @@ def ingest_nifti(
     pyr = SlabLevels(level_arrays(grp), shape, info.dims, chunks, downsample)
     acc: dict[str, Any] = {"min": None, "max": None, "nan": 0, "posinf": 0, "neginf": 0}
     raw = info.raw_dtype
-    with open_file(path, stream=True) if isinstance(path, Remote) else open(path, "rb", buffering=0) as f:
+    with open_file(path, stream=True) as f:
         hashing = _HashingReader(f)
         # a .nii.gz must decompress to exactly the bytes the header needs: stop at the first byte more
         stream = open_stream(hashing, info.compressed, limit=info.offset + info.data_bytes)
