@@ -139,15 +139,20 @@ def test_narrow_volume_gets_its_own_bins(sources):
 def test_hypothesis_floats(a, method, chunks):
     x = xr.DataArray(a, dims=("volume", "y", "x")).chunk(chunks)
     for dim, parts in ((None, [a]), (("y", "x"), list(a))):
+        refs = [None if part.min() == part.max() else reference(method, part) for part in parts]
+        if any(isinstance(r, type) for r in refs):  # scikit-image refuses an image (e.g. 256 bins
+            with pytest.raises(ValueError):  # over a subnormal range): so do we, for the whole call
+                vn.threshold(x, method, dim=dim).values
+            continue
         got = vn.threshold(x, method, dim=dim).values.reshape(-1)
-        for g, part in zip(got, parts):
-            if part.min() == part.max():
+        for g, part, ref in zip(got, parts, refs):
+            if ref is None:
                 assert g == part.min()  # scikit-image returns a constant image's value
                 continue
-            ref = reference(method, part)
-            if isinstance(ref, type):
-                continue
             if method == "li":
+                if np.isnan(ref[0]) and part.dtype == np.float32 and np.ptp(part) < np.finfo(np.float32).tiny:
+                    assert part.min() <= g <= part.max()  # documented: scikit-image's float32 li is NaN here
+                    continue
                 # exact sums; the stopping gap is searched within chunks (see vn.threshold)
                 np.testing.assert_allclose(g, ref[0], rtol=1e-4, atol=1e-3 * float(np.ptp(part)))
             else:

@@ -157,8 +157,9 @@ def threshold(
     for dtype. ``li`` on integers iterates on the histogram as scikit-image does; on floats it
     iterates on the values, as scikit-image does, with exact sums over the voxels above and below
     each iterate (one pass per iteration). Where it differs: scikit-image computes float32 data's
-    means and iterates in float32 (volnorm in float64; measured relative difference up to 4e-6),
-    and stops once a step is within half the smallest gap between distinct values, which volnorm
+    means and iterates in float32 (volnorm in float64; measured relative difference up to 4e-6;
+    on float32 data whose range is subnormal, below 1.2e-38, scikit-image's float32 arithmetic
+    gives NaN where volnorm gives a threshold inside the range), and stops once a step is within half the smallest gap between distinct values, which volnorm
     finds inside each chunk and on either side of each iterate (the dataset's smallest gap would
     need a sort of it); when the smallest gap lies only between chunks, volnorm may take one step
     fewer. ``mean`` is the mean of the valid voxels from merged float64 moments: scikit-image's
