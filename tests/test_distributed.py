@@ -120,3 +120,62 @@ def test_per_volume_float_quantiles_of_many_volumes_on_a_cluster(cluster_client,
     got = np.stack([s[f"q{q:g}"].values for q in qs], axis=1)
     ref = np.stack([np.quantile(v.astype(np.float64), qs) for v in x.values])
     np.testing.assert_array_equal(got, ref)
+
+
+
+def test_a_graph_goes_to_a_cluster_with_only_the_tasks_it_needs(cohort, cluster_client, monkeypatch):
+    """dask culls before it fuses, layer by layer, and a stack of the volumes keeps every key:
+    fusion left each volume not needed as an alias of a fused task. The writers compute two
+    batches at once, each graph held the other's volumes as aliases, and the scheduler lost a
+    fused key (a KeyError in about half the runs of the scaling notebook; a race). This checks
+    its cause on the pipeline's own graphs: every task sent is one the results need."""
+    from dask._task_spec import convert_legacy_graph, cull
+    from dask.core import flatten
+
+    sent: list[tuple[int, int]] = []
+    compute = type(cluster_client).compute
+
+    def recording(self, collections, *args, **kwargs):
+        for c in collections:
+            dsk = convert_legacy_graph(dict(c.__dask_graph__()))
+            sent.append((len(dsk), len(cull(dsk, list(flatten(c.__dask_keys__()))))))
+        return compute(self, collections, *args, **kwargs)
+
+    monkeypatch.setattr(type(cluster_client), "compute", recording)
+    spec = {"version": 1, "input": {"nifti": [str(p) for p in cohort]}, "mask": {"threshold": {"method": "otsu", "per": "volume"}},
+            "steps": [{"rescale": {"percentiles": [1, 99], "out_range": "uint16"}}], "output": {"store": str(cohort[0].parent / "culled.zarr")},
+            "outputs": {"statistics": {"path": str(cohort[0].parent / "culled.csv")}}, "engine": {"progress": False}}
+    try:
+        monkeypatch.setattr("volnorm.io.writers.WRITE_BATCH_BYTES", 2 * vn.open_nifti(cohort[0]).nbytes)  # several batches
+        vn.pipeline.run(spec, client=cluster_client, echo=None)
+    finally:
+        import shutil
+
+        shutil.rmtree(cohort[0].parent / "culled.zarr", ignore_errors=True)
+        (cohort[0].parent / "culled.csv").unlink(missing_ok=True)
+    assert sent and all(n == needed for n, needed in sent), sent
+
+
+def test_a_closing_worker_keeps_quiet_about_its_own_heartbeat_race():
+    """QuietClose drops the heartbeat error only while the worker closes itself."""
+    import logging
+
+    from volnorm.engine.clusters import QuietClose
+
+    class Worker:
+        status = "Status.running"
+
+    w = Worker()
+    log = logging.getLogger("distributed.worker")
+    before = list(log.filters)
+    QuietClose().setup(w)
+    try:
+        (quiet,) = [f for f in log.filters if f not in before]
+        record = logging.LogRecord("distributed.worker", logging.ERROR, "", 0, "Failed to communicate with scheduler during heartbeat.", (), None)
+        assert quiet(record)  # a running worker that cannot reach its scheduler: said
+        w.status = "Status.closing"
+        assert not quiet(record)
+        other = logging.LogRecord("distributed.worker", logging.ERROR, "", 0, "Compute Failed", (), None)
+        assert quiet(other)
+    finally:
+        log.removeFilter(quiet)

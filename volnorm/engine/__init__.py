@@ -36,7 +36,7 @@ import dask
 from dask.diagnostics import ProgressBar
 
 from volnorm.engine.address import ENCRYPTED_SCHEMES, InsecureSchedulerError, check_address, is_loopback
-from volnorm.engine.clusters import JOB_EXTRAS, WORKER_ENV, HeapTrim, eager_roots, import_keeping_sigint, job_cluster, local_cluster, usable_cpus
+from volnorm.engine.clusters import JOB_EXTRAS, WORKER_ENV, HeapTrim, QuietClose, eager_roots, import_keeping_sigint, job_cluster, local_cluster, usable_cpus
 from volnorm.engine.faults import ClusterLostError, RunStalledError, is_lost, watchdog
 
 logger = logging.getLogger(__name__)
@@ -341,12 +341,32 @@ def progress_bar(total: float, desc: str, *, show: bool = True, unit: str = "B")
 
 
 def _on_client(client: Any, targets: tuple, progress: bool) -> list:
-    futs = client.compute(list(targets))
+    futs = client.compute([_culled(t) for t in dask.optimize(*targets)], optimize_graph=False)
     if progress:
         from distributed import progress as dprogress
 
         dprogress(futs)
     return list(client.gather(futs))
+
+
+def _culled(target: Any) -> Any:
+    """``target`` (optimized: blockwise and low-level fusion done) over the tasks its keys need.
+
+    dask culls before it fuses, layer by layer; a layer whose dependencies it does not know (a
+    stack of the input's volumes) keeps every key, and fusion then leaves each unused one as an
+    alias of a fused task. The writers compute two batches at once: both graphs held every
+    volume's alias, one batch's alias and the other's task under the same key, and the scheduler
+    lost the fused key (a KeyError in half the runs of the scaling notebook). Culled after
+    fusion, a batch's graph holds its own volumes' tasks only.
+    """
+    if not dask.is_dask_collection(target):
+        return target
+    from dask._task_spec import cull, convert_legacy_graph
+    from dask.core import flatten
+
+    dsk = cull(convert_legacy_graph(dict(target.__dask_graph__())), list(flatten(target.__dask_keys__())))
+    rebuild, args = target.__dask_postpersist__()
+    return rebuild(dsk, *args)
 
 
 def dispatch(dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -560,6 +580,7 @@ def _start(scheduler: Any, allow_insecure: bool, n_workers: int | None, memory_l
                 job.scale(jobs=int(jobs))
             with Client(job, set_as_default=False) as client:
                 client.register_plugin(HeapTrim())  # the workers to come get it too
+                client.register_plugin(QuietClose())
                 client.wait_for_workers(int(min_workers), timeout=float(wait))
                 n = len(client.scheduler_info()["workers"])
                 yield f"{scheduler} cluster {client.scheduler.address}, {n} workers so far" + _dashboard(client), client

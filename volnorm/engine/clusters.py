@@ -78,6 +78,29 @@ class HeapTrim(WorkerPlugin):  # type: ignore[misc,valid-type]
             self._callback.stop()
 
 
+class QuietClose(WorkerPlugin):  # type: ignore[misc,valid-type]
+    """Drop the one error a closing worker logs about itself: a heartbeat in flight when its
+    own connection pool closes ("Failed to communicate with scheduler during heartbeat",
+    ``CommClosedError: ConnectionPool closing``, a distributed race at shutdown). It printed a
+    traceback at the end of a successful ``volnorm stats``; the same message from a worker
+    that is not closing (a scheduler really gone) is kept. Registered where :class:`HeapTrim` is.
+
+    Examples
+    --------
+    >>> client.register_plugin(QuietClose())  # doctest: +SKIP
+    """
+
+    name = "volnorm-quiet-close"
+
+    def setup(self, worker: Any) -> None:
+        def closing_heartbeat(record: logging.LogRecord) -> bool:
+            heartbeat = record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
+            return not (heartbeat and str(getattr(worker, "status", "")).endswith(("closing", "closed", "closing_gracefully")))
+
+        # kept until the process ends (not removed at teardown: the heartbeat races it)
+        logging.getLogger("distributed.worker").addFilter(closing_heartbeat)
+
+
 @contextlib.contextmanager
 def eager_roots(client: Any) -> Iterator[bool]:
     """Inside the block, the scheduler of a cluster volnorm started sends every ready root task
@@ -204,6 +227,7 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
         )
     client = Client(cluster, set_as_default=False)
     client.register_plugin(HeapTrim())
+    client.register_plugin(QuietClose())
     return client
 
 
