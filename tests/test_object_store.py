@@ -25,7 +25,7 @@ import xarray as xr
 
 import volnorm as vn
 from volnorm.io.location import Remote, is_url, location
-from volnorm.io.manifest import IncompleteStoreError
+from volnorm.io.manifest import IncompleteStoreError, read_manifest
 from volnorm.io.objectstore import LEASE_SECONDS, RemoteStaging
 from volnorm.testing import S3Server, _venv_weed
 
@@ -338,3 +338,36 @@ def test_a_workflow_spec_with_both_ends_in_buckets_equals_it_on_disk(s3, bucket,
     assert again.status == "up to date" and not again.written
     with pytest.raises(ValueError, match="only the output store may be a URL"):
         vn.pipeline.run({**remote, "outputs": {"images": True, "statistics": {"path": f"{bucket}/s.csv"}}}, echo=None)
+
+
+def test_a_yaml_spec_carries_storage_options_and_never_shows_them(s3, bucket, tmp_path):
+    """``input.storage_options`` / ``output.storage_options`` in a YAML spec, no AWS variable
+    set: ``volnorm run`` reads and writes the buckets; the secret is in no output and nowhere in
+    the store (its provenance keeps the option names only); other options for the same data
+    leave the run up to date; options beside a local path are refused at load."""
+    import yaml
+
+    files = vn.datasets.make_cohort(tmp_path / "in", n_subjects=2, shape=(16, 18, 12), seed=4)
+    _upload(s3, files, f"{bucket}/raw")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    spec = {"version": 1, "input": {"nifti": f"{bucket}/raw/*.nii", "storage_options": s3.storage_options},
+            "steps": ["zscore"], "output": {"store": f"{bucket}/z.zarr", "storage_options": s3.storage_options},
+            "engine": {"scheduler": "threads", "progress": False}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    exe = [sys.executable, "-m", "volnorm", "run", str(path)]
+    for status in ("done", "up to date"):
+        r = subprocess.run(exe, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert status in r.stdout + r.stderr and s3.secret not in r.stdout + r.stderr, (r.stdout, r.stderr)
+        spec["input"]["storage_options"] = {**s3.storage_options, "use_listings_cache": False}  # not part of the plan
+        path.write_text(yaml.safe_dump(spec))
+    fs = s3.filesystem()
+    metadata = [fs.cat(f) for f in fs.find(f"{bucket}/z.zarr") if not f.rsplit("/", 1)[-1][0].isdigit()]
+    assert metadata and not any(s3.secret.encode() in m for m in metadata)
+    kept = vn.open_zarr(f"{bucket}/z.zarr", storage_options=s3.storage_options)
+    assert "<redacted>" in json.dumps(read_manifest(Remote(f"{bucket}/z.zarr", s3.storage_options))["pipeline"]["spec"])
+    ref = vn.pipeline.run({**spec, "input": {"nifti": str(tmp_path / "in" / "*.nii")}, "output": {"store": str(tmp_path / "z.zarr")}}, echo=None)
+    assert ref.status == "done" and np.array_equal(kept.values, vn.open_zarr(tmp_path / "z.zarr").values)
+    with pytest.raises(vn.pipeline.SpecError, match="output.storage_options are for URLs"):
+        vn.pipeline.load_spec({**spec, "output": {"store": "local.zarr", "storage_options": {"anon": True}}})

@@ -47,14 +47,14 @@ def _inputs(spec: Spec) -> tuple[str, list[Path], list[list[Any]], int, list[str
     3-D volume (NIfTI input; else 0). Reads headers only."""
     inp = spec["input"]
     if "nifti" in inp:
-        infos = validate_inputs(expand_paths(inp["nifti"]))
+        infos = validate_inputs(expand_paths(inp["nifti"], storage_options=spec.options("input")))
         files = [i.path if isinstance(i.path, Remote) else Path(i.path) for i in infos]
         voxels = max((math.prod(i.shape[:3]) for i in infos), default=0)
         return "nifti", files, [_identity(f) for f in files], sum(i.data_bytes for i in infos), unique_names(infos), voxels
     if "images" in inp:
         files = expand_paths(inp["images"], suffixes=(".png", ".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".bmp"), what="image")
         return "images", files, [_identity(f) for f in files], sum(f.stat().st_size for f in files), ["image"], 0
-    store = location(inp["store"])
+    store = spec.store("input")
     if not (store / "zarr.json").exists():
         raise FileNotFoundError(f"{store}: no volnorm store here (input.store)")
     size = (sum(store.fs.du(store.path, total=False).values()) if isinstance(store, Remote)
@@ -130,7 +130,7 @@ def plan(spec: str | os.PathLike | Mapping[str, Any] | Spec) -> dict[str, Any]:
         pf = Path(spec["params_from"])
         params_id = _store_identity(pf) if pf.is_dir() else _identity(pf)
     core = {
-        "input": {k: v for k, v in spec["input"].items()}, "identity": ident, "mask": mask,
+        "input": {k: v for k, v in spec["input"].items() if k != "storage_options"}, "identity": ident, "mask": mask,
         "steps": spec["steps"], "params_from": params_id, "codec": spec["output"]["codec"],
     }
     levels = spec["output"].get("levels", 1)
@@ -226,7 +226,7 @@ def check_output_dirs(spec: Spec) -> None:
         if is_url(path):
             if key != "output.store":
                 raise ValueError(f"{spec.source}: {key} {path}: only the output store may be a URL; write this file locally")
-            location(path).check_bucket()
+            spec.store("output").check_bucket()
             continue
         parent = Path(path).parent
         if not parent.is_dir():
@@ -237,7 +237,7 @@ def status(spec: Spec, p: dict[str, Any], overwrite: bool) -> dict[str, bool]:
     """Which outputs are already up to date; raise if one exists from another spec or input."""
     outs = spec["outputs"]
     done: dict[str, bool] = {}
-    store = location(spec["output"]["store"])
+    store = spec.store("output")
     if "voxel_histogram" in outs and isinstance(store, Remote):
         raise ValueError(f"{spec.source}: outputs.voxel_histogram into a store at a URL ({store}) is not supported yet; "
                          "write the store locally (or run the histogram from the URL store into a local one)")

@@ -26,7 +26,7 @@ from volnorm.io.store import read_manifest
 from volnorm.io.writers import write_staged
 from volnorm.pipeline.outputs import atomic_write, statistics_alongside, write_statistics, write_voxel_histogram, written_statistics
 from volnorm.pipeline.planner import MASK_GROUP, THREADS_PER_WORKER, chunk_mib, describe, plan, status
-from volnorm.pipeline.spec import Spec, load_spec, steps_before_mask
+from volnorm.pipeline.spec import Spec, load_spec, public, steps_before_mask
 from volnorm.pipeline.steps import load_history, replay, run_steps
 from volnorm.transforms import threshold
 
@@ -63,11 +63,11 @@ def open_input(spec: Spec) -> xr.DataArray:
     inp = spec["input"]
     chunks = chunk_mib(spec["engine"], inp.get("chunks"))
     if "nifti" in inp:
-        data = open_nifti(inp["nifti"], chunks=chunks)
+        data = open_nifti(inp["nifti"], chunks=chunks, storage_options=spec.options("input"))
     elif "images" in inp:
         data = open_images(inp["images"], chunks=chunks if isinstance(chunks, (dict, tuple)) else None)
     else:
-        data = open_zarr(inp["store"])
+        data = open_zarr(inp["store"], storage_options=spec.options("input"))
     if isinstance(data, xr.DataTree):
         raise ValueError(f"{spec.source}: the inputs have different shapes; a pipeline needs volumes on one grid (register them first)")
     return data
@@ -231,8 +231,8 @@ def _lock_output(spec: Spec, p: dict, done: Mapping[str, bool], overwrite: bool)
     not after its cluster has started. Release it when the run ends."""
     if done.get("images", True):
         return None
-    staging = staging_for(spec["output"]["store"], {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite,
-                          inputs=[f if is_url(f) else Path(f) for f in p["files"]])
+    staging = staging_for(spec.store("output"), {"kind": "pipeline", "digest": p["digest"]}, overwrite=overwrite,
+                          inputs=[location(f, spec.options("input")) if is_url(f) else Path(f) for f in p["files"]])
     staging.check_output()
     staging._acquire()
     return staging
@@ -241,7 +241,7 @@ def _lock_output(spec: Spec, p: dict, done: Mapping[str, bool], overwrite: bool)
 def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, show: bool, say: Callable[[str], None],
          staging: Any = None) -> None:
     outs = spec["outputs"]
-    store = location(spec["output"]["store"])
+    store = spec.store("output")
     data = open_input(spec)
     mask: Any = _UNSET  # made with the steps (with mask.after: from that step's output)
     fitted = load_history(spec["params_from"]) if "params_from" in spec.data else None
@@ -268,7 +268,7 @@ def _run(spec: Spec, p: dict, done: dict, result: RunResult, overwrite: bool, sh
             with staging.named_errors():
                 write_staged(out, staging, codec=spec["output"]["codec"], steps=history, progress=show, statistics=along, beside=fields,
                              levels=spec["output"].get("levels", 1), downsample=spec["output"].get("downsample"),
-                             manifest={"pipeline": {"digest": p["digest"], "spec": spec.data, "source": spec.source, "inputs": p["files"]}})
+                             manifest={"pipeline": {"digest": p["digest"], "spec": public(spec.data), "source": spec.source, "inputs": p["files"]}})
             say(f"  write: {time.perf_counter() - t0:.1f} s -> {store}")
             result.written.append(str(store))
         finally:

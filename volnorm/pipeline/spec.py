@@ -28,6 +28,7 @@ from typing import Any
 
 from volnorm._utils import plain_name
 from volnorm.engine import check_scheduler
+from volnorm.io.location import Remote, location
 from volnorm.pipeline.steps import NEED_MASK, PIPELINE_STEPS, OptionError, check_options, check_threshold_options
 
 #: Larger specs are refused before parsing (a spec is a page of text).
@@ -87,6 +88,14 @@ class Spec:
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
+
+    def options(self, section: str) -> dict[str, Any] | None:
+        """``input.storage_options`` or ``output.storage_options`` (None when not given)."""
+        return self.data[section].get("storage_options")
+
+    def store(self, section: str) -> Path | Remote:
+        """``input.store`` or ``output.store`` as a local path or a :class:`Remote` with its options."""
+        return location(self.data[section]["store"], self.options(section))
 
 
 def _where(path: str, lines: Mapping[str, int], source: str) -> str:
@@ -234,6 +243,30 @@ def _pair(v: Any) -> list[float]:
     raise ValueError("expected [lo, hi] with lo < hi")
 
 
+def _storage_options(v: Any) -> dict[str, Any]:
+    """``input.storage_options`` / ``output.storage_options``: fsspec options of the URL (its
+    values are never shown: they may hold secrets)."""
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return dict(v)
+    raise ValueError("expected a mapping of fsspec options, e.g. {profile: lab, endpoint_url: 'https://s3.example.org'}")
+
+
+def public(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec's data as provenance and messages may show it: the values of every
+    ``storage_options`` replaced (their keys are kept, so a reader sees which were given).
+
+    Examples
+    --------
+    >>> public({"input": {"nifti": ["s3://b/*.nii"], "storage_options": {"secret": "x", "key": "y"}}})
+    {'input': {'nifti': ['s3://b/*.nii'], 'storage_options': {'secret': '<redacted>', 'key': '<redacted>'}}}
+    """
+    out = {k: (public(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for sec in out.values():
+        if isinstance(sec, dict) and isinstance(sec.get("storage_options"), dict):
+            sec["storage_options"] = {k: "<redacted>" for k in sec["storage_options"]}
+    return out
+
+
 def _positive_int(v: Any) -> int:
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
@@ -341,6 +374,8 @@ SCHEMA: dict[str, Field] = {
         "images": Field(_str_or_list, help="2-D image files (PNG, TIFF, NPY): paths or globs"),
         "store": Field(str, help="a volnorm Zarr store"),
         "chunks": Field(_chunks, help="'auto', MiB per chunk, or {dim: length}"),
+        "storage_options": Field(_storage_options, help="fsspec options of URL inputs (s3://...), e.g. {profile: lab} or "
+                                 "{endpoint_url: ...}; default: the AWS environment variables and config files"),
     }),
     "mask": Field(fields={
         "file": Field(str, help="a NIfTI mask on the input's grid, applied to every volume"),
@@ -352,7 +387,8 @@ SCHEMA: dict[str, Field] = {
     "steps": Field(_steps, default=[], help="transforms, in order, as in the Python API"),
     "params_from": Field(str, help="a previous run's output store (or --save-params JSON): its fitted steps are applied, not refitted"),
     "output": Field(required=True, fields={
-        "store": Field(str, required=True, help="the output Zarr store (NIfTI-Zarr for NIfTI input)"),
+        "store": Field(str, required=True, help="the output Zarr store (NIfTI-Zarr for NIfTI input), a path or a URL"),
+        "storage_options": Field(_storage_options, help="fsspec options of a URL output store, as input.storage_options"),
         "codec": Field(lambda v: v if v in ("lz4", "zstd", "zarr-default", "none") else (_ for _ in ()).throw(
             ValueError("expected lz4, zstd, zarr-default or none")), default="lz4"),
         "levels": Field(_positive_int, help="resolution levels per volume, level 0 included (default 1: no pyramid); "
@@ -517,6 +553,11 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str |
     o = out["outputs"]
     if not (o["images"] or "voxel_histogram" in o or "statistics" in o):
         raise SpecError(f"{_where('outputs', lines, source)}: outputs asks for nothing (images: false and no voxel_histogram or statistics)")
+    for sec, keys in (("input", ("nifti", "images", "store")), ("output", ("store",))):
+        given = [v for k in keys for v in ([out[sec][k]] if isinstance(out[sec].get(k), str) else out[sec].get(k) or [])]
+        if "storage_options" in out[sec] and not all("://" in v and not v.startswith("file://") for v in given):
+            raise SpecError(f"{_where(f'{sec}.storage_options', lines, source)}: {sec}.storage_options are for URLs (s3://...); "
+                            f"{sec} names a local path")
     _resolve_paths(out, root)
     return Spec(out, source, root, lines)
 
