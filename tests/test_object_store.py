@@ -371,3 +371,51 @@ def test_a_yaml_spec_carries_storage_options_and_never_shows_them(s3, bucket, tm
     assert ref.status == "done" and np.array_equal(kept.values, vn.open_zarr(tmp_path / "z.zarr").values)
     with pytest.raises(vn.pipeline.SpecError, match="output.storage_options are for URLs"):
         vn.pipeline.load_spec({**spec, "output": {"store": "local.zarr", "storage_options": {"anon": True}}})
+
+
+def test_a_voxel_histogram_at_a_url_equals_it_on_disk(s3, bucket, tmp_path):
+    """``vn.accumulate`` into a URL: written in place, the marker last; equal to the same on
+    disk; replaced only with overwrite (appending there is refused, naming why); a group whose
+    writer died is refused by readers and replaced; foreign objects are never touched; a held
+    lock refuses a second writer. A spec's ``outputs.voxel_histogram`` into a bucket's store
+    equals the same spec on disk."""
+    so = s3.storage_options
+    files = vn.datasets.make_cohort(tmp_path / "in", n_subjects=4, shape=(16, 18, 12), seed=9)
+    x = vn.open_nifti(files)
+    url = f"{bucket}/h.zarr"
+    got = vn.accumulate(url, x.isel(volume=[0, 1]), bins=16, range=(0, 40000), storage_options=so)
+    ref = vn.accumulate(tmp_path / "h.zarr", x.isel(volume=[0, 1]), bins=16, range=(0, 40000))
+    xr.testing.assert_identical(got.drop_attrs(), ref.drop_attrs())
+    assert got.attrs["n_volumes"] == 2 and got.attrs["format"] == ref.attrs["format"]
+    assert vn.verify(f"{url}/voxel_histogram", storage_options=so).ok
+    with pytest.raises(ValueError, match="adding to a per-voxel histogram at a URL is not supported"):
+        vn.accumulate(url, x.isel(volume=[2]), storage_options=so)
+    got = vn.accumulate(url, x.isel(volume=[2, 3]), bins=16, range=(0, 40000), storage_options=so, overwrite=True)
+    ref = vn.accumulate(tmp_path / "h2.zarr", x.isel(volume=[2, 3]), bins=16, range=(0, 40000))
+    xr.testing.assert_identical(got.drop_attrs(), ref.drop_attrs())
+    # a writer killed before its marker: readers refuse the group, the next writer replaces it
+    fs = s3.filesystem()
+    meta = json.loads(fs.cat(f"{url}/voxel_histogram/zarr.json"))
+    meta["attributes"]["format"] += "/incomplete"
+    fs.pipe(f"{url}/voxel_histogram/zarr.json", json.dumps(meta).encode())
+    with pytest.raises(ValueError, match="incomplete per-voxel histogram"):
+        vn.open_voxel_histogram(url, storage_options=so)
+    got = vn.accumulate(url, x.isel(volume=[0, 1]), bins=16, range=(0, 40000), storage_options=so)
+    assert got.attrs["n_volumes"] == 2
+    fs.pipe(f"{bucket}/other.zarr/voxel_histogram/zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(FileExistsError, match="not a volnorm per-voxel histogram"):
+        vn.accumulate(f"{bucket}/other.zarr", x, bins=16, range=(0, 40000), storage_options=so, overwrite=True)
+    assert fs.exists(f"{bucket}/other.zarr/voxel_histogram/zarr.json")
+    lock = Remote(f"{url}/.voxel_histogram.volnorm-lock", so)
+    lock.write_bytes(json.dumps({"host": "elsewhere", "pid": 1, "lease_until": time.time() + LEASE_SECONDS}).encode())
+    with pytest.raises(FileExistsError, match="another volnorm run"):
+        vn.accumulate(url, x, bins=16, range=(0, 40000), storage_options=so, overwrite=True)
+    lock.unlink()
+    spec = {"version": 1, "input": {"nifti": [str(f) for f in files]}, "steps": ["zscore"],
+            "output": {"store": f"{bucket}/vh.zarr", "storage_options": so},
+            "outputs": {"voxel_histogram": {"bins": 8, "range": [-3, 3]}}, "engine": {"scheduler": "threads", "progress": False}}
+    assert vn.pipeline.run(spec, echo=None).status == "done"
+    vn.pipeline.run({**spec, "output": {"store": str(tmp_path / "vh.zarr")}}, echo=None)
+    xr.testing.assert_identical(vn.open_voxel_histogram(f"{bucket}/vh.zarr", storage_options=so).drop_attrs(),
+                                vn.open_voxel_histogram(tmp_path / "vh.zarr").drop_attrs())
+    assert vn.pipeline.run(spec, echo=None).status == "up to date"

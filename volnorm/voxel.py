@@ -8,16 +8,19 @@ the grid (affine, shape) and the inputs already counted. Calling it again with n
 volumes adds their counts to the stored ones without reading the old inputs again, and
 refuses inputs already counted, another grid or other bins. The new version is written
 beside the old one and swapped in by a rename, so an interrupted call leaves the previous
-histogram intact.
+histogram intact. At an object-store URL nothing can be renamed: the group is written in
+place, its format marker last (:func:`accumulate`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,9 @@ from volnorm._kernels import EXTRA as EXTRA_NAMES
 from volnorm._utils import plain_name
 from volnorm.engine import compute
 from volnorm.integrity import checked_store, seal
+from volnorm.io.location import Remote, location
 from volnorm.io.nifti import header_from_bytes
+from volnorm.io.objectstore import LeaseLock
 from volnorm.io.readers import open_nifti
 from volnorm.io.store import encoding, now, pid_alive, read_attributes, read_manifest, versions
 
@@ -45,6 +50,8 @@ __all__ = ["accumulate", "open_voxel_histogram"]
 
 #: Format marker of the group's attrs.
 FORMAT = "volnorm-voxel-histogram/1"
+#: The marker of a group at a URL while it is written (in place, the marker last).
+WRITING = FORMAT + "/incomplete"
 
 
 def _grid(stack: xr.DataArray) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def _lock(path: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram") -> xr.DataArray:
+def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram", *, storage_options: dict | None = None) -> xr.DataArray:
     """Open a stored per-voxel histogram lazily, as :func:`volnorm.histogram` returns it.
 
     ``attrs`` hold the grid (``dims``, ``shape``, ``affine``), ``n_volumes``, the
@@ -127,9 +134,11 @@ def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram"
     Parameters
     ----------
     store : str or os.PathLike
-        The directory holding the histogram (as given to :func:`accumulate`).
+        The directory holding the histogram (as given to :func:`accumulate`), or a URL.
     name : str
         The histogram's Zarr group in ``store``.
+    storage_options : dict, optional
+        fsspec options of a URL (default: the AWS environment variables and config files).
 
     Returns
     -------
@@ -148,11 +157,13 @@ def open_voxel_histogram(store: str | os.PathLike, name: str = "voxel_histogram"
     >>> h.sizes["bin"], h.attrs["n_volumes"]
     (16, 1)
     """
-    path = Path(store) / name
+    path = location(store, storage_options) / name
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(f"{path}: no per-voxel histogram here (vn.accumulate writes one)")
 
     ds = xr.open_zarr(checked_store(path), consolidated=False, zarr_format=3)  # chunks checked on read
+    if ds.attrs.get("format") == WRITING:
+        raise ValueError(f"{path}: an incomplete per-voxel histogram (its writer did not finish); run vn.accumulate again")
     if ds.attrs.get("format") != FORMAT:
         raise ValueError(f"{path}: not a volnorm per-voxel histogram (format {ds.attrs.get('format')!r})")
     h = ds["counts"]
@@ -185,14 +196,19 @@ def accumulate(
     name: str = "voxel_histogram",
     progress: bool = False,
     overwrite: bool = False,
+    storage_options: dict | None = None,
 ) -> xr.DataArray:
     """Add volumes' per-voxel histograms to the one stored in ``store`` (created on first use).
 
     Parameters
     ----------
-    store : path
+    store : path or URL
         A directory (a volnorm store of the images, or any other): the histogram is the
-        Zarr group ``store/name``.
+        Zarr group ``store/name``. Or an object-store URL (``s3://...``): there nothing can be
+        renamed, so the group is written in place with its format marker last (readers refuse
+        it until then), one writer at a time (a leased lock object, as for stores), and a
+        histogram at a URL is created or replaced (``overwrite=True``; the old one is deleted
+        first), not appended to.
     volumes : NIfTI paths / glob, or a stack ``("volume", ...)``
         On one grid: the same spatial shape and, when known, the same affine.
     bins : int, optional
@@ -209,8 +225,10 @@ def accumulate(
         Show a progress bar while counting and writing.
     overwrite : bool
         Start a new histogram from ``volumes`` alone instead of adding to the stored one. Only a
-        volnorm per-voxel histogram is ever replaced, and only once the new one is complete;
-        anything else at ``store/name`` is refused.
+        volnorm per-voxel histogram is ever replaced, and (on disk) only once the new one is
+        complete; anything else at ``store/name`` is refused.
+    storage_options : dict, optional
+        fsspec options of a URL ``store`` (default: the AWS environment variables and files).
 
     Returns
     -------
@@ -230,18 +248,28 @@ def accumulate(
     """
     import zarr
 
-    root = Path(store)
+    root = location(store, storage_options)
     plain_name(name, "name", taken=(read_manifest(root) or {}).get("volumes") or ())
     target = root / name
     stack = _as_stack(volumes)
     grid = _grid(stack)
     new_inputs = _inputs(stack)
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(target):
-        _recover(target)
-        if (target.exists() or target.is_symlink()) and not _is_voxel_histogram(target):
+    remote = isinstance(root, Remote)
+    if remote:
+        root.check_bucket()
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+    with LeaseLock(root / f".{name}.volnorm-lock", str(target)) if remote else _lock(target):
+        if not remote:
+            _recover(target)
+        kind = _histogram_kind(target)
+        if kind == "other":
             raise FileExistsError(f"{target}: exists and is not a volnorm per-voxel histogram; volnorm never replaces it (choose another name)")
-        old = open_voxel_histogram(root, name) if target.exists() else None
+        if remote and kind == FORMAT and not overwrite:
+            raise ValueError(f"{target}: adding to a per-voxel histogram at a URL is not supported (nothing can be renamed there, "
+                             "and the old counts must stay readable until the new ones are complete); pass overwrite=True to "
+                             "replace it, or accumulate into a local store")
+        old = open_voxel_histogram(root, name) if kind == FORMAT else None
         replaced = old is not None and overwrite
         if replaced:
             old = None
@@ -274,6 +302,9 @@ def accumulate(
             "history": (list(old.attrs.get("history", [])) if old is not None else [])
             + [{"added": len(new_inputs), "time": now(), "versions": versions()}],
         }
+        if remote:
+            _write_in_place(target, ds, progress)
+            return open_voxel_histogram(root, name)
         staging = root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
         retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
         ds.attrs["arrays"] = {}  # the inventory, below, once every chunk is on disk
@@ -297,6 +328,42 @@ def accumulate(
         if retired.exists():
             shutil.rmtree(retired)
     return open_voxel_histogram(root, name)
+
+
+def _histogram_kind(target: Path | Remote) -> str | None:
+    """What is at ``target``: None (nothing), :data:`FORMAT` (a complete volnorm histogram),
+    :data:`WRITING` (one at a URL whose writer did not finish: replaced), or ``"other"``."""
+    if isinstance(target, Remote):
+        if not target.is_prefix():
+            return None
+        try:
+            fmt = json.loads((target / "zarr.json").read_bytes()).get("attributes", {}).get("format")
+        except (OSError, ValueError):
+            fmt = None
+        return fmt if fmt in (FORMAT, WRITING) else "other"
+    if not (target.exists() or target.is_symlink()):
+        return None
+    return FORMAT if _is_voxel_histogram(target) else "other"
+
+
+def _write_in_place(target: Remote, ds: xr.Dataset, progress: bool) -> None:
+    """Write ``ds`` as the group at ``target`` (a URL): whatever volnorm histogram is there is
+    deleted first; the group says :data:`WRITING` until every chunk is written and listed, then
+    :data:`FORMAT` with the inventory (one PUT of its ``zarr.json``, the last)."""
+    import zarr
+
+    target.remove_tree()
+    ds = ds.assign_attrs(format=WRITING)
+    store = target.zarr_store(read_only=False)
+    # "w": the prefix holds nothing of anyone else (checked under the lock); SeaweedFS still
+    # lists the folders of the objects just deleted, which "w-" takes for data (and zarr warns
+    # about, as members it does not recognize, while it clears them)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr hierarchy")
+        delayed = ds.to_zarr(store, mode="w", zarr_format=3, compute=False, consolidated=False, encoding=encoding(ds), write_empty_chunks=True)
+    compute(delayed, progress=progress)
+    inventory = seal(target)
+    zarr.open_group(target.zarr_store(read_only=False), mode="r+", zarr_format=3).attrs.update({"arrays": inventory, "format": FORMAT})
 
 
 def _is_voxel_histogram(path: Path) -> bool:

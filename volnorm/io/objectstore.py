@@ -67,11 +67,7 @@ class RemoteStaging(Staging):
         self.path = final
         self.plan_digest = digest(self.plan)
         self.resumed = False
-        self._locked = False
-        self._token = secrets.token_hex(8)
-        self._started = now()  # kept by the lease renewals
-        self._renewer: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._lock: LeaseLock | None = None
 
     def store(self, read_only: bool = False) -> Any:
         return self.final.zarr_store(read_only=read_only)
@@ -102,56 +98,14 @@ class RemoteStaging(Staging):
     def lock_path(self) -> Remote:  # type: ignore[override]
         return self.final.parent / f".{self.final.name}.volnorm-lock"
 
-    def _lock_body(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token, "started": self._started,
-                           "lease_until": time.time() + LEASE_SECONDS}).encode()
-
     def _acquire(self) -> None:
-        lock = self.lock_path
-        for _ in range(3):
-            try:
-                lock.write_bytes(self._lock_body(), exclusive=True)
-            except FileExistsError:
-                try:
-                    other = json.loads(lock.read_bytes())
-                except (OSError, ValueError):
-                    other = {}
-                if _stale(other):
-                    logger.warning("%s: taking over a stale lock (%s)", self.final, {k: other.get(k) for k in ("host", "pid", "started")})
-                    lock.unlink(missing_ok=True)
-                    continue
-                raise FileExistsError(
-                    f"{self.final}: another volnorm run (pid {other.get('pid')} on {other.get('host')}, started "
-                    f"{other.get('started')}) is writing this output; wait for it to finish, or delete {lock} if that "
-                    f"run is dead (a lock whose lease ended {LEASE_SECONDS:.0f} s ago is taken over by itself)."
-                ) from None
-            self._locked = True
-            self._stop.clear()
-            self._renewer = threading.Thread(target=self._renew, name="volnorm-lock-lease", daemon=True)
-            self._renewer.start()
-            return
-        raise FileExistsError(f"{lock}: could not take the lock")
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS / 4):
-            try:
-                self.lock_path.write_bytes(self._lock_body())
-            except Exception as e:  # noqa: BLE001 - a failed renewal is retried; the run goes on
-                logger.warning("%s: could not renew the lock's lease: %s", self.final, e)
+        if self._lock is None:
+            self._lock = LeaseLock(self.lock_path, str(self.final))
+        self._lock.acquire()
 
     def release(self) -> None:
-        if not self._locked:
-            return
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join(timeout=5)
-        try:
-            mine = json.loads(self.lock_path.read_bytes()).get("token") == self._token
-        except (OSError, ValueError):
-            mine = False
-        if mine:
-            self.lock_path.unlink(missing_ok=True)
-        self._locked = False
+        if self._lock is not None:
+            self._lock.release()
 
     # -- writing -------------------------------------------------------------
 
@@ -211,6 +165,87 @@ class RemoteStaging(Staging):
         root.attrs["volnorm"] = m
         self.release()
         logger.info("committed %s", self.final)
+
+
+
+class LeaseLock:
+    """A lock object at ``lock`` (a :class:`~volnorm.io.location.Remote`) with a lease, for one
+    writer of ``what`` across hosts (module docstring: conditional create, renewal every
+    :data:`LEASE_SECONDS` / 4 on a thread, the stale-lock rule). Also a context manager.
+
+    Examples
+    --------
+    >>> with LeaseLock(Remote("s3://bucket/.h.volnorm-lock"), "s3://bucket/h"):   # doctest: +SKIP
+    ...     pass   # only this process writes s3://bucket/h here
+    """
+
+    def __init__(self, lock: Remote, what: str) -> None:
+        self.lock, self.what = lock, what
+        self._token = secrets.token_hex(8)
+        self._started = now()  # kept by the lease renewals
+        self._locked = False
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "LeaseLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _body(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self._token, "started": self._started,
+                           "lease_until": time.time() + LEASE_SECONDS}).encode()
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`FileExistsError` naming the holder."""
+        lock = self.lock
+        for _ in range(3):
+            try:
+                lock.write_bytes(self._body(), exclusive=True)
+            except FileExistsError:
+                try:
+                    other = json.loads(lock.read_bytes())
+                except (OSError, ValueError):
+                    other = {}
+                if _stale(other):
+                    logger.warning("%s: taking over a stale lock (%s)", self.what, {k: other.get(k) for k in ("host", "pid", "started")})
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise FileExistsError(
+                    f"{self.what}: another volnorm run (pid {other.get('pid')} on {other.get('host')}, started "
+                    f"{other.get('started')}) is writing this output; wait for it to finish, or delete {lock} if that "
+                    f"run is dead (a lock whose lease ended {LEASE_SECONDS:.0f} s ago is taken over by itself)."
+                ) from None
+            self._locked = True
+            self._stop.clear()
+            self._renewer = threading.Thread(target=self._renew, name="volnorm-lock-lease", daemon=True)
+            self._renewer.start()
+            return
+        raise FileExistsError(f"{lock}: could not take the lock")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 4):
+            try:
+                self.lock.write_bytes(self._body())
+            except Exception as e:  # noqa: BLE001 - a failed renewal is retried; the run goes on
+                logger.warning("%s: could not renew the lock's lease: %s", self.what, e)
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock object if it is still this one's."""
+        if not self._locked:
+            return
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+        try:
+            mine = json.loads(self.lock.read_bytes()).get("token") == self._token
+        except (OSError, ValueError):
+            mine = False
+        if mine:
+            self.lock.unlink(missing_ok=True)
+        self._locked = False
 
 
 def _stale(lock: dict) -> bool:

@@ -13,20 +13,20 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from volnorm.io.location import zarr_target
+from volnorm.io.location import Remote, zarr_target
 from volnorm.io.store import read_manifest
 from volnorm.stats import summarize, summary_graph
 from volnorm.voxel import accumulate
 
 
-def write_voxel_histogram(store: Path, data: xr.DataArray, opts: Mapping[str, Any], mask: Any, p: dict, show: bool, say: Callable[[str], None]) -> None:
+def write_voxel_histogram(store: Path | Remote, data: xr.DataArray, opts: Mapping[str, Any], mask: Any, p: dict, show: bool, say: Callable[[str], None]) -> None:
 
     t0 = time.perf_counter()
     name = opts["name"]
     # a histogram of an earlier run of another spec is replaced (only a volnorm per-voxel
     # histogram, and only once the new one is complete: accumulate's overwrite rule)
     accumulate(store, data, bins=opts["bins"], range=tuple(opts["range"]), mask=mask, name=name, progress=show, overwrite=True)
-    g = zarr.open_group(store / name, mode="r+", zarr_format=3)
+    g = zarr.open_group(zarr_target(store / name, read_only=False), mode="r+", zarr_format=3)
     g.attrs["pipeline_digest"] = p["digests"]["voxel_histogram"]
     say(f"  voxel histogram: {time.perf_counter() - t0:.1f} s -> {store / name}")
 

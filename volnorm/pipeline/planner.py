@@ -238,9 +238,6 @@ def status(spec: Spec, p: dict[str, Any], overwrite: bool) -> dict[str, bool]:
     outs = spec["outputs"]
     done: dict[str, bool] = {}
     store = spec.store("output")
-    if "voxel_histogram" in outs and isinstance(store, Remote):
-        raise ValueError(f"{spec.source}: outputs.voxel_histogram into a store at a URL ({store}) is not supported yet; "
-                         "write the store locally (or run the histogram from the URL store into a local one)")
     if outs["images"] or "voxel_histogram" in outs:
         m = read_manifest(store) if store.exists() else None
         mine = (m or {}).get("pipeline", {}).get("digest")
