@@ -415,7 +415,7 @@ def _voxel_hist(args: argparse.Namespace) -> int:
     h = vn.accumulate(args.store, data, bins=args.bins, range=rng, mask=mask, name=args.name, progress=bool(args.progress))
     g = h.attrs["grid"]
     info = {
-        "store": str(Path(args.store) / args.name), "volumes": h.attrs["n_volumes"], "added": int(data.sizes["volume"]),
+        "store": str(location(args.store) / args.name), "volumes": h.attrs["n_volumes"], "added": int(data.sizes["volume"]),
         "grid": dict(zip(g["dims"], g["shape"])), "bins": int(h.sizes["bin"]),
         "range": [float(h["bin_lower"][0]), float(h["bin_upper"][-1])], "dtype": str(h.dtype),
     }
