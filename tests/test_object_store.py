@@ -419,3 +419,22 @@ def test_a_voxel_histogram_at_a_url_equals_it_on_disk(s3, bucket, tmp_path):
     xr.testing.assert_identical(vn.open_voxel_histogram(f"{bucket}/vh.zarr", storage_options=so).drop_attrs(),
                                 vn.open_voxel_histogram(tmp_path / "vh.zarr").drop_attrs())
     assert vn.pipeline.run(spec, echo=None).status == "up to date"
+
+
+def test_plain_http_urls_are_read_only_inputs(s3, bucket, tmp_path):
+    """``http(s)://`` goes through the same fsspec code, read-only: here the server's filer
+    (plain HTTP with ranged GETs, directory listings as HTML): a glob, lazy reads equal to the
+    files (.nii ranged, .nii.gz streamed), convert to a local store with its sources verified;
+    a store written to an http:// URL is refused, naming the URL."""
+    files = vn.datasets.make_cohort(tmp_path / "in", n_subjects=3, shape=(16, 18, 12), compressed="mixed", seed=3)
+    _upload(s3, files, f"{bucket}/raw")
+    base = f"{s3.http}/buckets/{bucket.removeprefix('s3://')}/raw"
+    x = vn.open_nifti(f"{base}/*.nii*")
+    assert [str(p) for p in x.path.values] == [f"{base}/{f.name}" for f in files]
+    np.testing.assert_array_equal(x.values, vn.open_nifti(files).values)
+    out = vn.convert(f"{base}/*.nii*", tmp_path / "from-http.zarr", scheduler="threads")
+    np.testing.assert_array_equal(vn.open_zarr(out.store).values, x.values)
+    report = vn.verify(out.store)
+    assert report.ok and f"{base}/{files[0].name}: matches" in str(report)
+    with pytest.raises(ValueError, match=r"http://.*o\.zarr: http:// is read-only"):
+        vn.convert(f"{base}/*.nii*", f"{s3.http}/buckets/o.zarr", scheduler="threads")

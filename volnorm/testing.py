@@ -134,6 +134,8 @@ class S3Server:
         master, volume, filer, s3 = _free_ports(4)
         self.port = s3
         self.endpoint = f"http://127.0.0.1:{s3}"
+        #: the filer's plain HTTP (read: ranged GETs; a bucket's objects are under /buckets/NAME/)
+        self.http = f"http://127.0.0.1:{filer}"
         os.makedirs(os.path.join(self.folder, "data"), exist_ok=True)
         config = os.path.join(self.folder, "s3.json")
         with open(config, "w") as f:

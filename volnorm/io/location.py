@@ -256,4 +256,5 @@ def glob(pattern: str, storage_options: dict | None = None) -> list[Remote]:
         found = [r.path]
     else:
         found = []
-    return [Remote(f"{scheme}://{p}", r.storage_options) for p in sorted(found)]
+    # s3fs lists bucket/key; fsspec's HTTP filesystem lists whole URLs
+    return [Remote(p if "://" in p else f"{scheme}://{p}", r.storage_options) for p in sorted(found)]
