@@ -49,6 +49,47 @@ lz4 chunks, smaller than the voxels, plus metadata); ``x disk`` = seconds / the 
 disk run's; check: the S3 run's result equals the disk run's (every volume's voxels with
 ``numpy.array_equal``, the histogram's counts and bins with ``numpy.array_equal``).
 
+zarr's two S3 storage layers (after the volnorm runs, same server, same data): zarr v3's
+``FsspecStore`` over s3fs (what volnorm uses: ``Remote.zarr_store``) against its
+``ObjectStore`` over ``obstore.store.S3Store`` (endpoint, key/secret of the server, region
+us-east-1, ``client_options={"allow_http": True}`` for the plain-http endpoint). The rows, each
+measured once per round for ``--repeat`` rounds (the two rows of a pair back to back, s3fs's
+first in even rounds and obstore's first in odd ones), report the **median** over rounds (the
+rows above keep the best of N):
+
+* ``s3fs raw GET`` / ``obstore raw GET``: every input object in full, ``fs.cat_file`` against
+  ``obstore.get(store, key).bytes()``, ``--concurrency`` threads (as the raw rows above);
+* ``s3fs raw PUT`` / ``obstore raw PUT``: the input files' bytes (in memory) as new objects,
+  ``fs.pipe_file`` against ``obstore.put(..., use_multipart=False)``: one PUT request per
+  object on both, ``--concurrency`` in flight; these four set each layer's raw rates;
+* ``obstore raw PUT multipart (info)``: ``obstore.put`` with its defaults, which zarr's
+  ``ObjectStore.set`` uses: objects over 5 MiB go as a multipart upload of 5 MiB parts, up to 12
+  parts in flight per object (s3fs's ``pipe_file`` stays one PUT below 100 MiB);
+* ``zarr read FsspecStore`` / ``zarr read ObjectStore``: ``zarr.open_group(store=...,
+  mode="r")`` on the s3->s3 convert's store, its members listed, every array read in full
+  (every chunk fetched and decoded), ``--concurrency`` threads reading one array each at a time
+  (volnorm's arrays here: one volume chunk and one 352-byte header per subject), zarr's
+  ``async.concurrency`` set to ``--zarr-concurrency`` (default: ``--concurrency``) for the
+  chunks of an array. The time includes opening the group and listing its members (``open`` in
+  the check column: its median);
+* ``zarr write FsspecStore`` / ``zarr write ObjectStore``: the same groups and arrays (shape,
+  chunks, codecs, fill value, dimension names, attributes from the source store's metadata;
+  the voxels in memory) written to a new prefix ``s3://bench/layers/<layer>-<round>.zarr``,
+  the same threads and ``async.concurrency``; the time includes creating the groups and arrays.
+
+Each timed run builds its store as a user would: ``FsspecStore.from_url`` (the s3fs instance
+is cached by fsspec, its session opened during an untimed warm-up read) or a new ``S3Store``.
+Columns: MB = bytes delivered or taken (the objects' bytes; the arrays' decoded bytes for the
+zarr rows); S3 MB = the stored bytes the row GETs or PUTs (zarr rows: every object under the
+store's prefix, ``fs.du``); ``x raw`` = seconds / (GET bytes / GET rate + PUT bytes / PUT
+rate) at the raw rates of the row's own layer, ``x s3fs`` the same at s3fs's raw rates (the
+raw rates: median bytes per second of the four raw rows). Checks (untimed): every object read
+equals the local file's bytes, every object put read back (s3fs) equals them, every array read
+equals the one in the disk->disk store (``numpy.array_equal``), every array written, read back
+through the same layer, equals it and its metadata equals the source's. A conclusion line per
+pair names the faster layer, the ratio of the medians and the range of the same-round ratios.
+Without obstore (not a volnorm dependency) its rows are skipped with the reason printed.
+
 The page cache is warm for every run (inputs just written or read; the server's volume files
 just written): this measures the S3 protocol path and the client, not the disk. Host, versions
 (``weed version``) and load average at start and end are printed; the machine may be shared.
@@ -60,6 +101,7 @@ Usage (from the repository root)::
     PYTHONPATH=. python benchmarks/bench_object_store.py --quick      # ~50 MB smoke run
     PYTHONPATH=. python benchmarks/bench_object_store.py              # 20 x 24 MiB, 0.5 GB
     PYTHONPATH=. python benchmarks/bench_object_store.py --repeat 3 --json /tmp/s3.json
+    PYTHONPATH=. python benchmarks/bench_object_store.py --zarr-concurrency 10   # zarr's default
 """
 
 from __future__ import annotations
@@ -70,6 +112,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -87,27 +130,43 @@ BUCKET = "bench"
 
 
 class Row:
-    def __init__(self, run: str, nbytes: int, get: int = 0, put: int = 0, disk: str | None = None) -> None:
-        self.run, self.nbytes, self.get, self.put, self.disk = run, nbytes, get, put, disk
+    """One table row: its timings (``samples``) and ``seconds``, their ``stat`` (best of N for the
+    volnorm rows, the median for the storage layers' rows)."""
+
+    def __init__(self, run: str, nbytes: int, get: int = 0, put: int = 0, disk: str | None = None, layer: str = "",
+                 stat: Callable[[list[float]], float] = min) -> None:
+        self.run, self.nbytes, self.get, self.put, self.disk, self.layer, self.stat = run, nbytes, get, put, disk, layer, stat
+        self.samples: list[float] = []
         self.seconds: float | None = None
         self.check = ""
+        self.note = ""
         self.error = ""
         self.result: Any = None
 
-    def timed(self, fn: Callable[[int], Any], repeat: int, before: Callable[[int], None] = lambda k: None) -> None:
+    def once(self, fn: Callable[[int], Any], k: int, before: Callable[[int], None] = lambda k: None) -> bool:
+        """Time ``fn(k)`` once (``before(k)`` untimed); False if either raised (reported)."""
         try:
-            for k in range(repeat):
-                before(k)
-                t = time.perf_counter()
-                self.result = fn(k)
-                dt = time.perf_counter() - t
-                self.seconds = dt if self.seconds is None else min(self.seconds, dt)
+            before(k)
+            t = time.perf_counter()
+            self.result = fn(k)
+            self.samples.append(time.perf_counter() - t)
+            self.seconds = self.stat(self.samples)
+            return True
         except Exception as e:  # noqa: BLE001 - reported, the other runs go on
             tail = traceback.format_exc().strip().splitlines()[-12:]
             self.error = f"{type(e).__name__}: {e}"
             self.check = "ERROR"
             say(f"  {self.run}: ERROR {self.error}\n    " + "\n    ".join(tail))
             self.tail = tail
+            return False
+
+    def timed(self, fn: Callable[[int], Any], repeat: int, before: Callable[[int], None] = lambda k: None) -> None:
+        for k in range(repeat):
+            if not self.once(fn, k, before):
+                return
+
+    def failed(self) -> bool:
+        return self.check.startswith(("FAIL", "ERROR"))
 
 
 def cohort(workdir: Path, n: int, shape: tuple[int, ...]) -> list[Path]:

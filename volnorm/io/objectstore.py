@@ -167,7 +167,6 @@ class RemoteStaging(Staging):
         logger.info("committed %s", self.final)
 
 
-
 class LeaseLock:
     """A lock object at ``lock`` (a :class:`~volnorm.io.location.Remote`) with a lease, for one
     writer of ``what`` across hosts (module docstring: conditional create, renewal every

@@ -14,7 +14,7 @@ from volnorm._utils import plain_name
 from volnorm.conversion import validate_inputs
 from volnorm.engine import default_scheduler
 from volnorm.engine.faults import format_size
-from volnorm.io.location import Remote, is_url, location
+from volnorm.io.location import Remote, is_url
 from volnorm.io.nifti import expand_paths, file_stamp
 from volnorm.io.readers import unique_names
 from volnorm.io.store import digest, read_manifest
