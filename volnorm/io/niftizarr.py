@@ -127,7 +127,13 @@ def create_volume_group(
         if same:
             return existing
         del root[name]
-    grp = root.create_group(
+    # made in memory, then its objects put at once: zarr creating nodes in the store checks
+    # every node and parent first (measured on S3: ~35 requests per volume, one at a time;
+    # now the group's 4 objects in parallel, then 2 reads to open it)
+    import zarr
+
+    made = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    grp = made.create_group(
         name,
         attributes={"ome": ome, "volnorm": dict(attrs, complete=False)},
     )
@@ -150,7 +156,32 @@ def create_volume_group(
         attributes=header_attrs if header_attrs is not None else header_json(header_bytes),
     )
     nif[:] = hb
-    return grp
+    _put_all(made.store, name, root)
+    return root[name]
+
+
+def _put_all(src: Any, name: str, root: Any) -> None:
+    """Copy every object under ``name/`` of the store ``src`` into the group ``root``'s store,
+    concurrently (the group's own ``zarr.json`` last: until it is there, the group is not)."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    prefix = f"{root.path}/" if root.path else ""
+    proto = default_buffer_prototype()
+
+    async def copy() -> None:
+        keys = [k async for k in src.list_prefix(f"{name}/")]
+        last = f"{name}/zarr.json"
+
+        async def one(k: str) -> None:
+            await root.store.set(prefix + k, await src.get(k, proto))
+
+        await asyncio.gather(*(one(k) for k in keys if k != last))
+        await one(last)
+
+    sync(copy())
 
 
 def data_array(grp: Any) -> Any:
