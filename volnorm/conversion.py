@@ -377,7 +377,8 @@ def _run(
         raise NiftiError(msg)
     # trust nothing the workers said: every volume must be complete in the staging store
     root = zarr.open_group(staging.store(read_only=True), mode="r", zarr_format=3)
-    missing = [n for n in names if n not in root or not root[n].attrs.get("volnorm", {}).get("complete")]
+    made = dict(root.members())  # one listing, the groups' metadata read at once
+    missing = [n for n in names if n not in made or not made[n].attrs.get("volnorm", {}).get("complete")]
     if missing:
         raise IncompleteStoreError(
             f"{staging.path}: volumes {missing} are not complete after the run; nothing was committed. "

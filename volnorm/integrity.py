@@ -26,6 +26,7 @@ import math
 import os
 import re
 from collections.abc import AsyncGenerator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,16 +346,19 @@ def seal(path: str | os.PathLike | Any) -> dict[str, dict[str, Any]]:
     else:
         remove_partial_files(path)
         root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
-    out = {}
-    for name, arr in _arrays(root):
-        verify_array(arr, f"{path}/{name}")
-        out[name] = {
+    arrays = list(_arrays(root))
+    # each array's chunks are listed: one request per array on object storage, so several at once
+    with ThreadPoolExecutor(min(8, max(1, len(arrays)))) as ex:
+        list(ex.map(lambda na: verify_array(na[1], f"{path}/{na[0]}"), arrays))
+    return {
+        name: {
             "shape": list(arr.shape),
             "chunks": list(arr.chunks),
             "nchunks": int(arr.nchunks),
             "checksum": "crc32c" if _has_checksum(arr.metadata.to_dict()) else None,
         }
-    return out
+        for name, arr in arrays
+    }
 
 
 def partial_files(path: str | os.PathLike) -> list[Path]:
