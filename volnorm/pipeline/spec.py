@@ -28,7 +28,7 @@ from typing import Any
 
 from volnorm._utils import plain_name
 from volnorm.engine import check_scheduler
-from volnorm.io.location import Remote, location
+from volnorm.io.location import Remote, is_url, location
 from volnorm.pipeline.steps import NEED_MASK, PIPELINE_STEPS, OptionError, check_options, check_threshold_options
 
 #: Larger specs are refused before parsing (a spec is a page of text).
@@ -555,7 +555,7 @@ def load_spec(spec: str | os.PathLike | Mapping[str, Any] | Spec, *, base: str |
         raise SpecError(f"{_where('outputs', lines, source)}: outputs asks for nothing (images: false and no voxel_histogram or statistics)")
     for sec, keys in (("input", ("nifti", "images", "store")), ("output", ("store",))):
         given = [v for k in keys for v in ([out[sec][k]] if isinstance(out[sec].get(k), str) else out[sec].get(k) or [])]
-        if "storage_options" in out[sec] and not all("://" in v and not v.startswith("file://") for v in given):
+        if "storage_options" in out[sec] and not all(is_url(v) for v in given):
             raise SpecError(f"{_where(f'{sec}.storage_options', lines, source)}: {sec}.storage_options are for URLs (s3://...); "
                             f"{sec} names a local path")
     _resolve_paths(out, root)
